@@ -1,0 +1,1160 @@
+"""l2l.py -- adversarial training with hand-designed and learned inner maximisers, in one file.
+
+Papers this file follows (facts and the project's decisions: PAPERS.md of the project):
+  [L2L]      Jiang, Chen, Shi, Dai, Zhao. Learning to Defend by Learning to Attack. AISTATS 2021, arXiv 1811.01213
+  [RNN]      Xiong, Hsieh. Improved Adversarial Training via Learned Optimizer. ECCV 2020, arXiv 2004.12227
+  [Fast-BAT] Zhang, Zhang, Khanduri, Hong, Chang, Liu. Revisiting and Advancing Fast Adversarial Training
+             Through the Lens of Bi-Level Optimization. ICML 2022, arXiv 2112.12376
+and the baselines they compare against:
+  [Madry]    Madry et al. Towards Deep Learning Models Resistant to Adversarial Attacks. ICLR 2018 (PGD-AT)
+  [TRADES]   Zhang et al. Theoretically Principled Trade-off between Robustness and Accuracy. ICML 2019
+  [Fast-AT]  Wong, Rice, Kolter. Fast is Better than Free. ICLR 2020 (FGSM from a random start)
+
+Run (defaults follow each method's paper; every default is a flag):
+  python l2l.py --method pgd-at --dataset cifar10
+  python l2l.py --method trades --dataset mnist --data-dir ./data --epochs 2 --train-size 10000
+  python l2l.py --eval-only runs/pgd-at_cifar10/best.pt --eval-attacks fgsm,pgd,cw --eval-restarts 10
+  python l2l.py --help
+
+Conventions that hold everywhere below:
+  * Images are float tensors in [0,1], N x C x H x W. Every model normalises inside its first layer, so
+    eps, step sizes and clamps are in pixel space and checkpoints can be attacked by outside tools.
+  * An attack returns x_adv with ||x_adv - x||_inf <= eps and x_adv in [0,1] (the set C of Fast-BAT).
+  * Evaluation attacks run with the model in eval mode and never update BN statistics.
+
+Sections, top to bottom: configuration; data; models; hand-designed attacks; learned attackers;
+trainers; evaluation; training loop; main.
+"""
+
+import argparse
+import ast
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ================================================================================================
+# Configuration
+# ================================================================================================
+
+
+class UsageError(Exception):
+    """A problem with the user's flags, paths or files. main() prints it as one line and exits 2."""
+
+
+# Per-dataset facts and threat-model defaults (project decision: CIFAR/SVHN eps 8/255, MNIST 0.3).
+# `augment`: random crop with padding 4 ("crop") and horizontal flip ("flip") as the papers use them;
+# SVHN digits are not flipped (a choice: flipping changes digit identity), MNIST is not augmented.
+DATASETS = {
+    "mnist": dict(shape=(1, 28, 28), classes=10, mean=(0.1307,), std=(0.3081,), augment="none",
+                  eps=0.3, eval_step_frac=1 / 30, eval_steps=40),  # TRADES/Madry: PGD-40, step 0.01
+    "cifar10": dict(shape=(3, 32, 32), classes=10, mean=(0.4914, 0.4822, 0.4465),
+                    std=(0.2470, 0.2435, 0.2616), augment="crop-flip", eps=8 / 255,
+                    eval_step_frac=1 / 4, eval_steps=20),
+    "cifar100": dict(shape=(3, 32, 32), classes=100, mean=(0.5071, 0.4865, 0.4409),
+                     std=(0.2673, 0.2564, 0.2762), augment="crop-flip", eps=8 / 255,
+                     eval_step_frac=1 / 4, eval_steps=20),
+    "svhn": dict(shape=(3, 32, 32), classes=10, mean=(0.4377, 0.4438, 0.4728),
+                 std=(0.1980, 0.2010, 0.1970), augment="crop", eps=8 / 255,
+                 eval_step_frac=1 / 4, eval_steps=20),
+}
+
+# Per-method training recipes. "cifar" covers cifar10, cifar100 and svhn; "mnist" is MNIST.
+# Each value can be overridden on the command line; the sources are named beside each entry.
+METHOD_DEFAULTS = {
+    # Standard training: the PGD-AT schedule with no attack.
+    "plain": {
+        "cifar": dict(model="preactresnet18", epochs=200, lr=0.1, weight_decay=5e-4, lr_schedule="multistep",
+                      lr_milestones="100,150", steps=0, step_size=0.0),
+        "mnist": dict(model="smallcnn", epochs=100, lr=0.01, weight_decay=0.0, lr_schedule="multistep",
+                      lr_milestones="55,75,90", steps=0, step_size=0.0),
+    },
+    # Madry et al.: PGD-10, step 2/255, random start; PreActResNet-18 200 epochs, lr 0.1 decayed at 50%
+    # and 75% (Rice et al.'s robust_overfitting recipe). BN in train mode while attacking, as Madry's
+    # code did (cifar10_challenge#22); --attack-bn eval is the other common choice.
+    "pgd-at": {
+        "cifar": dict(model="preactresnet18", epochs=200, lr=0.1, weight_decay=5e-4, lr_schedule="multistep",
+                      lr_milestones="100,150", steps=10, step_size=2 / 255, attack_bn="train"),
+        # MNIST: eps 0.3, step 0.01, 40 steps on SmallCNN with the TRADES MNIST optimiser.
+        "mnist": dict(model="smallcnn", epochs=100, lr=0.01, weight_decay=0.0, lr_schedule="multistep",
+                      lr_milestones="55,75,90", steps=40, step_size=0.01, attack_bn="train"),
+    },
+    # TRADES (yaodongyu/TRADES): beta 6, 10 steps of 0.007, WRN-34-10, lr 0.1 x0.1 at 75/90/100,
+    # wd 2e-4, 76 epochs; inner attack in eval mode. MNIST: 40 steps of 0.01, SmallCNN, lr 0.01, 100 ep.
+    "trades": {
+        "cifar": dict(model="wrn", epochs=76, lr=0.1, weight_decay=2e-4, lr_schedule="multistep",
+                      lr_milestones="75,90,100", steps=10, step_size=0.007, beta=6.0, attack_bn="eval"),
+        "mnist": dict(model="smallcnn", epochs=100, lr=0.01, weight_decay=0.0, lr_schedule="multistep",
+                      lr_milestones="55,75,90", steps=40, step_size=0.01, beta=1.0, attack_bn="eval"),
+    },
+    # Fast-AT (locuslab/fast_adversarial): FGSM from U(-eps, eps), step 1.25 eps, PreActResNet-18,
+    # 15 epochs, cyclic lr 0 -> 0.2 -> 0, wd 5e-4, BN in train mode during the attack.
+    # MNIST: the paper used Adam with a cyclic lr; SGD with a cyclic lr is this project's choice.
+    "fast-at": {
+        "cifar": dict(model="preactresnet18", epochs=15, lr=0.2, weight_decay=5e-4, lr_schedule="cyclic",
+                      steps=1, step_size=1.25 * 8 / 255, attack_bn="train"),
+        "mnist": dict(model="smallcnn", epochs=10, lr=0.05, weight_decay=0.0, lr_schedule="cyclic",
+                      steps=1, step_size=0.375, attack_bn="train"),
+    },
+}
+
+# Defaults shared by every method unless its table above says otherwise.
+COMMON_DEFAULTS = dict(batch_size=128, momentum=0.9, beta=6.0, attack_bn="eval", lr_milestones="")
+
+MODELS = ("smallcnn", "vgg16", "preactresnet18", "wrn")
+LR_SCHEDULES = ("multistep", "cyclic", "constant")
+
+
+def parse_number(text: str) -> float:
+    """'8/255' -> 0.03137..., '0.3' -> 0.3. Used by --eps and every step-size flag."""
+    try:
+        if "/" in text:
+            num, den = text.split("/")
+            return float(num) / float(den)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number (write e.g. 0.3 or 8/255)")
+
+
+def fmt_eps(value: float) -> str:
+    """Print eps and step sizes the way papers write them: 8/255 when that is exact, else a decimal."""
+    k = value * 255
+    if value > 0 and abs(k - round(k)) < 1e-6:
+        return f"{round(k)}/255"
+    return f"{value:.4g}"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but an error is a single line (no usage block) and exits 2."""
+
+    def error(self, message):
+        self.exit(2, f"l2l.py: error: {message} (see python l2l.py --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(description="Adversarial training with hand-designed and learned attackers.",
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    run = p.add_argument_group("run")
+    run.add_argument("--method", default="pgd-at", help=f"one of: {', '.join(METHODS)}")
+    run.add_argument("--dataset", default="cifar10", help=f"one of: {', '.join(DATASETS)}")
+    run.add_argument("--model", default=None, help=f"one of: {', '.join(MODELS)} (default: per method)")
+    run.add_argument("--depth", type=int, default=34, help="WideResNet depth (6n+4)")
+    run.add_argument("--width", type=int, default=10, help="WideResNet widen factor")
+    run.add_argument("--data-dir", default="./data", help="where <dataset>.npz or torchvision's files live")
+    run.add_argument("--out", default=None, help="output directory (default: runs/<method>_<dataset>)")
+    run.add_argument("--overwrite", action="store_true", help="allow replacing an earlier run in --out")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    run.add_argument("--eval-only", default=None, metavar="CKPT", help="evaluate a checkpoint, no training")
+    run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    run.add_argument("--seed", type=int, default=0)
+
+    data = p.add_argument_group("data")
+    data.add_argument("--train-size", type=int, default=None, help="use the first N training examples")
+    data.add_argument("--val-size", type=int, default=1000,
+                      help="training examples held out (the last N) to choose the best checkpoint")
+    data.add_argument("--test-size", type=int, default=None, help="evaluate on the first N test examples")
+    data.add_argument("--augment", default=None, choices=("none", "crop", "crop-flip"),
+                      help="on-device augmentation (default: per dataset)")
+
+    opt = p.add_argument_group("optimisation (defaults: per method and dataset)")
+    opt.add_argument("--epochs", type=int, default=None)
+    opt.add_argument("--batch-size", type=int, default=None)
+    opt.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    opt.add_argument("--momentum", type=float, default=None)
+    opt.add_argument("--weight-decay", type=float, default=None)
+    opt.add_argument("--lr-schedule", default=None, help=f"one of: {', '.join(LR_SCHEDULES)}")
+    opt.add_argument("--lr-milestones", default=None, help="multistep: epochs where lr is multiplied by 0.1")
+
+    atk = p.add_argument_group("training-time attack (defaults: per method and dataset)")
+    atk.add_argument("--eps", type=parse_number, default=None, help="l_inf budget in [0,1] pixels, e.g. 8/255")
+    atk.add_argument("--step-size", type=parse_number, default=None, help="attack step size, e.g. 2/255")
+    atk.add_argument("--steps", type=int, default=None, help="attack iterations")
+    atk.add_argument("--beta", type=float, default=None, help="TRADES robustness weight")
+    atk.add_argument("--attack-bn", default=None, choices=("eval", "train"),
+                     help="BN mode while the training attack runs (default: as the method's official code)")
+
+    ev = p.add_argument_group("evaluation")
+    ev.add_argument("--eval-attacks", default="fgsm,pgd,cw", help=f"comma list from: {', '.join(EVAL_ATTACKS)}")
+    ev.add_argument("--eval-steps", type=int, default=None, help="PGD/CW steps (default: 20, MNIST 40)")
+    ev.add_argument("--eval-step-size", type=parse_number, default=None,
+                    help="PGD/CW step (default: eps/4, MNIST 0.01)")
+    ev.add_argument("--eval-restarts", type=int, default=1, help="random restarts of PGD/CW")
+    ev.add_argument("--eval-batch-size", type=int, default=500)
+    ev.add_argument("--val-steps", type=int, default=10, help="PGD steps of the per-epoch validation attack")
+    return p
+
+
+def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Check every flag and fill the per-method, per-dataset defaults. Raises UsageError."""
+    if args.method not in METHODS:
+        raise UsageError(f"unknown --method '{args.method}'; choose one of: {', '.join(METHODS)}")
+    if args.dataset not in DATASETS:
+        raise UsageError(f"unknown --dataset '{args.dataset}'; choose one of: {', '.join(DATASETS)}")
+    spec = DATASETS[args.dataset]
+    recipe = dict(COMMON_DEFAULTS)
+    recipe.update(METHOD_DEFAULTS[args.method]["mnist" if args.dataset == "mnist" else "cifar"])
+    if args.eps is None:
+        args.eps = spec["eps"]
+    if not 0 < args.eps <= 1:
+        raise UsageError(f"--eps {args.eps:g} is outside (0, 1]; pixels are in [0,1], e.g. --eps 8/255")
+    for name in ("model", "epochs", "batch_size", "lr", "momentum", "weight_decay", "lr_schedule",
+                 "lr_milestones", "steps", "beta", "attack_bn"):
+        if getattr(args, name, None) is None:
+            setattr(args, name, recipe.get(name))
+    if args.step_size is None:
+        # Step sizes of eps-relative recipes scale with eps (Fast-AT 1.25 eps) when eps is overridden.
+        step = recipe.get("step_size", 0.0)
+        if args.method == "fast-at":
+            step = 1.25 * args.eps
+        args.step_size = step
+    if args.augment is None:
+        args.augment = spec["augment"]
+    if args.eval_steps is None:
+        args.eval_steps = spec["eval_steps"]
+    if args.eval_step_size is None:
+        args.eval_step_size = args.eps * spec["eval_step_frac"]
+    if args.model not in MODELS:
+        raise UsageError(f"unknown --model '{args.model}'; choose one of: {', '.join(MODELS)}")
+    if args.lr_schedule not in LR_SCHEDULES:
+        raise UsageError(f"unknown --lr-schedule '{args.lr_schedule}'; choose one of: {', '.join(LR_SCHEDULES)}")
+    try:
+        milestones = args.lr_milestones
+        if isinstance(milestones, str):
+            milestones = [m for m in milestones.split(",") if m.strip()]
+        args.lr_milestones = [float(m) for m in milestones]
+    except ValueError:
+        raise UsageError(f"--lr-milestones '{args.lr_milestones}' is not a comma list of epochs, e.g. 100,150")
+    for name in ("steps", "eval_steps", "val_steps"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} is negative; use 0 or more")
+    for name in ("epochs", "batch_size", "eval_batch_size", "eval_restarts", "val_size"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} is below 1; use 1 or more")
+    for name in ("train_size", "test_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} is below 1; use 1 or more")
+    for name in ("step_size", "eval_step_size", "lr", "weight_decay", "momentum", "beta"):
+        value = getattr(args, name)
+        if value < 0 or not math.isfinite(value):
+            raise UsageError(f"--{name.replace('_', '-')} {value} must be a finite number >= 0")
+    if args.lr <= 0:
+        raise UsageError(f"--lr {args.lr} must be positive")
+    if args.model == "wrn" and (args.depth - 4) % 6 != 0:
+        raise UsageError(f"--depth {args.depth} is not a WideResNet depth (6n+4, e.g. 16, 28, 34)")
+    if args.width < 1:
+        raise UsageError(f"--width {args.width} is below 1; use 1 or more")
+    names = [a.strip() for a in args.eval_attacks.split(",") if a.strip()]
+    unknown = [a for a in names if a not in EVAL_ATTACKS]
+    if unknown or not names:
+        raise UsageError(f"unknown --eval-attacks '{','.join(unknown)}'; choose from: {', '.join(EVAL_ATTACKS)}")
+    args.eval_attacks = ",".join(names)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but torch sees no CUDA device; use --device cpu or auto")
+    if args.out is None:
+        args.out = os.path.join("runs", f"{args.method}_{args.dataset}")
+    return args
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+# ================================================================================================
+# Data: whole datasets as uint8 tensors on the training device; batches by randperm; augmentation
+# on the device (airbench-style), no DataLoader workers.
+# ================================================================================================
+
+# The cache format is numpy's .npz (a zip of .npy arrays). It is read and written here with the
+# standard library so the file needs nothing beyond torch and torchvision.
+_NPY_DTYPES = {"|u1": torch.uint8, "<i8": torch.int64, "<i4": torch.int32, "<f4": torch.float32}
+
+
+def read_npz(path: str) -> Dict[str, torch.Tensor]:
+    """Read a numpy .npz (compressed or not) into CPU tensors. Raises ValueError on a malformed file."""
+    arrays = {}
+    with zipfile.ZipFile(path) as zf:
+        for member in zf.namelist():
+            if not member.endswith(".npy"):
+                continue
+            with zf.open(member) as f:
+                if f.read(6) != b"\x93NUMPY":
+                    raise ValueError(f"{member} is not a .npy array")
+                major = f.read(2)[0]
+                header_len = int.from_bytes(f.read(2 if major == 1 else 4), "little")
+                header = ast.literal_eval(f.read(header_len).decode("latin1"))
+                if header["descr"] not in _NPY_DTYPES or header["fortran_order"]:
+                    raise ValueError(f"{member} has dtype {header['descr']}; expected uint8 or int64")
+                data = bytearray(f.read())
+            tensor = torch.frombuffer(data, dtype=_NPY_DTYPES[header["descr"]]) if data else \
+                torch.empty(0, dtype=_NPY_DTYPES[header["descr"]])
+            arrays[member[:-4]] = tensor.reshape(header["shape"])
+    return arrays
+
+
+def write_npz(path: str, arrays: Dict[str, torch.Tensor]) -> None:
+    """Write tensors as a compressed .npz that numpy.load reads; atomic (temporary file, then rename)."""
+    descr = {v: k for k, v in _NPY_DTYPES.items()}
+    tmp = path + ".tmp"
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, t in arrays.items():
+            t = t.contiguous().cpu()
+            header = "{'descr': '%s', 'fortran_order': False, 'shape': %s, }" % (descr[t.dtype], tuple(t.shape))
+            header += " " * (63 - (10 + len(header)) % 64) + "\n"  # .npy v1: header padded to 64 bytes
+            preamble = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode("latin1")
+            # .numpy() needs numpy, which torchvision (the only writer of caches) always brings along.
+            zf.writestr(name + ".npy", preamble + t.numpy().tobytes())
+    os.replace(tmp, path)
+
+
+def _torchvision_arrays(name: str, data_dir: str) -> Dict[str, torch.Tensor]:
+    """Load a dataset through torchvision (downloading when online) as uint8 N x H x W x C tensors."""
+    import torchvision.datasets as tvd
+
+    def nhwc(images) -> torch.Tensor:
+        t = torch.as_tensor(images, dtype=torch.uint8)
+        return t.unsqueeze(-1) if t.dim() == 3 else t
+
+    out = {}
+    for split, train in (("train", True), ("test", False)):
+        if name == "mnist":
+            ds = tvd.MNIST(data_dir, train=train, download=True)
+            x, y = nhwc(ds.data), torch.as_tensor(ds.targets)
+        elif name in ("cifar10", "cifar100"):
+            ds = (tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100)(data_dir, train=train, download=True)
+            x, y = nhwc(ds.data), torch.as_tensor(ds.targets)
+        else:  # svhn stores N x C x H x W
+            ds = tvd.SVHN(data_dir, split=split, download=True)
+            x, y = nhwc(ds.data).permute(0, 2, 3, 1), torch.as_tensor(ds.labels)
+        out[f"x_{split}"], out[f"y_{split}"] = x.contiguous(), y.long()
+    return out
+
+
+def load_arrays(name: str, data_dir: str) -> Dict[str, torch.Tensor]:
+    """The four arrays x_train, y_train, x_test, y_test of a dataset, uint8 N x H x W x C and int64.
+
+    Read from the cache <data_dir>/<name>.npz when present; otherwise through torchvision, after
+    which the cache is written so later runs skip torchvision entirely.
+    """
+    spec = DATASETS[name]
+    cache = os.path.join(data_dir, f"{name}.npz")
+    if os.path.exists(cache):
+        try:
+            arrays = read_npz(cache)
+        except (OSError, ValueError, KeyError, SyntaxError, zipfile.BadZipFile) as e:
+            raise UsageError(f"cannot read the dataset cache {cache} ({e}); delete it to rebuild it")
+    else:
+        try:
+            arrays = _torchvision_arrays(name, data_dir)
+        except Exception as e:  # offline download, missing files, wrong checksums ...
+            hint = {"mnist": f"{data_dir}/MNIST/raw/ (the four original .gz files)",
+                    "cifar10": f"{cache} (arrays x_train, y_train, x_test, y_test)",
+                    "cifar100": f"{data_dir}/cifar-100-python.tar.gz",
+                    "svhn": f"{data_dir}/train_32x32.mat and test_32x32.mat"}[name]
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UsageError(f"dataset '{name}' is not in --data-dir {data_dir} and could not be downloaded "
+                             f"({reason}); put {hint} there, or {cache}")
+        try:
+            os.makedirs(data_dir, exist_ok=True)
+            write_npz(cache, arrays)
+        except OSError as e:
+            print(f"note: could not write the cache {cache} ({e}); continuing without it", file=sys.stderr)
+    c, h, w = spec["shape"]
+    for split in ("train", "test"):
+        x, y = arrays.get(f"x_{split}"), arrays.get(f"y_{split}")
+        if x is None or y is None:
+            raise UsageError(f"{cache} lacks x_{split} or y_{split}; delete it to rebuild it")
+        if x.dtype != torch.uint8 or tuple(x.shape[1:]) != (h, w, c) or y.shape != x.shape[:1]:
+            raise UsageError(f"{cache}: x_{split} is {tuple(x.shape)} {x.dtype}, expected N x {h} x {w} x {c} "
+                             f"uint8 with as many labels; delete it to rebuild it")
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= spec["classes"]):
+            raise UsageError(f"{cache}: y_{split} holds labels outside 0..{spec['classes'] - 1}")
+        arrays[f"y_{split}"] = y.long()
+    return arrays
+
+
+@dataclass
+class Data:
+    """Train / validation / test splits as uint8 N x C x H x W tensors and int64 labels on one device."""
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+def load_data(args, device: torch.device) -> Data:
+    """Split: validation = the last --val-size training examples (Fast-BAT's choice of the last 10%),
+    train = the first --train-size of the rest, test = the first --test-size test examples.
+    Checkpoints are chosen on validation only; the test set is touched only by the final evaluation."""
+    a = load_arrays(args.dataset, args.data_dir)
+    n = a["x_train"].shape[0]
+    if args.val_size >= n:
+        raise UsageError(f"--val-size {args.val_size} leaves no training data ({n} examples); use fewer")
+    n_train = n - args.val_size if args.train_size is None else args.train_size
+    if n_train + args.val_size > n:
+        raise UsageError(f"--train-size {n_train} plus --val-size {args.val_size} exceed the {n} training "
+                         f"examples of {args.dataset}; lower one of them")
+    n_test = a["x_test"].shape[0] if args.test_size is None else min(args.test_size, a["x_test"].shape[0])
+
+    def dev(x):  # N x H x W x C uint8 on the host -> N x C x H x W uint8 on the device
+        return x.permute(0, 3, 1, 2).contiguous().to(device)
+
+    return Data(dev(a["x_train"][:n_train]), a["y_train"][:n_train].to(device),
+                dev(a["x_train"][n - args.val_size:]), a["y_train"][n - args.val_size:].to(device),
+                dev(a["x_test"][:n_test]), a["y_test"][:n_test].to(device))
+
+
+def to_float(x_uint8: torch.Tensor) -> torch.Tensor:
+    return x_uint8.float().div_(255)
+
+
+def augment(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
+    """Random crop with zero padding 4 and (for 'crop-flip') horizontal flip, on the device, per image."""
+    if mode == "none":
+        return x
+    n, c, h, w = x.shape
+    padded = F.pad(x, (4, 4, 4, 4))
+    dy = torch.randint(0, 9, (n,), device=x.device, generator=gen)
+    dx = torch.randint(0, 9, (n,), device=x.device, generator=gen)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # n x 1 x h x 1
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # n x 1 x 1 x w
+    x = padded[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None],
+               rows, cols]
+    if mode == "crop-flip":
+        flip = torch.rand(n, device=x.device, generator=gen) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    return x
+
+
+def train_batches(data: Data, batch_size: int, mode: str, gen: torch.Generator):
+    """One epoch of (x, y) float batches in [0,1]: a fresh randperm, the last partial batch dropped
+    (static shapes), augmentation on the device."""
+    n = data.x_train.shape[0]
+    bs = min(batch_size, n)
+    perm = torch.randperm(n, device=data.x_train.device, generator=gen)
+    for i in range(n // bs):
+        idx = perm[i * bs:(i + 1) * bs]
+        yield augment(to_float(data.x_train[idx]), mode, gen), data.y_train[idx]
+
+
+# ================================================================================================
+# Models. Inputs in [0,1]; per-channel normalisation is the first layer of every network.
+# ================================================================================================
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel, as a layer, so that attacks and eps live in pixel space."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+class SmallCNN(nn.Module):
+    """The 4-conv MNIST network of TRADES (small_cnn.py) and Madry et al.: conv32-conv32-pool-
+    conv64-conv64-pool-fc200-dropout0.5-fc200-fc; the last layer starts at zero as in TRADES."""
+
+    def __init__(self, in_ch=1, classes=10, hw=28):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_ch, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.ReLU(), nn.MaxPool2d(2))
+        side = ((hw - 4) // 2 - 4) // 2
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(64 * side * side, 200), nn.ReLU(), nn.Dropout(0.5),
+            nn.Linear(200, 200), nn.ReLU(), nn.Linear(200, classes))
+        for m in self.modules():  # TRADES' initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+        nn.init.zeros_(self.classifier[-1].weight)
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+class VGG16(nn.Module):
+    """VGG-16 with batch norm (the CIFAR variant: 13 convs, one linear layer). Max-pools use ceil
+    mode so 28x28 MNIST inputs survive the five poolings as 32x32 inputs do."""
+
+    CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+    def __init__(self, in_ch=3, classes=10):
+        super().__init__()
+        layers, c = [], in_ch
+        for v in self.CFG:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, ceil_mode=True))
+            else:
+                layers += [nn.Conv2d(c, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+                c = v
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(512, classes)
+
+    def forward(self, x):
+        return self.classifier(self.features(x).flatten(1))
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation residual block (He et al. 2016), as in fast_adversarial and Fast-BAT."""
+
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(c_in), nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(c_out), nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.shortcut = None
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, bias=False)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        skip = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + skip
+
+
+class PreActResNet18(nn.Module):
+    """PreActResNet-18: 3x3 stem, stages [2,2,2,2] of widths 64-128-256-512, BN-ReLU, global pool."""
+
+    def __init__(self, in_ch=3, classes=10):
+        super().__init__()
+        self.stem = nn.Conv2d(in_ch, 64, 3, 1, 1, bias=False)
+        blocks, c = [], 64
+        for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            blocks += [PreActBlock(c, width, stride), PreActBlock(width, width, 1)]
+            c = width
+        self.blocks = nn.Sequential(*blocks)
+        self.bn = nn.BatchNorm2d(512)
+        self.linear = nn.Linear(512, classes)
+
+    def forward(self, x):
+        out = F.relu(self.bn(self.blocks(self.stem(x))))
+        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+class WideBlock(nn.Module):
+    """WideResNet basic block (Zagoruyko & Komodakis; the TRADES / L2L variant, dropout 0)."""
+
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(c_in), nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(c_out), nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.shortcut = None if c_in == c_out else nn.Conv2d(c_in, c_out, 1, stride, bias=False)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        skip = x if self.shortcut is None else self.shortcut(out)
+        return self.conv2(F.relu(self.bn2(self.conv1(out)))) + skip
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-width: (depth - 4) / 6 blocks per stage, widths 16k, 32k, 64k. WRN-34-10 by default."""
+
+    def __init__(self, in_ch=3, classes=10, depth=34, width=10):
+        super().__init__()
+        n = (depth - 4) // 6
+        widths = (16, 16 * width, 32 * width, 64 * width)
+        self.stem = nn.Conv2d(in_ch, widths[0], 3, 1, 1, bias=False)
+        blocks, c = [], widths[0]
+        for stage, stride in zip(widths[1:], (1, 2, 2)):
+            for i in range(n):
+                blocks.append(WideBlock(c, stage, stride if i == 0 else 1))
+                c = stage
+        self.blocks = nn.Sequential(*blocks)
+        self.bn = nn.BatchNorm2d(c)
+        self.linear = nn.Linear(c, classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        out = F.relu(self.bn(self.blocks(self.stem(x))))
+        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+def build_model(name: str, dataset: str, depth: int = 34, width: int = 10) -> nn.Module:
+    """Normalize followed by the named network, sized for the dataset's channels and classes."""
+    spec = DATASETS[dataset]
+    c, h, _ = spec["shape"]
+    k = spec["classes"]
+    net = {"smallcnn": lambda: SmallCNN(c, k, h), "vgg16": lambda: VGG16(c, k),
+           "preactresnet18": lambda: PreActResNet18(c, k),
+           "wrn": lambda: WideResNet(c, k, depth, width)}[name]()
+    return nn.Sequential(Normalize(spec["mean"], spec["std"]), net)
+
+
+CHECKPOINT_FORMAT = "l2l-checkpoint-1"
+
+
+def read_checkpoint(path: str, what: str) -> dict:
+    """torch.load with a one-line UsageError for a missing, unreadable or foreign file."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{what} {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise UsageError(f"{what} {path} is not a readable checkpoint ({reason}); pass a .pt written by l2l.py")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UsageError(f"{what} {path} is not an l2l.py checkpoint (no '{CHECKPOINT_FORMAT}' marker); "
+                         f"pass last.pt or best.pt from an l2l.py run")
+    return ckpt
+
+
+def load_model(path: str, device="cpu") -> nn.Module:
+    """The classifier of an l2l.py checkpoint, in eval mode, taking [0,1] inputs: ready for AutoAttack,
+    torchattacks or any attack in this file."""
+    ckpt = read_checkpoint(path, "checkpoint")
+    a = ckpt["args"]
+    model = build_model(a["model"], a["dataset"], a["depth"], a["width"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()
+
+
+# ================================================================================================
+# Hand-designed attacks: pure functions in pixel space. Each returns x_adv in C = {||x_adv - x||_inf
+# <= eps} n [0,1]. They take the model in whatever mode the caller set (trainers choose the BN mode,
+# evaluation uses eval mode) and compute gradients w.r.t. the input only: parameter .grad untouched.
+# ================================================================================================
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Pi_C: clamp to the eps-ball around x, then to [0,1]. Exact for l_inf, as x itself is in [0,1]."""
+    return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+
+
+def random_start(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x + U(-eps, eps), projected onto C (Madry et al.; Wong et al.)."""
+    return project(x + torch.empty_like(x).uniform_(-eps, eps), x, eps)
+
+
+def cw_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-example Carlini-Wagner margin max_{j != y} z_j - z_y (>0 iff misclassified). Maximising it
+    with PGD under l_inf is what TRADES- and Fast-BAT-era tables call "CW"."""
+    z_y = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
+    return other.amax(1) - z_y
+
+
+def attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
+    """Per-example loss an attack ascends: 'ce' cross-entropy or 'cw' margin."""
+    return F.cross_entropy(logits, y, reduction="none") if loss == "ce" else cw_margin(logits, y)
+
+
+def input_grad(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss: str = "ce") -> torch.Tensor:
+    """grad_x of the summed per-example loss: every example gets its own, unscaled gradient."""
+    x_adv = x_adv.detach().requires_grad_(True)
+    with torch.enable_grad():
+        value = attack_loss(model(x_adv), y, loss).sum()
+        (grad,) = torch.autograd.grad(value, x_adv)
+    return grad
+
+
+def fgsm(model, x, y, eps, step_size=None, rand_init=False):
+    """FGSM (Goodfellow et al. 2015): x' = Pi_C(x0 + a sign(grad_x L(x0))), x0 = x or a uniform random
+    start (Wong et al. 2020). a defaults to eps."""
+    step_size = eps if step_size is None else step_size
+    x0 = random_start(x, eps) if rand_init else x
+    return project(x0 + step_size * input_grad(model, x0, y).sign(), x, eps).detach()
+
+
+def pgd(model, x, y, eps, step_size, steps, restarts=1, loss="ce", rand_init=True):
+    """l_inf PGD (Madry et al. 2018): x_{t+1} = Pi_C(x_t + a sign(grad_x L(x_t))) from a uniform random
+    start, `loss` 'ce' or 'cw'. With restarts > 1 each example keeps its worst restart: misclassified
+    beats correct, then the larger loss wins."""
+    best = x.detach().clone()
+    best_wrong = torch.zeros_like(y, dtype=torch.bool)
+    best_loss = torch.full(y.shape, float("-inf"), device=x.device)
+    for _ in range(restarts):
+        x_adv = random_start(x, eps) if rand_init else x.detach().clone()
+        for _ in range(steps):
+            x_adv = project(x_adv + step_size * input_grad(model, x_adv, y, loss).sign(), x, eps)
+        if restarts == 1:
+            return x_adv.detach()
+        with torch.no_grad():
+            logits = model(x_adv)
+            wrong, value = logits.argmax(1) != y, attack_loss(logits, y, loss)
+            better = (wrong & ~best_wrong) | ((wrong == best_wrong) & (value > best_loss))
+            best = torch.where(better[:, None, None, None], x_adv, best)
+            best_wrong, best_loss = best_wrong | wrong, torch.where(better, value, best_loss)
+    return best.detach()
+
+
+def trades_attack(model, x, eps, step_size, steps, init_std=0.001):
+    """The TRADES inner maximisation (Zhang et al. 2019, Algorithm 1, and trades.py): from x + 0.001 N(0, I),
+    sign steps on sum KL(f(x) || f(x')), projected onto C. The clean distribution is a constant."""
+    with torch.no_grad():
+        p_clean = F.softmax(model(x), dim=1)
+    x_adv = project(x + init_std * torch.randn_like(x), x, eps)
+    for _ in range(steps):
+        x_adv = x_adv.detach().requires_grad_(True)
+        with torch.enable_grad():
+            kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), p_clean, reduction="sum")
+            (grad,) = torch.autograd.grad(kl, x_adv)
+        x_adv = project(x_adv + step_size * grad.sign(), x, eps)
+    return x_adv.detach()
+
+
+class model_mode:
+    """Context manager: put a model in train or eval mode and restore its previous mode on exit."""
+
+    def __init__(self, model: nn.Module, mode: str):
+        self.model, self.mode = model, mode
+
+    def __enter__(self):
+        self.was_training = self.model.training
+        self.model.train(self.mode == "train")
+        return self.model
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)
+
+
+# ================================================================================================
+# Learned attackers. The L2L attacker networks (Jiang et al.) and the RNN optimiser (Xiong & Hsieh)
+# live here; each registers its trainers in METHODS (with a `setup` that builds the attacker and its
+# optimiser, saved in checkpoints as extras) and its evaluation attack in EVAL_ATTACKS.
+# ================================================================================================
+
+
+# ================================================================================================
+# Trainers: one function per method, one minibatch update each. Signature: step(run, x, y) ->
+# (loss, number correct) as device tensors (no host sync inside the epoch).
+# ================================================================================================
+
+
+@dataclass
+class Run:
+    """What a training step needs: the classifier, its optimiser, the flags, and any learned
+    attacker / optimiser networks with their own optimisers (saved in checkpoints as `extras`)."""
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    args: argparse.Namespace
+    extras: Dict[str, object] = field(default_factory=dict)
+
+
+def sgd_update(run: Run, loss: torch.Tensor) -> None:
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+
+
+def train_plain(run: Run, x, y):
+    """Standard training: one SGD step on CE(f(x), y)."""
+    logits = run.model(x)
+    loss = F.cross_entropy(logits, y)
+    sgd_update(run, loss)
+    return loss.detach(), (logits.argmax(1) == y).sum()
+
+
+def train_pgd_at(run: Run, x, y):
+    """PGD adversarial training (Madry et al. 2018, eq. 2.1): min_theta E max_{delta in S} L(theta, x + delta, y).
+    1. inner max: PGD-K with a random start (--steps, --step-size), BN mode --attack-bn;
+    2. outer min: one SGD step on CE(f(x_adv), y), model in train mode."""
+    a = run.args
+    with model_mode(run.model, a.attack_bn):
+        x_adv = pgd(run.model, x, y, a.eps, a.step_size, a.steps)  # step 1
+    logits = run.model(x_adv)  # step 2
+    loss = F.cross_entropy(logits, y)
+    sgd_update(run, loss)
+    return loss.detach(), (logits.argmax(1) == y).sum()
+
+
+def train_trades(run: Run, x, y):
+    """TRADES (Zhang et al. 2019, Algorithm 1; objective CE(f(x), y) + beta max KL(f(x) || f(x'))).
+    1. x' by trades_attack (K sign steps on the KL, BN in eval mode as in trades.py);
+    2. loss = CE(f(x), y) + beta * sum KL(f(x) || f(x')) / B  (KL summed, divided by the batch: 'batchmean');
+    3. one SGD step. The clean distribution is not detached in the outer loss (as in trades.py)."""
+    a = run.args
+    with model_mode(run.model, a.attack_bn):
+        x_adv = trades_attack(run.model, x, a.eps, a.step_size, a.steps)  # step 1
+    logits_clean, logits_adv = run.model(x), run.model(x_adv)  # step 2
+    kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_clean, dim=1), reduction="batchmean")
+    loss = F.cross_entropy(logits_clean, y) + a.beta * kl
+    sgd_update(run, loss)  # step 3
+    return loss.detach(), (logits_adv.argmax(1) == y).sum()
+
+
+def train_fast_at(run: Run, x, y):
+    """Fast-AT (Wong et al. 2020, Algorithm 3, "FGSM adversarial training with random initialization"):
+    1. delta ~ U(-eps, eps), clamped to the image box;
+    2. delta <- Pi_C(delta + alpha sign(grad_delta L)), alpha = 1.25 eps by default;
+    3. one SGD step on CE(f(x + delta), y). BN stays in train mode during the attack (official code)."""
+    a = run.args
+    with model_mode(run.model, a.attack_bn):
+        x_adv = fgsm(run.model, x, y, a.eps, a.step_size, rand_init=True)  # steps 1-2
+    logits = run.model(x_adv)  # step 3
+    loss = F.cross_entropy(logits, y)
+    sgd_update(run, loss)
+    return loss.detach(), (logits.argmax(1) == y).sum()
+
+
+@dataclass
+class Method:
+    train_step: Callable
+    paper: str
+    # setup(args, model, device) -> extras (learned attackers and their optimisers), or None.
+    setup: Optional[Callable] = None
+
+
+METHODS: Dict[str, Method] = {
+    "plain": Method(train_plain, "standard training"),
+    "pgd-at": Method(train_pgd_at, "Madry et al. 2018, eq. 2.1"),
+    "trades": Method(train_trades, "Zhang et al. 2019, Algorithm 1"),
+    "fast-at": Method(train_fast_at, "Wong et al. 2020, Algorithm 3"),
+}
+
+
+# ================================================================================================
+# Evaluation: model in eval mode, fixed test subset (the first --test-size examples), every attack's
+# robust accuracy and the per-example worst case, with the protocol beside every number.
+# ================================================================================================
+
+
+@dataclass
+class EvalAttack:
+    """An evaluation attack: run(model, x, y, args, extras) -> x_adv, and its protocol for the report."""
+    run: Callable
+    protocol: Callable  # args -> dict(steps, step_size, restarts, loss, random_start)
+
+
+EVAL_ATTACKS: Dict[str, EvalAttack] = {
+    "fgsm": EvalAttack(lambda m, x, y, a, e: fgsm(m, x, y, a.eps),
+                       lambda a: dict(loss="ce", steps=1, step_size=a.eps, restarts=1, random_start=False)),
+    "pgd": EvalAttack(lambda m, x, y, a, e: pgd(m, x, y, a.eps, a.eval_step_size, a.eval_steps, a.eval_restarts, "ce"),
+                      lambda a: dict(loss="ce", steps=a.eval_steps, step_size=a.eval_step_size,
+                                     restarts=a.eval_restarts, random_start=True)),
+    "cw": EvalAttack(lambda m, x, y, a, e: pgd(m, x, y, a.eps, a.eval_step_size, a.eval_steps, a.eval_restarts, "cw"),
+                     lambda a: dict(loss="cw margin (PGD under l_inf, not CW-L2)", steps=a.eval_steps,
+                                    step_size=a.eval_step_size, restarts=a.eval_restarts, random_start=True)),
+}
+
+
+def evaluate(model, x_uint8, y, args, attacks, extras=None) -> dict:
+    """Clean accuracy, each attack's robust accuracy and the per-example worst case over all of them
+    (an example counts as robust only if it is classified correctly clean and under every attack).
+    Also records the largest l_inf perturbation each attack produced, as a check of the constraint."""
+    model.eval()
+    n = x_uint8.shape[0]
+    correct = {name: [] for name in ["clean"] + list(attacks)}
+    max_pert = {name: torch.zeros((), device=x_uint8.device) for name in attacks}
+    for i in range(0, n, args.eval_batch_size):
+        x, yb = to_float(x_uint8[i:i + args.eval_batch_size]), y[i:i + args.eval_batch_size]
+        with torch.no_grad():
+            correct["clean"].append(model(x).argmax(1) == yb)
+        for name in attacks:
+            x_adv = EVAL_ATTACKS[name].run(model, x, yb, args, extras or {})
+            max_pert[name] = torch.maximum(max_pert[name], (x_adv - x).abs().amax())
+            with torch.no_grad():
+                correct[name].append(model(x_adv).argmax(1) == yb)
+    correct = {k: torch.cat(v) for k, v in correct.items()}
+    worst = torch.stack(list(correct.values())).all(0)
+    results = {"protocol": {"eps": args.eps, "eps_text": fmt_eps(args.eps), "examples": n,
+                            "split": "test", "indices": f"first {n} test examples (0..{n - 1})",
+                            "model_mode": "eval"},
+               "clean": {"accuracy": correct["clean"].float().mean().item()}}
+    for name in attacks:
+        results[name] = dict(accuracy=correct[name].float().mean().item(), **EVAL_ATTACKS[name].protocol(args),
+                             max_perturbation=max_pert[name].item())
+    results["worst_case"] = {"accuracy": worst.float().mean().item(), "over": ["clean"] + list(attacks)}
+    return results
+
+
+def format_results(res: dict, title: str) -> str:
+    """The results as a table, protocol beside every number."""
+    p = res["protocol"]
+    lines = [f"{title}: eps {p['eps_text']}, {p['examples']} {p['split']} examples, model in eval mode",
+             f"  {'attack':<12}{'accuracy':>9}  {'loss':<6}{'steps':>6}{'step':>9}{'restarts':>9}"]
+    lines.append(f"  {'clean':<12}{100 * res['clean']['accuracy']:>8.2f}%")
+    for name in res["worst_case"]["over"][1:]:
+        r = res[name]
+        lines.append(f"  {name:<12}{100 * r['accuracy']:>8.2f}%  {r['loss'].split()[0]:<6}{r['steps']:>6}"
+                     f"{fmt_eps(r['step_size']):>9}{r['restarts']:>9}")
+    lines.append(f"  {'worst case':<12}{100 * res['worst_case']['accuracy']:>8.2f}%  "
+                 f"(per example, over {', '.join(res['worst_case']['over'])})")
+    return "\n".join(lines)
+
+
+def validate(model, data: Data, args) -> tuple:
+    """Per-epoch checkpoint selection on the validation split: clean and PGD accuracy, eval mode.
+    PGD-K (--val-steps, 1 restart) with step 2.5 eps / K (Madry et al.'s rule), K = 0 meaning clean."""
+    model.eval()
+    clean = robust = 0
+    for i in range(0, data.x_val.shape[0], args.eval_batch_size):
+        x, y = to_float(data.x_val[i:i + args.eval_batch_size]), data.y_val[i:i + args.eval_batch_size]
+        with torch.no_grad():
+            clean += (model(x).argmax(1) == y).sum()
+        if args.val_steps:
+            x = pgd(model, x, y, args.eps, 2.5 * args.eps / args.val_steps, args.val_steps)
+            with torch.no_grad():
+                robust += (model(x).argmax(1) == y).sum()
+    n = data.x_val.shape[0]
+    clean = float(clean) / n
+    return clean, (float(robust) / n if args.val_steps else clean)
+
+
+# ================================================================================================
+# Training loop: per-iteration lr schedule, per-epoch log line, atomic checkpoints, exact resume.
+# ================================================================================================
+
+
+def lr_at(args, it: int, iters_per_epoch: int) -> float:
+    """Learning rate for iteration `it` (stepped every iteration, as fast_adversarial and Fast-BAT do).
+    multistep: x0.1 at each --lr-milestones epoch; cyclic: 0 -> lr at half-way -> 0 (triangular)."""
+    t = it / iters_per_epoch
+    if args.lr_schedule == "multistep":
+        return args.lr * 0.1 ** sum(t >= m for m in args.lr_milestones)
+    if args.lr_schedule == "cyclic":
+        half = args.epochs / 2
+        return args.lr * (t / half if t < half else max(0.0, (args.epochs - t) / half))
+    return args.lr
+
+
+# Flags that define a training run: --resume refuses a checkpoint whose values differ.
+TRAINING_KEYS = ("method", "dataset", "model", "depth", "width", "train_size", "val_size", "augment", "epochs",
+                 "batch_size", "lr", "momentum", "weight_decay", "lr_schedule", "lr_milestones", "eps",
+                 "step_size", "steps", "beta", "attack_bn", "seed", "val_steps")
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save to a temporary file in the same directory, then rename: a kill never leaves a
+    half-written file under the real name."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_json(obj, path: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def prepare_out_dir(out: str, keep: tuple, allow: bool) -> None:
+    """Create --out and check it is writable; refuse to replace files of an earlier run unless allowed."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise UsageError(f"cannot write to --out {out} ({e.strerror or e}); choose a writable directory")
+    found = [f for f in keep if os.path.exists(os.path.join(out, f))]
+    if found and not allow:
+        raise UsageError(f"--out {out} already holds {', '.join(found)} of an earlier run; pass --resume to "
+                         f"continue it, --overwrite to replace it, or choose another --out")
+
+
+def build_run(args, device) -> Run:
+    model = build_model(args.model, args.dataset, args.depth, args.width).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    method = METHODS[args.method]
+    extras = method.setup(args, model, device) if method.setup else {}
+    return Run(model, optimizer, args, extras)
+
+
+def checkpoint_state(run: Run, epoch: int, best: dict, history: list, gen: torch.Generator) -> dict:
+    return {"format": CHECKPOINT_FORMAT, "args": vars(run.args), "epoch": epoch,
+            "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "extras": {k: v.state_dict() for k, v in run.extras.items()},
+            "best": best, "history": history,
+            "rng": {"torch": torch.get_rng_state(), "data": gen.get_state(),
+                    "cuda": torch.cuda.get_rng_state() if gen.device.type == "cuda" else None}}
+
+
+def restore(run: Run, ckpt: dict) -> None:
+    run.model.load_state_dict(ckpt["model"])
+    if "optimizer" in ckpt:
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+    for k, v in run.extras.items():
+        v.load_state_dict(ckpt["extras"][k])
+
+
+def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
+    """Train args.method for args.epochs, choose the best epoch on validation robust accuracy, then
+    evaluate the best and the last checkpoint on the test set. Returns the results dict."""
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    prepare_out_dir(args.out, () if args.resume else ("last.pt", "best.pt", "results.json"), args.overwrite)
+    data = load_data(args, device)
+    run = build_run(args, device)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(args.seed)
+    start_epoch, best, history = 0, {"epoch": 0, "val_robust": -1.0}, []
+    last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "best.pt")
+    if args.resume:
+        ckpt = read_checkpoint(last_path, "--resume: checkpoint")
+        diff = [k for k in TRAINING_KEYS if ckpt["args"].get(k) != getattr(args, k)]
+        if diff:
+            k = diff[0]
+            raise UsageError(f"--resume: {last_path} was trained with --{k.replace('_', '-')} {ckpt['args'].get(k)}, "
+                             f"this command gives {getattr(args, k)}; repeat the original flags")
+        restore(run, ckpt)
+        start_epoch, best, history = ckpt["epoch"], ckpt["best"], ckpt["history"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        gen.set_state(ckpt["rng"]["data"])
+        if ckpt["rng"]["cuda"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+        print(f"resumed {last_path} after epoch {start_epoch}")
+
+    n_params = sum(p.numel() for p in run.model.parameters())
+    print(f"{args.method} ({METHODS[args.method].paper}) on {args.dataset}: {args.model} ({n_params / 1e6:.2f}M "
+          f"parameters), {data.x_train.shape[0]} train / {data.x_val.shape[0]} val / {data.x_test.shape[0]} test, "
+          f"device {device}")
+    print(f"  eps {fmt_eps(args.eps)}, steps {args.steps}, step {fmt_eps(args.step_size)}, attack BN {args.attack_bn}, "
+          f"epochs {args.epochs}, batch {args.batch_size}, lr {args.lr} ({args.lr_schedule}), "
+          f"wd {args.weight_decay}, seed {args.seed}")
+    iters = max(1, data.x_train.shape[0] // min(args.batch_size, data.x_train.shape[0]))
+    for epoch in range(start_epoch, args.epochs):
+        t0 = time.time()
+        run.model.train()
+        loss_sum = correct = seen = 0
+        for i, (x, y) in enumerate(train_batches(data, args.batch_size, args.augment, gen)):
+            lr = lr_at(args, epoch * iters + i, iters)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            loss, n_correct = METHODS[args.method].train_step(run, x, y)
+            loss_sum, correct, seen = loss_sum + loss * y.shape[0], correct + n_correct, seen + y.shape[0]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        train_seconds = time.time() - t0
+        val_clean, val_robust = validate(run.model, data, args)
+        record = {"epoch": epoch + 1, "lr": lr, "train_loss": float(loss_sum) / seen, "train_acc": float(correct) / seen,
+                  "val_clean": val_clean, "val_robust": val_robust, "train_seconds": train_seconds,
+                  "seconds": time.time() - t0}
+        history.append(record)
+        if not math.isfinite(record["train_loss"]):
+            print(f"warning: epoch {epoch + 1} train loss is {record['train_loss']}; lower --lr", file=sys.stderr)
+        is_best = val_robust > best["val_robust"]
+        if is_best:
+            best = {"epoch": epoch + 1, "val_robust": val_robust, "val_clean": val_clean}
+        state = checkpoint_state(run, epoch + 1, best, history, gen)
+        if is_best:
+            atomic_save(state, best_path)
+        atomic_save(state, last_path)
+        print(f"epoch {epoch + 1:>3}/{args.epochs}  lr {lr:.4f}  loss {record['train_loss']:.4f}  "
+              f"acc {100 * record['train_acc']:.2f}%  val clean {100 * val_clean:.2f}%  "
+              f"val pgd-{args.val_steps} {100 * val_robust:.2f}%  {train_seconds:.1f}s train  "
+              f"{record['seconds']:.1f}s total{'  *best' if is_best else ''}", flush=True)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1)
+
+    attacks = args.eval_attacks.split(",")
+    torch.manual_seed(args.seed)
+    results = {"method": args.method, "dataset": args.dataset, "model": args.model, "args": vars(args),
+               "checkpoint": "best.pt", "best_epoch": best["epoch"], "history": history}
+    restore(run, read_checkpoint(best_path, "checkpoint"))
+    results.update(evaluate(run.model, data.x_test, data.y_test, args, attacks, run.extras))
+    print(format_results(results, f"test, best.pt (epoch {best['epoch']}, chosen on validation)"))
+    if best["epoch"] != args.epochs:
+        restore(run, read_checkpoint(last_path, "checkpoint"))
+        torch.manual_seed(args.seed)
+        last = evaluate(run.model, data.x_test, data.y_test, args, attacks, run.extras)
+        print(format_results(last, f"test, last.pt (epoch {args.epochs})"))
+    else:
+        last = {k: v for k, v in results.items() if k not in ("method", "dataset", "model", "args", "checkpoint",
+                                                               "best_epoch", "history")}
+    results["last"] = last
+    atomic_write_json(results, os.path.join(args.out, "results.json"))
+    print(f"wrote {args.out}/results.json, best.pt, last.pt")
+    return results
+
+
+def evaluate_checkpoint(args) -> dict:
+    """--eval-only: the checkpoint's classifier (and learned attacker, if any) on the test set."""
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    prepare_out_dir(args.out, ("results.json",), args.overwrite)
+    ckpt = read_checkpoint(args.eval_only, "--eval-only")
+    data = load_data(args, device)
+    run = build_run(args, device)
+    try:
+        restore(run, {k: v for k, v in ckpt.items() if k != "optimizer"})
+    except (RuntimeError, KeyError) as e:
+        raise UsageError(f"--eval-only {args.eval_only} does not match its own model settings "
+                         f"({str(e).splitlines()[0][:100]})")
+    results = {"method": args.method, "dataset": args.dataset, "model": args.model, "args": vars(args),
+               "checkpoint": os.path.abspath(args.eval_only), "epoch": ckpt["epoch"]}
+    results.update(evaluate(run.model, data.x_test, data.y_test, args, args.eval_attacks.split(","), run.extras))
+    print(format_results(results, f"test, {args.eval_only} (epoch {ckpt['epoch']})"))
+    atomic_write_json(results, os.path.join(args.out, "results.json"))
+    print(f"wrote {args.out}/results.json")
+    return results
+
+
+# ================================================================================================
+# Main
+# ================================================================================================
+
+# Flags an --eval-only run takes from the command line; everything else comes from the checkpoint.
+EVAL_KEYS = ("eps", "eval_attacks", "eval_steps", "eval_step_size", "eval_restarts", "eval_batch_size",
+             "test_size", "data_dir", "device", "seed", "out", "overwrite")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.eval_only:
+        if args.resume:
+            raise UsageError("--eval-only and --resume exclude each other; pass one of them")
+        ckpt = read_checkpoint(args.eval_only, "--eval-only")
+        merged = argparse.Namespace(**ckpt["args"])
+        for k in EVAL_KEYS:
+            setattr(merged, k, getattr(args, k))
+        merged.eval_only, merged.resume = args.eval_only, False
+        if merged.out is None:
+            stem = os.path.splitext(os.path.basename(args.eval_only))[0]
+            merged.out = os.path.join(os.path.dirname(args.eval_only) or ".", f"eval_{stem}")
+        if merged.eps is None:
+            merged.eps = ckpt["args"]["eps"]
+        args = merged
+    return resolve_args(args)
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+        if args.eval_only:
+            evaluate_checkpoint(args)
+        else:
+            train(args)
+        return 0
+    except UsageError as e:
+        print(f"l2l.py: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: last.pt holds the last finished epoch; rerun with --resume to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
