@@ -141,7 +141,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(description="Adversarial training with hand-designed and learned attackers.",
+    p = OneLineParser(description="Adversarial training with hand-designed and learned attackers.", allow_abbrev=False,
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     run = p.add_argument_group("run")
     run.add_argument("--method", default="pgd-at", help=f"one of: {', '.join(METHODS)}")
@@ -705,12 +705,12 @@ def trades_attack(model, x, eps, step_size, steps, init_std=0.001):
     """The TRADES inner maximisation (Zhang et al. 2019, Algorithm 1, and trades.py): from x + 0.001 N(0, I),
     sign steps on sum KL(f(x) || f(x')), projected onto C. The clean distribution is a constant."""
     with torch.no_grad():
-        p_clean = F.softmax(model(x), dim=1)
+        logp_clean = F.log_softmax(model(x), dim=1)
     x_adv = project(x + init_std * torch.randn_like(x), x, eps)
     for _ in range(steps):
         x_adv = x_adv.detach().requires_grad_(True)
         with torch.enable_grad():
-            kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), p_clean, reduction="sum")
+            kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), logp_clean, reduction="sum", log_target=True)
             (grad,) = torch.autograd.grad(kl, x_adv)
         x_adv = project(x_adv + step_size * grad.sign(), x, eps)
     return x_adv.detach()
@@ -790,7 +790,10 @@ def train_trades(run: Run, x, y):
     with model_mode(run.model, a.attack_bn):
         x_adv = trades_attack(run.model, x, a.eps, a.step_size, a.steps)  # step 1
     logits_clean, logits_adv = run.model(x), run.model(x_adv)  # step 2
-    kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_clean, dim=1), reduction="batchmean")
+    # KL from log-probabilities: the value of trades.py's KLDivLoss(softmax(f(x))), but its gradient stays
+    # finite where a clean probability underflows to 0 (p log p has an infinite slope there).
+    kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.log_softmax(logits_clean, dim=1), reduction="batchmean",
+                  log_target=True)
     loss = F.cross_entropy(logits_clean, y) + a.beta * kl
     sgd_update(run, loss)  # step 3
     return loss.detach(), (logits_adv.argmax(1) == y).sum()
@@ -854,7 +857,9 @@ EVAL_ATTACKS: Dict[str, EvalAttack] = {
 def evaluate(model, x_uint8, y, args, attacks, extras=None) -> dict:
     """Clean accuracy, each attack's robust accuracy and the per-example worst case over all of them
     (an example counts as robust only if it is classified correctly clean and under every attack).
-    Also records the largest l_inf perturbation each attack produced, as a check of the constraint."""
+    Also records the largest l_inf perturbation each attack produced, as a check of the constraint.
+    Random starts are seeded with --seed here, so a checkpoint and its flags always give the same numbers."""
+    torch.manual_seed(args.seed)
     model.eval()
     n = x_uint8.shape[0]
     correct = {name: [] for name in ["clean"] + list(attacks)}
@@ -1070,7 +1075,6 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
             on_epoch_end(epoch + 1)
 
     attacks = args.eval_attacks.split(",")
-    torch.manual_seed(args.seed)
     results = {"method": args.method, "dataset": args.dataset, "model": args.model, "args": vars(args),
                "checkpoint": "best.pt", "best_epoch": best["epoch"], "history": history}
     restore(run, read_checkpoint(best_path, "checkpoint"))
@@ -1078,7 +1082,6 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
     print(format_results(results, f"test, best.pt (epoch {best['epoch']}, chosen on validation)"))
     if best["epoch"] != args.epochs:
         restore(run, read_checkpoint(last_path, "checkpoint"))
-        torch.manual_seed(args.seed)
         last = evaluate(run.model, data.x_test, data.y_test, args, attacks, run.extras)
         print(format_results(last, f"test, last.pt (epoch {args.epochs})"))
     else:

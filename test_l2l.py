@@ -1,0 +1,486 @@
+"""Tests for l2l.py: attack invariants, attack strength, trainers, data, checkpoints, CLI, bad input.
+
+Run: python -m pytest -q test_l2l.py   (CPU, synthetic data, no download; a few minutes on 2 cores)
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import l2l
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CPU = torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------------------
+# Synthetic data: a learnable 10-class problem in the MNIST and CIFAR formats.
+# ------------------------------------------------------------------------------------------------
+
+
+def synthetic_images(n, c, h, w, seed):
+    """uint8 N x H x W x C images whose class k lights a 6x6 patch at the k-th of 10 positions, with
+    noise; pixels hit 0 and 255 exactly (constraint tests need images at the box edges)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 10, (n,), generator=g)
+    x = torch.rand(n, h, w, c, generator=g) * 0.3
+    for i in range(n):
+        r, q = divmod(int(y[i]), 5)
+        top, left = 2 + r * (h // 2 - 2), 1 + q * ((w - 6) // 5)
+        x[i, top:top + 6, left:left + 6, :] = 1.0
+    x[:, 0, 0, :] = 0.0
+    return (x * 255).round().to(torch.uint8), y
+
+
+def write_dataset(data_dir, name="mnist", n_train=160, n_test=48):
+    c, h, w = l2l.DATASETS[name]["shape"]
+    x_tr, y_tr = synthetic_images(n_train, c, h, w, seed=1)
+    x_te, y_te = synthetic_images(n_test, c, h, w, seed=2)
+    os.makedirs(data_dir, exist_ok=True)
+    l2l.write_npz(os.path.join(data_dir, f"{name}.npz"),
+                  {"x_train": x_tr, "y_train": y_tr, "x_test": x_te, "y_test": y_te})
+    return data_dir
+
+
+def tiny_cnn(classes=10, c=1):
+    return nn.Sequential(nn.Conv2d(c, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
+                         nn.Flatten(), nn.Linear(128, classes))
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """A float batch in [0,1] (MNIST format) and a tiny CNN trained on it to > 90% clean accuracy."""
+    torch.manual_seed(0)
+    xu, y = synthetic_images(256, 1, 28, 28, seed=3)
+    x = l2l.to_float(xu.permute(0, 3, 1, 2))
+    model = tiny_cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(150):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        assert (model(x).argmax(1) == y).float().mean() > 0.9
+    return model, x, y
+
+
+def accuracy(model, x, y):
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+# ------------------------------------------------------------------------------------------------
+# Attacks
+# ------------------------------------------------------------------------------------------------
+
+EPS = 0.1
+ATTACKS = {
+    "fgsm": lambda m, x, y: l2l.fgsm(m, x, y, EPS),
+    "fgsm-rand": lambda m, x, y: l2l.fgsm(m, x, y, EPS, 1.25 * EPS, rand_init=True),
+    "pgd-ce": lambda m, x, y: l2l.pgd(m, x, y, EPS, EPS / 4, 5),
+    "pgd-cw": lambda m, x, y: l2l.pgd(m, x, y, EPS, EPS / 4, 5, loss="cw"),
+    "pgd-restarts": lambda m, x, y: l2l.pgd(m, x, y, EPS, EPS / 4, 3, restarts=3),
+    "pgd-big-step": lambda m, x, y: l2l.pgd(m, x, y, EPS, 10.0, 2),
+    "trades": lambda m, x, y: l2l.trades_attack(m, x, EPS, EPS / 4, 5),
+}
+
+
+def eval_args(**kw):
+    a = dict(eps=EPS, eval_step_size=EPS / 4, eval_steps=5, eval_restarts=2, eval_batch_size=64)
+    a.update(kw)
+    return type("A", (), a)()
+
+
+@pytest.mark.parametrize("name", list(ATTACKS) + [f"eval:{k}" for k in l2l.EVAL_ATTACKS])
+def test_every_attack_stays_in_eps_ball_and_image_box(toy, name):
+    model, x, y = toy
+    for p in model.parameters():
+        p.grad = None
+    if name.startswith("eval:"):
+        x_adv = l2l.EVAL_ATTACKS[name[5:]].run(model, x, y, eval_args(), {})
+    else:
+        x_adv = ATTACKS[name](model, x, y)
+    assert x_adv.shape == x.shape and not x_adv.requires_grad
+    assert (x_adv - x).abs().max() <= EPS + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    # images at the box edges: pixels at 0 cannot go below 0, pixels at 1 cannot exceed 1
+    assert (x == 0).any() and (x == 1).any()
+    assert all(p.grad is None for p in model.parameters()), "attacks must not touch parameter gradients"
+    assert (x_adv != x).any(), "the attack did nothing"
+
+
+def test_project_is_the_exact_projection():
+    torch.manual_seed(0)
+    x = torch.rand(64, 3, 4, 4)
+    x[0] = 0.0
+    x[1] = 1.0
+    z = x + torch.randn_like(x)
+    p = l2l.project(z, x, 0.05)
+    lo, hi = torch.clamp(x - 0.05, min=0), torch.clamp(x + 0.05, max=1)
+    assert torch.equal(p, torch.min(torch.max(z, lo), hi))  # coordinate-wise nearest point of C
+    assert torch.equal(l2l.project(p, x, 0.05), p)
+
+
+def test_pgd_beats_fgsm_and_clean_on_trained_model(toy):
+    model, x, y = toy
+    eps = 0.15
+    torch.manual_seed(0)
+    acc_clean = accuracy(model, x, y)
+    acc_fgsm = accuracy(model, l2l.fgsm(model, x, y, eps), y)
+    x_pgd = l2l.pgd(model, x, y, eps, eps / 4, 20)
+    acc_pgd = accuracy(model, x_pgd, y)
+    assert acc_pgd <= acc_fgsm <= acc_clean
+    assert acc_pgd < acc_clean - 0.2, f"PGD barely moved accuracy ({acc_clean:.2f} -> {acc_pgd:.2f})"
+    with torch.no_grad():
+        loss = lambda z: F.cross_entropy(model(z), y).item()
+        assert loss(x_pgd) > loss(l2l.fgsm(model, x, y, eps)) > loss(x)
+
+
+def test_restarts_keep_the_per_example_worst_case(toy):
+    model, x, y = toy
+    torch.manual_seed(5)
+    one = l2l.pgd(model, x, y, 0.1, 0.025, 3, restarts=1)
+    torch.manual_seed(5)
+    three = l2l.pgd(model, x, y, 0.1, 0.025, 3, restarts=3)
+    with torch.no_grad():
+        wrong1, wrong3 = model(one).argmax(1) != y, model(three).argmax(1) != y
+    assert (wrong3 | ~wrong1).all(), "an example fooled by restart 1 must stay fooled with 3 restarts"
+
+
+def test_cw_margin_matches_hand_computation():
+    logits = torch.tensor([[1.0, 3.0, 2.0], [1.0, 3.0, 2.0], [5.0, -1.0, 0.0]])
+    y = torch.tensor([0, 1, 0])
+    assert torch.allclose(l2l.cw_margin(logits, y), torch.tensor([2.0, -1.0, -5.0]))
+
+
+def test_evaluation_attacks_leave_bn_statistics_alone(toy):
+    model, x, y = toy
+    bn = model[1]
+    before = bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked)
+    res = l2l.evaluate(model, (x * 255).round().to(torch.uint8), y, eval_args(), ["fgsm", "pgd", "cw"])
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
+    assert int(bn.num_batches_tracked) == before[2]
+    worst = res["worst_case"]["accuracy"]
+    assert all(worst <= res[k]["accuracy"] for k in ("clean", "fgsm", "pgd", "cw"))
+    assert res["pgd"]["max_perturbation"] <= EPS + 1e-6 and res["pgd"]["restarts"] == 2
+
+
+def test_model_mode_restores_previous_mode(toy):
+    model = toy[0]
+    model.eval()
+    with l2l.model_mode(model, "train"):
+        assert model.training
+    assert not model.training
+
+
+# ------------------------------------------------------------------------------------------------
+# Trainers: every registered method lowers its own loss on a learnable problem.
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", list(l2l.METHODS))
+def test_each_trainer_lowers_its_loss(method):
+    args = l2l.parse_args(["--method", method, "--dataset", "mnist", "--eps", "0.1", "--steps", "3",
+                           "--step-size", "0.04", "--lr", "0.02", "--device", "cpu"])
+    if method == "fast-at":
+        args.step_size = 0.125
+    torch.manual_seed(0)
+    run = l2l.build_run(args, CPU)
+    xu, y = synthetic_images(48, 1, 28, 28, seed=4)
+    x = l2l.to_float(xu.permute(0, 3, 1, 2))
+    run.model.train()
+    losses = torch.tensor([float(l2l.METHODS[method].train_step(run, x, y)[0]) for _ in range(50)])
+    # single-step methods spike now and then on one fixed batch: compare the median of the last ten
+    first, last = losses[:5].mean().item(), losses[-10:].median().item()
+    assert last < 0.5 * first, f"{method}: loss {first:.3f} -> {last:.3f}"
+
+
+def test_trades_inner_attack_raises_the_kl(toy):
+    model, x, _ = toy
+    torch.manual_seed(0)
+    x_adv = l2l.trades_attack(model, x, 0.1, 0.025, 10)
+    with torch.no_grad():
+        p = F.softmax(model(x), 1)
+        kl = lambda z: F.kl_div(F.log_softmax(model(z), 1), p, reduction="batchmean").item()
+        assert kl(x_adv) > 10 * kl(l2l.project(x + 0.001 * torch.randn_like(x), x, 0.1))
+
+
+def test_lr_schedules():
+    a = type("A", (), dict(lr=0.2, epochs=10, lr_schedule="cyclic", lr_milestones=[]))()
+    assert l2l.lr_at(a, 0, 100) == 0.0
+    assert abs(l2l.lr_at(a, 500, 100) - 0.2) < 1e-12
+    assert abs(l2l.lr_at(a, 250, 100) - 0.1) < 1e-12 and abs(l2l.lr_at(a, 750, 100) - 0.1) < 1e-12
+    a.lr_schedule, a.lr_milestones = "multistep", [5.0, 8.0]
+    assert [round(l2l.lr_at(a, it, 100), 6) for it in (0, 499, 500, 799, 800)] == [0.2, 0.2, 0.02, 0.02, 0.002]
+
+
+# ------------------------------------------------------------------------------------------------
+# Data and models
+# ------------------------------------------------------------------------------------------------
+
+
+def test_npz_round_trip_and_numpy_compatibility(tmp_path):
+    arrays = {"x_train": torch.randint(0, 256, (5, 4, 4, 3), dtype=torch.uint8), "y_train": torch.arange(5)}
+    path = str(tmp_path / "a.npz")
+    l2l.write_npz(path, arrays)
+    back = l2l.read_npz(path)
+    assert all(torch.equal(back[k], v) for k, v in arrays.items())
+    np = pytest.importorskip("numpy")
+    with np.load(path) as f:  # what numpy reads from our writer ...
+        assert (f["x_train"] == arrays["x_train"].numpy()).all()
+    np.savez_compressed(str(tmp_path / "b.npz"), x=np.arange(6, dtype=np.uint8).reshape(2, 3), y=np.arange(2))
+    back = l2l.read_npz(str(tmp_path / "b.npz"))  # ... and what we read from numpy's
+    assert torch.equal(back["x"], torch.arange(6, dtype=torch.uint8).reshape(2, 3))
+    assert back["y"].dtype == torch.int64
+
+
+def test_on_device_augmentation_crops_and_flips():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(32, 3, 8, 8)
+    out = l2l.augment(x, "crop-flip", g)
+    assert out.shape == x.shape
+    assert not torch.equal(out, x)
+    # every output pixel is a pixel of its own input image or zero padding
+    for i in range(32):
+        assert torch.isin(out[i], torch.cat([x[i].flatten(), torch.zeros(1)])).all()
+    assert torch.equal(l2l.augment(x, "none", g), x)
+
+
+def test_load_data_splits_are_disjoint_and_validation_comes_from_train(tmp_path):
+    d = write_dataset(str(tmp_path))
+    args = l2l.parse_args(["--dataset", "mnist", "--data-dir", d, "--train-size", "100", "--val-size", "40",
+                           "--test-size", "30"])
+    data = l2l.load_data(args, CPU)
+    assert data.x_train.shape == (100, 1, 28, 28) and data.x_val.shape[0] == 40 and data.x_test.shape[0] == 30
+    full = l2l.read_npz(os.path.join(d, "mnist.npz"))
+    assert torch.equal(data.x_val, full["x_train"][-40:].permute(0, 3, 1, 2))
+    assert torch.equal(data.x_train, full["x_train"][:100].permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("name,dataset", [("smallcnn", "mnist"), ("vgg16", "mnist"), ("vgg16", "cifar10"),
+                                          ("preactresnet18", "cifar100"), ("wrn", "svhn")])
+def test_models_take_pixels_and_return_logits(name, dataset):
+    c, h, w = l2l.DATASETS[dataset]["shape"]
+    model = l2l.build_model(name, dataset, depth=10, width=1).eval()
+    assert isinstance(model[0], l2l.Normalize)
+    out = model(torch.rand(2, c, h, w))
+    assert out.shape == (2, l2l.DATASETS[dataset]["classes"])
+
+
+def test_wrn_34_10_has_the_published_size():
+    n = sum(p.numel() for p in l2l.build_model("wrn", "cifar10").parameters())
+    assert 46e6 < n < 47e6  # WRN-34-10: 46.2M parameters
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line, end to end through the real loader
+# ------------------------------------------------------------------------------------------------
+
+TINY = ["--epochs", "1", "--train-size", "96", "--val-size", "32", "--test-size", "32", "--batch-size", "32",
+        "--steps", "2", "--eval-steps", "2", "--val-steps", "2", "--device", "cpu"]
+
+
+def cli(*argv):
+    return subprocess.run([sys.executable, os.path.join(HERE, "l2l.py"), *argv], capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def mnist_dir(tmp_path_factory):
+    return write_dataset(str(tmp_path_factory.mktemp("data")))
+
+
+@pytest.mark.parametrize("method", list(l2l.METHODS))
+def test_cli_trains_and_evaluates_each_method(method, mnist_dir, tmp_path):
+    out = str(tmp_path / "out")
+    r = cli("--method", method, "--dataset", "mnist", "--data-dir", mnist_dir, "--out", out, *TINY)
+    assert r.returncode == 0, r.stderr
+    assert "epoch   1/1" in r.stdout and "worst case" in r.stdout
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert res["method"] == method and res["protocol"]["examples"] == 32
+    for name in ("clean", "fgsm", "pgd", "cw", "worst_case"):
+        assert 0.0 <= res[name]["accuracy"] <= 1.0
+        assert res["worst_case"]["accuracy"] <= res[name]["accuracy"]
+    assert res["pgd"]["steps"] == 2 and res["last"]["worst_case"]["accuracy"] <= 1.0
+    assert os.path.isfile(os.path.join(out, "best.pt")) and os.path.isfile(os.path.join(out, "last.pt"))
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_cli_cifar_format_with_augmentation(tmp_path):
+    d = write_dataset(str(tmp_path / "data"), "cifar10", n_train=96, n_test=16)
+    r = cli("--method", "fast-at", "--dataset", "cifar10", "--model", "preactresnet18", "--data-dir", d,
+            "--out", str(tmp_path / "out"), "--epochs", "1", "--train-size", "64", "--val-size", "16",
+            "--test-size", "16", "--batch-size", "32", "--eval-steps", "1", "--val-steps", "1",
+            "--eval-attacks", "pgd", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert "crop-flip" in json.dumps(json.load(open(tmp_path / "out" / "results.json"))["args"])
+
+
+@pytest.fixture(scope="module")
+def trained_run(mnist_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("run"))
+    assert l2l.main(["--method", "pgd-at", "--dataset", "mnist", "--data-dir", mnist_dir, "--out", out,
+                     "--overwrite", *TINY, "--epochs", "2"]) == 0
+    return out
+
+
+def test_load_model_round_trip(trained_run, mnist_dir):
+    model = l2l.load_model(os.path.join(trained_run, "best.pt"))
+    assert not model.training
+    res = json.load(open(os.path.join(trained_run, "results.json")))
+    a = l2l.read_npz(os.path.join(mnist_dir, "mnist.npz"))
+    x = l2l.to_float(a["x_test"][:32].permute(0, 3, 1, 2))
+    assert abs(accuracy(model, x, a["y_test"][:32]) - res["clean"]["accuracy"]) < 1e-9
+
+
+def test_eval_only_reproduces_the_training_evaluation(trained_run, mnist_dir, tmp_path):
+    out = str(tmp_path / "ev")
+    assert l2l.main(["--eval-only", os.path.join(trained_run, "best.pt"), "--data-dir", mnist_dir,
+                     "--test-size", "32", "--eval-steps", "2", "--out", out, "--device", "cpu"]) == 0
+    train_res = json.load(open(os.path.join(trained_run, "results.json")))
+    ev = json.load(open(os.path.join(out, "results.json")))
+    for k in ("clean", "fgsm", "pgd", "cw", "worst_case"):
+        assert ev[k]["accuracy"] == train_res[k]["accuracy"], k
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(mnist_dir, tmp_path):
+    argv = ["--method", "trades", "--dataset", "mnist", "--data-dir", mnist_dir, *TINY, "--epochs", "3"]
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    assert l2l.main(argv + ["--out", full]) == 0
+
+    def kill_after_first_epoch(epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        l2l.train(l2l.parse_args(argv + ["--out", cut]), on_epoch_end=kill_after_first_epoch)
+    assert l2l.read_checkpoint(os.path.join(cut, "last.pt"), "x")["epoch"] == 1
+    assert l2l.main(argv + ["--out", cut, "--resume"]) == 0
+    a = torch.load(os.path.join(full, "last.pt"), weights_only=True)
+    b = torch.load(os.path.join(cut, "last.pt"), weights_only=True)
+    assert a["epoch"] == b["epoch"] == 3
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    ra, rb = (json.load(open(os.path.join(d, "results.json"))) for d in (full, cut))
+    assert [h["train_loss"] for h in ra["history"]] == [h["train_loss"] for h in rb["history"]]
+    assert ra["worst_case"] == rb["worst_case"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, exit 2, no traceback, nothing of an earlier run damaged.
+# ------------------------------------------------------------------------------------------------
+
+BAD = {
+    "unknown method": (["--method", "nope"], "unknown --method"),
+    "unknown dataset": (["--dataset", "imagenet"], "unknown --dataset"),
+    "unknown model": (["--model", "resnet9000"], "unknown --model"),
+    "eps zero": (["--eps", "0"], "--eps"),
+    "eps above one": (["--eps", "8"], "--eps"),
+    "eps not a number": (["--eps", "eight"], "eight"),
+    "negative steps": (["--steps", "-1"], "--steps"),
+    "negative eval steps": (["--eval-steps", "-3"], "--eval-steps"),
+    "zero epochs": (["--epochs", "0"], "--epochs"),
+    "zero batch": (["--batch-size", "0"], "--batch-size"),
+    "zero train size": (["--train-size", "0"], "--train-size"),
+    "zero test size": (["--test-size", "0"], "--test-size"),
+    "zero val size": (["--val-size", "0"], "--val-size"),
+    "val too large": (["--val-size", "1000000"], "--val-size"),
+    "unknown eval attack": (["--eval-attacks", "pgd,square"], "--eval-attacks"),
+    "bad schedule": (["--lr-schedule", "cosine"], "--lr-schedule"),
+    "bad wrn depth": (["--model", "wrn", "--depth", "33"], "--depth"),
+    "unknown flag": (["--epoch", "3"], "unrecognized"),
+}
+
+
+def check_one_line_error(code, err, expect):
+    assert code == 2
+    lines = [ln for ln in err.strip().splitlines() if ln]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("l2l.py: error:") and expect in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_flags_get_one_line_and_exit_2(case, mnist_dir, tmp_path, capsys):
+    argv, expect = BAD[case]
+    base = ["--dataset", "mnist", "--data-dir", mnist_dir, "--out", str(tmp_path / "o"), *TINY]
+    try:
+        code = l2l.main(base + argv)
+    except SystemExit as e:  # argparse's own errors (unknown flag, type errors)
+        code = e.code
+    check_one_line_error(code, capsys.readouterr().err, expect)
+    assert not (tmp_path / "o" / "last.pt").exists()
+
+
+def test_bad_input_from_a_real_process_has_no_traceback(tmp_path):
+    r = cli("--eps", "2")
+    check_one_line_error(r.returncode, r.stderr, "--eps")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    r = cli("--eval-only", str(junk))
+    check_one_line_error(r.returncode, r.stderr, "not a readable checkpoint")
+
+
+def test_missing_dataset_offline_names_the_files(tmp_path, monkeypatch, capsys):
+    def offline(name, data_dir):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: <urlopen error [Errno -3]>")
+
+    monkeypatch.setattr(l2l, "_torchvision_arrays", offline)
+    code = l2l.main(["--dataset", "mnist", "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), *TINY])
+    err = capsys.readouterr().err
+    check_one_line_error(code, err, "MNIST/raw")
+    assert "mnist.npz" in err
+
+
+def test_corrupt_cache_is_refused(tmp_path, capsys):
+    (tmp_path / "mnist.npz").write_bytes(b"garbage")
+    code = l2l.main(["--dataset", "mnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o"), *TINY])
+    check_one_line_error(code, capsys.readouterr().err, "delete it to rebuild")
+
+
+def test_cache_with_wrong_shape_is_refused(tmp_path, capsys):
+    write_dataset(str(tmp_path), "cifar10", n_train=40, n_test=8)
+    os.rename(tmp_path / "cifar10.npz", tmp_path / "mnist.npz")
+    code = l2l.main(["--dataset", "mnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o"), *TINY])
+    check_one_line_error(code, capsys.readouterr().err, "expected N x 28 x 28 x 1")
+
+
+@pytest.mark.parametrize("kind", ["missing", "garbage", "foreign"])
+def test_eval_only_refuses_bad_checkpoints(kind, tmp_path, capsys):
+    path = tmp_path / "x.pt"
+    if kind == "garbage":
+        path.write_bytes(b"\x00" * 64)
+    elif kind == "foreign":
+        torch.save({"state_dict": {"w": torch.zeros(1)}}, path)
+    code = l2l.main(["--eval-only", str(path)])
+    check_one_line_error(code, capsys.readouterr().err, str(path))
+
+
+def snapshot(directory):
+    return {f: open(os.path.join(directory, f), "rb").read() for f in sorted(os.listdir(directory))}
+
+
+def test_earlier_run_is_never_damaged(trained_run, mnist_dir, capsys):
+    before = snapshot(trained_run)
+    base = ["--method", "pgd-at", "--dataset", "mnist", "--data-dir", mnist_dir, "--out", trained_run, *TINY]
+    # a new run into the same --out without --overwrite
+    check_one_line_error(l2l.main(base), capsys.readouterr().err, "--overwrite")
+    # --resume with flags that differ from the checkpoint's
+    check_one_line_error(l2l.main(base + ["--epochs", "2", "--lr", "0.5", "--resume"]),
+                         capsys.readouterr().err, "--lr")
+    assert snapshot(trained_run) == before
+
+
+def test_resume_without_checkpoint_and_unwritable_out(tmp_path, mnist_dir, capsys):
+    base = ["--dataset", "mnist", "--data-dir", mnist_dir, *TINY]
+    check_one_line_error(l2l.main(base + ["--out", str(tmp_path / "new"), "--resume"]), capsys.readouterr().err,
+                         "no such file")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    check_one_line_error(l2l.main(base + ["--out", str(blocker / "sub")]), capsys.readouterr().err,
+                         "cannot write to --out")
