@@ -92,7 +92,7 @@ ATTACKS = {
 
 
 def eval_args(**kw):
-    a = dict(eps=EPS, eval_step_size=EPS / 4, eval_steps=5, eval_restarts=2, eval_batch_size=64)
+    a = dict(eps=EPS, eval_step_size=EPS / 4, eval_steps=5, eval_restarts=2, eval_batch_size=64, seed=0)
     a.update(kw)
     return type("A", (), a)()
 
@@ -450,15 +450,21 @@ def test_cache_with_wrong_shape_is_refused(tmp_path, capsys):
     check_one_line_error(code, capsys.readouterr().err, "expected N x 28 x 28 x 1")
 
 
+@pytest.mark.parametrize("flag", ["--eval-only", "--resume"])
 @pytest.mark.parametrize("kind", ["missing", "garbage", "foreign"])
-def test_eval_only_refuses_bad_checkpoints(kind, tmp_path, capsys):
-    path = tmp_path / "x.pt"
+def test_bad_checkpoints_are_refused(flag, kind, mnist_dir, tmp_path, capsys):
+    path = tmp_path / "last.pt"
     if kind == "garbage":
         path.write_bytes(b"\x00" * 64)
     elif kind == "foreign":
         torch.save({"state_dict": {"w": torch.zeros(1)}}, path)
-    code = l2l.main(["--eval-only", str(path)])
+    before = snapshot(tmp_path)
+    if flag == "--eval-only":
+        code = l2l.main(["--eval-only", str(path), "--data-dir", mnist_dir])
+    else:
+        code = l2l.main(["--dataset", "mnist", "--data-dir", mnist_dir, *TINY, "--out", str(tmp_path), "--resume"])
     check_one_line_error(code, capsys.readouterr().err, str(path))
+    assert snapshot(tmp_path) == before
 
 
 def snapshot(directory):
