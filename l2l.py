@@ -106,6 +106,16 @@ METHOD_DEFAULTS = {
                       steps=1, step_size=0.375, attack_bn="train"),
     },
 }
+# L2L (train_l2l_{1,2}_cifar10.py): WRN-34-10, SGD lr 0.1 momentum 0.9 wd 2e-4, x0.1 at 30/60/90, 76 epochs,
+# batch 128, eps 0.031 (run.sh passes it; the project default is 8/255). MNIST has no L2L recipe in the
+# sources: the TRADES MNIST optimiser is this project's choice.
+for _name in ("l2l-naive", "l2l-grad", "l2l-2step"):
+    METHOD_DEFAULTS[_name] = {
+        "cifar": dict(model="wrn", epochs=76, lr=0.1, weight_decay=2e-4, lr_schedule="multistep",
+                      lr_milestones="30,60,90", steps=0, step_size=0.0),
+        "mnist": dict(model="smallcnn", epochs=100, lr=0.01, weight_decay=0.0, lr_schedule="multistep",
+                      lr_milestones="55,75,90", steps=0, step_size=0.0),
+    }
 
 # Defaults shared by every method unless its table above says otherwise.
 COMMON_DEFAULTS = dict(batch_size=128, momentum=0.9, beta=6.0, attack_bn="eval", lr_milestones="")
@@ -182,6 +192,19 @@ def build_parser() -> argparse.ArgumentParser:
     atk.add_argument("--attack-bn", default=None, choices=("eval", "train"),
                      help="BN mode while the training attack runs (default: as the method's official code)")
 
+    l2l = p.add_argument_group("L2L learned attacker (l2l-naive, l2l-grad, l2l-2step)")
+    l2l.add_argument("--l2l-attacker", default="slim", choices=("slim", "wide"),
+                     help="slim: the poster's architecture; wide: the released scripts' WideAttacker")
+    l2l.add_argument("--l2l-width", type=int, default=128,
+                     help="attacker channels (slim: W, 2W, W; wide: W/2 .. 2W); 128 is the paper's")
+    l2l.add_argument("--l2l-steps", type=int, default=2, help="l2l-2step: attacker applications K")
+    l2l.add_argument("--l2l-step-size", type=parse_number, default=None,
+                     help="l2l-2step: scale each step by STEP/eps (adv_loss.py's k-step variant, 0.007); "
+                          "default: unscaled steps (the poster's 2-step L2L)")
+    l2l.add_argument("--attacker-steps", type=int, default=1, help="attacker updates per classifier update")
+    l2l.add_argument("--attacker-lr", type=float, default=1e-3, help="Adam learning rate of the attacker")
+    l2l.add_argument("--attacker-wd", type=float, default=2e-4, help="Adam weight decay of the attacker")
+
     ev = p.add_argument_group("evaluation")
     ev.add_argument("--eval-attacks", default="fgsm,pgd,cw", help=f"comma list from: {', '.join(EVAL_ATTACKS)}")
     ev.add_argument("--eval-steps", type=int, default=None, help="PGD/CW steps (default: 20, MNIST 40)")
@@ -257,6 +280,17 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if unknown or not names:
         raise UsageError(f"unknown --eval-attacks '{','.join(unknown)}'; choose from: {', '.join(EVAL_ATTACKS)}")
     args.eval_attacks = ",".join(names)
+    if "l2l" in names and args.method not in L2L_VARIANTS:
+        raise UsageError(f"--eval-attacks l2l needs a learned L2L attacker, and --method {args.method} has none; "
+                         f"drop it or evaluate an l2l-* checkpoint")
+    for name in ("l2l_steps", "attacker_steps", "l2l_width"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} is below 1; use 1 or more")
+    for name in ("attacker_lr", "attacker_wd"):
+        if not (getattr(args, name) >= 0 and math.isfinite(getattr(args, name))):
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} must be a finite number >= 0")
+    if args.l2l_step_size is not None and not args.l2l_step_size > 0:
+        raise UsageError(f"--l2l-step-size {args.l2l_step_size} must be positive")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but torch sees no CUDA device; use --device cpu or auto")
     if args.out is None:
@@ -732,10 +766,110 @@ class model_mode:
 
 
 # ================================================================================================
-# Learned attackers. The L2L attacker networks (Jiang et al.) and the RNN optimiser (Xiong & Hsieh)
-# live here; each registers its trainers in METHODS (with a `setup` that builds the attacker and its
-# optimiser, saved in checkpoints as extras) and its evaluation attack in EVAL_ATTACKS.
+# Learned attackers. Each registers its trainers in METHODS (with a `setup` that builds the attacker
+# and its optimiser, saved in checkpoints as extras) and its evaluation attack in EVAL_ATTACKS.
+#
+# L2L (Jiang et al., "Learning to Defend by Learning to Attack"): a CNN g(A; phi) maps the attacker
+# input A to a perturbation eps * tanh(.), so ||delta||_inf <= eps holds by construction.
+#   naive:  A = x
+#   grad:   A = [x, grad_x CE(f(x), y) / max|grad|]   (one scalar max over the whole batch; detached)
+#   K-step: the grad attacker applied K times with shared phi, total projected onto the eps-ball.
+# Architectures and details follow the poster and the official code (attacker.py, adv_loss.py).
 # ================================================================================================
+
+
+class GenBlock(nn.Module):
+    """The official code's SNGAN-style residual block: BN(no affine)-PReLU-conv3x3-BN(no affine)-PReLU-
+    conv3x3, plus a learnable 1x1 shortcut when the width changes. Xavier-uniform init, gain sqrt 2
+    on the 3x3 convs and 1 on the shortcut (as attacker.py)."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.body = nn.Sequential(nn.BatchNorm2d(c_in, affine=False), nn.PReLU(), nn.Conv2d(c_in, c_out, 3, 1, 1),
+                                  nn.BatchNorm2d(c_out, affine=False), nn.PReLU(), nn.Conv2d(c_out, c_out, 3, 1, 1))
+        self.shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        for conv in (self.body[2], self.body[5]):
+            nn.init.xavier_uniform_(conv.weight, math.sqrt(2))
+        if c_in != c_out:
+            nn.init.xavier_uniform_(self.shortcut.weight, 1.0)
+
+    def forward(self, x):
+        return self.body(x) + self.shortcut(x)
+
+
+class SlimAttacker(nn.Module):
+    """The poster's "Attacker Architectures" table (attacker.py's SlimAttacker): conv3x3/128 stride 2
+    (BN eps 1e-3, ReLU); GenBlocks 128->256->128; BN; deconv 4x4/16 stride 2 (BN, ReLU); conv3x3 on
+    [deconv output, attacker input] to the image channels; delta = eps * tanh(s * out), s learnable
+    from 5. Stride 2 in the first conv is the only reading under which 32x32 stays 32x32 (PAPERS.md).
+    `width` (128 in the paper) sets the channels: width, 2 width, width."""
+
+    def __init__(self, in_ch, out_ch, eps, width=128):
+        super().__init__()
+        self.eps = eps
+        w = width
+        self.down = nn.Sequential(nn.Conv2d(in_ch, w, 3, 2, 1, bias=False), nn.BatchNorm2d(w, eps=1e-3), nn.ReLU())
+        self.blocks = nn.Sequential(GenBlock(w, 2 * w), GenBlock(2 * w, w), nn.BatchNorm2d(w, affine=False))
+        self.up = nn.Sequential(nn.ConvTranspose2d(w, 16, 4, 2, 1, bias=False), nn.BatchNorm2d(16, eps=1e-3), nn.ReLU())
+        self.out = nn.Conv2d(16 + in_ch, out_ch, 3, 1, 1, bias=False)
+        self.scale = nn.Parameter(torch.tensor(5.0))
+
+    def forward(self, a):
+        h = self.up(self.blocks(self.down(a)))
+        return self.eps * torch.tanh(self.scale * self.out(torch.cat([h, a], 1)))
+
+
+class WideAttacker(nn.Module):
+    """The released training scripts' attacker (attacker.py's WideAttacker), no down/up-sampling:
+    conv3x3/64 (BN, ReLU); GenBlocks 64->128->256->128->64; BN; conv3x3 to the image channels;
+    delta = eps * tanh(out). `width` 128 gives the released channels (64, 128, 256, 128, 64)."""
+
+    def __init__(self, in_ch, out_ch, eps, width=128):
+        super().__init__()
+        self.eps = eps
+        b = max(1, width // 2)
+        self.net = nn.Sequential(
+            nn.Conv2d(in_ch, b, 3, 1, 1, bias=False), nn.BatchNorm2d(b, eps=1e-3), nn.ReLU(),
+            GenBlock(b, 2 * b), GenBlock(2 * b, 4 * b), GenBlock(4 * b, 2 * b), GenBlock(2 * b, b),
+            nn.BatchNorm2d(b, affine=False), nn.Conv2d(b, out_ch, 3, 1, 1))
+
+    def forward(self, a):
+        return self.eps * torch.tanh(self.net(a))
+
+
+def l2l_attacker_input(model, x, y, use_grad: bool) -> torch.Tensor:
+    """A(x, y, theta) of L2L (poster, Table "variants"; adv_loss.py): x for naive L2L; for the gradient
+    variants [x, g / max|g|] with g = grad_x CE(f(x), y) and max over the whole batch (one scalar),
+    concatenated along channels and detached: no second-order terms reach theta or phi.
+    The classifier runs in whatever mode the caller set (train mode in the classifier step, so this
+    pass updates BN statistics as in the official code)."""
+    if not use_grad:
+        return x
+    g = input_grad(model, x, y)
+    return torch.cat([x, g / g.abs().amax().clamp_min(1e-12)], 1).detach()
+
+
+def l2l_perturb(attacker, model, x, y, eps, variant: str, steps: int = 1, step_size: Optional[float] = None):
+    """x_adv = clamp(x + delta, 0, 1) with delta from the L2L attacker (Jiang et al., poster table "L2L variants"):
+      naive:  delta = g(x; phi)
+      grad:   delta = g([x, g_hat(x)]; phi)
+      multi:  delta^1 = s g([x, g_hat(x)]);  for k = 2..K:  x^k = clamp(x + delta^{k-1}, 0, 1),
+              delta^k = Pi_eps(delta^{k-1} + s g([x^k, g_hat(x^k)]))
+    with s = 1 (the poster's 2-step L2L for K = 2) or s = step_size / eps (adv_loss.py's k-step variant).
+    As in adv_loss.py, x^k keeps its graph, so phi's gradient also flows through the earlier steps,
+    while each normalised gradient g_hat is a constant."""
+    if variant == "naive":
+        delta = attacker(x)
+    else:
+        delta = attacker(l2l_attacker_input(model, x, y, True))
+        scale = 1.0 if step_size is None else step_size / eps
+        delta = scale * delta
+        for _ in range(steps - 1 if variant == "multi" else 0):
+            x_k = (x + delta).clamp(0, 1)
+            g = input_grad(model, x_k, y)
+            a = torch.cat([x_k, g / g.abs().amax().clamp_min(1e-12)], 1)  # x_k keeps its graph, g_hat does not
+            delta = (delta + scale * attacker(a)).clamp(-eps, eps)  # Pi_B(eps)
+    return (x + delta).clamp(0, 1)
 
 
 # ================================================================================================
@@ -813,6 +947,55 @@ def train_fast_at(run: Run, x, y):
     return loss.detach(), (logits.argmax(1) == y).sum()
 
 
+L2L_VARIANTS = {"l2l-naive": "naive", "l2l-grad": "grad", "l2l-2step": "multi"}
+
+
+def setup_l2l(args, model, device) -> dict:
+    """The L2L attacker g(.; phi) and its optimiser: Adam, lr 1e-3, weight decay 2e-4 (official code).
+    Input channels: the image's for naive L2L, twice that (image and gradient) for the others."""
+    c = DATASETS[args.dataset]["shape"][0]
+    in_ch = c if L2L_VARIANTS[args.method] == "naive" else 2 * c
+    attacker = {"slim": SlimAttacker, "wide": WideAttacker}[args.l2l_attacker](in_ch, c, args.eps, args.l2l_width)
+    attacker = attacker.to(device)
+    optimizer = torch.optim.Adam(attacker.parameters(), lr=args.attacker_lr, weight_decay=args.attacker_wd)
+    return {"attacker": attacker, "attacker_opt": optimizer}
+
+
+def l2l_attack(run_args, attacker, model, x, y):
+    return l2l_perturb(attacker, model, x, y, run_args.eps, L2L_VARIANTS[run_args.method], run_args.l2l_steps,
+                       run_args.l2l_step_size)
+
+
+def train_l2l(run: Run, x, y):
+    """L2L (Jiang et al.: min_theta max_phi sum_i CE(f(x_i + g(A(x_i, y_i, theta); phi); theta), y_i)), one
+    minibatch in the order of train_l2l_{1,2}_cifar10.py:
+    1. classifier step: f in train mode, attacker in eval mode; x_adv from the attacker (its gradient
+       feature computed in train mode, updating BN statistics, as the official code does); one SGD step
+       on CE(f(x_adv), y), batch mean, no clean term;
+    2. --attacker-steps times: f in eval mode and frozen, attacker in train mode; x_adv recomputed with the
+       updated theta; one Adam step on phi ascending CE(f(x_adv), y). The gradient is taken w.r.t. phi
+       only, so theta's .grad is never touched (the code zeroes it instead)."""
+    a, model = run.args, run.model
+    attacker, attacker_opt = run.extras["attacker"], run.extras["attacker_opt"]
+    model.train()  # step 1
+    attacker.eval()
+    with torch.no_grad():  # phi receives nothing from the classifier step
+        x_adv = l2l_attack(a, attacker, model, x, y)
+    logits = model(x_adv)
+    loss = F.cross_entropy(logits, y)
+    sgd_update(run, loss)
+    model.eval()  # step 2
+    attacker.train()
+    params = list(attacker.parameters())
+    for _ in range(a.attacker_steps):
+        attacker_loss = -F.cross_entropy(model(l2l_attack(a, attacker, model, x, y)), y)
+        for p, g in zip(params, torch.autograd.grad(attacker_loss, params)):
+            p.grad = g
+        attacker_opt.step()
+    model.train()
+    return loss.detach(), (logits.argmax(1) == y).sum()
+
+
 @dataclass
 class Method:
     train_step: Callable
@@ -826,6 +1009,9 @@ METHODS: Dict[str, Method] = {
     "pgd-at": Method(train_pgd_at, "Madry et al. 2018, eq. 2.1"),
     "trades": Method(train_trades, "Zhang et al. 2019, Algorithm 1"),
     "fast-at": Method(train_fast_at, "Wong et al. 2020, Algorithm 3"),
+    "l2l-naive": Method(train_l2l, "Jiang et al. 2021, naive L2L", setup_l2l),
+    "l2l-grad": Method(train_l2l, "Jiang et al. 2021, gradient L2L", setup_l2l),
+    "l2l-2step": Method(train_l2l, "Jiang et al. 2021, multi-step gradient L2L", setup_l2l),
 }
 
 
@@ -851,7 +1037,18 @@ EVAL_ATTACKS: Dict[str, EvalAttack] = {
     "cw": EvalAttack(lambda m, x, y, a, e: pgd(m, x, y, a.eps, a.eval_step_size, a.eval_steps, a.eval_restarts, "cw"),
                      lambda a: dict(loss="cw margin (PGD under l_inf, not CW-L2)", steps=a.eval_steps,
                                     step_size=a.eval_step_size, restarts=a.eval_restarts, random_start=True)),
+    # The learned L2L attacker of the checkpoint, in eval mode, against its own classifier.
+    "l2l": EvalAttack(lambda m, x, y, a, e: eval_learned_l2l(m, x, y, a, e),
+                      lambda a: dict(loss="ce (learned L2L attacker)", steps=a.l2l_steps
+                                     if L2L_VARIANTS.get(a.method) == "multi" else 1,
+                                     step_size=a.eps, restarts=1, random_start=False)),
 }
+
+
+def eval_learned_l2l(model, x, y, args, extras):
+    attacker = extras["attacker"]
+    with model_mode(attacker, "eval"), torch.no_grad():
+        return l2l_attack(args, attacker, model, x, y)
 
 
 def evaluate(model, x_uint8, y, args, attacks, extras=None) -> dict:
@@ -939,7 +1136,8 @@ def lr_at(args, it: int, iters_per_epoch: int) -> float:
 # Flags that define a training run: --resume refuses a checkpoint whose values differ.
 TRAINING_KEYS = ("method", "dataset", "model", "depth", "width", "train_size", "val_size", "augment", "epochs",
                  "batch_size", "lr", "momentum", "weight_decay", "lr_schedule", "lr_milestones", "eps",
-                 "step_size", "steps", "beta", "attack_bn", "seed", "val_steps")
+                 "step_size", "steps", "beta", "attack_bn", "seed", "val_steps", "l2l_attacker", "l2l_width", "l2l_steps",
+                 "l2l_step_size", "attacker_steps", "attacker_lr", "attacker_wd")
 
 
 def atomic_save(obj, path: str) -> None:
@@ -1039,6 +1237,9 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
     print(f"  eps {fmt_eps(args.eps)}, steps {args.steps}, step {fmt_eps(args.step_size)}, attack BN {args.attack_bn}, "
           f"epochs {args.epochs}, batch {args.batch_size}, lr {args.lr} ({args.lr_schedule}), "
           f"wd {args.weight_decay}, seed {args.seed}")
+    for name, extra in run.extras.items():
+        if isinstance(extra, nn.Module):
+            print(f"  {name}: {type(extra).__name__}, {sum(p.numel() for p in extra.parameters()):,} parameters")
     iters = max(1, data.x_train.shape[0] // min(args.batch_size, data.x_train.shape[0]))
     for epoch in range(start_epoch, args.epochs):
         t0 = time.time()

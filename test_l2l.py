@@ -92,7 +92,8 @@ ATTACKS = {
 
 
 def eval_args(**kw):
-    a = dict(eps=EPS, eval_step_size=EPS / 4, eval_steps=5, eval_restarts=2, eval_batch_size=64, seed=0)
+    a = dict(eps=EPS, eval_step_size=EPS / 4, eval_steps=5, eval_restarts=2, eval_batch_size=64, seed=0,
+             method="l2l-2step", l2l_steps=2, l2l_step_size=None)
     a.update(kw)
     return type("A", (), a)()
 
@@ -103,7 +104,8 @@ def test_every_attack_stays_in_eps_ball_and_image_box(toy, name):
     for p in model.parameters():
         p.grad = None
     if name.startswith("eval:"):
-        x_adv = l2l.EVAL_ATTACKS[name[5:]].run(model, x, y, eval_args(), {})
+        extras = l2l_run("l2l-2step").extras if name == "eval:l2l" else {}  # a learned attack needs its network
+        x_adv = l2l.EVAL_ATTACKS[name[5:]].run(model, x, y, eval_args(), extras)
     else:
         x_adv = ATTACKS[name](model, x, y)
     assert x_adv.shape == x.shape and not x_adv.requires_grad
@@ -187,7 +189,7 @@ def test_model_mode_restores_previous_mode(toy):
 @pytest.mark.parametrize("method", list(l2l.METHODS))
 def test_each_trainer_lowers_its_loss(method):
     args = l2l.parse_args(["--method", method, "--dataset", "mnist", "--eps", "0.1", "--steps", "3",
-                           "--step-size", "0.04", "--lr", "0.02", "--device", "cpu"])
+                           "--step-size", "0.04", "--lr", "0.02", "--device", "cpu", "--l2l-width", "16"])
     if method == "fast-at":
         args.step_size = 0.125
     torch.manual_seed(0)
@@ -283,7 +285,7 @@ def test_wrn_34_10_has_the_published_size():
 # ------------------------------------------------------------------------------------------------
 
 TINY = ["--epochs", "1", "--train-size", "96", "--val-size", "32", "--test-size", "32", "--batch-size", "32",
-        "--steps", "2", "--eval-steps", "2", "--val-steps", "2", "--device", "cpu"]
+        "--steps", "2", "--eval-steps", "2", "--val-steps", "2", "--device", "cpu", "--l2l-width", "16"]
 
 
 def cli(*argv):
@@ -490,3 +492,145 @@ def test_resume_without_checkpoint_and_unwritable_out(tmp_path, mnist_dir, capsy
     blocker.write_text("x")
     check_one_line_error(l2l.main(base + ["--out", str(blocker / "sub")]), capsys.readouterr().err,
                          "cannot write to --out")
+
+
+# ------------------------------------------------------------------------------------------------
+# L2L: learned CNN attacker (Jiang et al.)
+# ------------------------------------------------------------------------------------------------
+
+L2L_CASES = [("l2l-naive", "slim", None), ("l2l-grad", "slim", None), ("l2l-2step", "slim", None),
+             ("l2l-2step", "wide", None), ("l2l-2step", "slim", "0.05")]
+
+
+def l2l_run(method, arch="slim", step=None, model=None, steps=2, lr="0.02"):
+    argv = ["--method", method, "--dataset", "mnist", "--eps", "0.1", "--l2l-attacker", arch, "--l2l-width", "16",
+            "--l2l-steps", str(steps), "--lr", lr, "--device", "cpu"] + (["--l2l-step-size", step] if step else [])
+    args = l2l.parse_args(argv)
+    torch.manual_seed(0)
+    run = l2l.build_run(args, CPU)
+    if model is not None:
+        run.model = model
+        run.optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    return run
+
+
+@pytest.mark.parametrize("method,arch,step", L2L_CASES)
+def test_l2l_attacker_output_obeys_the_constraints(toy, method, arch, step):
+    model, x, y = toy
+    run = l2l_run(method, arch, step, steps=3)
+    attacker = run.extras["attacker"]
+    for mode in ("train", "eval"):
+        with l2l.model_mode(attacker, mode):
+            x_adv = l2l.l2l_attack(run.args, attacker, model, x, y)
+        assert (x_adv - x).abs().max() <= 0.1 + 1e-6
+        assert x_adv.min() >= 0 and x_adv.max() <= 1 and (x_adv != x).any()
+
+
+def test_l2l_gradient_feature_is_detached_and_scaled(toy):
+    model, x, y = toy
+    a = l2l.l2l_attacker_input(model, x, y, True)
+    assert a.shape == (x.shape[0], 2, 28, 28) and not a.requires_grad
+    assert torch.equal(a[:, :1], x)
+    g = l2l.input_grad(model, x, y)
+    assert torch.allclose(a[:, 1:], g / g.abs().max())  # one scalar over the whole batch
+    assert a[:, 1:].abs().max() == 1.0
+    assert torch.equal(l2l.l2l_attacker_input(model, x, y, False), x)
+
+
+class ConstantAttacker(nn.Module):
+    """Always outputs +eps: without the projection K steps would add up to K eps."""
+
+    def __init__(self, eps):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, a):
+        return torch.full_like(a[:, :1], self.eps)
+
+
+@pytest.mark.parametrize("steps", [2, 3])
+def test_l2l_multi_step_total_is_projected(toy, steps):
+    model, x, y = toy
+    x = x * 0.5  # room above every pixel, so the image box does not hide a missing eps projection
+    x_adv = l2l.l2l_perturb(ConstantAttacker(0.1), model, x, y, 0.1, "multi", steps)
+    assert torch.allclose(x_adv - x, torch.full_like(x, 0.1))
+
+
+def test_l2l_gradients_reach_phi_in_its_step_and_theta_in_its_own(toy):
+    """Records every .grad at the moment each optimiser steps."""
+    _, x, y = toy
+    run = l2l_run("l2l-2step")
+    theta, phi = list(run.model.parameters()), list(run.extras["attacker"].parameters())
+    seen = {}
+
+    def spy(name, opt, own, other):
+        original = opt.step
+
+        def step(*a, **k):
+            seen[name] = ([None if p.grad is None else p.grad.clone() for p in own],
+                          [None if p.grad is None else p.grad.clone() for p in other])
+            return original(*a, **k)
+        opt.step = step
+
+    spy("theta", run.optimizer, theta, phi)
+    spy("phi", run.extras["attacker_opt"], phi, theta)
+    run.model.train()
+    l2l.train_l2l(run, x[:32], y[:32])
+    own, other = seen["theta"]
+    assert all(g is not None for g in own) and any(g.abs().sum() > 0 for g in own)
+    assert all(g is None for g in other), "the classifier step must leave phi without gradient"
+    own, other = seen["phi"]
+    assert all(g is not None for g in own) and any(g.abs().sum() > 0 for g in own)
+    # theta's .grad is whatever the classifier step left: the attacker step adds nothing to it
+    assert all(torch.equal(a, b) for a, b in zip(other, seen["theta"][0]))
+
+
+def test_one_attacker_step_raises_the_classifier_loss(toy):
+    _, x, y = toy
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(100):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    for variant in ("l2l-naive", "l2l-grad", "l2l-2step"):
+        run = l2l_run(variant, model=model)  # classifier lr 0: only phi moves
+        attacker = run.extras["attacker"]
+
+        def loss():
+            with l2l.model_mode(attacker, "train"), torch.no_grad():
+                return F.cross_entropy(model(l2l.l2l_attack(run.args, attacker, model, x, y)), y).item()
+
+        before = loss()
+        l2l.train_l2l(run, x, y)
+        after = loss()
+        assert after > before, f"{variant}: attacker step lowered the loss {before:.4f} -> {after:.4f}"
+
+
+def test_l2l_eval_attack_needs_an_l2l_checkpoint(mnist_dir, tmp_path, capsys):
+    code = l2l.main(["--method", "pgd-at", "--dataset", "mnist", "--data-dir", mnist_dir, *TINY,
+                     "--eval-attacks", "pgd,l2l", "--out", str(tmp_path)])
+    check_one_line_error(code, capsys.readouterr().err, "l2l")
+
+
+def test_l2l_checkpoint_round_trip_restores_both_networks(mnist_dir, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    argv = ["--method", "l2l-2step", "--dataset", "mnist", "--data-dir", mnist_dir, *TINY,
+            "--eval-attacks", "fgsm,l2l"]
+    assert l2l.main(argv + ["--out", out]) == 0
+    printed = capsys.readouterr().out
+    assert "attacker: SlimAttacker" in printed and "parameters" in printed
+    ckpt = l2l.read_checkpoint(os.path.join(out, "best.pt"), "x")
+    run = l2l.build_run(l2l.parse_args(argv), CPU)
+    l2l.restore(run, ckpt)
+    saved = ckpt["extras"]["attacker"]
+    assert all(torch.equal(v, saved[k]) for k, v in run.extras["attacker"].state_dict().items())
+    assert run.extras["attacker_opt"].state_dict()["state"], "Adam moments were not restored"
+    # evaluating the checkpoint again gives the learned attacker's training-time number exactly
+    ev = str(tmp_path / "ev")
+    assert l2l.main(["--eval-only", os.path.join(out, "best.pt"), "--data-dir", mnist_dir, "--test-size", "32",
+                     "--eval-attacks", "fgsm,l2l", "--out", ev]) == 0
+    a, b = (json.load(open(os.path.join(d, "results.json"))) for d in (out, ev))
+    assert a["l2l"]["accuracy"] == b["l2l"]["accuracy"] and a["fgsm"]["accuracy"] == b["fgsm"]["accuracy"]
+    assert a["l2l"]["steps"] == 2
