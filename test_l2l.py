@@ -634,3 +634,22 @@ def test_l2l_checkpoint_round_trip_restores_both_networks(mnist_dir, tmp_path, c
     a, b = (json.load(open(os.path.join(d, "results.json"))) for d in (out, ev))
     assert a["l2l"]["accuracy"] == b["l2l"]["accuracy"] and a["fgsm"]["accuracy"] == b["fgsm"]["accuracy"]
     assert a["l2l"]["steps"] == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# run.sh: every recipe is a valid command line for l2l.py
+# ------------------------------------------------------------------------------------------------
+
+
+def test_every_run_sh_recipe_parses():
+    names = [ln.split()[0] for ln in subprocess.run(["bash", os.path.join(HERE, "run.sh"), "list"], capture_output=True,
+                                                     text=True, check=True).stdout.splitlines()]
+    assert {"pgd-at-cifar10", "trades-cifar10", "fast-at-cifar10", "l2l-2step-cifar10"} <= set(names)
+    for name in names:
+        r = subprocess.run(["bash", os.path.join(HERE, "run.sh"), name], capture_output=True, text=True,
+                           env={**os.environ, "PYTHON": "echo"}, check=True)
+        argv = r.stdout.split()[1:]  # drop "l2l.py"
+        args = l2l.parse_args(argv)
+        assert args.out == f"runs/{name}"
+    r = subprocess.run(["bash", os.path.join(HERE, "run.sh"), "no-such-recipe"], capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown recipe" in r.stderr
