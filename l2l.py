@@ -106,6 +106,16 @@ METHOD_DEFAULTS = {
                       steps=1, step_size=0.375, attack_bn="train"),
     },
 }
+# Fast-BAT Table 1 (OPTML-Group/Fast-BAT): PreActResNet-18, 20 epochs, cyclic lr 0 -> 0.2 -> 0, wd 5e-4,
+# batch 128, every pass in train mode. Fast-AT-GA: FGSM from zero with step 1.25 eps plus GradAlign.
+# MNIST: as fast-at's MNIST recipe (this project's choice).
+for _name in ("fast-bat", "fast-at-ga"):
+    METHOD_DEFAULTS[_name] = {
+        "cifar": dict(model="preactresnet18", epochs=20, lr=0.2, weight_decay=5e-4, lr_schedule="cyclic",
+                      steps=1, step_size=0.0, attack_bn="train"),
+        "mnist": dict(model="smallcnn", epochs=10, lr=0.05, weight_decay=0.0, lr_schedule="cyclic",
+                      steps=1, step_size=0.0, attack_bn="train"),
+    }
 # L2L (train_l2l_{1,2}_cifar10.py): WRN-34-10, SGD lr 0.1 momentum 0.9 wd 2e-4, x0.1 at 30/60/90, 76 epochs,
 # batch 128, eps 0.031 (run.sh passes it; the project default is 8/255). MNIST has no L2L recipe in the
 # sources: the TRADES MNIST optimiser is this project's choice.
@@ -192,6 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
     atk.add_argument("--attack-bn", default=None, choices=("eval", "train"),
                      help="BN mode while the training attack runs (default: as the method's official code)")
 
+    bat = p.add_argument_group("Fast-BAT and GradAlign")
+    bat.add_argument("--bat-a", type=parse_number, default=None,
+                     help="Fast-BAT lower-level step a (default: 5000/255 for eps <= 8/255, else 2000/255)")
+    bat.add_argument("--bat-lambda", type=float, default=10.0, help="Fast-BAT lambda of the implicit gradient")
+    bat.add_argument("--bat-ig-ratio", type=float, default=1.0,
+                     help="alpha2 / alpha1 of eq. 14 (1 = one learning rate, as the code)")
+    bat.add_argument("--ga-gamma", type=float, default=None, help="GradAlign weight (default: by eps, GradAlign's table)")
+
     l2l = p.add_argument_group("L2L learned attacker (l2l-naive, l2l-grad, l2l-2step)")
     l2l.add_argument("--l2l-attacker", default="slim", choices=("slim", "wide"),
                      help="slim: the poster's architecture; wide: the released scripts' WideAttacker")
@@ -236,11 +254,20 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.step_size is None:
         # Step sizes of eps-relative recipes scale with eps (Fast-AT 1.25 eps) when eps is overridden.
         step = recipe.get("step_size", 0.0)
-        if args.method == "fast-at":
+        if args.method in ("fast-at", "fast-at-ga"):
             step = 1.25 * args.eps
         args.step_size = step
     if args.augment is None:
         args.augment = spec["augment"]
+    if args.bat_a is None:
+        args.bat_a = fast_bat_step_size(args.eps)
+    if args.ga_gamma is None:
+        args.ga_gamma = gradalign_gamma(args.eps)
+    for name in ("bat_a", "bat_lambda", "ga_gamma", "bat_ig_ratio"):
+        value = getattr(args, name)
+        if not (value >= 0 and math.isfinite(value)) or (name in ("bat_a", "bat_lambda") and value == 0):
+            raise UsageError(f"--{name.replace('_', '-')} {value} must be a finite number"
+                             f"{' > 0' if name in ('bat_a', 'bat_lambda') else ' >= 0'}")
     if args.eval_steps is None:
         args.eval_steps = spec["eval_steps"]
     if args.eval_step_size is None:
@@ -947,6 +974,96 @@ def train_fast_at(run: Run, x, y):
     return loss.detach(), (logits.argmax(1) == y).sum()
 
 
+def fast_bat_step_size(eps: float) -> float:
+    """The lower-level step a of the official train.py: 5000/255 for eps <= 8/255, else 2000/255."""
+    return 5000 / 255 if eps <= 8 / 255 + 1e-9 else 2000 / 255
+
+
+def box_bounds(x: torch.Tensor, eps: float):
+    """C in coordinates: p <= delta <= q with p = max(-eps, -x), q = min(eps, 1 - x)."""
+    return torch.clamp(-x, min=-eps), torch.clamp(1 - x, max=eps)
+
+
+def fast_bat_backward(model, x, y, eps, a, lam, ig_ratio=1.0, tol=1e-7) -> dict:
+    """Fast-BAT (Zhang et al. 2022), the gradient of one upper-level step, left in the parameters' .grad:
+        g_theta = grad_theta l_tr(theta, delta*) + ig_ratio * (1/lam) grad_theta < grad_delta l(theta; z), sg(H_C grad_delta l_tr(delta*)) >
+    i.e. eq. (14) with the implicit gradient of eq. (13) under l_atk = -l_tr, ig_ratio = alpha2 / alpha1.
+    Steps, as the official trainer.py (mode fast_bat) numbers them:
+      1. delta0 = Pi_C(U(-eps, eps))                              (random start)
+      2. z = Pi_C(delta0 + a grad_delta sum CE(x + delta0)), detached (linearisation point; non-sign step)
+      3. delta* = Pi_C(z + a sg(grad_delta sum CE(x + z)))       (eq. 9, lower-level closed form, lambda_low = 1/a)
+         the gradient at z is built with create_graph for step 7
+      4. a = 5000/255 (eps <= 8/255) else 2000/255               (fast_bat_step_size; a flag)
+      5. H = 1 where p + tol < delta* < q - tol                   (the inactive constraints of C)
+      6. v = H * grad_delta sum CE(x + delta*) / lam, theta frozen (outer gradient w.r.t. delta)
+      7. implicit term: backprop sum_i <grad_delta CE_i(z), v_i> / B to theta (double backprop, no Hessian)
+      8. standard term: backprop sum CE(x + delta*) / B; .grad holds both terms.
+    Losses are sum-reduced wherever a per-example input gradient is taken (the code's reduction), so a
+    and lam mean the same at every batch size. The mixed derivative is taken at z, where the closed form
+    of step 3 is differentiated (PAPERS.md 3.3). The model's mode is the caller's (train in the code)."""
+    p, q = box_bounds(x, eps)
+    delta0 = (torch.empty_like(x).uniform_(-eps, eps)).clamp(p, q)  # step 1
+    z = (delta0 + a * input_grad(model, x + delta0, y)).clamp(-eps, eps).clamp(p, q).detach()  # step 2
+    z_var = z.clone().requires_grad_(True)
+    grad_z = torch.autograd.grad(F.cross_entropy(model(x + z_var), y, reduction="sum"), z_var,
+                                 create_graph=True)[0]  # step 3: kept for the double backprop of step 7
+    delta = (z + a * grad_z.detach()).clamp(-eps, eps).clamp(p, q)
+    mask = ((delta > p + tol) & (delta < q - tol)).to(x.dtype)  # step 5
+    v = mask * input_grad(model, x + delta, y) / lam  # step 6 (input_grad leaves theta's .grad alone)
+    n = x.shape[0]
+    for param in model.parameters():
+        param.grad = None
+    ((grad_z * v).sum() * (ig_ratio / n)).backward()  # step 7
+    logits = model(x + delta)
+    loss = F.cross_entropy(logits, y, reduction="sum") / n  # step 8
+    loss.backward()  # accumulates onto the implicit term, before the optimiser applies momentum and decay
+    return {"loss": loss.detach(), "logits": logits.detach(), "z": z, "delta": delta, "mask": mask}
+
+def train_fast_bat(run: Run, x, y):
+    """Fast-BAT (Zhang et al. 2022, eq. 14): one SGD step on the gradient of fast_bat_backward, BN in
+    train mode for every pass (--attack-bn, as the official code); lr = alpha1, alpha2 = --bat-ig-ratio * alpha1."""
+    a = run.args
+    with model_mode(run.model, a.attack_bn):
+        out = fast_bat_backward(run.model, x, y, a.eps, a.bat_a, a.bat_lambda, a.bat_ig_ratio)
+    run.optimizer.step()
+    return out["loss"], (out["logits"].argmax(1) == y).sum()
+
+
+# GradAlign's gamma by eps (in /255), from the GradAlign README as the Fast-BAT code copies it.
+GRADALIGN_GAMMA = {2: 0.036, 4: 0.063, 6: 0.112, 8: 0.200, 10: 0.356, 12: 0.632, 14: 1.124, 16: 2.000}
+
+
+def gradalign_gamma(eps: float) -> float:
+    """gamma for eps: the table's value, log-linear between its entries; outside 2/255..16/255 the nearest
+    end (a choice: MNIST's 0.3 gets 2.0; set --ga-gamma to choose)."""
+    k = min(max(eps * 255, 2.0), 16.0)
+    lo = max(e for e in GRADALIGN_GAMMA if e <= k)
+    hi = min(e for e in GRADALIGN_GAMMA if e >= k)
+    if lo == hi:
+        return GRADALIGN_GAMMA[lo]
+    t = (k - lo) / (hi - lo)
+    return math.exp((1 - t) * math.log(GRADALIGN_GAMMA[lo]) + t * math.log(GRADALIGN_GAMMA[hi]))
+
+
+def train_fast_at_ga(run: Run, x, y):
+    """Fast-AT with GradAlign (Andriushchenko & Flammarion, NeurIPS 2020), as the Fast-BAT code's fast_at_ga:
+    1. x_adv = FGSM from x (zero init), step --step-size (1.25 eps), BN in train mode;
+    2. g1 = grad_x CE(f(x), y), a constant; g2 = grad_x CE(f(x + eta), y), eta ~ U(-eps, eps), with its graph
+       (the probe x + eta is not clamped to [0,1], as in the GradAlign code: it is a gradient probe, not an attack);
+    3. loss = CE(f(x_adv), y) + gamma (1 - mean_i cos(g1_i, g2_i)); one SGD step (double backprop through g2)."""
+    a, model = run.args, run.model
+    with model_mode(model, a.attack_bn):
+        x_adv = fgsm(model, x, y, a.eps, a.step_size)  # step 1
+    g1 = input_grad(model, x, y).flatten(1)  # step 2
+    probe = (x + torch.empty_like(x).uniform_(-a.eps, a.eps)).requires_grad_(True)
+    g2 = torch.autograd.grad(F.cross_entropy(model(probe), y, reduction="sum"), probe, create_graph=True)[0].flatten(1)
+    cos = F.cosine_similarity(g1, g2, dim=1)
+    logits = model(x_adv)  # step 3
+    loss = F.cross_entropy(logits, y) + a.ga_gamma * (1 - cos.mean())
+    sgd_update(run, loss)
+    return loss.detach(), (logits.argmax(1) == y).sum()
+
+
 L2L_VARIANTS = {"l2l-naive": "naive", "l2l-grad": "grad", "l2l-2step": "multi"}
 
 
@@ -1009,6 +1126,8 @@ METHODS: Dict[str, Method] = {
     "pgd-at": Method(train_pgd_at, "Madry et al. 2018, eq. 2.1"),
     "trades": Method(train_trades, "Zhang et al. 2019, Algorithm 1"),
     "fast-at": Method(train_fast_at, "Wong et al. 2020, Algorithm 3"),
+    "fast-at-ga": Method(train_fast_at_ga, "Andriushchenko & Flammarion 2020, GradAlign"),
+    "fast-bat": Method(train_fast_bat, "Zhang et al. 2022, eq. 9, 13, 14"),
     "l2l-naive": Method(train_l2l, "Jiang et al. 2021, naive L2L", setup_l2l),
     "l2l-grad": Method(train_l2l, "Jiang et al. 2021, gradient L2L", setup_l2l),
     "l2l-2step": Method(train_l2l, "Jiang et al. 2021, multi-step gradient L2L", setup_l2l),
@@ -1133,10 +1252,24 @@ def lr_at(args, it: int, iters_per_epoch: int) -> float:
     return args.lr
 
 
+def catastrophic_overfitting(history: list) -> Optional[str]:
+    """Flag the failure single-step methods are known for (Wong et al. 2020; the reason for GradAlign and
+    Fast-BAT): validation PGD accuracy collapses to near zero (< 10%, and below half of its best) while
+    clean accuracy is at or above where it stood at the best epoch. Returns a log message or None."""
+    best = max(history, key=lambda h: h["val_robust"])
+    now = history[-1]
+    if best["val_robust"] >= 0.2 and now["val_robust"] < min(0.1, best["val_robust"] / 2) \
+            and now["val_clean"] >= best["val_clean"]:
+        return (f"CATASTROPHIC OVERFITTING: validation PGD accuracy fell from {100 * best['val_robust']:.1f}% "
+                f"(epoch {best['epoch']}) to {100 * now['val_robust']:.1f}% while clean accuracy rose to "
+                f"{100 * now['val_clean']:.1f}%; best.pt keeps epoch {best['epoch']}")
+    return None
+
+
 # Flags that define a training run: --resume refuses a checkpoint whose values differ.
 TRAINING_KEYS = ("method", "dataset", "model", "depth", "width", "train_size", "val_size", "augment", "epochs",
                  "batch_size", "lr", "momentum", "weight_decay", "lr_schedule", "lr_milestones", "eps",
-                 "step_size", "steps", "beta", "attack_bn", "seed", "val_steps", "l2l_attacker", "l2l_width", "l2l_steps",
+                 "step_size", "steps", "beta", "attack_bn", "seed", "val_steps", "bat_a", "bat_lambda", "bat_ig_ratio", "ga_gamma", "l2l_attacker", "l2l_width", "l2l_steps",
                  "l2l_step_size", "attacker_steps", "attacker_lr", "attacker_wd")
 
 
@@ -1237,6 +1370,10 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
     print(f"  eps {fmt_eps(args.eps)}, steps {args.steps}, step {fmt_eps(args.step_size)}, attack BN {args.attack_bn}, "
           f"epochs {args.epochs}, batch {args.batch_size}, lr {args.lr} ({args.lr_schedule}), "
           f"wd {args.weight_decay}, seed {args.seed}")
+    detail = {"fast-bat": f"a {fmt_eps(args.bat_a)}, lambda {args.bat_lambda:g}, alpha2/alpha1 {args.bat_ig_ratio:g}",
+              "fast-at-ga": f"GradAlign gamma {args.ga_gamma:.3f}"}.get(args.method)
+    if detail:
+        print(f"  {detail}")
     for name, extra in run.extras.items():
         if isinstance(extra, nn.Module):
             print(f"  {name}: {type(extra).__name__}, {sum(p.numel() for p in extra.parameters()):,} parameters")
@@ -1259,6 +1396,8 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
                   "val_clean": val_clean, "val_robust": val_robust, "train_seconds": train_seconds,
                   "seconds": time.time() - t0}
         history.append(record)
+        collapse = catastrophic_overfitting(history)
+        record["catastrophic_overfitting"] = collapse is not None
         if not math.isfinite(record["train_loss"]):
             print(f"warning: epoch {epoch + 1} train loss is {record['train_loss']}; lower --lr", file=sys.stderr)
         is_best = val_robust > best["val_robust"]
@@ -1272,6 +1411,8 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
               f"acc {100 * record['train_acc']:.2f}%  val clean {100 * val_clean:.2f}%  "
               f"val pgd-{args.val_steps} {100 * val_robust:.2f}%  {train_seconds:.1f}s train  "
               f"{record['seconds']:.1f}s total{'  *best' if is_best else ''}", flush=True)
+        if collapse:
+            print(f"  {collapse}", flush=True)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1)
 

@@ -653,3 +653,96 @@ def test_every_run_sh_recipe_parses():
         assert args.out == f"runs/{name}"
     r = subprocess.run(["bash", os.path.join(HERE, "run.sh"), "no-such-recipe"], capture_output=True, text=True)
     assert r.returncode == 2 and "unknown recipe" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# Fast-BAT (Zhang et al. 2022) and GradAlign
+# ------------------------------------------------------------------------------------------------
+
+
+def smooth_model_f64():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 6 * 6, 4)).double()
+
+
+def small_batch_f64():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(6, 1, 6, 6, generator=g, dtype=torch.float64)
+    x[0], x[1, 0, :3] = 0.0, 1.0  # pixels on both edges of the image box
+    return x, torch.randint(0, 4, (6,), generator=g)
+
+
+def closed_form_gradient(model, x, y, z, mask, eps, a):
+    """d/dtheta l_tr(theta, delta*(theta)) with delta*(theta) = Pi_C(z + a grad_z sum CE(theta; x + z)), mask held
+    fixed and z constant, differentiated by autograd straight through the closed form (eq. 9)."""
+    zv = z.clone().requires_grad_(True)
+    g = torch.autograd.grad(F.cross_entropy(model(x + zv), y, reduction="sum"), zv, create_graph=True)[0]
+    raw = z + a * g
+    p, q = l2l.box_bounds(x, eps)
+    delta = torch.where(mask.bool(), raw, raw.detach().clamp(-eps, eps).clamp(p, q))
+    loss = F.cross_entropy(model(x + delta), y, reduction="sum") / x.shape[0]
+    return delta, torch.autograd.grad(loss, list(model.parameters()))
+
+
+def test_fast_bat_implicit_gradient_is_exact():
+    model = smooth_model_f64()
+    x, y = small_batch_f64()
+    eps, a = 0.1, 0.3  # a step that leaves part of the coordinates strictly inside C
+    torch.manual_seed(2)
+    out = l2l.fast_bat_backward(model, x, y, eps, a, lam=1 / a)
+    ours = [p.grad.clone() for p in model.parameters()]
+    assert 0 < out["mask"].mean() < 1, "the test needs both active and inactive constraints"
+    delta, ref = closed_form_gradient(model, x, y, out["z"], out["mask"], eps, a)
+    assert torch.allclose(delta, out["delta"], atol=1e-12)
+    assert max((r - o).abs().max().item() for r, o in zip(ref, ours)) < 1e-6
+    # and the implicit term matters: dropping it (lambda -> infinity) gives a different gradient
+    plain = torch.autograd.grad(F.cross_entropy(model(x + out["delta"]), y, reduction="sum") / 6,
+                                list(model.parameters()))
+    assert max((r - p).abs().max().item() for r, p in zip(ref, plain)) > 1e-4
+
+
+def test_fast_bat_with_infinite_lambda_is_plain_at_at_delta_star():
+    model = smooth_model_f64()
+    x, y = small_batch_f64()
+    torch.manual_seed(3)
+    out = l2l.fast_bat_backward(model, x, y, 0.1, 0.3, lam=1e30)
+    plain = torch.autograd.grad(F.cross_entropy(model(x + out["delta"]), y), list(model.parameters()))
+    assert all(torch.allclose(p.grad, g, atol=1e-12) for p, g in zip(model.parameters(), plain))
+
+
+@pytest.mark.parametrize("a", [0.3, 5000 / 255])
+def test_fast_bat_points_obey_constraints_and_mask_marks_the_interior(a):
+    model = smooth_model_f64()
+    x, y = small_batch_f64()
+    out = l2l.fast_bat_backward(model, x, y, 0.1, a, lam=10.0)
+    p, q = l2l.box_bounds(x, 0.1)
+    for d in (out["z"], out["delta"]):
+        assert (d >= p).all() and (d <= q).all() and d.abs().max() <= 0.1 + 1e-12
+        assert ((x + d) >= 0).all() and ((x + d) <= 1).all()
+    inside = (out["delta"] > p + 1e-7) & (out["delta"] < q - 1e-7)
+    assert torch.equal(out["mask"].bool(), inside)
+    if a > 1:  # the code's huge step saturates most coordinates: delta* is close to a sign step
+        assert out["mask"].mean() < 0.5
+
+
+def test_fast_bat_step_size_follows_the_code():
+    assert l2l.fast_bat_step_size(8 / 255) == 5000 / 255 and l2l.fast_bat_step_size(16 / 255) == 2000 / 255
+    assert l2l.parse_args(["--method", "fast-bat", "--eps", "16/255"]).bat_a == 2000 / 255
+
+
+def test_gradalign_gamma_table():
+    assert l2l.gradalign_gamma(8 / 255) == 0.2 and l2l.gradalign_gamma(16 / 255) == 2.0
+    assert 0.2 < l2l.gradalign_gamma(9 / 255) < 0.356
+    assert l2l.parse_args(["--method", "fast-at-ga", "--eps", "4/255"]).ga_gamma == 0.063
+
+
+def test_catastrophic_overfitting_is_flagged():
+    h = [dict(epoch=1, val_clean=0.50, val_robust=0.30), dict(epoch=2, val_clean=0.60, val_robust=0.35)]
+    assert l2l.catastrophic_overfitting(h) is None
+    h.append(dict(epoch=3, val_clean=0.70, val_robust=0.02))
+    msg = l2l.catastrophic_overfitting(h)
+    assert msg and "35.0%" in msg and "epoch 2" in msg
+    # a model that is simply not robust yet, or whose clean accuracy fell too, is not flagged
+    assert l2l.catastrophic_overfitting([dict(epoch=1, val_clean=0.9, val_robust=0.05)]) is None
+    h[-1]["val_clean"] = 0.4
+    assert l2l.catastrophic_overfitting(h) is None
