@@ -25,15 +25,43 @@ l2l-pgm-cifar100   | L2L poster, CIFAR-100 "PGM net" (62.68 / 23.75 / 25.95) | -
 l2l-naive-cifar100 | L2L poster, CIFAR-100 naive L2L (no number in the poster) | --method l2l-naive --dataset cifar100 L2L_CIFAR --eval-attacks fgsm,pgd,cw,l2l
 l2l-grad-cifar100  | L2L poster, CIFAR-100 "Grad L2L" (62.18 / 28.67 / 29.65) | --method l2l-grad --dataset cifar100 L2L_CIFAR --eval-attacks fgsm,pgd,cw,l2l
 l2l-2step-cifar100 | L2L poster, CIFAR-100 "2-Step L2L" (60.95 / 31.03 / 32.28) | --method l2l-2step --dataset cifar100 L2L_CIFAR --eval-attacks fgsm,pgd,cw,l2l
+fastbat-fast-at-cifar10-eps8   | Fast-BAT Table 1 (arXiv v1), Fast-AT, eps 8/255: 45.47 RA-PGD / 41.97 RA-AA / 81.72 SA | --method fast-at --dataset cifar10 --eps 8/255 FASTBAT
+fastbat-fast-at-ga-cifar10-eps8 | Fast-BAT Table 1 (arXiv v1), Fast-AT-GA, eps 8/255: 47.43 / 43.52 / 79.84 | --method fast-at-ga --dataset cifar10 --eps 8/255 FASTBAT
+fastbat-fast-bat-cifar10-eps8  | Fast-BAT Table 1 (arXiv v1), Fast-BAT, eps 8/255: 48.74 / 44.89 / 79.43 | --method fast-bat --dataset cifar10 --eps 8/255 FASTBAT
+fastbat-pgd2-cifar10-eps8      | PGD-2-AT (2 steps of eps/2, random start) baseline of Fast-BAT, cifar10, eps 8/255 (no number read) | --method pgd-at --steps 2 --step-size 4/255 --dataset cifar10 --eps 8/255 FASTBAT
+fastbat-fast-at-cifar10-eps16  | Fast-BAT Table 1 (arXiv v1), Fast-AT, eps 16/255: 21.79 / 12.57 / 46.02 | --method fast-at --dataset cifar10 --eps 16/255 FASTBAT
+fastbat-fast-at-ga-cifar10-eps16 | Fast-BAT Table 1 (arXiv v1), Fast-AT-GA, eps 16/255: 26.22 / 18.03 / 58.57 | --method fast-at-ga --dataset cifar10 --eps 16/255 FASTBAT
+fastbat-fast-bat-cifar10-eps16 | Fast-BAT Table 1 (arXiv v1), Fast-BAT, eps 16/255: 26.15 / 18.21 / 67.79 | --method fast-bat --dataset cifar10 --eps 16/255 FASTBAT
+fastbat-pgd2-cifar10-eps16     | PGD-2-AT (2 steps of eps/2, random start) baseline of Fast-BAT, cifar10, eps 16/255 (no number read) | --method pgd-at --steps 2 --step-size 8/255 --dataset cifar10 --eps 16/255 FASTBAT
+fastbat-fast-at-cifar100-eps8  | Fast-BAT's Fast-AT on cifar100, eps 8/255 (ICML tables not read: no number) | --method fast-at --dataset cifar100 --eps 8/255 FASTBAT
+fastbat-fast-at-ga-cifar100-eps8 | Fast-BAT's Fast-AT-GA on cifar100, eps 8/255 (ICML tables not read: no number) | --method fast-at-ga --dataset cifar100 --eps 8/255 FASTBAT
+fastbat-fast-bat-cifar100-eps8 | Fast-BAT's Fast-BAT on cifar100, eps 8/255 (ICML tables not read: no number) | --method fast-bat --dataset cifar100 --eps 8/255 FASTBAT
+fastbat-pgd2-cifar100-eps8     | PGD-2-AT (2 steps of eps/2, random start) baseline of Fast-BAT, cifar100, eps 8/255 (no number read) | --method pgd-at --steps 2 --step-size 4/255 --dataset cifar100 --eps 8/255 FASTBAT
+fastbat-fast-at-cifar100-eps16 | Fast-BAT's Fast-AT on cifar100, eps 16/255 (ICML tables not read: no number) | --method fast-at --dataset cifar100 --eps 16/255 FASTBAT
+fastbat-fast-at-ga-cifar100-eps16 | Fast-BAT's Fast-AT-GA on cifar100, eps 16/255 (ICML tables not read: no number) | --method fast-at-ga --dataset cifar100 --eps 16/255 FASTBAT
+fastbat-fast-bat-cifar100-eps16 | Fast-BAT's Fast-BAT on cifar100, eps 16/255 (ICML tables not read: no number) | --method fast-bat --dataset cifar100 --eps 16/255 FASTBAT
+fastbat-pgd2-cifar100-eps16    | PGD-2-AT (2 steps of eps/2, random start) baseline of Fast-BAT, cifar100, eps 16/255 (no number read) | --method pgd-at --steps 2 --step-size 8/255 --dataset cifar100 --eps 16/255 FASTBAT
+fastbat-fast-at-svhn-eps8      | Fast-BAT's Fast-AT on svhn, eps 8/255 (ICML tables not read: no number) | --method fast-at --dataset svhn --eps 8/255 FASTBAT --lr 0.05
+fastbat-fast-at-ga-svhn-eps8   | Fast-BAT's Fast-AT-GA on svhn, eps 8/255 (ICML tables not read: no number) | --method fast-at-ga --dataset svhn --eps 8/255 FASTBAT --lr 0.05
+fastbat-fast-bat-svhn-eps8     | Fast-BAT's Fast-BAT on svhn, eps 8/255 (ICML tables not read: no number) | --method fast-bat --dataset svhn --eps 8/255 FASTBAT --lr 0.05
+fastbat-pgd2-svhn-eps8         | PGD-2-AT (2 steps of eps/2, random start) baseline of Fast-BAT, svhn, eps 8/255 (no number read) | --method pgd-at --steps 2 --step-size 4/255 --dataset svhn --eps 8/255 FASTBAT --lr 0.05
+fastbat-fast-at-svhn-eps16     | Fast-BAT's Fast-AT on svhn, eps 16/255 (ICML tables not read: no number) | --method fast-at --dataset svhn --eps 16/255 FASTBAT --lr 0.05
+fastbat-fast-at-ga-svhn-eps16  | Fast-BAT's Fast-AT-GA on svhn, eps 16/255 (ICML tables not read: no number) | --method fast-at-ga --dataset svhn --eps 16/255 FASTBAT --lr 0.05
+fastbat-fast-bat-svhn-eps16    | Fast-BAT's Fast-BAT on svhn, eps 16/255 (ICML tables not read: no number) | --method fast-bat --dataset svhn --eps 16/255 FASTBAT --lr 0.05
+fastbat-pgd2-svhn-eps16        | PGD-2-AT (2 steps of eps/2, random start) baseline of Fast-BAT, svhn, eps 16/255 (no number read) | --method pgd-at --steps 2 --step-size 8/255 --dataset svhn --eps 16/255 FASTBAT --lr 0.05
 TABLE
 )
+# Fast-BAT's setting (train.py defaults): PreActResNet-18, 20 epochs, cyclic lr 0 -> 0.2 -> 0 per iteration, SGD
+# momentum 0.9, wd 5e-4, batch 128, the last 10% of the training set for validation; RA-PGD = PGD-50-10, step eps/4.
+# SVHN uses lr 0.05, this project's choice (a peak of 0.2 is known to diverge on SVHN; the Fast-BAT SVHN lr was not read).
+FASTBAT="--model preactresnet18 --epochs 20 --lr-schedule cyclic --lr 0.2 --weight-decay 5e-4 --batch-size 128 --val-size 5000 --eval-attacks fgsm,pgd,cw --eval-steps 50 --eval-restarts 10"
 # The L2L code's setting (train_l2l_*_cifar10.py): WRN-34-10, eps 0.031, 76 epochs, SGD lr 0.1 x0.1 at
 # 30/60/90, wd 2e-4, batch 128; evaluation "PGM-20" = PGD-20 step 0.003 (pgd_attack_cifar10.py).
 L2L_CIFAR="--model wrn --depth 34 --width 10 --eps 0.031 --epochs 76 --lr 0.1 --weight-decay 2e-4 --lr-milestones 30,60,90 --batch-size 128 --eval-steps 20 --eval-step-size 0.003"
 
 case "${1:-list}" in
   list|-h|--help)
-    echo "$RECIPES" | awk -F'|' '{gsub(/ +$/, "", $1); printf "%-20s %s\n", $1, $2}'
+    echo "$RECIPES" | awk -F'|' '{gsub(/ +$/, "", $1); printf "%-32s %s\n", $1, $2}'
     ;;
   *)
     name=$1; shift
@@ -44,6 +72,7 @@ case "${1:-list}" in
     fi
     # shellcheck disable=SC2086
     line=${line//L2L_CIFAR/$L2L_CIFAR}
+    line=${line//FASTBAT/$FASTBAT}
     exec ${PYTHON:-python} l2l.py $line --out "runs/$name" "$@"
     ;;
 esac
