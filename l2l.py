@@ -3,15 +3,18 @@
 Papers this file follows (facts and the project's decisions: PAPERS.md of the project):
   [L2L]      Jiang, Chen, Shi, Dai, Zhao. Learning to Defend by Learning to Attack. AISTATS 2021, arXiv 1811.01213
   [RNN]      Xiong, Hsieh. Improved Adversarial Training via Learned Optimizer. ECCV 2020, arXiv 2004.12227
+             (RNN-Adv and RNN-TRADES are not in this file yet)
   [Fast-BAT] Zhang, Zhang, Khanduri, Hong, Chang, Liu. Revisiting and Advancing Fast Adversarial Training
              Through the Lens of Bi-Level Optimization. ICML 2022, arXiv 2112.12376
 and the baselines they compare against:
   [Madry]    Madry et al. Towards Deep Learning Models Resistant to Adversarial Attacks. ICLR 2018 (PGD-AT)
   [TRADES]   Zhang et al. Theoretically Principled Trade-off between Robustness and Accuracy. ICML 2019
   [Fast-AT]  Wong, Rice, Kolter. Fast is Better than Free. ICLR 2020 (FGSM from a random start)
+  [GradAlign] Andriushchenko, Flammarion. Understanding and Improving Fast Adversarial Training. NeurIPS 2020
 
 Run (defaults follow each method's paper; every default is a flag):
-  python l2l.py --method pgd-at --dataset cifar10
+  python l2l.py --method pgd-at --dataset cifar10          # plain, pgd-at, trades, fast-at, fast-at-ga, fast-bat,
+  python l2l.py --method l2l-2step --dataset cifar10       # l2l-naive, l2l-grad, l2l-2step
   python l2l.py --method trades --dataset mnist --data-dir ./data --epochs 2 --train-size 10000
   python l2l.py --eval-only runs/pgd-at_cifar10/best.pt --eval-attacks fgsm,pgd,cw --eval-restarts 10
   python l2l.py --help
@@ -1472,7 +1475,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         if args.resume:
             raise UsageError("--eval-only and --resume exclude each other; pass one of them")
         ckpt = read_checkpoint(args.eval_only, "--eval-only")
-        merged = argparse.Namespace(**ckpt["args"])
+        merged = build_parser().parse_args([])  # defaults for flags newer than the checkpoint
+        vars(merged).update(ckpt["args"])
         for k in EVAL_KEYS:
             setattr(merged, k, getattr(args, k))
         merged.eval_only, merged.resume = args.eval_only, False
