@@ -130,6 +130,15 @@ for _name in ("l2l-naive", "l2l-grad", "l2l-2step"):
                       lr_milestones="55,75,90", steps=0, step_size=0.0),
     }
 
+# Xiong & Hsieh: AdvTrain+BLS, RNN-Adv and RNN-TRADES share the baseline they modify (PGD-AT / TRADES recipes
+# above; T = --steps). MNIST uses T = 10 for the RNN methods, a choice: 40 unrolled LSTM steps over every pixel
+# are costly, and the paper stresses few iterations. BLS starts each line search at eps (a choice).
+METHOD_DEFAULTS["pgd-at-bls"] = {k: dict(v) for k, v in METHOD_DEFAULTS["pgd-at"].items()}
+METHOD_DEFAULTS["rnn-adv"] = {k: dict(v, attack_bn="eval") for k, v in METHOD_DEFAULTS["pgd-at"].items()}
+METHOD_DEFAULTS["rnn-trades"] = {k: dict(v) for k, v in METHOD_DEFAULTS["trades"].items()}
+for _name in ("rnn-adv", "rnn-trades"):
+    METHOD_DEFAULTS[_name]["mnist"]["steps"] = 10
+
 # Defaults shared by every method unless its table above says otherwise.
 COMMON_DEFAULTS = dict(batch_size=128, momentum=0.9, beta=6.0, attack_bn="eval", lr_milestones="")
 
@@ -213,6 +222,25 @@ def build_parser() -> argparse.ArgumentParser:
                      help="alpha2 / alpha1 of eq. 14 (1 = one learning rate, as the code)")
     bat.add_argument("--ga-gamma", type=float, default=None, help="GradAlign weight (default: by eps, GradAlign's table)")
 
+    rnn = p.add_argument_group("RNN learned optimiser (rnn-adv, rnn-trades) and BLS (pgd-at-bls)")
+    rnn.add_argument("--rnn-hidden", type=int, default=20, help="LSTM units per coordinate")
+    rnn.add_argument("--rnn-layers", type=int, default=2, help="LSTM layers")
+    rnn.add_argument("--rnn-lr", type=float, default=1e-3, help="Adam lr of the RNN (alpha2)")
+    rnn.add_argument("--rnn-max-step", type=parse_number, default=None, help="bound of one update (default: eps)")
+    rnn.add_argument("--rnn-weights", default="uniform", choices=("uniform", "last", "linear"),
+                     help="weights of the intermediate iterates in the RNN's loss")
+    rnn.add_argument("--rnn-init", default=None, choices=("uniform", "gaussian"),
+                     help="start: U(-eps, eps) (rnn-adv default) or 0.001 N(0, I) (rnn-trades default)")
+    rnn.add_argument("--rnn-no-preprocess", action="store_true", help="feed raw gradients, not log-magnitude/sign")
+    rnn.add_argument("--rnn-eval-steps", type=int, default=None, help="steps of the 'rnn' eval attack (default: T)")
+    rnn.add_argument("--bls-init-step", type=parse_number, default=None, help="first BLS trial step (default: eps)")
+    rnn.add_argument("--bls-shrink", type=float, default=0.5, help="BLS step factor per trial")
+    rnn.add_argument("--bls-c", type=float, default=1e-4, help="BLS sufficient-increase constant")
+    rnn.add_argument("--bls-tries", type=int, default=8, help="BLS trial step sizes per inner step")
+    run.add_argument("--init", default=None, metavar="CKPT",
+                     help="start from a checkpoint's classifier (and learned attacker, if it has the same one)")
+    ev_transfer_help = "source checkpoint of the 'transfer' evaluation attack"
+
     l2l = p.add_argument_group("L2L learned attacker (l2l-naive, l2l-grad, l2l-2step)")
     l2l.add_argument("--l2l-attacker", default="slim", choices=("slim", "wide"),
                      help="slim: the poster's architecture; wide: the released scripts' WideAttacker")
@@ -233,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="PGD/CW step (default: eps/4, MNIST 0.01)")
     ev.add_argument("--eval-restarts", type=int, default=1, help="random restarts of PGD/CW")
     ev.add_argument("--eval-batch-size", type=int, default=500)
+    ev.add_argument("--transfer-from", default=None, metavar="CKPT", help=ev_transfer_help)
     ev.add_argument("--val-steps", type=int, default=10, help="PGD steps of the per-epoch validation attack")
     return p
 
@@ -262,6 +291,24 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.step_size = step
     if args.augment is None:
         args.augment = spec["augment"]
+    if args.rnn_max_step is None:
+        args.rnn_max_step = args.eps
+    if args.bls_init_step is None:
+        args.bls_init_step = args.eps
+    if args.rnn_init is None:
+        args.rnn_init = "gaussian" if args.method == "rnn-trades" else "uniform"
+    if args.rnn_eval_steps is None:
+        args.rnn_eval_steps = args.steps
+    for name in ("rnn_hidden", "rnn_layers", "bls_tries", "rnn_eval_steps"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} is below 1; use 1 or more")
+    for name in ("rnn_lr", "rnn_max_step", "bls_init_step", "bls_c"):
+        if not (getattr(args, name) > 0 and math.isfinite(getattr(args, name))):
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} must be a positive number")
+    if not 0 < args.bls_shrink < 1:
+        raise UsageError(f"--bls-shrink {args.bls_shrink} must lie in (0, 1)")
+    if args.method in ("rnn-adv", "rnn-trades") and args.steps < 1:
+        raise UsageError(f"--steps {args.steps}: {args.method} needs at least one inner step")
     if args.bat_a is None:
         args.bat_a = fast_bat_step_size(args.eps)
     if args.ga_gamma is None:
@@ -310,6 +357,11 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if unknown or not names:
         raise UsageError(f"unknown --eval-attacks '{','.join(unknown)}'; choose from: {', '.join(EVAL_ATTACKS)}")
     args.eval_attacks = ",".join(names)
+    if "rnn" in names and args.method not in ("rnn-adv", "rnn-trades"):
+        raise UsageError(f"--eval-attacks rnn needs a learned RNN optimiser, and --method {args.method} has none; "
+                         f"drop it or evaluate an rnn-* checkpoint")
+    if ("transfer" in names) != (args.transfer_from is not None):
+        raise UsageError("--eval-attacks transfer and --transfer-from CKPT go together; give both or neither")
     if "l2l" in names and args.method not in L2L_VARIANTS:
         raise UsageError(f"--eval-attacks l2l needs a learned L2L attacker, and --method {args.method} has none; "
                          f"drop it or evaluate an l2l-* checkpoint")
@@ -780,6 +832,32 @@ def trades_attack(model, x, eps, step_size, steps, init_std=0.001):
     return x_adv.detach()
 
 
+def pgd_bls(model, x, y, eps, steps, init_step, shrink=0.5, c=1e-4, tries=8):
+    """PGD with a backtracking line search per example and step (AdvTrain+BLS of Xiong & Hsieh, Table 1; the
+    rule is the projected Armijo condition of Nocedal & Wright, a reconstruction: PAPERS.md 2.2).
+    At x_t with g = grad_x L(x_t) and direction sign(g): try s = init_step, s * shrink, ... (`tries` sizes);
+    accept the first x_s = Pi_C(x_t + s sign(g)) with L(x_s) >= L(x_t) + c <g, x_s - x_t>. An example with no
+    acceptable size stays at x_t, so no accepted step ever lowers its loss. Random start as PGD."""
+    x_adv = random_start(x, eps)
+    for _ in range(steps):
+        x_adv = x_adv.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = F.cross_entropy(model(x_adv), y, reduction="none")
+            (g,) = torch.autograd.grad(loss.sum(), x_adv)
+        x_adv, loss = x_adv.detach(), loss.detach()
+        s = torch.full_like(loss, init_step)
+        new, done = x_adv.clone(), torch.zeros_like(y, dtype=torch.bool)
+        for _ in range(tries):
+            cand = project(x_adv + s[:, None, None, None] * g.sign(), x, eps)
+            with torch.no_grad():
+                cand_loss = F.cross_entropy(model(cand), y, reduction="none")
+            ok = ~done & (cand_loss >= loss + c * (g * (cand - x_adv)).flatten(1).sum(1))
+            new = torch.where(ok[:, None, None, None], cand, new)
+            done, s = done | ok, s * shrink
+        x_adv = new
+    return x_adv.detach()
+
+
 class model_mode:
     """Context manager: put a model in train or eval mode and restore its previous mode on exit."""
 
@@ -900,6 +978,89 @@ def l2l_perturb(attacker, model, x, y, eps, variant: str, steps: int = 1, step_s
             a = torch.cat([x_k, g / g.abs().amax().clamp_min(1e-12)], 1)  # x_k keeps its graph, g_hat does not
             delta = (delta + scale * attacker(a)).clamp(-eps, eps)  # Pi_B(eps)
     return (x + delta).clamp(0, 1)
+
+
+# RNN learned optimiser (Xiong & Hsieh, "Improved Adversarial Training via Learned Optimizer"). No official
+# code exists and the full text was not available: this is the reconstruction of PAPERS.md 2.2, after the
+# L2O convention of Andrychowicz et al. (2016) that the paper cites. Every choice below is a flag.
+
+
+def preprocess_gradient(g: torch.Tensor, p: float = 10.0) -> torch.Tensor:
+    """Andrychowicz et al. (2016), appendix A: each coordinate g becomes (log|g| / p, sign g) when |g| >= e^-p,
+    else (-1, e^p g). Makes the LSTM's input independent of the gradient's scale. Shape (..., 2)."""
+    big = g.abs() >= math.exp(-p)
+    first = torch.where(big, g.abs().clamp_min(1e-38).log() / p, torch.full_like(g, -1.0))
+    second = torch.where(big, g.sign(), g * math.exp(p))
+    return torch.stack([first, second], -1)
+
+
+class RNNOptimizer(nn.Module):
+    """m_phi: a coordinate-wise LSTM shared by every input coordinate (one tiny LSTM, batched over all pixels
+    of all images), fed the preprocessed input gradient, emitting a bounded update per coordinate:
+        (u_t, h_{t+1}) = m_phi(g_t, h_t),  u_t = max_step * tanh(W h_{t+1} + b).
+    The hidden state is carried per coordinate across the T inner steps. Sizes are flags (defaults:
+    Andrychowicz et al.'s 2 layers of 20 units); max_step defaults to eps (a choice)."""
+
+    def __init__(self, hidden=20, layers=2, preprocess=True):
+        super().__init__()
+        self.preprocess = preprocess
+        sizes = [2 if preprocess else 1] + [hidden] * layers
+        self.cells = nn.ModuleList(nn.LSTMCell(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.out = nn.Linear(hidden, 1)
+        nn.init.normal_(self.out.weight, std=0.01)  # small first updates (a choice)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, g, state, max_step):
+        shape = g.shape
+        h = preprocess_gradient(g.reshape(-1)) if self.preprocess else g.reshape(-1, 1)
+        new_state = []
+        for i, cell in enumerate(self.cells):
+            hc = cell(h, None if state is None else state[i])
+            new_state.append(hc)
+            h = hc[0]
+        return max_step * torch.tanh(self.out(h)).reshape(shape), new_state
+
+
+def inner_loss(model, x_adv, y, logp_clean=None) -> torch.Tensor:
+    """Per-example inner loss: CE for RNN-Adv, KL(f(x) || f(x')) for RNN-TRADES (when logp_clean is given)."""
+    logits = model(x_adv)
+    if logp_clean is None:
+        return F.cross_entropy(logits, y, reduction="none")
+    return F.kl_div(F.log_softmax(logits, 1), logp_clean, reduction="none", log_target=True).sum(1)
+
+
+def rnn_attack(rnn, model, x, y, eps, steps, max_step, init="uniform", logp_clean=None, weights="uniform",
+               train=True):
+    """The learned inner maximisation (Algorithm 1 of Xiong & Hsieh, steps numbered as in PAPERS.md 2.2):
+      1. x'_0 = Pi_C(x + U(-eps, eps)) ("uniform") or Pi_C(x + 0.001 N(0, I)) ("gaussian", as TRADES)
+      2. for t = 0..T-1:  g_t = grad_x' L_inner(x'_t)  (a constant for phi: first-order L2O)
+                          (u_t, h) = m_phi(g_t, h);   x'_{t+1} = Pi_C(x'_t + u_t)
+      3. L(phi) = sum_{t=1..T} w_t mean_i L_inner(x'_t)   (the intermediate iterates; w: 'uniform' w_t = 1,
+         'last' only t = T, 'linear' w_t = t / T)
+    Returns (x'_T, L(phi)). With train=True, x'_t keeps its graph so L(phi) can be backpropagated through
+    the unrolled steps; with train=False (evaluation) nothing is kept and L(phi) is None."""
+    start = x + (torch.empty_like(x).uniform_(-eps, eps) if init == "uniform" else 0.001 * torch.randn_like(x))
+    x_adv = project(start, x, eps).requires_grad_(True)  # step 1
+    state, total = None, 0.0
+    w = {"uniform": [1.0] * steps, "last": [0.0] * (steps - 1) + [1.0],
+         "linear": [(t + 1) / steps for t in range(steps)]}[weights]
+    with torch.enable_grad():
+        value = inner_loss(model, x_adv, y, logp_clean).sum()
+        for t in range(steps):  # step 2
+            (g,) = torch.autograd.grad(value, x_adv, retain_graph=train)
+            if train:
+                u, state = rnn(g.detach(), state, max_step)
+            else:
+                with torch.no_grad():
+                    u, state = rnn(g, state, max_step)
+            x_adv = project(x_adv + u, x, eps)
+            if not train:
+                x_adv = x_adv.detach().requires_grad_(True)
+            if train or t < steps - 1:  # evaluation needs no loss at the last iterate
+                value = inner_loss(model, x_adv, y, logp_clean).sum()
+            if train:
+                total = total + w[t] * value / x.shape[0]  # step 3
+    return x_adv.detach(), (total if train else None)
 
 
 # ================================================================================================
@@ -1116,6 +1277,63 @@ def train_l2l(run: Run, x, y):
     return loss.detach(), (logits.argmax(1) == y).sum()
 
 
+def train_pgd_at_bls(run: Run, x, y):
+    """AdvTrain+BLS (Xiong & Hsieh, Table 1): PGD-AT whose inner steps choose a per-example step size by
+    backtracking line search (pgd_bls), then one SGD step on CE(f(x_adv), y)."""
+    a = run.args
+    with model_mode(run.model, a.attack_bn):
+        x_adv = pgd_bls(run.model, x, y, a.eps, a.steps, a.bls_init_step, a.bls_shrink, a.bls_c, a.bls_tries)
+    logits = run.model(x_adv)
+    loss = F.cross_entropy(logits, y)
+    sgd_update(run, loss)
+    return loss.detach(), (logits.argmax(1) == y).sum()
+
+
+def setup_rnn(args, model, device) -> dict:
+    """m_phi and its optimiser: Adam (Andrychowicz et al.'s choice) with lr --rnn-lr (alpha2 of Algorithm 1;
+    which of alpha1/alpha2 belongs to phi is not stated in what could be read: here alpha1 = --lr is theta's)."""
+    rnn = RNNOptimizer(args.rnn_hidden, args.rnn_layers, not args.rnn_no_preprocess).to(device)
+    return {"rnn": rnn, "rnn_opt": torch.optim.Adam(rnn.parameters(), lr=args.rnn_lr)}
+
+
+def rnn_run_attack(args, rnn, model, x, y, steps, train):
+    """m_phi's attack with the method's inner loss (RNN-Adv: CE; RNN-TRADES: KL to the clean output)."""
+    logp_clean = None
+    if args.method == "rnn-trades":
+        with torch.no_grad():
+            logp_clean = F.log_softmax(model(x), 1)
+    return rnn_attack(rnn, model, x, y, args.eps, steps, args.rnn_max_step, args.rnn_init, logp_clean,
+                      args.rnn_weights, train)
+
+
+def train_rnn(run: Run, x, y):
+    """RNN-Adv / RNN-TRADES (Xiong & Hsieh, Algorithm 1 "RNN-based adversarial training"; reconstruction, PAPERS.md 2.2):
+    per minibatch M (Algorithm 1, step 5),
+    1. unroll m_phi for T = --steps inner steps on the inner loss (classifier in --attack-bn mode, default eval);
+    2. phi <- phi + alpha2 grad_phi L(phi): one Adam ascent step on the intermediate-iterate loss (rnn_attack);
+       the gradient is taken w.r.t. phi only, theta's .grad is untouched;
+    3. theta <- theta - alpha1 grad_theta Outer(theta; x'_T) with x'_T detached: CE(f(x'_T), y) for RNN-Adv,
+       CE(f(x), y) + beta KL(f(x) || f(x'_T)) (batch mean) for RNN-TRADES; one SGD step.
+    The same unrolled pass serves both updates, so phi and theta see the same adversarial examples."""
+    a, model = run.args, run.model
+    rnn, rnn_opt = run.extras["rnn"], run.extras["rnn_opt"]
+    with model_mode(model, a.attack_bn):
+        x_adv, rnn_objective = rnn_run_attack(a, rnn, model, x, y, a.steps, train=True)  # step 1
+        params = list(rnn.parameters())
+        for p, g in zip(params, torch.autograd.grad(-rnn_objective, params)):  # step 2 (ascent)
+            p.grad = g
+        rnn_opt.step()
+    if a.method == "rnn-adv":  # step 3
+        logits = model(x_adv)
+        loss = F.cross_entropy(logits, y)
+    else:
+        logits_clean, logits = model(x), model(x_adv)
+        kl = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(logits_clean, 1), reduction="batchmean", log_target=True)
+        loss = F.cross_entropy(logits_clean, y) + a.beta * kl
+    sgd_update(run, loss)
+    return loss.detach(), (logits.argmax(1) == y).sum()
+
+
 @dataclass
 class Method:
     train_step: Callable
@@ -1131,6 +1349,9 @@ METHODS: Dict[str, Method] = {
     "fast-at": Method(train_fast_at, "Wong et al. 2020, Algorithm 3"),
     "fast-at-ga": Method(train_fast_at_ga, "Andriushchenko & Flammarion 2020, GradAlign"),
     "fast-bat": Method(train_fast_bat, "Zhang et al. 2022, eq. 9, 13, 14"),
+    "pgd-at-bls": Method(train_pgd_at_bls, "Xiong & Hsieh 2020, Table 1 AdvTrain+BLS"),
+    "rnn-adv": Method(train_rnn, "Xiong & Hsieh 2020, Algorithm 1 with PGD-AT's loss", setup_rnn),
+    "rnn-trades": Method(train_rnn, "Xiong & Hsieh 2020, Algorithm 1 with TRADES' loss", setup_rnn),
     "l2l-naive": Method(train_l2l, "Jiang et al. 2021, naive L2L", setup_l2l),
     "l2l-grad": Method(train_l2l, "Jiang et al. 2021, gradient L2L", setup_l2l),
     "l2l-2step": Method(train_l2l, "Jiang et al. 2021, multi-step gradient L2L", setup_l2l),
@@ -1164,6 +1385,18 @@ EVAL_ATTACKS: Dict[str, EvalAttack] = {
                       lambda a: dict(loss="ce (learned L2L attacker)", steps=a.l2l_steps
                                      if L2L_VARIANTS.get(a.method) == "multi" else 1,
                                      step_size=a.eps, restarts=1, random_start=False)),
+    # The checkpoint's learned RNN optimiser, run for --rnn-eval-steps (Table 6: more steps than trained with).
+    "rnn": EvalAttack(lambda m, x, y, a, e: rnn_run_attack(a, e["rnn"], m, x, y, a.rnn_eval_steps, train=False)[0],
+                      lambda a: dict(loss="kl (learned RNN optimiser)" if a.method == "rnn-trades"
+                                     else "ce (learned RNN optimiser)", steps=a.rnn_eval_steps,
+                                     step_size=a.rnn_max_step, restarts=1, random_start=True)),
+    # Black-box transfer (Xiong & Hsieh Table 7): PGD with the evaluation settings on --transfer-from's
+    # classifier, scored on this one.
+    "transfer": EvalAttack(lambda m, x, y, a, e: pgd(e["transfer_source"], x, y, a.eps, a.eval_step_size, a.eval_steps,
+                                                     a.eval_restarts, "ce"),
+                           lambda a: dict(loss="ce on the source model (transfer)", steps=a.eval_steps,
+                                          step_size=a.eval_step_size, restarts=a.eval_restarts, random_start=True,
+                                          source=os.path.abspath(a.transfer_from) if a.transfer_from else None)),
 }
 
 
@@ -1272,7 +1505,8 @@ def catastrophic_overfitting(history: list) -> Optional[str]:
 # Flags that define a training run: --resume refuses a checkpoint whose values differ.
 TRAINING_KEYS = ("method", "dataset", "model", "depth", "width", "train_size", "val_size", "augment", "epochs",
                  "batch_size", "lr", "momentum", "weight_decay", "lr_schedule", "lr_milestones", "eps",
-                 "step_size", "steps", "beta", "attack_bn", "seed", "val_steps", "bat_a", "bat_lambda", "bat_ig_ratio", "ga_gamma", "l2l_attacker", "l2l_width", "l2l_steps",
+                 "step_size", "steps", "beta", "attack_bn", "seed", "val_steps", "bat_a", "bat_lambda", "bat_ig_ratio", "ga_gamma", "rnn_hidden", "rnn_layers", "rnn_lr", "rnn_max_step", "rnn_weights", "rnn_init", "rnn_no_preprocess",
+                 "bls_init_step", "bls_shrink", "bls_c", "bls_tries", "init", "l2l_attacker", "l2l_width", "l2l_steps",
                  "l2l_step_size", "attacker_steps", "attacker_lr", "attacker_wd")
 
 
@@ -1320,6 +1554,33 @@ def build_run(args, device) -> Run:
     return Run(model, optimizer, args, extras)
 
 
+def init_from(run: Run, path: str) -> None:
+    """--init (Algorithm 1 of Xiong & Hsieh, step 3: "or initialise them with pre-trained configurations"):
+    the classifier, and each learned network the checkpoint also has, start from its weights."""
+    ckpt = read_checkpoint(path, "--init")
+    try:
+        run.model.load_state_dict(ckpt["model"])
+        for name, extra in run.extras.items():
+            if isinstance(extra, nn.Module) and name in ckpt["extras"]:
+                extra.load_state_dict(ckpt["extras"][name])
+    except RuntimeError as e:
+        raise UsageError(f"--init {path} does not fit --model {run.args.model} on {run.args.dataset} "
+                         f"({str(e).splitlines()[0][:100]}); pass a checkpoint of the same model and dataset")
+
+
+def evaluation_extras(args, run: Run, device) -> dict:
+    """What the evaluation attacks need beyond the classifier: the learned networks of the run and, for
+    'transfer', the source classifier of --transfer-from."""
+    extras = dict(run.extras)
+    if args.transfer_from:
+        source = read_checkpoint(args.transfer_from, "--transfer-from")
+        if source["args"]["dataset"] != args.dataset:
+            raise UsageError(f"--transfer-from {args.transfer_from} was trained on {source['args']['dataset']}, "
+                             f"not {args.dataset}; pass a checkpoint of the same dataset")
+        extras["transfer_source"] = load_model(args.transfer_from, device)
+    return extras
+
+
 def checkpoint_state(run: Run, epoch: int, best: dict, history: list, gen: torch.Generator) -> dict:
     return {"format": CHECKPOINT_FORMAT, "args": vars(run.args), "epoch": epoch,
             "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
@@ -1349,6 +1610,9 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
     run = build_run(args, device)
     gen = torch.Generator(device=device)
     gen.manual_seed(args.seed)
+    eval_extras = evaluation_extras(args, run, device)  # fails before training if --transfer-from is bad
+    if args.init and not args.resume:
+        init_from(run, args.init)
     start_epoch, best, history = 0, {"epoch": 0, "val_robust": -1.0}, []
     last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "best.pt")
     if args.resume:
@@ -1423,11 +1687,11 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
     results = {"method": args.method, "dataset": args.dataset, "model": args.model, "args": vars(args),
                "checkpoint": "best.pt", "best_epoch": best["epoch"], "history": history}
     restore(run, read_checkpoint(best_path, "checkpoint"))
-    results.update(evaluate(run.model, data.x_test, data.y_test, args, attacks, run.extras))
+    results.update(evaluate(run.model, data.x_test, data.y_test, args, attacks, eval_extras))
     print(format_results(results, f"test, best.pt (epoch {best['epoch']}, chosen on validation)"))
     if best["epoch"] != args.epochs:
         restore(run, read_checkpoint(last_path, "checkpoint"))
-        last = evaluate(run.model, data.x_test, data.y_test, args, attacks, run.extras)
+        last = evaluate(run.model, data.x_test, data.y_test, args, attacks, eval_extras)
         print(format_results(last, f"test, last.pt (epoch {args.epochs})"))
     else:
         last = {k: v for k, v in results.items() if k not in ("method", "dataset", "model", "args", "checkpoint",
@@ -1453,7 +1717,8 @@ def evaluate_checkpoint(args) -> dict:
                          f"({str(e).splitlines()[0][:100]})")
     results = {"method": args.method, "dataset": args.dataset, "model": args.model, "args": vars(args),
                "checkpoint": os.path.abspath(args.eval_only), "epoch": ckpt["epoch"]}
-    results.update(evaluate(run.model, data.x_test, data.y_test, args, args.eval_attacks.split(","), run.extras))
+    extras = evaluation_extras(args, run, device)
+    results.update(evaluate(run.model, data.x_test, data.y_test, args, args.eval_attacks.split(","), extras))
     print(format_results(results, f"test, {args.eval_only} (epoch {ckpt['epoch']})"))
     atomic_write_json(results, os.path.join(args.out, "results.json"))
     print(f"wrote {args.out}/results.json")
@@ -1466,7 +1731,7 @@ def evaluate_checkpoint(args) -> dict:
 
 # Flags an --eval-only run takes from the command line; everything else comes from the checkpoint.
 EVAL_KEYS = ("eps", "eval_attacks", "eval_steps", "eval_step_size", "eval_restarts", "eval_batch_size",
-             "test_size", "data_dir", "device", "seed", "out", "overwrite")
+             "test_size", "data_dir", "device", "seed", "out", "overwrite", "transfer_from", "rnn_eval_steps")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -2,7 +2,9 @@
 
 Run: python -m pytest -q test_l2l.py   (CPU, synthetic data, no download; a few minutes on 2 cores)
 """
+import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -93,7 +95,8 @@ ATTACKS = {
 
 def eval_args(**kw):
     a = dict(eps=EPS, eval_step_size=EPS / 4, eval_steps=5, eval_restarts=2, eval_batch_size=64, seed=0,
-             method="l2l-2step", l2l_steps=2, l2l_step_size=None)
+             method="l2l-2step", l2l_steps=2, l2l_step_size=None, rnn_eval_steps=3, rnn_max_step=EPS,
+             rnn_init="uniform", rnn_weights="uniform", transfer_from=None)
     a.update(kw)
     return type("A", (), a)()
 
@@ -104,7 +107,8 @@ def test_every_attack_stays_in_eps_ball_and_image_box(toy, name):
     for p in model.parameters():
         p.grad = None
     if name.startswith("eval:"):
-        extras = l2l_run("l2l-2step").extras if name == "eval:l2l" else {}  # a learned attack needs its network
+        extras = {"eval:l2l": lambda: l2l_run("l2l-2step").extras, "eval:rnn": lambda: rnn_run().extras,
+                  "eval:transfer": lambda: {"transfer_source": tiny_cnn().eval()}}.get(name, dict)()
         x_adv = l2l.EVAL_ATTACKS[name[5:]].run(model, x, y, eval_args(), extras)
     else:
         x_adv = ATTACKS[name](model, x, y)
@@ -746,3 +750,141 @@ def test_catastrophic_overfitting_is_flagged():
     assert l2l.catastrophic_overfitting([dict(epoch=1, val_clean=0.9, val_robust=0.05)]) is None
     h[-1]["val_clean"] = 0.4
     assert l2l.catastrophic_overfitting(h) is None
+
+
+# ------------------------------------------------------------------------------------------------
+# Xiong & Hsieh: RNN learned optimiser (RNN-Adv, RNN-TRADES) and PGD with backtracking line search
+# ------------------------------------------------------------------------------------------------
+
+
+def rnn_run(method="rnn-adv", steps=4, model=None, extra=()):
+    args = l2l.parse_args(["--method", method, "--dataset", "mnist", "--eps", "0.1", "--steps", str(steps),
+                           "--lr", "0.02", "--device", "cpu", *extra])
+    torch.manual_seed(0)
+    run = l2l.build_run(args, CPU)
+    if model is not None:
+        run.model = model
+        run.optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    return run
+
+
+def test_preprocessed_gradient_follows_andrychowicz():
+    g = torch.tensor([1.0, -1e-2, 1e-6, 0.0])
+    out = l2l.preprocess_gradient(g)
+    assert torch.allclose(out[0], torch.tensor([0.0, 1.0])) and out[1, 1] == -1
+    assert torch.allclose(out[1, 0], torch.tensor(math.log(1e-2) / 10))
+    assert torch.allclose(out[2], torch.tensor([-1.0, 1e-6 * math.exp(10)]))  # below e^-10: (-1, e^p g)
+    assert torch.equal(out[3], torch.tensor([-1.0, 0.0]))
+
+
+@pytest.mark.parametrize("method", ["rnn-adv", "rnn-trades"])
+@pytest.mark.parametrize("train", [True, False])
+def test_every_rnn_iterate_obeys_the_constraints(toy, method, train, monkeypatch):
+    model, x, y = toy
+    run = rnn_run(method)
+    seen = []
+    real_project = l2l.project
+    monkeypatch.setattr(l2l, "project", lambda z, x0, e: seen.append(real_project(z, x0, e)) or seen[-1])
+    x_adv, objective = l2l.rnn_run_attack(run.args, run.extras["rnn"], model, x, y, 4, train)
+    assert len(seen) == 5  # the start and all T = 4 iterates
+    for it in seen + [x_adv]:
+        assert (it - x).abs().max() <= 0.1 + 1e-6 and it.min() >= 0 and it.max() <= 1
+    assert (objective is not None) == train
+
+
+def test_rnn_gradient_reaches_phi_and_the_classifier_step_leaves_phi_alone(toy):
+    model, x, y = toy
+    run = rnn_run(model=copy.deepcopy(model))  # a trained classifier: its loss depends on the input
+    run.optimizer = torch.optim.SGD(run.model.parameters(), lr=0.05)
+    rnn = run.extras["rnn"]
+    before = [p.detach().clone() for p in rnn.parameters()]
+    theta_grads_at_phi_step = {}
+    original = run.extras["rnn_opt"].step
+
+    def spy(*a, **k):
+        theta_grads_at_phi_step["grads"] = [p.grad for p in run.model.parameters()]
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in rnn.parameters())
+        return original(*a, **k)
+
+    run.extras["rnn_opt"].step = spy
+    run.model.train()
+    l2l.train_rnn(run, x[:32], y[:32])
+    assert all(g is None for g in theta_grads_at_phi_step["grads"]), "the RNN step must not touch theta's .grad"
+    after_rnn = [p.detach().clone() for p in rnn.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after_rnn))
+    # the classifier's SGD step changes theta, not phi: phi is what the RNN step left
+    run.extras["rnn_opt"].step = lambda *a, **k: None
+    theta = [p.detach().clone() for p in run.model.parameters()]
+    l2l.train_rnn(run, x[:32], y[:32])
+    assert all(torch.equal(a, b) for a, b in zip(after_rnn, rnn.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(theta, run.model.parameters()))
+
+
+def test_training_phi_on_a_fixed_classifier_strengthens_its_attack(toy):
+    model, x, y = toy
+    run = rnn_run(model=model, steps=4, extra=["--rnn-lr", "0.01"])
+
+    def attack_loss():
+        torch.manual_seed(7)
+        x_adv, _ = l2l.rnn_run_attack(run.args, run.extras["rnn"], model, x, y, 4, train=False)
+        with torch.no_grad():
+            return F.cross_entropy(model(x_adv), y).item()
+
+    before = attack_loss()
+    for _ in range(15):
+        l2l.train_rnn(run, x, y)  # classifier lr 0: only phi learns
+    after = attack_loss()
+    assert after > 1.2 * before, f"T-step attack loss {before:.3f} -> {after:.3f}"
+
+
+def test_bls_never_accepts_a_step_that_lowers_the_loss(toy, monkeypatch):
+    model, x, y = toy
+    torch.manual_seed(0)
+    # BLS with k = 1..5 steps from one fixed start: each extra step may only raise every example's loss
+    start = l2l.random_start(x, 0.1)
+    monkeypatch.setattr(l2l, "random_start", lambda x0, e: start)
+    ce = lambda z: F.cross_entropy(model(z), y, reduction="none").detach()
+    prev = start
+    for k in range(1, 6):
+        cur = l2l.pgd_bls(model, x, y, 0.1, k, init_step=0.5, tries=4)
+        assert (ce(cur) >= ce(prev) - 1e-6).all(), f"step {k} lowered an example's loss"
+        assert (cur - x).abs().max() <= 0.1 + 1e-6 and cur.min() >= 0 and cur.max() <= 1
+        prev = cur
+    assert (ce(prev) > ce(start)).float().mean() > 0.5
+    # and it is a real attack: at least as strong as FGSM here
+    assert accuracy(model, prev, y) <= accuracy(model, l2l.fgsm(model, x, y, 0.1), y)
+
+
+def test_rnn_checkpoint_round_trip_and_more_eval_steps(mnist_dir, tmp_path):
+    out = str(tmp_path / "run")
+    argv = ["--method", "rnn-adv", "--dataset", "mnist", "--data-dir", mnist_dir, *TINY, "--eval-attacks", "pgd,rnn"]
+    assert l2l.main(argv + ["--out", out]) == 0
+    ckpt = l2l.read_checkpoint(os.path.join(out, "best.pt"), "x")
+    run = l2l.build_run(l2l.parse_args(argv), CPU)
+    l2l.restore(run, ckpt)
+    assert all(torch.equal(v, ckpt["extras"]["rnn"][k]) for k, v in run.extras["rnn"].state_dict().items())
+    ev = str(tmp_path / "ev")
+    assert l2l.main(["--eval-only", os.path.join(out, "best.pt"), "--data-dir", mnist_dir, "--test-size", "32",
+                     "--eval-steps", "2", "--eval-attacks", "pgd,rnn", "--out", ev]) == 0
+    a, b = (json.load(open(os.path.join(d, "results.json"))) for d in (out, ev))
+    assert a["rnn"]["accuracy"] == b["rnn"]["accuracy"] and a["rnn"]["steps"] == 2
+    ev2 = str(tmp_path / "ev2")
+    assert l2l.main(["--eval-only", os.path.join(out, "best.pt"), "--data-dir", mnist_dir, "--test-size", "32",
+                     "--eval-attacks", "rnn", "--rnn-eval-steps", "6", "--out", ev2]) == 0
+    assert json.load(open(os.path.join(ev2, "results.json")))["rnn"]["steps"] == 6
+
+
+def test_transfer_attack_and_init(trained_run, mnist_dir, tmp_path, capsys):
+    src = os.path.join(trained_run, "best.pt")
+    out = str(tmp_path / "t")
+    # --init with a negligible lr: the classifier stays the source's, so its clean accuracy is the source's
+    assert l2l.main(["--method", "plain", "--dataset", "mnist", "--data-dir", mnist_dir, *TINY, "--init", src,
+                     "--lr", "1e-12", "--eval-attacks", "pgd,transfer", "--transfer-from", src, "--out", out]) == 0
+    res = json.load(open(os.path.join(out, "results.json")))
+    source = json.load(open(os.path.join(trained_run, "results.json")))
+    assert res["clean"]["accuracy"] == source["clean"]["accuracy"]
+    assert res["transfer"]["source"] == os.path.abspath(src) and 0 <= res["transfer"]["accuracy"] <= 1
+    assert "transfer" in capsys.readouterr().out
+    code = l2l.main(["--method", "plain", "--dataset", "mnist", "--data-dir", mnist_dir, *TINY,
+                     "--eval-attacks", "transfer", "--out", str(tmp_path / "u")])
+    check_one_line_error(code, capsys.readouterr().err, "--transfer-from")
