@@ -3,7 +3,6 @@
 Papers this file follows (facts and the project's decisions: PAPERS.md of the project):
   [L2L]      Jiang, Chen, Shi, Dai, Zhao. Learning to Defend by Learning to Attack. AISTATS 2021, arXiv 1811.01213
   [RNN]      Xiong, Hsieh. Improved Adversarial Training via Learned Optimizer. ECCV 2020, arXiv 2004.12227
-             (RNN-Adv and RNN-TRADES are not in this file yet)
   [Fast-BAT] Zhang, Zhang, Khanduri, Hong, Chang, Liu. Revisiting and Advancing Fast Adversarial Training
              Through the Lens of Bi-Level Optimization. ICML 2022, arXiv 2112.12376
 and the baselines they compare against:
@@ -14,7 +13,8 @@ and the baselines they compare against:
 
 Run (defaults follow each method's paper; every default is a flag):
   python l2l.py --method pgd-at --dataset cifar10          # plain, pgd-at, trades, fast-at, fast-at-ga, fast-bat,
-  python l2l.py --method l2l-2step --dataset cifar10       # l2l-naive, l2l-grad, l2l-2step
+  python l2l.py --method l2l-2step --dataset cifar10       # l2l-naive, l2l-grad, l2l-2step,
+  python l2l.py --method rnn-adv --dataset cifar10         # pgd-at-bls, rnn-adv, rnn-trades
   python l2l.py --method trades --dataset mnist --data-dir ./data --epochs 2 --train-size 10000
   python l2l.py --eval-only runs/pgd-at_cifar10/best.pt --eval-attacks fgsm,pgd,cw --eval-restarts 10
   python l2l.py --help
