@@ -49,8 +49,27 @@ fastbat-fast-at-svhn-eps16     | Fast-BAT's Fast-AT on svhn, eps 16/255 (ICML ta
 fastbat-fast-at-ga-svhn-eps16  | Fast-BAT's Fast-AT-GA on svhn, eps 16/255 (ICML tables not read: no number) | --method fast-at-ga --dataset svhn --eps 16/255 FASTBAT --lr 0.05
 fastbat-fast-bat-svhn-eps16    | Fast-BAT's Fast-BAT on svhn, eps 16/255 (ICML tables not read: no number) | --method fast-bat --dataset svhn --eps 16/255 FASTBAT --lr 0.05
 fastbat-pgd2-svhn-eps16        | PGD-2-AT (2 steps of eps/2, random start) baseline of Fast-BAT, svhn, eps 16/255 (no number read) | --method pgd-at --steps 2 --step-size 8/255 --dataset svhn --eps 16/255 FASTBAT --lr 0.05
+rnn-t1-pgd-at-mnist            | Xiong & Hsieh Table 1 'AdvTrain' (87.33 robust, dataset not named; MNIST assumed): PGD-40 | --method pgd-at --dataset mnist RNN_MNIST
+rnn-t1-pgd-at-bls-mnist        | Xiong & Hsieh Table 1 'AdvTrain+BLS' (88.71): PGD-40 with backtracking line search | --method pgd-at-bls --dataset mnist RNN_MNIST
+rnn-t3-pgd-at-mnist          | Xiong & Hsieh Table 3 (white-box, MNIST, 4-layer CNN), AdvTrain; T = 40 | --method pgd-at --dataset mnist RNN_MNIST --eval-attacks fgsm,pgd,cw
+rnn-t3-rnn-adv-mnist         | Xiong & Hsieh Table 3 (white-box, MNIST, 4-layer CNN), RNN-Adv; T = 40 | --method rnn-adv --dataset mnist RNN_MNIST --eval-attacks fgsm,pgd,cw,rnn
+rnn-t3-trades-mnist          | Xiong & Hsieh Table 3 (white-box, MNIST, 4-layer CNN), TRADES; T = 40 | --method trades --dataset mnist RNN_MNIST --eval-attacks fgsm,pgd,cw
+rnn-t3-rnn-trades-mnist      | Xiong & Hsieh Table 3 (white-box, MNIST, 4-layer CNN), RNN-TRADES; T = 40 | --method rnn-trades --dataset mnist RNN_MNIST --eval-attacks fgsm,pgd,cw,rnn
+rnn-t4-pgd-at-cifar10        | Xiong & Hsieh Table 4 (white-box, CIFAR-10, VGG-16), AdvTrain; T = 10 | --method pgd-at --dataset cifar10 --model vgg16 RNN_CIFAR --eval-attacks fgsm,pgd,cw
+rnn-t4-rnn-adv-cifar10       | Xiong & Hsieh Table 4 (white-box, CIFAR-10, VGG-16), RNN-Adv; T = 10 | --method rnn-adv --dataset cifar10 --model vgg16 RNN_CIFAR --eval-attacks fgsm,pgd,cw,rnn
+rnn-t4-trades-cifar10        | Xiong & Hsieh Table 4 (white-box, CIFAR-10, VGG-16), TRADES; T = 10 | --method trades --dataset cifar10 --model vgg16 RNN_CIFAR --eval-attacks fgsm,pgd,cw
+rnn-t4-rnn-trades-cifar10    | Xiong & Hsieh Table 4 (white-box, CIFAR-10, VGG-16), RNN-TRADES; T = 10 | --method rnn-trades --dataset cifar10 --model vgg16 RNN_CIFAR --eval-attacks fgsm,pgd,cw,rnn
+rnn-t5-pgd-at-cifar10        | Xiong & Hsieh Table 5 (white-box, CIFAR-10, WideResNet-34-10), AdvTrain; T = 10 | --method pgd-at --dataset cifar10 --model wrn RNN_CIFAR --eval-attacks fgsm,pgd,cw
+rnn-t5-rnn-adv-cifar10       | Xiong & Hsieh Table 5 (white-box, CIFAR-10, WideResNet-34-10), RNN-Adv; T = 10 | --method rnn-adv --dataset cifar10 --model wrn RNN_CIFAR --eval-attacks fgsm,pgd,cw,rnn
+rnn-t5-trades-cifar10        | Xiong & Hsieh Table 5 (white-box, CIFAR-10, WideResNet-34-10), TRADES; T = 10 | --method trades --dataset cifar10 --model wrn RNN_CIFAR --eval-attacks fgsm,pgd,cw
+rnn-t5-rnn-trades-cifar10    | Xiong & Hsieh Table 5 (white-box, CIFAR-10, WideResNet-34-10), RNN-TRADES; T = 10 | --method rnn-trades --dataset cifar10 --model wrn RNN_CIFAR --eval-attacks fgsm,pgd,cw,rnn
 TABLE
 )
+# Xiong & Hsieh: no code and no readable full text; the baselines' official settings are used for every row
+# (TRADES: CIFAR-10 eps 0.031, 10 steps of 0.007, lr 0.1 x0.1 at 75/90/100, 76 epochs, wd 2e-4, eval PGD-20 step
+# 0.003; MNIST eps 0.3, 40 steps of 0.01, lr 0.01, 100 epochs), and T equals the baseline's step count.
+RNN_MNIST="--steps 40 --step-size 0.01 --epochs 100 --lr 0.01"
+RNN_CIFAR="--eps 0.031 --steps 10 --step-size 0.007 --epochs 76 --lr 0.1 --weight-decay 2e-4 --lr-milestones 75,90,100 --eval-steps 20 --eval-step-size 0.003"
 # Fast-BAT's setting (train.py defaults): PreActResNet-18, 20 epochs, cyclic lr 0 -> 0.2 -> 0 per iteration, SGD
 # momentum 0.9, wd 5e-4, batch 128, the last 10% of the training set for validation; RA-PGD = PGD-50-10, step eps/4.
 # SVHN uses lr 0.05, this project's choice (a peak of 0.2 is known to diverge on SVHN; the Fast-BAT SVHN lr was not read).
@@ -73,6 +92,8 @@ case "${1:-list}" in
     # shellcheck disable=SC2086
     line=${line//L2L_CIFAR/$L2L_CIFAR}
     line=${line//FASTBAT/$FASTBAT}
+    line=${line//RNN_MNIST/$RNN_MNIST}
+    line=${line//RNN_CIFAR/$RNN_CIFAR}
     exec ${PYTHON:-python} l2l.py $line --out "runs/$name" "$@"
     ;;
 esac
