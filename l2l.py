@@ -298,7 +298,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.rnn_init is None:
         args.rnn_init = "gaussian" if args.method == "rnn-trades" else "uniform"
     if args.rnn_eval_steps is None:
-        args.rnn_eval_steps = args.steps
+        args.rnn_eval_steps = max(args.steps, 1)
     for name in ("rnn_hidden", "rnn_layers", "bls_tries", "rnn_eval_steps"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} is below 1; use 1 or more")
