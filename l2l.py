@@ -262,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--eval-restarts", type=int, default=1, help="random restarts of PGD/CW")
     ev.add_argument("--eval-batch-size", type=int, default=500)
     ev.add_argument("--transfer-from", default=None, metavar="CKPT", help=ev_transfer_help)
+    ev.add_argument("--apgd-steps", type=int, default=100, help="iterations of apgd-ce and apgd-t (AutoAttack: 100)")
+    ev.add_argument("--apgd-targets", type=int, default=9, help="target classes of apgd-t (AutoAttack: 9)")
+    ev.add_argument("--eval-checks", action="store_true",
+                    help="run the gradient-masking sanity checks on the evaluated checkpoint")
     ev.add_argument("--val-steps", type=int, default=10, help="PGD steps of the per-epoch validation attack")
     return p
 
@@ -299,7 +303,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.rnn_init = "gaussian" if args.method == "rnn-trades" else "uniform"
     if args.rnn_eval_steps is None:
         args.rnn_eval_steps = max(args.steps, 1)
-    for name in ("rnn_hidden", "rnn_layers", "bls_tries", "rnn_eval_steps"):
+    for name in ("rnn_hidden", "rnn_layers", "bls_tries", "rnn_eval_steps", "apgd_steps", "apgd_targets"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} is below 1; use 1 or more")
     for name in ("rnn_lr", "rnn_max_step", "bls_init_step", "bls_c"):
@@ -815,6 +819,107 @@ def pgd(model, x, y, eps, step_size, steps, restarts=1, loss="ce", rand_init=Tru
             best = torch.where(better[:, None, None, None], x_adv, best)
             best_wrong, best_loss = best_wrong | wrong, torch.where(better, value, best_loss)
     return best.detach()
+
+
+def dlr_loss(logits: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Difference of Logits Ratio (Croce & Hein 2020, eq. 6 and the targeted form of Sec. 4), per example,
+    with z sorted decreasingly as z_pi1 >= z_pi2 >= ...:
+      untargeted: -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12)
+      targeted:   -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)
+    Shift- and scale-invariant in the logits, so logit rescaling cannot hide the attack's progress."""
+    z = logits.sort(1, descending=True)[0]
+    z_y = logits.gather(1, y[:, None]).squeeze(1)
+    if target is None:
+        other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
+        return -(z_y - other) / (z[:, 0] - z[:, 2] + 1e-12)
+    z_t = logits.gather(1, target[:, None]).squeeze(1)
+    return -(z_y - z_t) / (z[:, 0] - (z[:, 2] + z[:, 3]) / 2 + 1e-12)
+
+
+def apgd_checkpoints(n_iter: int) -> list:
+    """The iterations where APGD may halve its step (Croce & Hein 2020, Sec. 3.2): p_0 = 0, p_1 = 0.22,
+    p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06), in whole iterations (intervals 0.22 N, shrinking by
+    0.03 N down to 0.06 N), which avoids rounding drift: N = 100 gives 22, 41, 57, 70, 80, 87, 93, 99."""
+    step, shrink, least = max(int(0.22 * n_iter), 1), max(int(0.03 * n_iter), 1), max(int(0.06 * n_iter), 1)
+    points, w = [], step
+    while w <= n_iter:
+        points.append(w)
+        step = max(step - shrink, least)
+        w += step
+    return points
+
+
+def apgd(model, x, y, eps, n_iter=100, loss="ce", target=None, rho=0.75, alpha=0.75):
+    """Auto-PGD under l_inf (Croce & Hein, ICML 2020, Algorithm 1), per example:
+      x1 = P(x0 + eta sign(grad)), eta = 2 eps, x0 = x + eps u / ||u||_inf with u ~ U(-1, 1)^d (projected);
+      z_{k+1} = P(x_k + eta sign(grad f(x_k)));  x_{k+1} = P(x_k + alpha (z_{k+1} - x_k) + (1 - alpha)(x_k - x_{k-1}));
+      at each checkpoint w_j: halve eta and restart from the best point when (1) the loss rose in fewer than
+      rho (w_j - w_{j-1}) of the iterations since w_{j-1}, or (2) eta was not halved at w_{j-1} and the best
+      loss has not changed since then.
+    `loss`: 'ce' or 'dlr' (with `target`: the targeted DLR of APGD-T). Returns, per example, a misclassified
+    iterate when one was found, else the highest-loss one."""
+    def f_and_grad(z):
+        z = z.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = model(z)
+            value = F.cross_entropy(logits, y, reduction="none") if loss == "ce" else dlr_loss(logits, y, target)
+            (g,) = torch.autograd.grad(value.sum(), z)
+        return value.detach(), g, logits.detach().argmax(1) != y
+
+    view = (-1,) + (1,) * (x.dim() - 1)
+    u = torch.empty_like(x).uniform_(-1, 1)
+    x_k = project(x + eps * u / u.flatten(1).abs().amax(1).clamp_min(1e-12).view(view), x, eps)
+    f_k, g, wrong = f_and_grad(x_k)
+    x_best, f_best = x_k.clone(), f_k.clone()
+    x_adv = x_k.clone()  # misclassified iterate if found, else the best-loss one (filled in at the end)
+    found = wrong.clone()
+    eta = torch.full_like(f_k, 2 * eps)
+    checkpoints = set(apgd_checkpoints(n_iter))
+    last_w, f_best_at_last, halved_at_last = 0, f_best.clone(), torch.zeros_like(found)
+    increases = torch.zeros_like(f_k)
+    x_prev = x_k.clone()
+    for k in range(n_iter):
+        z = project(x_k + eta.view(view) * g.sign(), x, eps)
+        a = 1.0 if k == 0 else alpha
+        x_new = project(x_k + a * (z - x_k) + (1 - a) * (x_k - x_prev), x, eps)
+        f_new, g_new, wrong = f_and_grad(x_new)
+        x_adv = torch.where((wrong & ~found).view(view), x_new, x_adv)
+        found |= wrong
+        increases += (f_new > f_k).float()
+        better = f_new > f_best
+        x_best = torch.where(better.view(view), x_new, x_best)
+        f_best = torch.where(better, f_new, f_best)
+        x_prev, x_k, f_k, g = x_k, x_new, f_new, g_new
+        if k + 1 in checkpoints:
+            cond1 = increases < rho * (k + 1 - last_w)
+            cond2 = ~halved_at_last & (f_best_at_last >= f_best)
+            halve = cond1 | cond2
+            eta = torch.where(halve, eta / 2, eta)
+            if halve.any():  # restart the halved examples from their best point
+                x_k = torch.where(halve.view(view), x_best, x_k)
+                x_prev = x_k.clone()
+                f_re, g_re, _ = f_and_grad(x_k)
+                f_k, g = torch.where(halve, f_re, f_k), torch.where(halve.view(view), g_re, g)
+            last_w, f_best_at_last, halved_at_last = k + 1, f_best.clone(), halve
+            increases = torch.zeros_like(f_k)
+    return torch.where(found.view(view), x_adv, x_best).detach()
+
+
+def apgd_targeted(model, x, y, eps, n_iter=100, n_targets=9):
+    """APGD-T (Croce & Hein 2020): APGD on the targeted DLR loss, once for each of the `n_targets` classes
+    ranked highest by the clean logits (the true class left out); per example, the first misclassified
+    result is kept, else the last one."""
+    with torch.no_grad():
+        order = model(x).sort(1, descending=True)[1]
+    targets = order[order != y[:, None]].view(len(y), -1)  # candidate classes, most likely first
+    view = (-1,) + (1,) * (x.dim() - 1)
+    x_adv, fooled = x.clone(), torch.zeros_like(y, dtype=torch.bool)
+    for i in range(min(n_targets, targets.shape[1])):
+        cand = apgd(model, x, y, eps, n_iter, "dlr", targets[:, i])
+        x_adv = torch.where(fooled.view(view), x_adv, cand)
+        with torch.no_grad():
+            fooled |= model(cand).argmax(1) != y
+    return x_adv.detach()
 
 
 def trades_attack(model, x, eps, step_size, steps, init_std=0.001):
@@ -1380,6 +1485,14 @@ EVAL_ATTACKS: Dict[str, EvalAttack] = {
     "cw": EvalAttack(lambda m, x, y, a, e: pgd(m, x, y, a.eps, a.eval_step_size, a.eval_steps, a.eval_restarts, "cw"),
                      lambda a: dict(loss="cw margin (PGD under l_inf, not CW-L2)", steps=a.eval_steps,
                                     step_size=a.eval_step_size, restarts=a.eval_restarts, random_start=True)),
+    # AutoAttack's first two attacks, written here from Croce & Hein (2020): APGD-CE and APGD-T (targeted DLR,
+    # top-9 classes), 1 run each as in AutoAttack's standard version. FAB-T and Square are not in this file.
+    "apgd-ce": EvalAttack(lambda m, x, y, a, e: apgd(m, x, y, a.eps, a.apgd_steps, "ce"),
+                          lambda a: dict(loss="ce (APGD)", steps=a.apgd_steps, step_size=2 * a.eps, restarts=1,
+                                         random_start=True)),
+    "apgd-t": EvalAttack(lambda m, x, y, a, e: apgd_targeted(m, x, y, a.eps, a.apgd_steps, a.apgd_targets),
+                         lambda a: dict(loss=f"targeted dlr (APGD-T, {a.apgd_targets} targets)", steps=a.apgd_steps,
+                                        step_size=2 * a.eps, restarts=a.apgd_targets, random_start=True)),
     # The learned L2L attacker of the checkpoint, in eval mode, against its own classifier.
     "l2l": EvalAttack(lambda m, x, y, a, e: eval_learned_l2l(m, x, y, a, e),
                       lambda a: dict(loss="ce (learned L2L attacker)", steps=a.l2l_steps
@@ -1406,7 +1519,7 @@ def eval_learned_l2l(model, x, y, args, extras):
         return l2l_attack(args, attacker, model, x, y)
 
 
-def evaluate(model, x_uint8, y, args, attacks, extras=None) -> dict:
+def evaluate(model, x_uint8, y, args, attacks, extras=None, gallery: Optional[dict] = None) -> dict:
     """Clean accuracy, each attack's robust accuracy and the per-example worst case over all of them
     (an example counts as robust only if it is classified correctly clean and under every attack).
     Also records the largest l_inf perturbation each attack produced, as a check of the constraint.
@@ -1423,12 +1536,15 @@ def evaluate(model, x_uint8, y, args, attacks, extras=None) -> dict:
         for name in attacks:
             x_adv = EVAL_ATTACKS[name].run(model, x, yb, args, extras or {})
             max_pert[name] = torch.maximum(max_pert[name], (x_adv - x).abs().amax())
+            if gallery is not None and i == 0:
+                gallery.setdefault("clean", x[:8].cpu())
+                gallery[name] = x_adv[:8].cpu()
             with torch.no_grad():
                 correct[name].append(model(x_adv).argmax(1) == yb)
     correct = {k: torch.cat(v) for k, v in correct.items()}
     worst = torch.stack(list(correct.values())).all(0)
     results = {"protocol": {"eps": args.eps, "eps_text": fmt_eps(args.eps), "examples": n,
-                            "split": "test", "indices": f"first {n} test examples (0..{n - 1})",
+                            "split": "test", "indices": list(range(n)),
                             "model_mode": "eval"},
                "clean": {"accuracy": correct["clean"].float().mean().item()}}
     for name in attacks:
@@ -1438,15 +1554,91 @@ def evaluate(model, x_uint8, y, args, attacks, extras=None) -> dict:
     return results
 
 
+def sanity_checks(model, x_uint8, y, args, extras=None, n_max=500) -> list:
+    """Checks from the literature on evaluating robustness (Carlini et al. 2019, "On Evaluating Adversarial
+    Robustness"; Athalye et al. 2018), on the first min(n_max, N) examples, model in eval mode. Each gives
+    pass/fail with its figures; a failure is a warning of possible gradient masking, never hidden.
+      1. more PGD steps (4K) do not raise robust accuracy;  2. more restarts (5) do not raise it;
+      3. accuracy falls as eps grows (eps/2, eps, 2 eps) and is ~0 (<= 2%) at eps = 0.5, half the pixel range;
+      4. the model's own gradients beat a transfer attack (--transfer-from) or, without one, uniform noise of
+         the same budget;  5. the loss rises along PGD (iterate 0, K/2, K)."""
+    model.eval()
+    n = min(n_max, x_uint8.shape[0])
+    x, y = to_float(x_uint8[:n]), y[:n]
+    k, step, tol = args.eval_steps or 10, args.eval_step_size, 1.0 / n + 1e-9
+
+    def acc(z):
+        with torch.no_grad():
+            return (model(z).argmax(1) == y).float().mean().item()
+
+    def pgd_acc(eps, steps, restarts=1, step_size=step, seed=0):
+        torch.manual_seed(args.seed + seed)
+        return acc(pgd(model, x, y, eps, step_size, steps, restarts))
+
+    checks = []
+    base = pgd_acc(args.eps, k)
+    more = pgd_acc(args.eps, 4 * k, seed=1)
+    checks.append(dict(name="more steps", passed=more <= base + tol,
+                       detail=f"PGD-{k} {100 * base:.1f}% -> PGD-{4 * k} {100 * more:.1f}%"))
+    restarts = pgd_acc(args.eps, k, restarts=5, seed=2)
+    checks.append(dict(name="more restarts", passed=restarts <= base + tol,
+                       detail=f"1 restart {100 * base:.1f}% -> 5 restarts {100 * restarts:.1f}%"))
+    curve = [(e, pgd_acc(e, k, step_size=2.5 * e / k)) for e in (args.eps / 2, args.eps, 2 * args.eps, 0.5)]
+    monotone = all(b[1] <= a[1] + tol for a, b in zip(curve, curve[1:]))
+    checks.append(dict(name="eps sweep", passed=monotone and curve[-1][1] <= 0.02,
+                       detail=", ".join(f"eps {fmt_eps(e)}: {100 * a:.1f}%" for e, a in curve)))
+    torch.manual_seed(args.seed)
+    if extras and "transfer_source" in extras:
+        other, what = acc(pgd(extras["transfer_source"], x, y, args.eps, step, k)), "transfer PGD"
+    else:
+        other, what = acc(project(x + torch.empty_like(x).uniform_(-args.eps, args.eps), x, args.eps)), "uniform noise"
+    checks.append(dict(name="white-box beats black-box", passed=base < other or other <= 0.01,
+                       detail=f"white-box PGD-{k} {100 * base:.1f}% vs {what} {100 * other:.1f}%"))
+    losses = []
+    for steps in (0, k // 2, k):
+        torch.manual_seed(args.seed)
+        with torch.no_grad():
+            losses.append(F.cross_entropy(model(pgd(model, x, y, args.eps, step, steps)), y).item())
+    checks.append(dict(name="loss rises along PGD", passed=losses[-1] > losses[0] + 1e-3,
+                       detail=" -> ".join(f"{v:.3f}" for v in losses) + f" (CE at iterations 0, {k // 2}, {k})"))
+    return checks
+
+
+def format_checks(checks: list) -> str:
+    lines = ["sanity checks (a failure warns of possible gradient masking):"]
+    for c in checks:
+        lines.append(f"  {'pass' if c['passed'] else 'FAIL'}  {c['name']:<26} {c['detail']}")
+    if not all(c["passed"] for c in checks):
+        lines.append("  WARNING: possible gradient masking; the robust accuracies above may overestimate robustness")
+    return "\n".join(lines)
+
+
+def save_examples(gallery: dict, eps: float, path: str) -> None:
+    """<out>/examples.png: a row of clean images, then for each attack a row of adversarial images and a row
+    of perturbations amplified to the full range ((x' - x) / 2 eps + 1/2), like the papers' figures."""
+    from torchvision.utils import save_image
+    rows = [gallery["clean"]]
+    for name, x_adv in gallery.items():
+        if name != "clean":
+            rows += [x_adv, ((x_adv - gallery["clean"]) / (2 * eps) + 0.5).clamp(0, 1)]
+    grid = torch.cat(rows)
+    if grid.shape[1] == 1:
+        grid = grid.expand(-1, 3, -1, -1)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".png")
+    os.close(fd)
+    save_image(grid, tmp, nrow=gallery["clean"].shape[0], padding=2, pad_value=1.0)
+    os.replace(tmp, path)
+
+
 def format_results(res: dict, title: str) -> str:
     """The results as a table, protocol beside every number."""
     p = res["protocol"]
     lines = [f"{title}: eps {p['eps_text']}, {p['examples']} {p['split']} examples, model in eval mode",
-             f"  {'attack':<12}{'accuracy':>9}  {'loss':<6}{'steps':>6}{'step':>9}{'restarts':>9}"]
+             f"  {'attack':<12}{'accuracy':>9}  {'loss':<9}{'steps':>6}{'step':>9}{'restarts':>9}"]
     lines.append(f"  {'clean':<12}{100 * res['clean']['accuracy']:>8.2f}%")
     for name in res["worst_case"]["over"][1:]:
         r = res[name]
-        lines.append(f"  {name:<12}{100 * r['accuracy']:>8.2f}%  {r['loss'].split()[0]:<6}{r['steps']:>6}"
+        lines.append(f"  {name:<12}{100 * r['accuracy']:>8.2f}%  {r['loss'].split()[0]:<9}{r['steps']:>6}"
                      f"{fmt_eps(r['step_size']):>9}{r['restarts']:>9}")
     lines.append(f"  {'worst case':<12}{100 * res['worst_case']['accuracy']:>8.2f}%  "
                  f"(per example, over {', '.join(res['worst_case']['over'])})")
@@ -1687,8 +1879,10 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
     results = {"method": args.method, "dataset": args.dataset, "model": args.model, "args": vars(args),
                "checkpoint": "best.pt", "best_epoch": best["epoch"], "history": history}
     restore(run, read_checkpoint(best_path, "checkpoint"))
-    results.update(evaluate(run.model, data.x_test, data.y_test, args, attacks, eval_extras))
+    gallery = {}
+    results.update(evaluate(run.model, data.x_test, data.y_test, args, attacks, eval_extras, gallery))
     print(format_results(results, f"test, best.pt (epoch {best['epoch']}, chosen on validation)"))
+    report_extras(run.model, data, args, eval_extras, results, gallery)
     if best["epoch"] != args.epochs:
         restore(run, read_checkpoint(last_path, "checkpoint"))
         last = evaluate(run.model, data.x_test, data.y_test, args, attacks, eval_extras)
@@ -1700,6 +1894,14 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
     atomic_write_json(results, os.path.join(args.out, "results.json"))
     print(f"wrote {args.out}/results.json, best.pt, last.pt")
     return results
+
+
+def report_extras(model, data: Data, args, extras: dict, results: dict, gallery: dict) -> None:
+    """examples.png of the evaluated checkpoint and, with --eval-checks, the sanity checks (into results)."""
+    save_examples(gallery, args.eps, os.path.join(args.out, "examples.png"))
+    if args.eval_checks:
+        results["checks"] = sanity_checks(model, data.x_test, data.y_test, args, extras)
+        print(format_checks(results["checks"]))
 
 
 def evaluate_checkpoint(args) -> dict:
@@ -1718,8 +1920,10 @@ def evaluate_checkpoint(args) -> dict:
     results = {"method": args.method, "dataset": args.dataset, "model": args.model, "args": vars(args),
                "checkpoint": os.path.abspath(args.eval_only), "epoch": ckpt["epoch"]}
     extras = evaluation_extras(args, run, device)
-    results.update(evaluate(run.model, data.x_test, data.y_test, args, args.eval_attacks.split(","), extras))
+    gallery = {}
+    results.update(evaluate(run.model, data.x_test, data.y_test, args, args.eval_attacks.split(","), extras, gallery))
     print(format_results(results, f"test, {args.eval_only} (epoch {ckpt['epoch']})"))
+    report_extras(run.model, data, args, extras, results, gallery)
     atomic_write_json(results, os.path.join(args.out, "results.json"))
     print(f"wrote {args.out}/results.json")
     return results
@@ -1731,7 +1935,8 @@ def evaluate_checkpoint(args) -> dict:
 
 # Flags an --eval-only run takes from the command line; everything else comes from the checkpoint.
 EVAL_KEYS = ("eps", "eval_attacks", "eval_steps", "eval_step_size", "eval_restarts", "eval_batch_size",
-             "test_size", "data_dir", "device", "seed", "out", "overwrite", "transfer_from", "rnn_eval_steps")
+             "test_size", "data_dir", "device", "seed", "out", "overwrite", "transfer_from", "rnn_eval_steps",
+             "apgd_steps", "apgd_targets", "eval_checks")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -96,7 +96,7 @@ ATTACKS = {
 def eval_args(**kw):
     a = dict(eps=EPS, eval_step_size=EPS / 4, eval_steps=5, eval_restarts=2, eval_batch_size=64, seed=0,
              method="l2l-2step", l2l_steps=2, l2l_step_size=None, rnn_eval_steps=3, rnn_max_step=EPS,
-             rnn_init="uniform", rnn_weights="uniform", transfer_from=None)
+             rnn_init="uniform", rnn_weights="uniform", transfer_from=None, apgd_steps=10, apgd_targets=3)
     a.update(kw)
     return type("A", (), a)()
 
@@ -888,3 +888,79 @@ def test_transfer_attack_and_init(trained_run, mnist_dir, tmp_path, capsys):
     code = l2l.main(["--method", "plain", "--dataset", "mnist", "--data-dir", mnist_dir, *TINY,
                      "--eval-attacks", "transfer", "--out", str(tmp_path / "u")])
     check_one_line_error(code, capsys.readouterr().err, "--transfer-from")
+
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation a reviewer trusts: APGD-CE, APGD-T, sanity checks, pictures, results.json
+# ------------------------------------------------------------------------------------------------
+
+
+def test_apgd_is_at_least_as_strong_as_pgd_with_the_same_iterations(toy):
+    model, x, y = toy
+    eps = 0.15
+    torch.manual_seed(0)
+    acc_pgd = accuracy(model, l2l.pgd(model, x, y, eps, eps / 4, 20), y)
+    torch.manual_seed(0)
+    acc_apgd = accuracy(model, l2l.apgd(model, x, y, eps, 20), y)
+    acc_apgd_t = accuracy(model, l2l.apgd_targeted(model, x, y, eps, 20, n_targets=3), y)
+    assert acc_apgd <= acc_pgd and acc_apgd_t <= acc_pgd
+    assert acc_apgd < accuracy(model, x, y) - 0.2
+
+
+def test_apgd_checkpoints_follow_the_paper():
+    assert l2l.apgd_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+
+
+def test_dlr_losses_match_hand_computation():
+    logits = torch.tensor([[4.0, 1.0, 2.0, 0.0, 3.0]])  # sorted: 4, 3, 2, 1, 0
+    y, t = torch.tensor([2]), torch.tensor([4])
+    # targeted: -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2) = -(2 - 3) / (4 - (2 + 1) / 2) = 1 / 2.5
+    assert torch.allclose(l2l.dlr_loss(logits, y, t), torch.tensor([0.4]))
+    # untargeted: -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3) = -(2 - 4) / (4 - 2) = 1
+    assert torch.allclose(l2l.dlr_loss(logits, y), torch.tensor([1.0]))
+    # invariant to shifting and scaling the logits
+    assert torch.allclose(l2l.dlr_loss(3 * logits + 7, y, t), torch.tensor([0.4]))
+
+
+class RoundsItsInput(nn.Module):
+    """A classic gradient-masking defence: quantising the input gives zero input gradients."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(torch.round(x * 4) / 4)
+
+
+def checks_args():
+    return type("A", (), dict(eps=0.15, eval_steps=10, eval_step_size=0.15 / 4, seed=0))()
+
+
+def test_sanity_checks_pass_a_plain_model_and_flag_a_masking_one(toy):
+    model, x, y = toy
+    xu = (x * 255).round().to(torch.uint8)
+    plain = l2l.sanity_checks(model, xu, y, checks_args())
+    assert all(c["passed"] for c in plain), l2l.format_checks(plain)
+    masked = l2l.sanity_checks(RoundsItsInput(model).eval(), xu, y, checks_args())
+    failed = {c["name"] for c in masked if not c["passed"]}
+    assert {"loss rises along PGD", "white-box beats black-box"} <= failed, l2l.format_checks(masked)
+    assert "WARNING: possible gradient masking" in l2l.format_checks(masked)
+
+
+def test_results_json_round_trip_examples_png_and_checks(trained_run, mnist_dir, tmp_path):
+    out = str(tmp_path / "ev")
+    args = l2l.parse_args(["--eval-only", os.path.join(trained_run, "best.pt"), "--data-dir", mnist_dir,
+                           "--test-size", "32", "--eval-steps", "2", "--eval-attacks", "fgsm,pgd,apgd-ce,apgd-t",
+                           "--apgd-steps", "5", "--apgd-targets", "2", "--eval-checks", "--out", out])
+    res = l2l.evaluate_checkpoint(args)
+    on_disk = json.load(open(os.path.join(out, "results.json")))
+    assert on_disk == json.loads(json.dumps(res))
+    assert on_disk["protocol"]["indices"] == list(range(32))
+    assert [c["name"] for c in on_disk["checks"]] == ["more steps", "more restarts", "eps sweep",
+                                                      "white-box beats black-box", "loss rises along PGD"]
+    assert on_disk["apgd-t"]["restarts"] == 2 and on_disk["worst_case"]["over"][-2:] == ["apgd-ce", "apgd-t"]
+    from PIL import Image  # pillow comes with torchvision
+    with Image.open(os.path.join(out, "examples.png")) as img:
+        assert img.size == (2 + 8 * 30, 2 + 9 * 30)  # 8 columns; clean + 2 rows per attack; 28x28 tiles, padding 2
