@@ -506,16 +506,21 @@ L2L_CASES = [("l2l-naive", "slim", None), ("l2l-grad", "slim", None), ("l2l-2ste
              ("l2l-2step", "wide", None), ("l2l-2step", "slim", "0.05")]
 
 
-def l2l_run(method, arch="slim", step=None, model=None, steps=2, lr="0.02"):
-    argv = ["--method", method, "--dataset", "mnist", "--eps", "0.1", "--l2l-attacker", arch, "--l2l-width", "16",
-            "--l2l-steps", str(steps), "--lr", lr, "--device", "cpu"] + (["--l2l-step-size", step] if step else [])
-    args = l2l.parse_args(argv)
+def make_run(method, model=None, extra=()):
+    """A Run on MNIST-format data at eps 0.1; with `model`, that classifier with a learning rate of 0."""
+    args = l2l.parse_args(["--method", method, "--dataset", "mnist", "--eps", "0.1", "--lr", "0.02", "--device", "cpu",
+                           *extra])
     torch.manual_seed(0)
     run = l2l.build_run(args, CPU)
     if model is not None:
         run.model = model
         run.optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     return run
+
+
+def l2l_run(method, arch="slim", step=None, model=None, steps=2):
+    return make_run(method, model, ["--l2l-attacker", arch, "--l2l-width", "16", "--l2l-steps", str(steps)]
+                    + (["--l2l-step-size", step] if step else []))
 
 
 @pytest.mark.parametrize("method,arch,step", L2L_CASES)
@@ -758,14 +763,7 @@ def test_catastrophic_overfitting_is_flagged():
 
 
 def rnn_run(method="rnn-adv", steps=4, model=None, extra=()):
-    args = l2l.parse_args(["--method", method, "--dataset", "mnist", "--eps", "0.1", "--steps", str(steps),
-                           "--lr", "0.02", "--device", "cpu", *extra])
-    torch.manual_seed(0)
-    run = l2l.build_run(args, CPU)
-    if model is not None:
-        run.model = model
-        run.optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    return run
+    return make_run(method, model, ["--steps", str(steps), *extra])
 
 
 def test_preprocessed_gradient_follows_andrychowicz():
