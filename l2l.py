@@ -422,19 +422,35 @@ def read_npz(path: str) -> Dict[str, torch.Tensor]:
     return arrays
 
 
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """write(tmp) into a temporary file beside `path`, then rename it over `path`: a kill or an error never
+    leaves a half-written file under the real name (and the temporary file is removed on error)."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def write_npz(path: str, arrays: Dict[str, torch.Tensor]) -> None:
     """Write tensors as a compressed .npz that numpy.load reads; atomic (temporary file, then rename)."""
     descr = {v: k for k, v in _NPY_DTYPES.items()}
-    tmp = path + ".tmp"
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for name, t in arrays.items():
-            t = t.contiguous().cpu()
-            header = "{'descr': '%s', 'fortran_order': False, 'shape': %s, }" % (descr[t.dtype], tuple(t.shape))
-            header += " " * (63 - (10 + len(header)) % 64) + "\n"  # .npy v1: header padded to 64 bytes
-            preamble = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode("latin1")
-            # .numpy() needs numpy, which torchvision (the only writer of caches) always brings along.
-            zf.writestr(name + ".npy", preamble + t.numpy().tobytes())
-    os.replace(tmp, path)
+
+    def write(tmp):
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for name, t in arrays.items():
+                t = t.contiguous().cpu()
+                header = "{'descr': '%s', 'fortran_order': False, 'shape': %s, }" % (descr[t.dtype], tuple(t.shape))
+                header += " " * (63 - (10 + len(header)) % 64) + "\n"  # .npy v1: header padded to 64 bytes
+                preamble = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode("latin1")
+                # .numpy() needs numpy, which torchvision (the only writer of caches) always brings along.
+                zf.writestr(name + ".npy", preamble + t.numpy().tobytes())
+
+    atomic_write(path, write)
 
 
 def _torchvision_arrays(name: str, data_dir: str) -> Dict[str, torch.Tensor]:
@@ -745,7 +761,10 @@ def read_checkpoint(path: str, what: str) -> dict:
 def load_model(path: str, device="cpu") -> nn.Module:
     """The classifier of an l2l.py checkpoint, in eval mode, taking [0,1] inputs: ready for AutoAttack,
     torchattacks or any attack in this file."""
-    ckpt = read_checkpoint(path, "checkpoint")
+    return model_from_checkpoint(read_checkpoint(path, "checkpoint"), device)
+
+
+def model_from_checkpoint(ckpt: dict, device="cpu") -> nn.Module:
     a = ckpt["args"]
     model = build_model(a["model"], a["dataset"], a["depth"], a["width"])
     model.load_state_dict(ckpt["model"])
@@ -1058,8 +1077,13 @@ def l2l_attacker_input(model, x, y, use_grad: bool) -> torch.Tensor:
     pass updates BN statistics as in the official code)."""
     if not use_grad:
         return x
+    return torch.cat([x, scaled_input_grad(model, x, y)], 1).detach()
+
+
+def scaled_input_grad(model, x, y) -> torch.Tensor:
+    """g / max|g| with g = grad_x CE(f(x), y) and one max over the whole batch (adv_loss.py); no graph."""
     g = input_grad(model, x, y)
-    return torch.cat([x, g / g.abs().amax().clamp_min(1e-12)], 1).detach()
+    return g / g.abs().amax().clamp_min(1e-12)
 
 
 def l2l_perturb(attacker, model, x, y, eps, variant: str, steps: int = 1, step_size: Optional[float] = None):
@@ -1079,8 +1103,7 @@ def l2l_perturb(attacker, model, x, y, eps, variant: str, steps: int = 1, step_s
         delta = scale * delta
         for _ in range(steps - 1 if variant == "multi" else 0):
             x_k = (x + delta).clamp(0, 1)
-            g = input_grad(model, x_k, y)
-            a = torch.cat([x_k, g / g.abs().amax().clamp_min(1e-12)], 1)  # x_k keeps its graph, g_hat does not
+            a = torch.cat([x_k, scaled_input_grad(model, x_k, y)], 1)  # x_k keeps its graph, g_hat does not
             delta = (delta + scale * attacker(a)).clamp(-eps, eps)  # Pi_B(eps)
     return (x + delta).clamp(0, 1)
 
@@ -1272,11 +1295,12 @@ def fast_bat_backward(model, x, y, eps, a, lam, ig_ratio=1.0, tol=1e-7) -> dict:
     of step 3 is differentiated (PAPERS.md 3.3). The model's mode is the caller's (train in the code)."""
     p, q = box_bounds(x, eps)
     delta0 = (torch.empty_like(x).uniform_(-eps, eps)).clamp(p, q)  # step 1
-    z = (delta0 + a * input_grad(model, x + delta0, y)).clamp(-eps, eps).clamp(p, q).detach()  # step 2
+    # clamp(p, q) is the code's clamp to [-eps, eps] followed by the clamp to the image box, in one
+    z = (delta0 + a * input_grad(model, x + delta0, y)).clamp(p, q).detach()  # step 2
     z_var = z.clone().requires_grad_(True)
     grad_z = torch.autograd.grad(F.cross_entropy(model(x + z_var), y, reduction="sum"), z_var,
                                  create_graph=True)[0]  # step 3: kept for the double backprop of step 7
-    delta = (z + a * grad_z.detach()).clamp(-eps, eps).clamp(p, q)
+    delta = (z + a * grad_z.detach()).clamp(p, q)
     mask = ((delta > p + tol) & (delta < q - tol)).to(x.dtype)  # step 5
     v = mask * input_grad(model, x + delta, y) / lam  # step 6 (input_grad leaves theta's .grad alone)
     n = x.shape[0]
@@ -1624,10 +1648,8 @@ def save_examples(gallery: dict, eps: float, path: str) -> None:
     grid = torch.cat(rows)
     if grid.shape[1] == 1:
         grid = grid.expand(-1, 3, -1, -1)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".png")
-    os.close(fd)
-    save_image(grid, tmp, nrow=gallery["clean"].shape[0], padding=2, pad_value=1.0)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_image(grid, tmp, nrow=gallery["clean"].shape[0], padding=2, pad_value=1.0,
+                                              format="png"))
 
 
 def format_results(res: dict, title: str) -> str:
@@ -1703,24 +1725,15 @@ TRAINING_KEYS = ("method", "dataset", "model", "depth", "width", "train_size", "
 
 
 def atomic_save(obj, path: str) -> None:
-    """torch.save to a temporary file in the same directory, then rename: a kill never leaves a
-    half-written file under the real name."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_write_json(obj, path: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+
+    atomic_write(path, write)
 
 
 def prepare_out_dir(out: str, keep: tuple, allow: bool) -> None:
@@ -1769,7 +1782,7 @@ def evaluation_extras(args, run: Run, device) -> dict:
         if source["args"]["dataset"] != args.dataset:
             raise UsageError(f"--transfer-from {args.transfer_from} was trained on {source['args']['dataset']}, "
                              f"not {args.dataset}; pass a checkpoint of the same dataset")
-        extras["transfer_source"] = load_model(args.transfer_from, device)
+        extras["transfer_source"] = model_from_checkpoint(source, device)
     return extras
 
 
