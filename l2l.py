@@ -43,6 +43,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 
 # ================================================================================================
@@ -58,15 +59,15 @@ class UsageError(Exception):
 # `augment`: random crop with padding 4 ("crop") and horizontal flip ("flip") as the papers use them;
 # SVHN digits are not flipped (a choice: flipping changes digit identity), MNIST is not augmented.
 DATASETS = {
-    "mnist": dict(shape=(1, 28, 28), classes=10, mean=(0.1307,), std=(0.3081,), augment="none",
+    "mnist": dict(shape=(1, 28, 28), classes=10, n_train=60000, mean=(0.1307,), std=(0.3081,), augment="none",
                   eps=0.3, eval_step_frac=1 / 30, eval_steps=40),  # TRADES/Madry: PGD-40, step 0.01
-    "cifar10": dict(shape=(3, 32, 32), classes=10, mean=(0.4914, 0.4822, 0.4465),
+    "cifar10": dict(shape=(3, 32, 32), classes=10, n_train=50000, mean=(0.4914, 0.4822, 0.4465),
                     std=(0.2470, 0.2435, 0.2616), augment="crop-flip", eps=8 / 255,
                     eval_step_frac=1 / 4, eval_steps=20),
-    "cifar100": dict(shape=(3, 32, 32), classes=100, mean=(0.5071, 0.4865, 0.4409),
+    "cifar100": dict(shape=(3, 32, 32), classes=100, n_train=50000, mean=(0.5071, 0.4865, 0.4409),
                      std=(0.2673, 0.2564, 0.2762), augment="crop-flip", eps=8 / 255,
                      eval_step_frac=1 / 4, eval_steps=20),
-    "svhn": dict(shape=(3, 32, 32), classes=10, mean=(0.4377, 0.4438, 0.4728),
+    "svhn": dict(shape=(3, 32, 32), classes=10, n_train=73257, mean=(0.4377, 0.4438, 0.4728),
                  std=(0.1980, 0.2010, 0.1970), augment="crop", eps=8 / 255,
                  eval_step_frac=1 / 4, eval_steps=20),
 }
@@ -267,6 +268,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--eval-checks", action="store_true",
                     help="run the gradient-masking sanity checks on the evaluated checkpoint")
     ev.add_argument("--val-steps", type=int, default=10, help="PGD steps of the per-epoch validation attack")
+
+    fast = p.add_argument_group("speed and scale (none changes an algorithm; torchrun --nproc_per_node N for GPUs)")
+    fast.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                      help="training and its attacks under bf16 autocast (meant for CUDA; no loss scaling)")
+    fast.add_argument("--eval-precision", default="fp32", choices=("fp32", "bf16"),
+                      help="validation and test attacks (fp32 unless asked)")
+    fast.add_argument("--channels-last", action="store_true", help="NHWC memory format for the networks and batches")
+    fast.add_argument("--compile", action="store_true",
+                      help="torch.compile the networks, static shapes (fast-bat, fast-at-ga stay eager)")
+    fast.add_argument("--sync-bn", action="store_true", help="under torchrun: BatchNorm statistics over all ranks")
+    fast.add_argument("--benchmark", action="store_true",
+                      help="time --bench-steps training steps on synthetic data and print img/s, s/epoch, memory, "
+                           "TFLOP/s; trains nothing, writes nothing")
+    fast.add_argument("--bench-steps", type=int, default=20, help="timed steps of --benchmark")
+    fast.add_argument("--bench-warmup", type=int, default=5, help="untimed steps first (compilation, autotuning)")
+    fast.add_argument("--peak-tflops", type=float, default=None,
+                      help="the device's dense bf16 peak for --benchmark's fraction (default: known GPUs)")
     return p
 
 
@@ -377,6 +395,13 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} must be a finite number >= 0")
     if args.l2l_step_size is not None and not args.l2l_step_size > 0:
         raise UsageError(f"--l2l-step-size {args.l2l_step_size} must be positive")
+    if args.bench_steps < 1 or args.bench_warmup < 0:
+        raise UsageError(f"--bench-steps {args.bench_steps} / --bench-warmup {args.bench_warmup}: use at least 1 "
+                         f"timed step and 0 or more warm-up steps")
+    if args.peak_tflops is not None and not (args.peak_tflops > 0 and math.isfinite(args.peak_tflops)):
+        raise UsageError(f"--peak-tflops {args.peak_tflops} must be a positive number (TFLOP/s)")
+    if args.benchmark and args.eval_only:
+        raise UsageError("--benchmark times training steps and --eval-only trains nothing; pass one of them")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but torch sees no CUDA device; use --device cpu or auto")
     if args.out is None:
@@ -1081,9 +1106,13 @@ def l2l_attacker_input(model, x, y, use_grad: bool) -> torch.Tensor:
 
 
 def scaled_input_grad(model, x, y) -> torch.Tensor:
-    """g / max|g| with g = grad_x CE(f(x), y) and one max over the whole batch (adv_loss.py); no graph."""
+    """g / max|g| with g = grad_x CE(f(x), y) and one max over the whole batch (adv_loss.py); no graph.
+    Under torchrun the batch is the global one: the max is taken over every rank's shard."""
     g = input_grad(model, x, y)
-    return g / g.abs().amax().clamp_min(1e-12)
+    scale = g.abs().amax()
+    if dist_world()[1] > 1:
+        dist.all_reduce(scale, op=dist.ReduceOp.MAX)
+    return g / scale.clamp_min(1e-12)
 
 
 def l2l_perturb(attacker, model, x, y, eps, variant: str, steps: int = 1, step_size: Optional[float] = None):
@@ -1488,6 +1517,168 @@ METHODS: Dict[str, Method] = {
 
 
 # ================================================================================================
+# Speed and scale. None of this changes an algorithm above: every trainer is called as written, on
+# its share of the batch, under the precision asked for; gradients are averaged across processes
+# just before each optimiser step, which is all data parallelism adds.
+# ================================================================================================
+
+# Methods that differentiate through a backward pass (create_graph): torch.compile cannot, so they run eager.
+DOUBLE_BACKWARD = ("fast-bat", "fast-at-ga")
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast (convolutions and matmuls in bf16, losses and softmax in fp32; bf16 has fp32's range, so
+    no loss scaling and the double backward of Fast-BAT and GradAlign need nothing special), or nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def memory_format(args) -> torch.memory_format:
+    return torch.channels_last if args.channels_last else torch.contiguous_format
+
+
+def training_step(run: Run, x, y):
+    """One minibatch of the method: under torchrun this rank's shard of the global batch (x, y), in the
+    chosen memory format and precision. Returns the trainer's (loss, number correct) for the shard."""
+    rank, world = dist_world()
+    if world > 1:
+        x, y = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
+    x = x.contiguous(memory_format=memory_format(run.args))
+    with autocast(x.device, run.args.precision):
+        return METHODS[run.args.method].train_step(run, x, y)
+
+
+def compile_networks(run: Run) -> None:
+    """--compile: the classifier and the learned networks under torch.compile with static shapes, in place
+    (nn.Module.compile keeps the state_dict keys, so checkpoints are unchanged). Train and eval mode and each
+    batch shape compile once. Fast-BAT and GradAlign differentiate twice, which torch.compile cannot: eager."""
+    if run.args.method in DOUBLE_BACKWARD:
+        print(f"note: --compile skipped: {run.args.method} backpropagates through a gradient (create_graph), "
+              f"which torch.compile does not support; running eager", file=sys.stderr)
+        return
+    try:  # RNN-Adv backpropagates twice through one classifier graph (retain_graph): keep its buffers
+        import torch._functorch.config as functorch_config
+        functorch_config.donated_buffer = False
+    except (ImportError, AttributeError):
+        pass
+    for net in [run.model] + [v for v in run.extras.values() if isinstance(v, nn.Module)]:
+        net.compile(dynamic=False)
+
+
+def dist_world() -> tuple:
+    """(rank, number of processes): (0, 1) unless torchrun started this process and the group is up."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def setup_distributed(args) -> torch.device:
+    """The device of this process. Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPUs, one
+    GPU per rank by LOCAL_RANK; gloo on CPU). --batch-size stays the global batch and is split over ranks."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(args.device)
+    if world == 1:
+        return device
+    if args.batch_size % world:
+        raise UsageError(f"--batch-size {args.batch_size} does not split over {world} processes; "
+                         f"use a multiple of {world}")
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise UsageError(f"torchrun started {world} processes but this machine has {torch.cuda.device_count()} "
+                             f"GPUs; lower --nproc_per_node")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    elif args.sync_bn:
+        raise UsageError("--sync-bn needs GPUs (torch's SyncBatchNorm does not run on CPU); drop it")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def all_reduce_mean(tensors: list) -> None:
+    """In place: each tensor becomes its mean over ranks, in one all-reduce (what DistributedDataParallel
+    does to gradients)."""
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def batchnorm_statistics(module: nn.Module) -> list:
+    return [b for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+            for b in (m.running_mean, m.running_var)]
+
+
+def make_data_parallel(run: Run) -> None:
+    """Data parallelism over torchrun's processes for every network of the run. torch's
+    DistributedDataParallel wrapper cannot serve these algorithms: it reduces gradients only as backward()
+    accumulates them, while L2L, the RNN optimiser and Fast-BAT take torch.autograd.grad, several backward
+    passes or a double backward per step. So, with the same effect: rank 0's weights are broadcast once, and
+    every optimiser (the classifier's SGD, the attacker's or RNN's Adam) averages its parameters' gradients
+    over ranks just before it steps. BatchNorm running statistics are averaged there too (DDP instead copies
+    rank 0's); --sync-bn makes the batch statistics themselves global."""
+    if dist_world()[1] == 1:
+        return
+    nets = [run.model] + [v for v in run.extras.values() if isinstance(v, nn.Module)]
+    optimizers = [run.optimizer] + [v for v in run.extras.values() if isinstance(v, torch.optim.Optimizer)]
+    for net in nets:
+        for t in list(net.parameters()) + list(net.buffers()):
+            dist.broadcast(t.data, 0)
+    for opt in optimizers:
+        params = {id(p) for group in opt.param_groups for p in group["params"]}
+        owners = [net for net in nets if any(id(p) in params for p in net.parameters())]
+
+        def average(optimizer, _args, _kwargs, owners=owners):
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            all_reduce_mean(grads + [b for net in owners for b in batchnorm_statistics(net)])
+
+        opt.register_step_pre_hook(average)
+
+
+def shard(n: int, pad: bool) -> torch.Tensor:
+    """This rank's indices of n examples: a contiguous block of ceil(n / ranks). With pad, every rank gets
+    exactly that many (the last repeats example n - 1), so all ranks run the same batches and collectives."""
+    rank, world = dist_world()
+    per = -(-n // world)
+    idx = torch.arange(rank * per, (rank + 1) * per)
+    return idx.clamp(max=n - 1) if pad else idx[idx < n]
+
+
+def gather_examples(t: torch.Tensor, n: int) -> torch.Tensor:
+    """The per-example results of every rank's padded shard (see shard), in example order, first n."""
+    if dist_world()[1] == 1:
+        return t[:n]
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)[:n]
+
+
+def all_reduce_sum(values: list, device: torch.device) -> list:
+    """Sums over ranks of numbers or device scalars (epoch statistics, validation counts), as floats."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    if dist_world()[1] > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def ranks_agree(run: Run) -> bool:
+    """True when every network's parameters are bitwise equal on all ranks (a check that synchronisation held)."""
+    if dist_world()[1] == 1:
+        return True
+    nets = [run.model] + [v for v in run.extras.values() if isinstance(v, nn.Module)]
+    flat = torch.cat([p.detach().reshape(-1).double() for net in nets for p in net.parameters()])
+    low, high = flat.clone(), flat.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    return bool(torch.equal(low, high))
+
+
+# ================================================================================================
 # Evaluation: model in eval mode, fixed test subset (the first --test-size examples), every attack's
 # robust accuracy and the per-example worst case, with the protocol beside every number.
 # ================================================================================================
@@ -1547,29 +1738,38 @@ def evaluate(model, x_uint8, y, args, attacks, extras=None, gallery: Optional[di
     """Clean accuracy, each attack's robust accuracy and the per-example worst case over all of them
     (an example counts as robust only if it is classified correctly clean and under every attack).
     Also records the largest l_inf perturbation each attack produced, as a check of the constraint.
-    Random starts are seeded with --seed here, so a checkpoint and its flags always give the same numbers."""
-    torch.manual_seed(args.seed)
+    Random starts are seeded with --seed here, so a checkpoint and its flags always give the same numbers.
+    Under torchrun each rank attacks its shard (seeded --seed + rank) and the per-example results are gathered."""
+    rank, world = dist_world()
+    torch.manual_seed(args.seed + rank)
     model.eval()
     n = x_uint8.shape[0]
+    idx = shard(n, pad=True).to(x_uint8.device)
+    xs, ys = x_uint8[idx], y[idx]
     correct = {name: [] for name in ["clean"] + list(attacks)}
     max_pert = {name: torch.zeros((), device=x_uint8.device) for name in attacks}
-    for i in range(0, n, args.eval_batch_size):
-        x, yb = to_float(x_uint8[i:i + args.eval_batch_size]), y[i:i + args.eval_batch_size]
-        with torch.no_grad():
-            correct["clean"].append(model(x).argmax(1) == yb)
-        for name in attacks:
-            x_adv = EVAL_ATTACKS[name].run(model, x, yb, args, extras or {})
-            max_pert[name] = torch.maximum(max_pert[name], (x_adv - x).abs().amax())
-            if gallery is not None and i == 0:
-                gallery.setdefault("clean", x[:8].cpu())
-                gallery[name] = x_adv[:8].cpu()
+    with autocast(x_uint8.device, args.eval_precision):
+        for i in range(0, xs.shape[0], args.eval_batch_size):
+            x = to_float(xs[i:i + args.eval_batch_size]).contiguous(memory_format=memory_format(args))
+            yb = ys[i:i + args.eval_batch_size]
             with torch.no_grad():
-                correct[name].append(model(x_adv).argmax(1) == yb)
-    correct = {k: torch.cat(v) for k, v in correct.items()}
+                correct["clean"].append(model(x).argmax(1) == yb)
+            for name in attacks:
+                x_adv = EVAL_ATTACKS[name].run(model, x, yb, args, extras or {})
+                max_pert[name] = torch.maximum(max_pert[name], (x_adv - x).abs().amax())
+                if gallery is not None and i == 0 and rank == 0:
+                    gallery.setdefault("clean", x[:8].float().cpu())
+                    gallery[name] = x_adv[:8].float().cpu()
+                with torch.no_grad():
+                    correct[name].append(model(x_adv).argmax(1) == yb)
+    correct = {k: gather_examples(torch.cat(v).to(torch.uint8), n).bool() for k, v in correct.items()}
+    if world > 1:
+        for value in max_pert.values():
+            dist.all_reduce(value, op=dist.ReduceOp.MAX)
     worst = torch.stack(list(correct.values())).all(0)
     results = {"protocol": {"eps": args.eps, "eps_text": fmt_eps(args.eps), "examples": n,
                             "split": "test", "indices": list(range(n)),
-                            "model_mode": "eval"},
+                            "model_mode": "eval", "precision": args.eval_precision, "processes": world},
                "clean": {"accuracy": correct["clean"].float().mean().item()}}
     for name in attacks:
         results[name] = dict(accuracy=correct[name].float().mean().item(), **EVAL_ATTACKS[name].protocol(args),
@@ -1588,7 +1788,7 @@ def sanity_checks(model, x_uint8, y, args, extras=None, n_max=500) -> list:
          the same budget;  5. the loss rises along PGD (iterate 0, K/2, K)."""
     model.eval()
     n = min(n_max, x_uint8.shape[0])
-    x, y = to_float(x_uint8[:n]), y[:n]
+    x, y = to_float(x_uint8[:n]).contiguous(memory_format=memory_format(args)), y[:n]
     k, step, tol = args.eval_steps or 10, args.eval_step_size, 1.0 / n + 1e-9
 
     def acc(z):
@@ -1669,20 +1869,25 @@ def format_results(res: dict, title: str) -> str:
 
 def validate(model, data: Data, args) -> tuple:
     """Per-epoch checkpoint selection on the validation split: clean and PGD accuracy, eval mode.
-    PGD-K (--val-steps, 1 restart) with step 2.5 eps / K (Madry et al.'s rule), K = 0 meaning clean."""
+    PGD-K (--val-steps, 1 restart) with step 2.5 eps / K (Madry et al.'s rule), K = 0 meaning clean.
+    Under torchrun each rank takes its share of the split and the counts are summed."""
     model.eval()
-    clean = robust = 0
-    for i in range(0, data.x_val.shape[0], args.eval_batch_size):
-        x, y = to_float(data.x_val[i:i + args.eval_batch_size]), data.y_val[i:i + args.eval_batch_size]
-        with torch.no_grad():
-            clean += (model(x).argmax(1) == y).sum()
-        if args.val_steps:
-            x = pgd(model, x, y, args.eps, 2.5 * args.eps / args.val_steps, args.val_steps)
+    idx = shard(data.x_val.shape[0], pad=False).to(data.x_val.device)
+    xs, ys = data.x_val[idx], data.y_val[idx]
+    clean = robust = torch.zeros((), device=xs.device)
+    with autocast(xs.device, args.eval_precision):
+        for i in range(0, xs.shape[0], args.eval_batch_size):
+            x = to_float(xs[i:i + args.eval_batch_size]).contiguous(memory_format=memory_format(args))
+            y = ys[i:i + args.eval_batch_size]
             with torch.no_grad():
-                robust += (model(x).argmax(1) == y).sum()
+                clean = clean + (model(x).argmax(1) == y).sum()
+            if args.val_steps:
+                x = pgd(model, x, y, args.eps, 2.5 * args.eps / args.val_steps, args.val_steps)
+                with torch.no_grad():
+                    robust = robust + (model(x).argmax(1) == y).sum()
+    clean, robust = all_reduce_sum([clean, robust], xs.device)
     n = data.x_val.shape[0]
-    clean = float(clean) / n
-    return clean, (float(robust) / n if args.val_steps else clean)
+    return clean / n, (robust / n if args.val_steps else clean / n)
 
 
 # ================================================================================================
@@ -1751,11 +1956,22 @@ def prepare_out_dir(out: str, keep: tuple, allow: bool) -> None:
 
 
 def build_run(args, device) -> Run:
-    model = build_model(args.model, args.dataset, args.depth, args.width).to(device)
+    """The classifier, its SGD optimiser and the method's learned networks, in --channels-last's memory format;
+    under torchrun with --sync-bn every BatchNorm is a SyncBatchNorm (same parameters and state_dict)."""
+    sync_bn = args.sync_bn and dist_world()[1] > 1
+
+    def place(net):
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net) if sync_bn else net
+        return net.to(device, memory_format=memory_format(args))
+
+    model = place(build_model(args.model, args.dataset, args.depth, args.width))
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     method = METHODS[args.method]
     extras = method.setup(args, model, device) if method.setup else {}
+    for net in extras.values():  # in place: the root is no BN layer, and Module.to keeps the Parameter objects
+        if isinstance(net, nn.Module):  # that setup's optimisers hold
+            place(net)
     return Run(model, optimizer, args, extras)
 
 
@@ -1805,15 +2021,19 @@ def restore(run: Run, ckpt: dict) -> None:
 
 def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
     """Train args.method for args.epochs, choose the best epoch on validation robust accuracy, then
-    evaluate the best and the last checkpoint on the test set. Returns the results dict."""
-    device = pick_device(args.device)
+    evaluate the best and the last checkpoint on the test set. Returns the results dict.
+    Under torchrun every rank trains on its shard of each global batch; rank 0 alone prints and writes."""
+    device = setup_distributed(args)
+    rank, world = dist_world()
+    say = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = True  # autotuned convolutions: shapes are static
     prepare_out_dir(args.out, () if args.resume else ("last.pt", "best.pt", "results.json"), args.overwrite)
     data = load_data(args, device)
     run = build_run(args, device)
-    gen = torch.Generator(device=device)
+    make_data_parallel(run)
+    gen = torch.Generator(device=device)  # the same on every rank: all ranks draw the same global batches
     gen.manual_seed(args.seed)
     eval_extras = evaluation_extras(args, run, device)  # fails before training if --transfer-from is bad
     if args.init and not args.resume:
@@ -1833,24 +2053,30 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
         gen.set_state(ckpt["rng"]["data"])
         if ckpt["rng"]["cuda"] is not None and device.type == "cuda":
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-        print(f"resumed {last_path} after epoch {start_epoch}")
+        say(f"resumed {last_path} after epoch {start_epoch}")
+    if args.compile:
+        compile_networks(run)
 
     n_params = sum(p.numel() for p in run.model.parameters())
-    print(f"{args.method} ({METHODS[args.method].paper}) on {args.dataset}: {args.model} ({n_params / 1e6:.2f}M "
-          f"parameters), {data.x_train.shape[0]} train / {data.x_val.shape[0]} val / {data.x_test.shape[0]} test, "
-          f"device {device}")
-    print(f"  eps {fmt_eps(args.eps)}, steps {args.steps}, step {fmt_eps(args.step_size)}, attack BN {args.attack_bn}, "
-          f"epochs {args.epochs}, batch {args.batch_size}, lr {args.lr} ({args.lr_schedule}), "
-          f"wd {args.weight_decay}, seed {args.seed}")
+    say(f"{args.method} ({METHODS[args.method].paper}) on {args.dataset}: {args.model} ({n_params / 1e6:.2f}M "
+        f"parameters), {data.x_train.shape[0]} train / {data.x_val.shape[0]} val / {data.x_test.shape[0]} test, "
+        f"device {device}" + (f" x {world} processes" if world > 1 else ""))
+    say(f"  eps {fmt_eps(args.eps)}, steps {args.steps}, step {fmt_eps(args.step_size)}, attack BN {args.attack_bn}, "
+        f"epochs {args.epochs}, batch {args.batch_size}, lr {args.lr} ({args.lr_schedule}), "
+        f"wd {args.weight_decay}, seed {args.seed}")
+    say(f"  precision {args.precision} (evaluation {args.eval_precision}), channels_last {args.channels_last}, "
+        f"compile {args.compile}" + (f", sync-bn {args.sync_bn}" if world > 1 else ""))
     detail = {"fast-bat": f"a {fmt_eps(args.bat_a)}, lambda {args.bat_lambda:g}, alpha2/alpha1 {args.bat_ig_ratio:g}",
               "fast-at-ga": f"GradAlign gamma {args.ga_gamma:.3f}"}.get(args.method)
     if detail:
-        print(f"  {detail}")
+        say(f"  {detail}")
     for name, extra in run.extras.items():
         if isinstance(extra, nn.Module):
-            print(f"  {name}: {type(extra).__name__}, {sum(p.numel() for p in extra.parameters()):,} parameters")
+            say(f"  {name}: {type(extra).__name__}, {sum(p.numel() for p in extra.parameters()):,} parameters")
     iters = max(1, data.x_train.shape[0] // min(args.batch_size, data.x_train.shape[0]))
     for epoch in range(start_epoch, args.epochs):
+        if world > 1:  # each rank its own attack noise and dropout, reproducible on --resume
+            torch.manual_seed(args.seed * 1_000_003 + epoch * 1009 + rank + 1)
         t0 = time.time()
         run.model.train()
         loss_sum = correct = seen = 0
@@ -1858,35 +2084,45 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
             lr = lr_at(args, epoch * iters + i, iters)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
-            loss, n_correct = METHODS[args.method].train_step(run, x, y)
-            loss_sum, correct, seen = loss_sum + loss * y.shape[0], correct + n_correct, seen + y.shape[0]
+            loss, n_correct = training_step(run, x, y)
+            n = y.shape[0] // world if world > 1 else y.shape[0]
+            loss_sum, correct, seen = loss_sum + loss.float() * n, correct + n_correct, seen + n
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_seconds = time.time() - t0
+        loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], device)
         val_clean, val_robust = validate(run.model, data, args)
-        record = {"epoch": epoch + 1, "lr": lr, "train_loss": float(loss_sum) / seen, "train_acc": float(correct) / seen,
+        record = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                   "val_clean": val_clean, "val_robust": val_robust, "train_seconds": train_seconds,
                   "seconds": time.time() - t0}
         history.append(record)
         collapse = catastrophic_overfitting(history)
         record["catastrophic_overfitting"] = collapse is not None
-        if not math.isfinite(record["train_loss"]):
+        if not math.isfinite(record["train_loss"]) and rank == 0:
             print(f"warning: epoch {epoch + 1} train loss is {record['train_loss']}; lower --lr", file=sys.stderr)
         is_best = val_robust > best["val_robust"]
         if is_best:
             best = {"epoch": epoch + 1, "val_robust": val_robust, "val_clean": val_clean}
-        state = checkpoint_state(run, epoch + 1, best, history, gen)
-        if is_best:
-            atomic_save(state, best_path)
-        atomic_save(state, last_path)
-        print(f"epoch {epoch + 1:>3}/{args.epochs}  lr {lr:.4f}  loss {record['train_loss']:.4f}  "
-              f"acc {100 * record['train_acc']:.2f}%  val clean {100 * val_clean:.2f}%  "
-              f"val pgd-{args.val_steps} {100 * val_robust:.2f}%  {train_seconds:.1f}s train  "
-              f"{record['seconds']:.1f}s total{'  *best' if is_best else ''}", flush=True)
+        if rank == 0:
+            state = checkpoint_state(run, epoch + 1, best, history, gen)
+            if is_best:
+                atomic_save(state, best_path)
+            atomic_save(state, last_path)
+        if world > 1:
+            dist.barrier()  # the checkpoints exist before any rank reads them
+        say(f"epoch {epoch + 1:>3}/{args.epochs}  lr {lr:.4f}  loss {record['train_loss']:.4f}  "
+            f"acc {100 * record['train_acc']:.2f}%  val clean {100 * val_clean:.2f}%  "
+            f"val pgd-{args.val_steps} {100 * val_robust:.2f}%  {train_seconds:.1f}s train  "
+            f"{record['seconds']:.1f}s total{'  *best' if is_best else ''}", flush=True)
         if collapse:
-            print(f"  {collapse}", flush=True)
+            say(f"  {collapse}", flush=True)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1)
+    if not ranks_agree(run):
+        raise RuntimeError(f"the {world} processes ended with different weights: data-parallel synchronisation "
+                           f"failed (a bug; please report it)")
+    if world > 1:
+        say(f"  all {world} processes hold identical weights")
 
     attacks = args.eval_attacks.split(",")
     results = {"method": args.method, "dataset": args.dataset, "model": args.model, "args": vars(args),
@@ -1894,18 +2130,22 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
     restore(run, read_checkpoint(best_path, "checkpoint"))
     gallery = {}
     results.update(evaluate(run.model, data.x_test, data.y_test, args, attacks, eval_extras, gallery))
-    print(format_results(results, f"test, best.pt (epoch {best['epoch']}, chosen on validation)"))
-    report_extras(run.model, data, args, eval_extras, results, gallery)
+    say(format_results(results, f"test, best.pt (epoch {best['epoch']}, chosen on validation)"))
+    if rank == 0:
+        report_extras(run.model, data, args, eval_extras, results, gallery)
     if best["epoch"] != args.epochs:
         restore(run, read_checkpoint(last_path, "checkpoint"))
         last = evaluate(run.model, data.x_test, data.y_test, args, attacks, eval_extras)
-        print(format_results(last, f"test, last.pt (epoch {args.epochs})"))
+        say(format_results(last, f"test, last.pt (epoch {args.epochs})"))
     else:
         last = {k: v for k, v in results.items() if k not in ("method", "dataset", "model", "args", "checkpoint",
                                                                "best_epoch", "history")}
     results["last"] = last
-    atomic_write_json(results, os.path.join(args.out, "results.json"))
-    print(f"wrote {args.out}/results.json, best.pt, last.pt")
+    if rank == 0:
+        atomic_write_json(results, os.path.join(args.out, "results.json"))
+    say(f"wrote {args.out}/results.json, best.pt, last.pt")
+    if world > 1:
+        dist.barrier()
     return results
 
 
@@ -1913,13 +2153,16 @@ def report_extras(model, data: Data, args, extras: dict, results: dict, gallery:
     """examples.png of the evaluated checkpoint and, with --eval-checks, the sanity checks (into results)."""
     save_examples(gallery, args.eps, os.path.join(args.out, "examples.png"))
     if args.eval_checks:
-        results["checks"] = sanity_checks(model, data.x_test, data.y_test, args, extras)
+        with autocast(data.x_test.device, args.eval_precision):
+            results["checks"] = sanity_checks(model, data.x_test, data.y_test, args, extras)
         print(format_checks(results["checks"]))
 
 
 def evaluate_checkpoint(args) -> dict:
-    """--eval-only: the checkpoint's classifier (and learned attacker, if any) on the test set."""
-    device = pick_device(args.device)
+    """--eval-only: the checkpoint's classifier (and learned attacker, if any) on the test set (sharded over
+    ranks under torchrun; rank 0 writes)."""
+    device = setup_distributed(args)
+    rank = dist_world()[0]
     torch.manual_seed(args.seed)
     prepare_out_dir(args.out, ("results.json",), args.overwrite)
     ckpt = read_checkpoint(args.eval_only, "--eval-only")
@@ -1930,16 +2173,130 @@ def evaluate_checkpoint(args) -> dict:
     except (RuntimeError, KeyError) as e:
         raise UsageError(f"--eval-only {args.eval_only} does not match its own model settings "
                          f"({str(e).splitlines()[0][:100]})")
+    if args.compile:
+        compile_networks(run)
     results = {"method": args.method, "dataset": args.dataset, "model": args.model, "args": vars(args),
                "checkpoint": os.path.abspath(args.eval_only), "epoch": ckpt["epoch"]}
     extras = evaluation_extras(args, run, device)
     gallery = {}
     results.update(evaluate(run.model, data.x_test, data.y_test, args, args.eval_attacks.split(","), extras, gallery))
-    print(format_results(results, f"test, {args.eval_only} (epoch {ckpt['epoch']})"))
-    report_extras(run.model, data, args, extras, results, gallery)
-    atomic_write_json(results, os.path.join(args.out, "results.json"))
-    print(f"wrote {args.out}/results.json")
+    if rank == 0:
+        print(format_results(results, f"test, {args.eval_only} (epoch {ckpt['epoch']})"))
+        report_extras(run.model, data, args, extras, results, gallery)
+        atomic_write_json(results, os.path.join(args.out, "results.json"))
+        print(f"wrote {args.out}/results.json")
+    if dist_world()[1] > 1:
+        dist.barrier()
     return results
+
+
+# ================================================================================================
+# Benchmark: the speed of one training step, measured, with the fraction of the device's peak.
+# ================================================================================================
+
+# Dense bf16 tensor-core peaks in TFLOP/s from NVIDIA's datasheets (SXM parts unless named), matched in order
+# against torch.cuda.get_device_name(); --peak-tflops overrides.
+PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),
+                    ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0))
+
+
+def device_peak_tflops(device: torch.device, override: Optional[float]) -> Optional[float]:
+    if override is not None or device.type != "cuda":
+        return override
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
+
+
+class _NoModuleTracking:
+    """Stands in for FlopCounterMode's per-module tracker, whose hooks break torch.autograd.grad with respect
+    to an input (every attack here); only the global count is needed."""
+    parents = ("Global",)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def benchmark(args) -> dict:
+    """--benchmark: time the method's training step (attack and update, as train() runs it) on synthetic data
+    of the dataset's shape: one step is counted by torch.utils.flop_counter (matmuls and convolutions, forward
+    and every backward; eager), --bench-warmup steps are run untimed (compilation, cudnn autotuning), then
+    --bench-steps steps are timed with CUDA events (wall clock on CPU). Synthetic pixels do not change the
+    time: every loop in every method runs a fixed number of iterations. Prints and returns the figures."""
+    from torch.utils.flop_counter import FlopCounterMode
+    device = setup_distributed(args)
+    rank, world = dist_world()
+    torch.manual_seed(args.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    spec = DATASETS[args.dataset]
+    steps, warmup, bs = args.bench_steps, args.bench_warmup, args.batch_size
+    gen = torch.Generator(device=device)
+    gen.manual_seed(args.seed)
+    n = bs * (steps + warmup + 1)
+    x = torch.randint(0, 256, (n, *spec["shape"]), dtype=torch.uint8, device=device, generator=gen)
+    y = torch.randint(0, spec["classes"], (n,), device=device, generator=gen)
+    data = Data(x, y, x[:0], y[:0], x[:0], y[:0])
+    run = build_run(args, device)
+    make_data_parallel(run)
+    run.model.train()
+    batches = train_batches(data, bs, args.augment, gen)
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _NoModuleTracking()
+    with counter:  # one step, untimed
+        training_step(run, *next(batches))
+    flops = counter.get_total_flops() * world  # every rank runs its shard
+    if args.compile:
+        compile_networks(run)
+    for _ in range(warmup):
+        training_step(run, *next(batches))
+    timed = [next(batches) for _ in range(steps)]  # augmentation drawn before the clock starts
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for xb, yb in timed:
+            training_step(run, xb, yb)
+        end.record()
+        torch.cuda.synchronize()
+        seconds = start.elapsed_time(end) / 1000
+        memory = f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB peak allocated (CUDA, rank {rank})"
+    else:
+        if world > 1:
+            dist.barrier()
+        t0 = time.perf_counter()
+        for xb, yb in timed:
+            training_step(run, xb, yb)
+        seconds = time.perf_counter() - t0
+        import resource
+        memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB peak RSS (process)"
+    n_train = args.train_size or spec["n_train"] - args.val_size
+    step_s = seconds / steps
+    tflops = flops / step_s / 1e12
+    peak = device_peak_tflops(device, args.peak_tflops)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"CPU ({torch.get_num_threads()} threads)"
+    figures = {"method": args.method, "dataset": args.dataset, "model": args.model, "batch_size": bs,
+               "precision": args.precision, "channels_last": args.channels_last, "compile": args.compile,
+               "processes": world, "device": name, "steps": steps, "warmup": warmup,
+               "images_per_second": bs * steps / seconds, "seconds_per_step": step_s,
+               "seconds_per_epoch": (n_train // bs) * step_s, "epoch_examples": n_train, "memory": memory,
+               "flops_per_step": flops, "tflops_per_second": tflops,
+               "fraction_of_peak": tflops / peak if peak else None, "peak_tflops": peak}
+    if rank == 0:
+        fast = f"{args.precision}, channels_last {'on' if args.channels_last else 'off'}, " \
+               f"compile {'on' if args.compile else 'off'}"
+        print(f"benchmark {args.method} on {args.dataset} (synthetic data), {args.model}, batch {bs}, "
+              f"steps {args.steps}, {fast}, {name}" + (f" x {world} processes" if world > 1 else ""))
+        frac = f" = {100 * tflops / peak:.1f}% of the {peak:g} TFLOP/s bf16 peak" if peak else ""
+        print(f"  {bs * steps / seconds:,.0f} img/s  {step_s * 1000:.1f} ms/step  "
+              f"{figures['seconds_per_epoch']:.1f} s/epoch ({n_train // bs} steps of {bs}, {n_train} examples)  "
+              f"{memory}  {flops / 1e12:.3f} TFLOP/step  {tflops:.2f} TFLOP/s{frac}  "
+              f"({steps} timed steps after {warmup} warm-up)", flush=True)
+    return figures
 
 
 # ================================================================================================
@@ -1949,7 +2306,7 @@ def evaluate_checkpoint(args) -> dict:
 # Flags an --eval-only run takes from the command line; everything else comes from the checkpoint.
 EVAL_KEYS = ("eps", "eval_attacks", "eval_steps", "eval_step_size", "eval_restarts", "eval_batch_size",
              "test_size", "data_dir", "device", "seed", "out", "overwrite", "transfer_from", "rnn_eval_steps",
-             "apgd_steps", "apgd_targets", "eval_checks")
+             "apgd_steps", "apgd_targets", "eval_checks", "eval_precision", "channels_last", "compile")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -1962,7 +2319,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         vars(merged).update(ckpt["args"])
         for k in EVAL_KEYS:
             setattr(merged, k, getattr(args, k))
-        merged.eval_only, merged.resume = args.eval_only, False
+        merged.eval_only, merged.resume, merged.benchmark = args.eval_only, False, args.benchmark
         if merged.out is None:
             stem = os.path.splitext(os.path.basename(args.eval_only))[0]
             merged.out = os.path.join(os.path.dirname(args.eval_only) or ".", f"eval_{stem}")
@@ -1973,19 +2330,28 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun, only rank 0 speaks
     try:
         args = parse_args(argv)
-        if args.eval_only:
+        if args.benchmark:
+            benchmark(args)
+        elif args.eval_only:
             evaluate_checkpoint(args)
         else:
             train(args)
         return 0
     except UsageError as e:
-        print(f"l2l.py: error: {e}", file=sys.stderr)
+        if rank == 0:
+            print(f"l2l.py: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: last.pt holds the last finished epoch; rerun with --resume to continue", file=sys.stderr)
+        if rank == 0:
+            print("interrupted: last.pt holds the last finished epoch; rerun with --resume to continue",
+                  file=sys.stderr)
         return 130
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
