@@ -17,6 +17,8 @@ Run (defaults follow each method's paper; every default is a flag):
   python l2l.py --method rnn-adv --dataset cifar10         # pgd-at-bls, rnn-adv, rnn-trades
   python l2l.py --method trades --dataset mnist --data-dir ./data --epochs 2 --train-size 10000
   python l2l.py --eval-only runs/pgd-at_cifar10/best.pt --eval-attacks fgsm,pgd,cw --eval-restarts 10
+  python l2l.py --benchmark --method fast-bat --dataset cifar10 --precision bf16 --channels-last
+  torchrun --nproc_per_node 8 l2l.py --method trades --dataset cifar10 --precision bf16   # data parallel
   python l2l.py --help
 
 Conventions that hold everywhere below:
@@ -26,7 +28,8 @@ Conventions that hold everywhere below:
   * Evaluation attacks run with the model in eval mode and never update BN statistics.
 
 Sections, top to bottom: configuration; data; models; hand-designed attacks; learned attackers;
-trainers; evaluation; training loop; main.
+trainers; speed and scale (precision, compile, data parallelism); evaluation; training loop;
+benchmark; main.
 """
 
 import argparse
@@ -282,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="time --bench-steps training steps on synthetic data and print img/s, s/epoch, memory, "
                            "TFLOP/s; trains nothing, writes nothing")
     fast.add_argument("--bench-steps", type=int, default=20, help="timed steps of --benchmark")
-    fast.add_argument("--bench-warmup", type=int, default=5, help="untimed steps first (compilation, autotuning)")
+    fast.add_argument("--bench-warmup", type=int, default=5,
+                      help="untimed steps first (compilation and cudnn autotuning happen here; keep >= 2 with --compile)")
     fast.add_argument("--peak-tflops", type=float, default=None,
                       help="the device's dense bf16 peak for --benchmark's fraction (default: known GPUs)")
     return p
@@ -1554,6 +1558,7 @@ def compile_networks(run: Run) -> None:
     if run.args.method in DOUBLE_BACKWARD:
         print(f"note: --compile skipped: {run.args.method} backpropagates through a gradient (create_graph), "
               f"which torch.compile does not support; running eager", file=sys.stderr)
+        run.args.compile = False  # logs and results.json say what ran
         return
     try:  # RNN-Adv backpropagates twice through one classifier graph (retain_graph): keep its buffers
         import torch._functorch.config as functorch_config

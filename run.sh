@@ -2,6 +2,8 @@
 # Paper recipes for l2l.py, one per table row, with the paper's hyperparameters.
 #   bash run.sh list              the recipes and the row each reproduces
 #   bash run.sh NAME [flags...]   run one; extra flags are passed on (e.g. --data-dir, --device, --epochs)
+#   bash run.sh bench [flags...]  python l2l.py --benchmark for every method: CIFAR-10, PreActResNet-18,
+#                                 batch 128; add e.g. --precision bf16 --channels-last --compile, --batch-size 512
 # Each recipe writes to runs/NAME unless --out is given. PYTHON overrides the interpreter.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -78,9 +80,19 @@ FASTBAT="--model preactresnet18 --epochs 20 --lr-schedule cyclic --lr 0.2 --weig
 # 30/60/90, wd 2e-4, batch 128; evaluation "PGM-20" = PGD-20 step 0.003 (pgd_attack_cifar10.py).
 L2L_CIFAR="--model wrn --depth 34 --width 10 --eps 0.031 --epochs 76 --lr 0.1 --weight-decay 2e-4 --lr-milestones 30,60,90 --batch-size 128 --eval-steps 20 --eval-step-size 0.003"
 
+# Every method of l2l.py (METHODS), for the benchmark.
+METHODS="plain pgd-at trades fast-at fast-at-ga fast-bat pgd-at-bls rnn-adv rnn-trades l2l-naive l2l-grad l2l-2step"
+
 case "${1:-list}" in
   list|-h|--help)
     echo "$RECIPES" | awk -F'|' '{gsub(/ +$/, "", $1); printf "%-32s %s\n", $1, $2}'
+    ;;
+  bench)
+    shift
+    for method in $METHODS; do
+      ${PYTHON:-python} l2l.py --benchmark --method "$method" --dataset cifar10 --model preactresnet18 \
+        --batch-size 128 "$@"
+    done
     ;;
   *)
     name=$1; shift

@@ -663,6 +663,13 @@ def test_every_run_sh_recipe_parses():
         assert args.out == f"runs/{name}"
     r = subprocess.run(["bash", os.path.join(HERE, "run.sh"), "no-such-recipe"], capture_output=True, text=True)
     assert r.returncode == 2 and "unknown recipe" in r.stderr
+    r = subprocess.run(["bash", os.path.join(HERE, "run.sh"), "bench", "--precision", "bf16"], capture_output=True,
+                       text=True, env={**os.environ, "PYTHON": "echo"}, check=True)
+    runs = [line.split()[1:] for line in r.stdout.splitlines()]
+    assert sorted(argv[argv.index("--method") + 1] for argv in runs) == sorted(l2l.METHODS)
+    for argv in runs:
+        args = l2l.parse_args(argv)
+        assert args.benchmark and args.model == "preactresnet18" and args.precision == "bf16"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -985,6 +992,8 @@ def one_step(method, extra=(), seed=0):
     no_dropout(run.model)  # compare the arithmetic, not random masks
     last = [m for m in run.model.modules() if isinstance(m, nn.Linear)][-1]
     nn.init.normal_(last.weight, std=0.1)  # TRADES' zero init would leave every input gradient zero at step 1
+    if args.compile:
+        l2l.compile_networks(run)
     xu, y = synthetic_images(32, 1, 28, 28, seed=4)
     run.model.train()
     torch.manual_seed(seed + 1)
@@ -1009,6 +1018,21 @@ def test_channels_last_is_the_same_arithmetic():
     loss_a, w_a = one_step("pgd-at")
     loss_b, w_b = one_step("pgd-at", ["--channels-last"])
     assert abs(loss_a - loss_b) < 1e-5 and torch.allclose(w_a, w_b, atol=1e-5)
+
+
+@pytest.mark.skipif(not os.environ.get("L2L_SLOW_TESTS"), reason="compiles with inductor (minutes on CPU): "
+                    "L2L_SLOW_TESTS=1 runs it")
+@pytest.mark.parametrize("method", ["pgd-at", "rnn-adv", "l2l-2step"])
+def test_compiled_step_equals_eager(method):
+    loss_a, w_a = one_step(method)
+    loss_b, w_b = one_step(method, ["--compile"])
+    assert abs(loss_a - loss_b) < 1e-4 and torch.allclose(w_a, w_b, atol=1e-4), (loss_a, loss_b)
+
+
+def test_compile_leaves_double_backward_methods_eager(capsys):
+    for method in l2l.DOUBLE_BACKWARD:
+        one_step(method, ["--compile"])
+        assert "running eager" in capsys.readouterr().err
 
 
 def test_attacks_obey_the_constraints_under_bf16(toy):
