@@ -831,7 +831,8 @@ def attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tenso
 
 
 def input_grad(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss: str = "ce") -> torch.Tensor:
-    """grad_x of the summed per-example loss: every example gets its own, unscaled gradient."""
+    """grad_x of the summed per-example loss: every example gets its own, unscaled gradient. Only the input's
+    gradient is computed: autograd runs no weight-gradient kernels for it and leaves every .grad alone."""
     x_adv = x_adv.detach().requires_grad_(True)
     with torch.enable_grad():
         value = attack_loss(model(x_adv), y, loss).sum()
