@@ -1861,7 +1861,8 @@ def save_examples(gallery: dict, eps: float, path: str) -> None:
 def format_results(res: dict, title: str) -> str:
     """The results as a table, protocol beside every number."""
     p = res["protocol"]
-    lines = [f"{title}: eps {p['eps_text']}, {p['examples']} {p['split']} examples, model in eval mode",
+    lines = [f"{title}: eps {p['eps_text']}, {p['examples']} {p['split']} examples, model in eval mode, "
+             f"{p.get('precision', 'fp32')}",
              f"  {'attack':<12}{'accuracy':>9}  {'loss':<9}{'steps':>6}{'step':>9}{'restarts':>9}"]
     lines.append(f"  {'clean':<12}{100 * res['clean']['accuracy']:>8.2f}%")
     for name in res["worst_case"]["over"][1:]:
