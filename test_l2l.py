@@ -1014,10 +1014,14 @@ def test_bf16_step_stays_close_to_fp32(method):
     assert cos > 0.8, f"{method}: cos(update fp32, update bf16) = {cos:.3f}"
 
 
-def test_channels_last_is_the_same_arithmetic():
-    loss_a, w_a = one_step("pgd-at")
-    loss_b, w_b = one_step("pgd-at", ["--channels-last"])
-    assert abs(loss_a - loss_b) < 1e-5 and torch.allclose(w_a, w_b, atol=1e-5)
+@pytest.mark.parametrize("method", ["pgd-at", "trades"])
+def test_channels_last_is_the_same_arithmetic(method):
+    """NHWC changes only the kernels' order of summation: the step's loss agrees to 1e-3 and the weights to 2% of
+    the update (measured: 1e-5..1e-4 and 0.1..1.3%; sign steps amplify rounding a little)."""
+    init = one_step(method, ["--lr", "1e-12"])[1]
+    loss_a, w_a = one_step(method)
+    loss_b, w_b = one_step(method, ["--channels-last"])
+    assert abs(loss_a - loss_b) < 1e-3 and (w_a - w_b).abs().max() < 0.02 * (w_a - init).abs().max()
 
 
 @pytest.mark.skipif(not os.environ.get("L2L_SLOW_TESTS"), reason="compiles with inductor (minutes on CPU): "
