@@ -1039,6 +1039,17 @@ def test_compile_leaves_double_backward_methods_eager(capsys):
         assert "running eager" in capsys.readouterr().err
 
 
+def test_attacks_leave_parameter_gradients_alone(toy):
+    """Attack steps differentiate with respect to the input only: no parameter gradient is formed or kept."""
+    model, x, y = toy
+    extra = {"bls": lambda m, x, y: l2l.pgd_bls(m, x, y, EPS, 2, EPS),
+             "apgd": lambda m, x, y: l2l.apgd(m, x, y, EPS, 5)}
+    for name, attack in {**ATTACKS, **extra}.items():
+        model.zero_grad(set_to_none=True)
+        attack(model, x[:16], y[:16])
+        assert all(p.grad is None for p in model.parameters()), name
+
+
 def test_attacks_obey_the_constraints_under_bf16(toy):
     model, x, y = toy
     with torch.autocast("cpu", dtype=torch.bfloat16):
