@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     fast.add_argument("--bench-warmup", type=int, default=5,
                       help="untimed steps first (compilation and cudnn autotuning happen here; keep >= 2 with --compile)")
     fast.add_argument("--peak-tflops", type=float, default=None,
-                      help="the device's dense bf16 peak for --benchmark's fraction (default: known GPUs)")
+                      help="the device's dense bf16 peak for --benchmark's fraction (None: looked up for known GPUs)")
     return p
 
 
@@ -404,8 +404,6 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
                          f"timed step and 0 or more warm-up steps")
     if args.peak_tflops is not None and not (args.peak_tflops > 0 and math.isfinite(args.peak_tflops)):
         raise UsageError(f"--peak-tflops {args.peak_tflops} must be a positive number (TFLOP/s)")
-    if args.benchmark and args.eval_only:
-        raise UsageError("--benchmark times training steps and --eval-only trains nothing; pass one of them")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but torch sees no CUDA device; use --device cpu or auto")
     if args.out is None:
@@ -2321,12 +2319,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.eval_only:
         if args.resume:
             raise UsageError("--eval-only and --resume exclude each other; pass one of them")
+        if args.benchmark:
+            raise UsageError("--benchmark times training steps and --eval-only trains nothing; pass one of them")
         ckpt = read_checkpoint(args.eval_only, "--eval-only")
         merged = build_parser().parse_args([])  # defaults for flags newer than the checkpoint
         vars(merged).update(ckpt["args"])
         for k in EVAL_KEYS:
             setattr(merged, k, getattr(args, k))
-        merged.eval_only, merged.resume, merged.benchmark = args.eval_only, False, args.benchmark
+        merged.eval_only, merged.resume = args.eval_only, False
         if merged.out is None:
             stem = os.path.splitext(os.path.basename(args.eval_only))[0]
             merged.out = os.path.join(os.path.dirname(args.eval_only) or ".", f"eval_{stem}")

@@ -1082,6 +1082,7 @@ def test_benchmark_prints_the_figures_and_writes_nothing(tmp_path, capsys, monke
 def test_bad_speed_flags_are_refused(tmp_path, capsys, monkeypatch):
     check_one_line_error(l2l.main(["--benchmark", "--bench-steps", "0"]), capsys.readouterr().err, "--bench-steps")
     check_one_line_error(l2l.main(["--benchmark", "--peak-tflops", "-1"]), capsys.readouterr().err, "--peak-tflops")
+    check_one_line_error(l2l.main(["--benchmark", "--eval-only", "none.pt"]), capsys.readouterr().err, "--benchmark")
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun would set it; refused before any process group
     check_one_line_error(l2l.main(["--benchmark", "--batch-size", "33", "--device", "cpu"]), capsys.readouterr().err,
                          "--batch-size 33")
