@@ -579,8 +579,9 @@ def load_data(args, device: torch.device) -> Data:
                 dev(a["x_test"][:n_test]), a["y_test"][:n_test].to(device))
 
 
-def to_float(x_uint8: torch.Tensor) -> torch.Tensor:
-    return x_uint8.float().div_(255)
+def to_float(x_uint8: torch.Tensor, fmt: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """uint8 images -> floats in [0,1], in memory format fmt (one copy)."""
+    return x_uint8.to(torch.float32, memory_format=fmt).div_(255)
 
 
 def augment(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
@@ -1238,6 +1239,10 @@ class Run:
     args: argparse.Namespace
     extras: Dict[str, object] = field(default_factory=dict)
 
+    def networks(self) -> list:
+        """The classifier and every learned network (attacker, RNN optimiser) of the run."""
+        return [self.model] + [v for v in self.extras.values() if isinstance(v, nn.Module)]
+
 
 def sgd_update(run: Run, loss: torch.Tensor) -> None:
     run.optimizer.zero_grad(set_to_none=True)
@@ -1564,7 +1569,7 @@ def compile_networks(run: Run) -> None:
         functorch_config.donated_buffer = False
     except (ImportError, AttributeError):
         pass
-    for net in [run.model] + [v for v in run.extras.values() if isinstance(v, nn.Module)]:
+    for net in run.networks():
         net.compile(dynamic=False)
 
 
@@ -1628,7 +1633,7 @@ def make_data_parallel(run: Run) -> None:
     rank 0's); --sync-bn makes the batch statistics themselves global."""
     if dist_world()[1] == 1:
         return
-    nets = [run.model] + [v for v in run.extras.values() if isinstance(v, nn.Module)]
+    nets = run.networks()
     optimizers = [run.optimizer] + [v for v in run.extras.values() if isinstance(v, torch.optim.Optimizer)]
     for net in nets:
         for t in list(net.parameters()) + list(net.buffers()):
@@ -1674,7 +1679,7 @@ def ranks_agree(run: Run) -> bool:
     """True when every network's parameters are bitwise equal on all ranks (a check that synchronisation held)."""
     if dist_world()[1] == 1:
         return True
-    nets = [run.model] + [v for v in run.extras.values() if isinstance(v, nn.Module)]
+    nets = run.networks()
     flat = torch.cat([p.detach().reshape(-1).double() for net in nets for p in net.parameters()])
     low, high = flat.clone(), flat.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
@@ -1754,7 +1759,7 @@ def evaluate(model, x_uint8, y, args, attacks, extras=None, gallery: Optional[di
     max_pert = {name: torch.zeros((), device=x_uint8.device) for name in attacks}
     with autocast(x_uint8.device, args.eval_precision):
         for i in range(0, xs.shape[0], args.eval_batch_size):
-            x = to_float(xs[i:i + args.eval_batch_size]).contiguous(memory_format=memory_format(args))
+            x = to_float(xs[i:i + args.eval_batch_size], memory_format(args))
             yb = ys[i:i + args.eval_batch_size]
             with torch.no_grad():
                 correct["clean"].append(model(x).argmax(1) == yb)
@@ -1762,8 +1767,8 @@ def evaluate(model, x_uint8, y, args, attacks, extras=None, gallery: Optional[di
                 x_adv = EVAL_ATTACKS[name].run(model, x, yb, args, extras or {})
                 max_pert[name] = torch.maximum(max_pert[name], (x_adv - x).abs().amax())
                 if gallery is not None and i == 0 and rank == 0:
-                    gallery.setdefault("clean", x[:8].float().cpu())
-                    gallery[name] = x_adv[:8].float().cpu()
+                    gallery.setdefault("clean", x[:8].cpu())
+                    gallery[name] = x_adv[:8].cpu()
                 with torch.no_grad():
                     correct[name].append(model(x_adv).argmax(1) == yb)
     correct = {k: gather_examples(torch.cat(v).to(torch.uint8), n).bool() for k, v in correct.items()}
@@ -1792,7 +1797,7 @@ def sanity_checks(model, x_uint8, y, args, extras=None, n_max=500) -> list:
          the same budget;  5. the loss rises along PGD (iterate 0, K/2, K)."""
     model.eval()
     n = min(n_max, x_uint8.shape[0])
-    x, y = to_float(x_uint8[:n]).contiguous(memory_format=memory_format(args)), y[:n]
+    x, y = to_float(x_uint8[:n], memory_format(args)), y[:n]
     k, step, tol = args.eval_steps or 10, args.eval_step_size, 1.0 / n + 1e-9
 
     def acc(z):
@@ -1882,7 +1887,7 @@ def validate(model, data: Data, args) -> tuple:
     clean = robust = torch.zeros((), device=xs.device)
     with autocast(xs.device, args.eval_precision):
         for i in range(0, xs.shape[0], args.eval_batch_size):
-            x = to_float(xs[i:i + args.eval_batch_size]).contiguous(memory_format=memory_format(args))
+            x = to_float(xs[i:i + args.eval_batch_size], memory_format(args))
             y = ys[i:i + args.eval_batch_size]
             with torch.no_grad():
                 clean = clean + (model(x).argmax(1) == y).sum()
@@ -2090,7 +2095,7 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
             loss, n_correct = training_step(run, x, y)
-            n = y.shape[0] // world if world > 1 else y.shape[0]
+            n = y.shape[0] // world  # this rank's share
             loss_sum, correct, seen = loss_sum + loss.float() * n, correct + n_correct, seen + n
         if device.type == "cuda":
             torch.cuda.synchronize()
