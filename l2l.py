@@ -579,8 +579,8 @@ def load_data(args, device: torch.device) -> Data:
                 dev(a["x_test"][:n_test]), a["y_test"][:n_test].to(device))
 
 
-def to_float(x_uint8: torch.Tensor, fmt: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
-    """uint8 images -> floats in [0,1], in memory format fmt (one copy)."""
+def to_float(x_uint8: torch.Tensor, fmt: torch.memory_format = torch.preserve_format) -> torch.Tensor:
+    """uint8 images -> floats in [0,1], in memory format fmt (default: the input's), in one copy."""
     return x_uint8.to(torch.float32, memory_format=fmt).div_(255)
 
 
