@@ -21,6 +21,34 @@ Run (defaults follow each method's paper; every default is a flag):
   torchrun --nproc_per_node 8 l2l.py --method trades --dataset cifar10 --precision bf16   # data parallel
   python l2l.py --help
 
+Paper index: each algorithm or equation, the function that implements it, and the official file it was checked
+against line by line (repositories: fast_adversarial = locuslab/fast_adversarial, Fast-BAT = OPTML-Group/Fast-BAT,
+TRADES = yaodongyu/TRADES, L2L = YuyangShi/Learning-to-Defend-by-Learning-to-Attack, GradAlign =
+tml-epfl/understanding-fast-adv-training, AA = fra31/auto-attack, RO = locuslab/robust_overfitting).
+  paper        algorithm / equation                      function                         checked against
+  [L2L]        naive / grad / 2-step / k-step L2L         l2l_perturb, scaled_input_grad   L2L adv_loss.py
+  [L2L]        attacker architectures (poster table)      SlimAttacker, WideAttacker       L2L attacker.py
+  [L2L]        alternating theta / phi updates            train_l2l                        L2L train_l2l_{1,2}_cifar10.py
+  [L2L]        "CW" column (CW-l_inf, optimisation)       cw_linf                          L2L cw.py, cw_attack_cifar10.py
+  [L2L]        "PGM" column, PGM-net start                pgd (start 'normal')             L2L pgd_attack_cifar10.py, adv_loss.py
+  [RNN]        Algorithm 1 (reconstruction: no code)      RNNOptimizer, rnn_attack, train_rnn   none exists (PAPERS.md 2.2)
+  [RNN]        Table 1 AdvTrain+BLS                       pgd_bls, train_pgd_at_bls        none exists (Armijo, Nocedal & Wright)
+  [Fast-BAT]   eq. 9 closed form, eq. 13 IG with H_C,     fast_bat_backward,               Fast-BAT trainer.py (fast_bat)
+               eq. 14 update                              train_fast_bat
+  [Fast-BAT]   step a, schedule, data, selection          fast_bat_step_size, schedule_at, Fast-BAT train.py, datasets.py
+                                                          augment, validate
+  [Madry]      eq. 2.1, PGD with random start             pgd, train_pgd_at                RO train_cifar.py (schedule)
+  [TRADES]     Algorithm 1 (KL attack, loss)              trades_attack, train_trades      TRADES trades.py, train_trades_*.py
+  [Fast-AT]    Algorithm 3 (FGSM from U(-eps, eps))       fgsm, train_fast_at              fast_adversarial CIFAR10/train_fgsm.py
+  [GradAlign]  FGSM + gamma (1 - cos) regulariser         train_fast_at_ga,                Fast-BAT trainer.py (fast_at_ga),
+                                                          gradalign_penalty                GradAlign train.py
+  [APGD]       Croce & Hein Algorithm 1, DLR (eq. 6)      apgd, apgd_targeted, dlr_loss    AA autopgd_base.py
+  cyclic lr    CyclicLR with its momentum cycle           schedule_at                      torch CyclicLR; train_fgsm.py; Fast-BAT train.py
+  models       SmallCNN, PreActResNet-18, WRN-34-10       SmallCNN, PreActResNet18,        TRADES small_cnn.py; fast_adversarial
+                                                          WideResNet                       preact_resnet.py, Fast-BAT model_zoo.py;
+                                                                                           TRADES wideresnet.py
+Differences kept on purpose are listed in README ("Deliberate differences from the official code").
+
 Conventions that hold everywhere below:
   * Images are float tensors in [0,1], N x C x H x W. Every model normalises inside its first layer, so
     eps, step sizes and clamps are in pixel space and checkpoints can be attacked by outside tools.
@@ -81,30 +109,37 @@ METHOD_DEFAULTS = {
     # Standard training: the PGD-AT schedule with no attack.
     "plain": {
         "cifar": dict(model="preactresnet18", epochs=200, lr=0.1, weight_decay=5e-4, lr_schedule="multistep",
-                      lr_milestones="100,150", steps=0, step_size=0.0),
+                      lr_milestones="100,150", lr_milestone_base=0, steps=0, step_size=0.0),
         "mnist": dict(model="smallcnn", epochs=100, lr=0.01, weight_decay=0.0, lr_schedule="multistep",
-                      lr_milestones="55,75,90", steps=0, step_size=0.0),
+                      lr_milestones="55,75,90", lr_milestone_base=1, steps=0, step_size=0.0),
     },
     # Madry et al.: PGD-10, step 2/255, random start; PreActResNet-18 200 epochs, lr 0.1 decayed at 50%
-    # and 75% (Rice et al.'s robust_overfitting recipe). BN in train mode while attacking, as Madry's
-    # code did (cifar10_challenge#22); --attack-bn eval is the other common choice.
+    # and 75% (Rice et al.'s robust_overfitting recipe, which counts epochs from 0: the drop comes after 100
+    # full epochs). BN in train mode while attacking, as Madry's code did (cifar10_challenge#22); --attack-bn
+    # eval is the other common choice.
     "pgd-at": {
         "cifar": dict(model="preactresnet18", epochs=200, lr=0.1, weight_decay=5e-4, lr_schedule="multistep",
-                      lr_milestones="100,150", steps=10, step_size=2 / 255, attack_bn="train"),
-        # MNIST: eps 0.3, step 0.01, 40 steps on SmallCNN with the TRADES MNIST optimiser.
+                      lr_milestones="100,150", lr_milestone_base=0, steps=10, step_size=2 / 255, attack_bn="train"),
+        # MNIST: eps 0.3, step 0.01, 40 steps on SmallCNN with the TRADES MNIST optimiser (train_trades_mnist.py:
+        # lr 0.01, x0.1 when epoch >= 55, 75, 90 with epochs counted from 1).
         "mnist": dict(model="smallcnn", epochs=100, lr=0.01, weight_decay=0.0, lr_schedule="multistep",
-                      lr_milestones="55,75,90", steps=40, step_size=0.01, attack_bn="train"),
+                      lr_milestones="55,75,90", lr_milestone_base=1, steps=40, step_size=0.01, attack_bn="train"),
     },
-    # TRADES (yaodongyu/TRADES): beta 6, 10 steps of 0.007, WRN-34-10, lr 0.1 x0.1 at 75/90/100,
-    # wd 2e-4, 76 epochs; inner attack in eval mode. MNIST: 40 steps of 0.01, SmallCNN, lr 0.01, 100 ep.
+    # TRADES (yaodongyu/TRADES): beta 6, 10 steps of 0.007 from x + 0.001 N(0, I), WRN-34-10, lr 0.1 x0.1 at
+    # 75/90/100 with epochs counted from 1 (train_trades_cifar10.py: lr drops when epoch >= 75, so the 76-epoch
+    # run has two epochs at 0.01), wd 2e-4, 76 epochs; inner attack in eval mode. MNIST: 40 steps of 0.01,
+    # SmallCNN, lr 0.01, 100 ep.
     "trades": {
         "cifar": dict(model="wrn", epochs=76, lr=0.1, weight_decay=2e-4, lr_schedule="multistep",
-                      lr_milestones="75,90,100", steps=10, step_size=0.007, beta=6.0, attack_bn="eval"),
+                      lr_milestones="75,90,100", lr_milestone_base=1, steps=10, step_size=0.007, beta=6.0,
+                      attack_bn="eval", attack_start="normal"),
         "mnist": dict(model="smallcnn", epochs=100, lr=0.01, weight_decay=0.0, lr_schedule="multistep",
-                      lr_milestones="55,75,90", steps=40, step_size=0.01, beta=1.0, attack_bn="eval"),
+                      lr_milestones="55,75,90", lr_milestone_base=1, steps=40, step_size=0.01, beta=1.0,
+                      attack_bn="eval", attack_start="normal"),
     },
     # Fast-AT (locuslab/fast_adversarial): FGSM from U(-eps, eps), step 1.25 eps, PreActResNet-18,
-    # 15 epochs, cyclic lr 0 -> 0.2 -> 0, wd 5e-4, BN in train mode during the attack.
+    # 15 epochs, cyclic lr 0 -> 0.2 -> 0 with SGD momentum cycled 0.9 -> 0.8 -> 0.9 (CyclicLR's defaults), wd 5e-4,
+    # BN in train mode during the attack.
     # MNIST: the paper used Adam with a cyclic lr; SGD with a cyclic lr is this project's choice.
     "fast-at": {
         "cifar": dict(model="preactresnet18", epochs=15, lr=0.2, weight_decay=5e-4, lr_schedule="cyclic",
@@ -113,25 +148,26 @@ METHOD_DEFAULTS = {
                       steps=1, step_size=0.375, attack_bn="train"),
     },
 }
-# Fast-BAT Table 1 (OPTML-Group/Fast-BAT): PreActResNet-18, 20 epochs, cyclic lr 0 -> 0.2 -> 0, wd 5e-4,
-# batch 128, every pass in train mode. Fast-AT-GA: FGSM from zero with step 1.25 eps plus GradAlign.
+# Fast-BAT Table 1 (OPTML-Group/Fast-BAT): PreActResNet-18, 20 epochs, cyclic lr 0 -> 0.2 -> 0 peaking at epoch
+# 10 (train.py's --cyclic_milestone) with CyclicLR's momentum cycle, wd 5e-4, batch 128, every pass in train mode. Fast-AT-GA: FGSM from zero with step 1.25 eps plus GradAlign.
 # MNIST: as fast-at's MNIST recipe (this project's choice).
 for _name in ("fast-bat", "fast-at-ga"):
     METHOD_DEFAULTS[_name] = {
         "cifar": dict(model="preactresnet18", epochs=20, lr=0.2, weight_decay=5e-4, lr_schedule="cyclic",
-                      steps=1, step_size=0.0, attack_bn="train"),
+                      lr_peak_epoch=10.0, steps=1, step_size=0.0, attack_bn="train"),
         "mnist": dict(model="smallcnn", epochs=10, lr=0.05, weight_decay=0.0, lr_schedule="cyclic",
                       steps=1, step_size=0.0, attack_bn="train"),
     }
-# L2L (train_l2l_{1,2}_cifar10.py): WRN-34-10, SGD lr 0.1 momentum 0.9 wd 2e-4, x0.1 at 30/60/90, 76 epochs,
-# batch 128, eps 0.031 (run.sh passes it; the project default is 8/255). MNIST has no L2L recipe in the
-# sources: the TRADES MNIST optimiser is this project's choice.
+# L2L (train_l2l_{1,2}_cifar10.py): WRN-34-10, SGD lr 0.1 momentum 0.9 wd 2e-4, x0.1 when epoch >= 30/60/90
+# (epochs counted from 1, as TRADES' script it was forked from), 76 epochs, batch 128, eps 0.031 (run.sh passes
+# it; the project default is 8/255). MNIST has no L2L recipe in the sources: the TRADES MNIST optimiser is this
+# project's choice.
 for _name in ("l2l-naive", "l2l-grad", "l2l-2step"):
     METHOD_DEFAULTS[_name] = {
         "cifar": dict(model="wrn", epochs=76, lr=0.1, weight_decay=2e-4, lr_schedule="multistep",
-                      lr_milestones="30,60,90", steps=0, step_size=0.0),
+                      lr_milestones="30,60,90", lr_milestone_base=1, steps=0, step_size=0.0),
         "mnist": dict(model="smallcnn", epochs=100, lr=0.01, weight_decay=0.0, lr_schedule="multistep",
-                      lr_milestones="55,75,90", steps=0, step_size=0.0),
+                      lr_milestones="55,75,90", lr_milestone_base=1, steps=0, step_size=0.0),
     }
 
 # Xiong & Hsieh: AdvTrain+BLS, RNN-Adv and RNN-TRADES share the baseline they modify (PGD-AT / TRADES recipes
@@ -144,7 +180,8 @@ for _name in ("rnn-adv", "rnn-trades"):
     METHOD_DEFAULTS[_name]["mnist"]["steps"] = 10
 
 # Defaults shared by every method unless its table above says otherwise.
-COMMON_DEFAULTS = dict(batch_size=128, momentum=0.9, beta=6.0, attack_bn="eval", lr_milestones="")
+COMMON_DEFAULTS = dict(batch_size=128, momentum=0.9, beta=6.0, attack_bn="eval", lr_milestones="", lr_milestone_base=0,
+                       attack_start="uniform")
 
 MODELS = ("smallcnn", "vgg16", "preactresnet18", "wrn")
 LR_SCHEDULES = ("multistep", "cyclic", "constant")
@@ -198,8 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--val-size", type=int, default=1000,
                       help="training examples held out (the last N) to choose the best checkpoint")
     data.add_argument("--test-size", type=int, default=None, help="evaluate on the first N test examples")
-    data.add_argument("--augment", default=None, choices=("none", "crop", "crop-flip"),
-                      help="on-device augmentation (default: per dataset)")
+    data.add_argument("--augment", default=None, choices=("none", "crop", "crop-flip", "crop-flip-rotate"),
+                      help="on-device augmentation (default: per dataset); crop-flip-rotate adds a random rotation "
+                           "within +-15 degrees, as Fast-BAT's CIFAR-100 loader")
 
     opt = p.add_argument_group("optimisation (defaults: per method and dataset)")
     opt.add_argument("--epochs", type=int, default=None)
@@ -209,6 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--weight-decay", type=float, default=None)
     opt.add_argument("--lr-schedule", default=None, help=f"one of: {', '.join(LR_SCHEDULES)}")
     opt.add_argument("--lr-milestones", default=None, help="multistep: epochs where lr is multiplied by 0.1")
+    opt.add_argument("--lr-milestone-base", type=int, default=None, choices=(0, 1),
+                     help="how the milestones count epochs, as the method's official script does: 1 = from 1, lr "
+                          "drops during epoch m (TRADES, L2L: 'if epoch >= m'); 0 = from 0, lr drops after m full "
+                          "epochs (Rice et al., Fast-BAT's MultiStepLR)")
+    opt.add_argument("--lr-peak-epoch", type=float, default=None,
+                     help="cyclic: epoch where lr peaks (default: half-way, as fast_adversarial; Fast-BAT's train.py "
+                          "peaks at its --cyclic_milestone 10)")
+    opt.add_argument("--cycle-momentum", action=argparse.BooleanOptionalAction, default=True,
+                     help="cyclic: cycle SGD momentum inversely to lr, --momentum at lr 0 down to 0.8 at the peak "
+                          "(torch's CyclicLR defaults, which fast_adversarial and Fast-BAT use)")
 
     atk = p.add_argument_group("training-time attack (defaults: per method and dataset)")
     atk.add_argument("--eps", type=parse_number, default=None, help="l_inf budget in [0,1] pixels, e.g. 8/255")
@@ -216,7 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     atk.add_argument("--steps", type=int, default=None, help="attack iterations")
     atk.add_argument("--beta", type=float, default=None, help="TRADES robustness weight")
     atk.add_argument("--attack-bn", default=None, choices=("eval", "train"),
-                     help="BN mode while the training attack runs (default: as the method's official code)")
+                     help="BN mode while the training attack runs (default: as the method's official code); "
+                          "dropout is off in every attack whatever the BN mode")
+    atk.add_argument("--attack-start", default=None, choices=("uniform", "normal"),
+                     help="first iterate of pgd-at, pgd-at-bls, trades and the rnn-* optimiser: x + U(-eps, eps) "
+                          "projected (Madry et al.) or x + 0.001 N(0, I) unprojected (TRADES, L2L's adv_loss.py); "
+                          "default: normal for trades and rnn-trades, uniform for the others")
 
     bat = p.add_argument_group("Fast-BAT and GradAlign")
     bat.add_argument("--bat-a", type=parse_number, default=None,
@@ -233,8 +286,6 @@ def build_parser() -> argparse.ArgumentParser:
     rnn.add_argument("--rnn-max-step", type=parse_number, default=None, help="bound of one update (default: eps)")
     rnn.add_argument("--rnn-weights", default="uniform", choices=("uniform", "last", "linear"),
                      help="weights of the intermediate iterates in the RNN's loss")
-    rnn.add_argument("--rnn-init", default=None, choices=("uniform", "gaussian"),
-                     help="start: U(-eps, eps) (rnn-adv default) or 0.001 N(0, I) (rnn-trades default)")
     rnn.add_argument("--rnn-no-preprocess", action="store_true", help="feed raw gradients, not log-magnitude/sign")
     rnn.add_argument("--rnn-eval-steps", type=int, default=None, help="steps of the 'rnn' eval attack (default: T)")
     rnn.add_argument("--bls-init-step", type=parse_number, default=None, help="first BLS trial step (default: eps)")
@@ -271,6 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--eval-checks", action="store_true",
                     help="run the gradient-masking sanity checks on the evaluated checkpoint")
     ev.add_argument("--val-steps", type=int, default=10, help="PGD steps of the per-epoch validation attack")
+    ev.add_argument("--val-step-size", type=parse_number, default=None,
+                    help="its step (default: 2.5 eps / --val-steps, Madry et al.'s rule)")
+    ev.add_argument("--val-restarts", type=int, default=1,
+                    help="its random restarts (Fast-BAT selects on PGD-50-10, step eps/4)")
 
     fast = p.add_argument_group("speed and scale (none changes an algorithm; torchrun --nproc_per_node N for GPUs)")
     fast.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
@@ -306,7 +361,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if not 0 < args.eps <= 1:
         raise UsageError(f"--eps {args.eps:g} is outside (0, 1]; pixels are in [0,1], e.g. --eps 8/255")
     for name in ("model", "epochs", "batch_size", "lr", "momentum", "weight_decay", "lr_schedule",
-                 "lr_milestones", "steps", "beta", "attack_bn"):
+                 "lr_milestones", "lr_milestone_base", "lr_peak_epoch", "steps", "beta", "attack_bn", "attack_start"):
         if getattr(args, name, None) is None:
             setattr(args, name, recipe.get(name))
     if args.step_size is None:
@@ -321,8 +376,6 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.rnn_max_step = args.eps
     if args.bls_init_step is None:
         args.bls_init_step = args.eps
-    if args.rnn_init is None:
-        args.rnn_init = "gaussian" if args.method == "rnn-trades" else "uniform"
     if args.rnn_eval_steps is None:
         args.rnn_eval_steps = max(args.steps, 1)
     for name in ("rnn_hidden", "rnn_layers", "bls_tries", "rnn_eval_steps", "apgd_steps", "apgd_targets"):
@@ -374,6 +427,16 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             raise UsageError(f"--{name.replace('_', '-')} {value} must be a finite number >= 0")
     if args.lr <= 0:
         raise UsageError(f"--lr {args.lr} must be positive")
+    if args.lr_peak_epoch is None:
+        args.lr_peak_epoch = args.epochs / 2
+    if not 0 < args.lr_peak_epoch <= args.epochs:
+        raise UsageError(f"--lr-peak-epoch {args.lr_peak_epoch:g} is outside (0, --epochs {args.epochs}]; "
+                         f"give the epoch where the cyclic lr peaks")
+    if args.val_step_size is None:
+        args.val_step_size = 2.5 * args.eps / max(args.val_steps, 1)
+    if not (args.val_step_size > 0 and math.isfinite(args.val_step_size)) or args.val_restarts < 1:
+        raise UsageError(f"--val-step-size {args.val_step_size:g} / --val-restarts {args.val_restarts}: use a positive "
+                         f"step and at least 1 restart")
     if args.model == "wrn" and (args.depth - 4) % 6 != 0:
         raise UsageError(f"--depth {args.depth} is not a WideResNet depth (6n+4, e.g. 16, 28, 34)")
     if args.width < 1:
@@ -585,7 +648,10 @@ def to_float(x_uint8: torch.Tensor, fmt: torch.memory_format = torch.preserve_fo
 
 
 def augment(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
-    """Random crop with zero padding 4 and (for 'crop-flip') horizontal flip, on the device, per image."""
+    """Random crop with zero padding 4, then (for 'crop-flip' and 'crop-flip-rotate') horizontal flip, then (for
+    'crop-flip-rotate') rotation by an angle drawn uniformly from [-15, 15] degrees about the centre, nearest
+    pixel, zero fill: torchvision's RandomCrop(32, 4), RandomHorizontalFlip(), RandomRotation(15) in that order,
+    as Fast-BAT's CIFAR-100 loader. On the device, per image."""
     if mode == "none":
         return x
     n, c, h, w = x.shape
@@ -596,9 +662,16 @@ def augment(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
     cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # n x 1 x 1 x w
     x = padded[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None],
                rows, cols]
-    if mode == "crop-flip":
+    if mode in ("crop-flip", "crop-flip-rotate"):
         flip = torch.rand(n, device=x.device, generator=gen) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    if mode == "crop-flip-rotate":
+        angle = (torch.rand(n, device=x.device, generator=gen) * 2 - 1) * math.radians(15)
+        cos, sin = angle.cos(), angle.sin()
+        theta = torch.stack([torch.stack([cos, -sin, torch.zeros_like(cos)], 1),
+                             torch.stack([sin, cos, torch.zeros_like(cos)], 1)], 1)  # n x 2 x 3, about the centre
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
     return x
 
 
@@ -632,7 +705,8 @@ class Normalize(nn.Module):
 
 class SmallCNN(nn.Module):
     """The 4-conv MNIST network of TRADES (small_cnn.py) and Madry et al.: conv32-conv32-pool-
-    conv64-conv64-pool-fc200-dropout0.5-fc200-fc; the last layer starts at zero as in TRADES."""
+    conv64-conv64-pool-fc200-dropout0.5-fc200-fc. Initialised as small_cnn.py: convolutions Kaiming-normal
+    with zero biases, the last layer all zero, the two hidden linear layers PyTorch's default."""
 
     def __init__(self, in_ch=1, classes=10, hw=28):
         super().__init__()
@@ -647,9 +721,8 @@ class SmallCNN(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight)
                 nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
         nn.init.zeros_(self.classifier[-1].weight)
+        nn.init.zeros_(self.classifier[-1].bias)
 
     def forward(self, x):
         return self.classifier(self.features(x))
@@ -678,7 +751,9 @@ class VGG16(nn.Module):
 
 
 class PreActBlock(nn.Module):
-    """Pre-activation residual block (He et al. 2016), as in fast_adversarial and Fast-BAT."""
+    """Pre-activation residual block (He et al. 2016) as fast_adversarial (CIFAR10/preact_resnet.py) and Fast-BAT
+    (model_zoo.py) wire it: the 1x1 projection shortcut takes the block's raw input x, not relu(bn1(x)) (the
+    variant of kuangliu's pytorch-cifar, a different network)."""
 
     def __init__(self, c_in, c_out, stride):
         super().__init__()
@@ -690,7 +765,7 @@ class PreActBlock(nn.Module):
 
     def forward(self, x):
         out = F.relu(self.bn1(x))
-        skip = self.shortcut(out) if self.shortcut is not None else x
+        skip = self.shortcut(x) if self.shortcut is not None else x
         out = self.conv1(out)
         out = self.conv2(F.relu(self.bn2(out)))
         return out + skip
@@ -716,7 +791,8 @@ class PreActResNet18(nn.Module):
 
 
 class WideBlock(nn.Module):
-    """WideResNet basic block (Zagoruyko & Komodakis; the TRADES / L2L variant, dropout 0)."""
+    """WideResNet basic block (Zagoruyko & Komodakis; TRADES' wideresnet.py, which L2L uses, dropout 0). Unlike
+    PreActBlock, the projection shortcut takes relu(bn1(x)), as wideresnet.py wires it."""
 
     def __init__(self, c_in, c_out, stride):
         super().__init__()
@@ -768,7 +844,9 @@ def build_model(name: str, dataset: str, depth: int = 34, width: int = 10) -> nn
     return nn.Sequential(Normalize(spec["mean"], spec["std"]), net)
 
 
-CHECKPOINT_FORMAT = "l2l-checkpoint-1"
+# Format 2: PreActResNet-18's shortcut reads the block input (format-1 PreActResNet weights were trained on the
+# other wiring and are refused); other models load from either format.
+CHECKPOINT_FORMAT = "l2l-checkpoint-2"
 
 
 def read_checkpoint(path: str, what: str) -> dict:
@@ -780,9 +858,12 @@ def read_checkpoint(path: str, what: str) -> dict:
     except Exception as e:
         reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
         raise UsageError(f"{what} {path} is not a readable checkpoint ({reason}); pass a .pt written by l2l.py")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in (CHECKPOINT_FORMAT, "l2l-checkpoint-1"):
         raise UsageError(f"{what} {path} is not an l2l.py checkpoint (no '{CHECKPOINT_FORMAT}' marker); "
                          f"pass last.pt or best.pt from an l2l.py run")
+    if ckpt["format"] == "l2l-checkpoint-1" and ckpt.get("args", {}).get("model") == "preactresnet18":
+        raise UsageError(f"{what} {path} holds a PreActResNet-18 from before the shortcut fix (its weights belong "
+                         f"to another wiring); retrain it with this l2l.py")
     return ckpt
 
 
@@ -816,9 +897,20 @@ def random_start(x: torch.Tensor, eps: float) -> torch.Tensor:
     return project(x + torch.empty_like(x).uniform_(-eps, eps), x, eps)
 
 
+def start_point(x: torch.Tensor, eps: float, kind: str) -> torch.Tensor:
+    """The first iterate of an iterative attack (--attack-start):
+      'uniform': x + U(-eps, eps), projected onto C (Madry et al.'s PGD);
+      'normal':  x + 0.001 N(0, I), not projected: trades.py and L2L's adv_loss.py take their first gradient
+                 there, and every later iterate is projected."""
+    if kind == "uniform":
+        return random_start(x, eps)
+    return x + 0.001 * torch.randn_like(x)
+
+
 def cw_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-example Carlini-Wagner margin max_{j != y} z_j - z_y (>0 iff misclassified). Maximising it
-    with PGD under l_inf is what TRADES- and Fast-BAT-era tables call "CW"."""
+    with PGD under l_inf is what TRADES- and Fast-BAT-era tables call "CW" (the 'cw' attack here); the
+    optimisation-based CW-l_inf of the L2L tables is cw_linf below."""
     z_y = logits.gather(1, y[:, None]).squeeze(1)
     other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
     return other.amax(1) - z_y
@@ -829,14 +921,20 @@ def attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tenso
     return F.cross_entropy(logits, y, reduction="none") if loss == "ce" else cw_margin(logits, y)
 
 
-def input_grad(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss: str = "ce") -> torch.Tensor:
-    """grad_x of the summed per-example loss: every example gets its own, unscaled gradient. Only the input's
-    gradient is computed: autograd runs no weight-gradient kernels for it and leaves every .grad alone."""
+def input_grad_and_logits(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss: str = "ce"):
+    """(grad_x of the summed per-example loss, the logits of that forward pass). Every example gets its own,
+    unscaled gradient. Only the input's gradient is computed: autograd runs no weight-gradient kernels for it
+    and leaves every .grad alone."""
     x_adv = x_adv.detach().requires_grad_(True)
     with torch.enable_grad():
-        value = attack_loss(model(x_adv), y, loss).sum()
-        (grad,) = torch.autograd.grad(value, x_adv)
-    return grad
+        logits = model(x_adv)
+        (grad,) = torch.autograd.grad(attack_loss(logits, y, loss).sum(), x_adv)
+    return grad, logits.detach()
+
+
+def input_grad(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss: str = "ce") -> torch.Tensor:
+    """grad_x of the summed per-example loss (see input_grad_and_logits)."""
+    return input_grad_and_logits(model, x_adv, y, loss)[0]
 
 
 def fgsm(model, x, y, eps, step_size=None, rand_init=False):
@@ -847,24 +945,35 @@ def fgsm(model, x, y, eps, step_size=None, rand_init=False):
     return project(x0 + step_size * input_grad(model, x0, y).sign(), x, eps).detach()
 
 
-def pgd(model, x, y, eps, step_size, steps, restarts=1, loss="ce", rand_init=True):
-    """l_inf PGD (Madry et al. 2018): x_{t+1} = Pi_C(x_t + a sign(grad_x L(x_t))) from a uniform random
-    start, `loss` 'ce' or 'cw'. With restarts > 1 each example keeps its worst restart: misclassified
-    beats correct, then the larger loss wins."""
+def pgd(model, x, y, eps, step_size, steps, restarts=1, loss="ce", start="uniform", keep_fooling=False):
+    """l_inf PGD (Madry et al. 2018): x_{t+1} = Pi_C(x_t + a sign(grad_x L(x_t))) from start_point(x, eps, start),
+    `loss` 'ce' or 'cw'. Training uses the final iterate. With restarts > 1 each example keeps its worst restart:
+    misclassified beats correct, then the larger loss wins.
+    keep_fooling (evaluation): an example keeps the first iterate of any step or restart that the model
+    misclassifies (read from the logits each step computes anyway, and from one pass at each final iterate).
+    Never weaker than the final iterate; fast_adversarial's attack_pgd stops an example at its first misclassified
+    iterate within a restart but then keeps the restart of highest loss, which can drop it."""
+    view = (-1,) + (1,) * (x.dim() - 1)
     best = x.detach().clone()
     best_wrong = torch.zeros_like(y, dtype=torch.bool)
     best_loss = torch.full(y.shape, float("-inf"), device=x.device)
     for _ in range(restarts):
-        x_adv = random_start(x, eps) if rand_init else x.detach().clone()
+        x_adv = start_point(x, eps, start)
         for _ in range(steps):
-            x_adv = project(x_adv + step_size * input_grad(model, x_adv, y, loss).sign(), x, eps)
-        if restarts == 1:
+            grad, logits = input_grad_and_logits(model, x_adv, y, loss)
+            if keep_fooling:
+                fooled = (logits.argmax(1) != y) & ~best_wrong
+                best = torch.where(fooled.view(view), project(x_adv, x, eps), best)
+                best_wrong = best_wrong | fooled
+            x_adv = project(x_adv + step_size * grad.sign(), x, eps)
+        x_adv = project(x_adv, x, eps)  # a no-op after a step; projects an unprojected start when steps = 0
+        if restarts == 1 and not keep_fooling:
             return x_adv.detach()
         with torch.no_grad():
             logits = model(x_adv)
             wrong, value = logits.argmax(1) != y, attack_loss(logits, y, loss)
             better = (wrong & ~best_wrong) | ((wrong == best_wrong) & (value > best_loss))
-            best = torch.where(better[:, None, None, None], x_adv, best)
+            best = torch.where(better.view(view), x_adv, best)
             best_wrong, best_loss = best_wrong | wrong, torch.where(better, value, best_loss)
     return best.detach()
 
@@ -897,13 +1006,19 @@ def apgd_checkpoints(n_iter: int) -> list:
     return points
 
 
-def apgd(model, x, y, eps, n_iter=100, loss="ce", target=None, rho=0.75, alpha=0.75):
-    """Auto-PGD under l_inf (Croce & Hein, ICML 2020, Algorithm 1), per example:
-      x1 = P(x0 + eta sign(grad)), eta = 2 eps, x0 = x + eps u / ||u||_inf with u ~ U(-1, 1)^d (projected);
-      z_{k+1} = P(x_k + eta sign(grad f(x_k)));  x_{k+1} = P(x_k + alpha (z_{k+1} - x_k) + (1 - alpha)(x_k - x_{k-1}));
-      at each checkpoint w_j: halve eta and restart from the best point when (1) the loss rose in fewer than
-      rho (w_j - w_{j-1}) of the iterations since w_{j-1}, or (2) eta was not halved at w_{j-1} and the best
-      loss has not changed since then.
+def apgd(model, x, y, eps, n_iter=100, loss="ce", target=None, rho=0.75, x_init=None):
+    """Auto-PGD under l_inf (Croce & Hein, ICML 2020, Algorithm 1), per example, as auto-attack's
+    autopgd_base.py (attack_single_run) runs it:
+      x0 = clamp(x + eps t / ||t||_inf, 0, 1), t ~ U(-1, 1)^d (or x_init); eta = 2 eps;
+      z = P(x_k + eta sign(grad f(x_k)));  x_{k+1} = P(x_k + a (z - x_k) + (1 - a)(x_k - x_{k-1})), a = 1 at the
+      first step and 0.75 after;
+      at each checkpoint w_j (apgd_checkpoints) eta is halved, and the example restarts from its best point with
+      that point's gradient, when (1) the loss rose in at most rho (w_j - w_{j-1}) of the window's steps, each
+      step compared with the one before (the first window's first step with 0, as autopgd_base.py compares it
+      with a loss row not yet written), or (2) eta was not halved at w_{j-1} and the best loss has not risen
+      since; condition (2) is off at w_1 (the code's reduced_last_check starts at ones). An example that restarts
+      keeps its last iterate as the previous one, so its first step after the restart has the momentum of
+      x_best - x_{k-1}.
     `loss`: 'ce' or 'dlr' (with `target`: the targeted DLR of APGD-T). Returns, per example, a misclassified
     iterate when one was found, else the highest-loss one."""
     def f_and_grad(z):
@@ -915,42 +1030,43 @@ def apgd(model, x, y, eps, n_iter=100, loss="ce", target=None, rho=0.75, alpha=0
         return value.detach(), g, logits.detach().argmax(1) != y
 
     view = (-1,) + (1,) * (x.dim() - 1)
-    u = torch.empty_like(x).uniform_(-1, 1)
-    x_k = project(x + eps * u / u.flatten(1).abs().amax(1).clamp_min(1e-12).view(view), x, eps)
+    if x_init is None:
+        t = torch.empty_like(x).uniform_(-1, 1)
+        x_init = x + eps * t / (t.flatten(1).abs().amax(1).view(view) + 1e-12)
+    x_k = x_init.clamp(0, 1)
     f_k, g, wrong = f_and_grad(x_k)
-    x_best, f_best = x_k.clone(), f_k.clone()
-    x_adv = x_k.clone()  # misclassified iterate if found, else the best-loss one (filled in at the end)
-    found = wrong.clone()
+    x_best, f_best, g_best = x_k.clone(), f_k.clone(), g.clone()
+    x_fool, found = x_k.clone(), wrong.clone()  # the first misclassified iterate of each example
     eta = torch.full_like(f_k, 2 * eps)
     checkpoints = set(apgd_checkpoints(n_iter))
-    last_w, f_best_at_last, halved_at_last = 0, f_best.clone(), torch.zeros_like(found)
-    increases = torch.zeros_like(f_k)
+    last_w, f_best_at_last, halved_at_last = 0, f_best.clone(), torch.ones_like(found)
+    window = [torch.zeros_like(f_k)]  # losses of the iterates since the last checkpoint, after the one before it
     x_prev = x_k.clone()
     for k in range(n_iter):
         z = project(x_k + eta.view(view) * g.sign(), x, eps)
-        a = 1.0 if k == 0 else alpha
+        a = 1.0 if k == 0 else 0.75
         x_new = project(x_k + a * (z - x_k) + (1 - a) * (x_k - x_prev), x, eps)
-        f_new, g_new, wrong = f_and_grad(x_new)
-        x_adv = torch.where((wrong & ~found).view(view), x_new, x_adv)
+        x_prev = x_k
+        x_k = x_new
+        f_k, g, wrong = f_and_grad(x_k)
+        x_fool = torch.where((wrong & ~found).view(view), x_k, x_fool)
         found |= wrong
-        increases += (f_new > f_k).float()
-        better = f_new > f_best
-        x_best = torch.where(better.view(view), x_new, x_best)
-        f_best = torch.where(better, f_new, f_best)
-        x_prev, x_k, f_k, g = x_k, x_new, f_new, g_new
+        window.append(f_k)
+        better = f_k > f_best
+        x_best = torch.where(better.view(view), x_k, x_best)
+        g_best = torch.where(better.view(view), g, g_best)
+        f_best = torch.where(better, f_k, f_best)
         if k + 1 in checkpoints:
-            cond1 = increases < rho * (k + 1 - last_w)
+            increases = sum((b > a_).float() for a_, b in zip(window[:-1], window[1:]))
+            cond1 = increases <= rho * (k + 1 - last_w)
             cond2 = ~halved_at_last & (f_best_at_last >= f_best)
             halve = cond1 | cond2
             eta = torch.where(halve, eta / 2, eta)
-            if halve.any():  # restart the halved examples from their best point
-                x_k = torch.where(halve.view(view), x_best, x_k)
-                x_prev = x_k.clone()
-                f_re, g_re, _ = f_and_grad(x_k)
-                f_k, g = torch.where(halve, f_re, f_k), torch.where(halve.view(view), g_re, g)
+            x_k = torch.where(halve.view(view), x_best, x_k)
+            g = torch.where(halve.view(view), g_best, g)
             last_w, f_best_at_last, halved_at_last = k + 1, f_best.clone(), halve
-            increases = torch.zeros_like(f_k)
-    return torch.where(found.view(view), x_adv, x_best).detach()
+            window = window[-1:]
+    return torch.where(found.view(view), x_fool, x_best).detach()
 
 
 def apgd_targeted(model, x, y, eps, n_iter=100, n_targets=9):
@@ -970,28 +1086,29 @@ def apgd_targeted(model, x, y, eps, n_iter=100, n_targets=9):
     return x_adv.detach()
 
 
-def trades_attack(model, x, eps, step_size, steps, init_std=0.001):
-    """The TRADES inner maximisation (Zhang et al. 2019, Algorithm 1, and trades.py): from x + 0.001 N(0, I),
-    sign steps on sum KL(f(x) || f(x')), projected onto C. The clean distribution is a constant."""
+def trades_attack(model, x, eps, step_size, steps, start="normal"):
+    """The TRADES inner maximisation (Zhang et al. 2019, Algorithm 1, and trades.py): from x + 0.001 N(0, I)
+    (unprojected, as trades.py; --attack-start), sign steps on sum KL(f(x) || f(x')), projected onto C. The
+    clean distribution is a constant."""
     with torch.no_grad():
         logp_clean = F.log_softmax(model(x), dim=1)
-    x_adv = project(x + init_std * torch.randn_like(x), x, eps)
+    x_adv = start_point(x, eps, start)
     for _ in range(steps):
         x_adv = x_adv.detach().requires_grad_(True)
         with torch.enable_grad():
             kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), logp_clean, reduction="sum", log_target=True)
             (grad,) = torch.autograd.grad(kl, x_adv)
         x_adv = project(x_adv + step_size * grad.sign(), x, eps)
-    return x_adv.detach()
+    return project(x_adv, x, eps).detach()
 
 
-def pgd_bls(model, x, y, eps, steps, init_step, shrink=0.5, c=1e-4, tries=8):
+def pgd_bls(model, x, y, eps, steps, init_step, shrink=0.5, c=1e-4, tries=8, start="uniform"):
     """PGD with a backtracking line search per example and step (AdvTrain+BLS of Xiong & Hsieh, Table 1; the
     rule is the projected Armijo condition of Nocedal & Wright, a reconstruction: PAPERS.md 2.2).
     At x_t with g = grad_x L(x_t) and direction sign(g): try s = init_step, s * shrink, ... (`tries` sizes);
     accept the first x_s = Pi_C(x_t + s sign(g)) with L(x_s) >= L(x_t) + c <g, x_s - x_t>. An example with no
-    acceptable size stays at x_t, so no accepted step ever lowers its loss. Random start as PGD."""
-    x_adv = random_start(x, eps)
+    acceptable size stays at x_t, so no accepted step ever lowers its loss. Start as PGD (--attack-start)."""
+    x_adv = project(start_point(x, eps, start), x, eps)
     for _ in range(steps):
         x_adv = x_adv.detach().requires_grad_(True)
         with torch.enable_grad():
@@ -1012,18 +1129,102 @@ def pgd_bls(model, x, y, eps, steps, init_step, shrink=0.5, c=1e-4, tries=8):
 
 
 class model_mode:
-    """Context manager: put a model in train or eval mode and restore its previous mode on exit."""
+    """Context manager: put a model in train or eval mode and restore every module's previous mode on exit.
+    With dropout=False (attack_mode) dropout layers stay in eval mode whatever `mode` says."""
 
-    def __init__(self, model: nn.Module, mode: str):
-        self.model, self.mode = model, mode
+    def __init__(self, model: nn.Module, mode: str, dropout: bool = True):
+        self.model, self.mode, self.dropout = model, mode, dropout
 
     def __enter__(self):
-        self.was_training = self.model.training
+        self.was_training = [(m, m.training) for m in self.model.modules()]
         self.model.train(self.mode == "train")
+        if not self.dropout:
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.dropout._DropoutNd):
+                    m.eval()
         return self.model
 
     def __exit__(self, *exc):
-        self.model.train(self.was_training)
+        for m, training in self.was_training:
+            m.training = training
+
+
+def attack_mode(model: nn.Module, bn: str) -> model_mode:
+    """The classifier's mode while a training-time attack runs: BatchNorm in `bn` mode (--attack-bn: batch
+    statistics and running-statistics updates in 'train', as fast_adversarial and Fast-BAT; running statistics in
+    'eval', as TRADES), dropout always off. BN mode and dropout are different things: an attack that sampled a
+    dropout mask at every forward pass would ascend a different network at each step (and a line search would
+    compare losses of different networks)."""
+    return model_mode(model, bn, dropout=False)
+
+
+def cw_linf(model, x, y, eps, lr=5e-3, max_iterations=50, initial_const=1e-5, largest_const=1e2, const_factor=10.0,
+            decrease_factor=0.9, min_tau=1 / 256, abort_early=True):
+    """The Carlini-Wagner l_inf attack (Carlini & Wagner 2017, Sec. V-C) as the official L2L cw.py runs it for the
+    "CW" column of the L2L tables, every example independently (batched here; each example keeps its own state):
+      only correctly classified examples are attacked; tau = 1, c = initial_const, start s = x;
+      repeat (while tau > min_tau):
+        minimise  c * relu(z_y - max_{j != y} z_j) + sum_i relu(|x'_i - x_i| - tau)  over w, x' = tanh(w + w_s)/2 + 1/2,
+        w_s = artanh(0.9999 (2 s - 1)), w from 0 with Adam (lr 5e-3), up to max_iterations steps per c, c x10 while
+        c < largest_const (Adam and w carry over when c grows; c carries over to the next tau);
+        a step whose image (read before the update) is misclassified with ||x' - x||_inf < eps ends the attack:
+        success; one misclassified with loss < 1e-4 c (abort_early) ends the descent: tau = 0.9 min(tau,
+        ||x' - x||_inf), s = x', and the descent restarts from w = 0 with a fresh Adam;
+      a descent that exhausts c, or tau falling to min_tau, is a failure: the example keeps its clean image.
+    Returns x_adv with ||x_adv - x||_inf < eps (strictly) and x_adv in [0,1]."""
+    n, view = x.shape[0], (-1,) + (1,) * (x.dim() - 1)
+    with torch.no_grad():
+        active = model(x).argmax(1) == y
+    x_adv = x.detach().clone()
+    tau = torch.ones(n, dtype=torch.float64, device=x.device)
+    const = torch.full((n,), initial_const, dtype=torch.float64, device=x.device)
+    w_start = torch.atanh(0.9999 * (2 * x - 1))
+    w = torch.zeros_like(x)  # the modifier and its Adam state (torch.optim.Adam's defaults), per example
+    adam_m, adam_v = torch.zeros_like(x), torch.zeros_like(x)
+    adam_t = torch.zeros(n, dtype=torch.long, device=x.device)
+    steps_at_const = torch.zeros(n, dtype=torch.long, device=x.device)
+    beta1, beta2, adam_eps = 0.9, 0.999, 1e-8
+    while active.any():
+        i = active.nonzero().squeeze(1)
+        wi = w[i].requires_grad_(True)
+        with torch.enable_grad():
+            new = torch.tanh(wi + w_start[i]) / 2 + 0.5
+            logits = model(new)
+            real = logits.gather(1, y[i, None]).squeeze(1)
+            other = logits.masked_fill(F.one_hot(y[i], logits.shape[1]).bool(), float("-inf")).amax(1)
+            dist = (new - x[i]).abs()
+            loss = const[i].to(logits.dtype) * F.relu(real - other) \
+                + F.relu(dist - tau[i].to(dist.dtype).view(view)).flatten(1).sum(1)
+            (g,) = torch.autograd.grad(loss.sum(), wi)
+        with torch.no_grad():  # Adam step on every active example (cw.py steps before it checks)
+            adam_t[i] += 1
+            t = adam_t[i].to(x.dtype).view(view)
+            adam_m[i] = beta1 * adam_m[i] + (1 - beta1) * g
+            adam_v[i] = beta2 * adam_v[i] + (1 - beta2) * g * g
+            denom = adam_v[i].sqrt() / (1 - beta2 ** t).sqrt() + adam_eps
+            w[i] = w[i] - lr / (1 - beta1 ** t) * adam_m[i] / denom
+            new, wrong, linf = new.detach(), logits.argmax(1) != y[i], dist.flatten(1).amax(1)
+            success = wrong & (linf < eps)
+            x_adv[i[success]] = new[success]
+            aborted = ~success & wrong & abort_early & (loss < 1e-4 * const[i])
+            # an aborted descent restarts at its image with a smaller tau, or fails when tau gets too small
+            new_tau = torch.minimum(tau[i], linf.double()) * decrease_factor
+            restart = aborted & (new_tau > min_tau)
+            r = i[restart]
+            tau[r], w_start[r] = new_tau[restart], torch.atanh(0.9999 * (2 * new[restart] - 1))
+            w[r], adam_m[r], adam_v[r], adam_t[r], steps_at_const[r] = 0.0, 0.0, 0.0, 0, 0
+            # otherwise one more step at this c; after max_iterations, c grows, and past largest_const the descent fails
+            going = ~success & ~aborted
+            g_i = i[going]
+            steps_at_const[g_i] += 1
+            grow = g_i[steps_at_const[g_i] == max_iterations]
+            const[grow] *= const_factor
+            steps_at_const[grow] = 0
+            failed = i[aborted & ~restart]
+            active[i[success]] = False
+            active[failed] = False
+            active[grow[const[grow] >= largest_const]] = False
+    return x_adv
 
 
 # ================================================================================================
@@ -1077,7 +1278,8 @@ class SlimAttacker(nn.Module):
 
     def forward(self, a):
         h = self.up(self.blocks(self.down(a)))
-        return self.eps * torch.tanh(self.scale * self.out(torch.cat([h, a], 1)))
+        # tanh and the eps scale in fp32: under bf16 autocast, eps * tanh(.) rounded to bf16 exceeds eps
+        return self.eps * torch.tanh(self.scale * self.out(torch.cat([h, a], 1)).float())
 
 
 class WideAttacker(nn.Module):
@@ -1095,49 +1297,46 @@ class WideAttacker(nn.Module):
             nn.BatchNorm2d(b, affine=False), nn.Conv2d(b, out_ch, 3, 1, 1))
 
     def forward(self, a):
-        return self.eps * torch.tanh(self.net(a))
+        return self.eps * torch.tanh(self.net(a).float())  # fp32, as SlimAttacker
 
 
-def l2l_attacker_input(model, x, y, use_grad: bool) -> torch.Tensor:
-    """A(x, y, theta) of L2L (poster, Table "variants"; adv_loss.py): x for naive L2L; for the gradient
-    variants [x, g / max|g|] with g = grad_x CE(f(x), y) and max over the whole batch (one scalar),
-    concatenated along channels and detached: no second-order terms reach theta or phi.
-    The classifier runs in whatever mode the caller set (train mode in the classifier step, so this
-    pass updates BN statistics as in the official code)."""
-    if not use_grad:
-        return x
-    return torch.cat([x, scaled_input_grad(model, x, y)], 1).detach()
-
-
-def scaled_input_grad(model, x, y) -> torch.Tensor:
+def scaled_input_grad(model, x, y, across_ranks: bool = True) -> torch.Tensor:
     """g / max|g| with g = grad_x CE(f(x), y) and one max over the whole batch (adv_loss.py); no graph.
-    Under torchrun the batch is the global one: the max is taken over every rank's shard."""
+    Under torchrun a training batch is the global one: with across_ranks the max is taken over every rank's shard."""
     g = input_grad(model, x, y)
     scale = g.abs().amax()
-    if dist_world()[1] > 1:
+    if across_ranks and dist_world()[1] > 1:
         dist.all_reduce(scale, op=dist.ReduceOp.MAX)
     return g / scale.clamp_min(1e-12)
 
 
-def l2l_perturb(attacker, model, x, y, eps, variant: str, steps: int = 1, step_size: Optional[float] = None):
-    """x_adv = clamp(x + delta, 0, 1) with delta from the L2L attacker (Jiang et al., poster table "L2L variants"):
-      naive:  delta = g(x; phi)
-      grad:   delta = g([x, g_hat(x)]; phi)
-      multi:  delta^1 = s g([x, g_hat(x)]);  for k = 2..K:  x^k = clamp(x + delta^{k-1}, 0, 1),
-              delta^k = Pi_eps(delta^{k-1} + s g([x^k, g_hat(x^k)]))
-    with s = 1 (the poster's 2-step L2L for K = 2) or s = step_size / eps (adv_loss.py's k-step variant).
-    As in adv_loss.py, x^k keeps its graph, so phi's gradient also flows through the earlier steps,
-    while each normalised gradient g_hat is a constant."""
+def l2l_perturb(attacker, model, x, y, eps, variant: str, steps: int = 1, step_size: Optional[float] = None,
+                across_ranks: bool = True):
+    """x_adv from the L2L attacker (Jiang et al., poster table "L2L variants"; adv_loss.py):
+      naive:  x_adv = clamp(x + g(x; phi), 0, 1)                                   (adv_loss_l2l_0)
+      grad:   x_adv = clamp(x + g([x, g_hat(x)]; phi), 0, 1)                       (adv_loss_l2l_1)
+      multi, step_size None (the poster's 2-step L2L, adv_loss_l2l_2, for K = --l2l-steps):
+              delta^1 = g([x, g_hat(x)]);  for k = 2..K:  x^k = clamp(x + delta^{k-1}, 0, 1),
+              delta^k = Pi_eps(delta^{k-1} + g([x^k, g_hat(x^k)]));  x_adv = clamp(x + delta^K, 0, 1)
+              x^k keeps its graph, so phi's gradient also flows through the earlier steps (as adv_loss.py);
+      multi, step_size s (adv_loss_l2l_k, K steps):
+              x^0 = x;  x^{k+1} = clamp(x^k + (s / eps) g([x^k, g_hat(x^k)].detach()), 0, 1);
+              x_adv = clamp(x + Pi_eps(x^K - x), 0, 1): each step clamped to the image, projected once at the end,
+              the attacker's input detached (phi's gradient reaches it through the sum of steps only).
+    Each normalised gradient g_hat is a constant (scaled_input_grad)."""
     if variant == "naive":
-        delta = attacker(x)
-    else:
-        delta = attacker(l2l_attacker_input(model, x, y, True))
-        scale = 1.0 if step_size is None else step_size / eps
-        delta = scale * delta
-        for _ in range(steps - 1 if variant == "multi" else 0):
-            x_k = (x + delta).clamp(0, 1)
-            a = torch.cat([x_k, scaled_input_grad(model, x_k, y)], 1)  # x_k keeps its graph, g_hat does not
-            delta = (delta + scale * attacker(a)).clamp(-eps, eps)  # Pi_B(eps)
+        return (x + attacker(x)).clamp(0, 1)
+    if variant == "multi" and step_size is not None:  # adv_loss_l2l_k
+        x_k = x
+        for _ in range(steps):
+            a = torch.cat([x_k, scaled_input_grad(model, x_k, y, across_ranks)], 1).detach()
+            x_k = (x_k + attacker(a) * (step_size / eps)).clamp(0, 1)
+        return (x + (x_k - x).clamp(-eps, eps)).clamp(0, 1)
+    delta = attacker(torch.cat([x, scaled_input_grad(model, x, y, across_ranks)], 1).detach())
+    for _ in range(steps - 1 if variant == "multi" else 0):
+        x_k = (x + delta).clamp(0, 1)
+        a = torch.cat([x_k, scaled_input_grad(model, x_k, y, across_ranks)], 1)  # x_k keeps its graph, g_hat does not
+        delta = (delta + attacker(a)).clamp(-eps, eps)  # Pi_B(eps)
     return (x + delta).clamp(0, 1)
 
 
@@ -1179,7 +1378,7 @@ class RNNOptimizer(nn.Module):
             hc = cell(h, None if state is None else state[i])
             new_state.append(hc)
             h = hc[0]
-        return max_step * torch.tanh(self.out(h)).reshape(shape), new_state
+        return max_step * torch.tanh(self.out(h).float()).reshape(shape), new_state  # fp32 under autocast
 
 
 def inner_loss(model, x_adv, y, logp_clean=None) -> torch.Tensor:
@@ -1193,15 +1392,14 @@ def inner_loss(model, x_adv, y, logp_clean=None) -> torch.Tensor:
 def rnn_attack(rnn, model, x, y, eps, steps, max_step, init="uniform", logp_clean=None, weights="uniform",
                train=True):
     """The learned inner maximisation (Algorithm 1 of Xiong & Hsieh, steps numbered as in PAPERS.md 2.2):
-      1. x'_0 = Pi_C(x + U(-eps, eps)) ("uniform") or Pi_C(x + 0.001 N(0, I)) ("gaussian", as TRADES)
+      1. x'_0 = start_point(x, eps, init): Pi_C(x + U(-eps, eps)) ("uniform") or x + 0.001 N(0, I) ("normal", as TRADES)
       2. for t = 0..T-1:  g_t = grad_x' L_inner(x'_t)  (a constant for phi: first-order L2O)
                           (u_t, h) = m_phi(g_t, h);   x'_{t+1} = Pi_C(x'_t + u_t)
       3. L(phi) = sum_{t=1..T} w_t mean_i L_inner(x'_t)   (the intermediate iterates; w: 'uniform' w_t = 1,
          'last' only t = T, 'linear' w_t = t / T)
     Returns (x'_T, L(phi)). With train=True, x'_t keeps its graph so L(phi) can be backpropagated through
     the unrolled steps; with train=False (evaluation) nothing is kept and L(phi) is None."""
-    start = x + (torch.empty_like(x).uniform_(-eps, eps) if init == "uniform" else 0.001 * torch.randn_like(x))
-    x_adv = project(start, x, eps).requires_grad_(True)  # step 1
+    x_adv = start_point(x, eps, init).requires_grad_(True)  # step 1
     state, total = None, 0.0
     w = {"uniform": [1.0] * steps, "last": [0.0] * (steps - 1) + [1.0],
          "linear": [(t + 1) / steps for t in range(steps)]}[weights]
@@ -1260,11 +1458,11 @@ def train_plain(run: Run, x, y):
 
 def train_pgd_at(run: Run, x, y):
     """PGD adversarial training (Madry et al. 2018, eq. 2.1): min_theta E max_{delta in S} L(theta, x + delta, y).
-    1. inner max: PGD-K with a random start (--steps, --step-size), BN mode --attack-bn;
+    1. inner max: PGD-K from --attack-start (--steps, --step-size), BN mode --attack-bn, dropout off;
     2. outer min: one SGD step on CE(f(x_adv), y), model in train mode."""
     a = run.args
-    with model_mode(run.model, a.attack_bn):
-        x_adv = pgd(run.model, x, y, a.eps, a.step_size, a.steps)  # step 1
+    with attack_mode(run.model, a.attack_bn):
+        x_adv = pgd(run.model, x, y, a.eps, a.step_size, a.steps, start=a.attack_start)  # step 1
     logits = run.model(x_adv)  # step 2
     loss = F.cross_entropy(logits, y)
     sgd_update(run, loss)
@@ -1273,12 +1471,14 @@ def train_pgd_at(run: Run, x, y):
 
 def train_trades(run: Run, x, y):
     """TRADES (Zhang et al. 2019, Algorithm 1; objective CE(f(x), y) + beta max KL(f(x) || f(x'))).
-    1. x' by trades_attack (K sign steps on the KL, BN in eval mode as in trades.py);
+    1. x' by trades_attack (K sign steps on the KL from x + 0.001 N(0, I), BN in eval mode as in trades.py);
     2. loss = CE(f(x), y) + beta * sum KL(f(x) || f(x')) / B  (KL summed, divided by the batch: 'batchmean');
-    3. one SGD step. The clean distribution is not detached in the outer loss (as in trades.py)."""
+    3. one SGD step. The clean distribution is not detached in the outer loss (as in trades.py). trades.py runs
+       f(x) twice in train mode (once for the CE, once for the KL); here one pass serves both: the same value
+       without dropout, one BN-statistics update instead of two (a deliberate difference, README)."""
     a = run.args
-    with model_mode(run.model, a.attack_bn):
-        x_adv = trades_attack(run.model, x, a.eps, a.step_size, a.steps)  # step 1
+    with attack_mode(run.model, a.attack_bn):
+        x_adv = trades_attack(run.model, x, a.eps, a.step_size, a.steps, a.attack_start)  # step 1
     logits_clean, logits_adv = run.model(x), run.model(x_adv)  # step 2
     # KL from log-probabilities: the value of trades.py's KLDivLoss(softmax(f(x))), but its gradient stays
     # finite where a clean probability underflows to 0 (p log p has an infinite slope there).
@@ -1295,7 +1495,7 @@ def train_fast_at(run: Run, x, y):
     2. delta <- Pi_C(delta + alpha sign(grad_delta L)), alpha = 1.25 eps by default;
     3. one SGD step on CE(f(x + delta), y). BN stays in train mode during the attack (official code)."""
     a = run.args
-    with model_mode(run.model, a.attack_bn):
+    with attack_mode(run.model, a.attack_bn):
         x_adv = fgsm(run.model, x, y, a.eps, a.step_size, rand_init=True)  # steps 1-2
     logits = run.model(x_adv)  # step 3
     loss = F.cross_entropy(logits, y)
@@ -1313,7 +1513,7 @@ def box_bounds(x: torch.Tensor, eps: float):
     return torch.clamp(-x, min=-eps), torch.clamp(1 - x, max=eps)
 
 
-def fast_bat_backward(model, x, y, eps, a, lam, ig_ratio=1.0, tol=1e-7) -> dict:
+def fast_bat_backward(model, x, y, eps, a, lam, ig_ratio=1.0, tol=1e-7, attack_bn="train") -> dict:
     """Fast-BAT (Zhang et al. 2022), the gradient of one upper-level step, left in the parameters' .grad:
         g_theta = grad_theta l_tr(theta, delta*) + ig_ratio * (1/lam) grad_theta < grad_delta l(theta; z), sg(H_C grad_delta l_tr(delta*)) >
     i.e. eq. (14) with the implicit gradient of eq. (13) under l_atk = -l_tr, ig_ratio = alpha2 / alpha1.
@@ -1329,14 +1529,17 @@ def fast_bat_backward(model, x, y, eps, a, lam, ig_ratio=1.0, tol=1e-7) -> dict:
       8. standard term: backprop sum CE(x + delta*) / B; .grad holds both terms.
     Losses are sum-reduced wherever a per-example input gradient is taken (the code's reduction), so a
     and lam mean the same at every batch size. The mixed derivative is taken at z, where the closed form
-    of step 3 is differentiated (PAPERS.md 3.3). The model's mode is the caller's (train in the code)."""
+    of step 3 is differentiated (PAPERS.md 3.3). Steps 1-3 are the lower level (the attack): BN in
+    `attack_bn` mode (train in the code), dropout off (attack_mode); steps 6 and 8 evaluate the training loss
+    l_tr in the caller's mode."""
     p, q = box_bounds(x, eps)
-    delta0 = (torch.empty_like(x).uniform_(-eps, eps)).clamp(p, q)  # step 1
-    # clamp(p, q) is the code's clamp to [-eps, eps] followed by the clamp to the image box, in one
-    z = (delta0 + a * input_grad(model, x + delta0, y)).clamp(p, q).detach()  # step 2
-    z_var = z.clone().requires_grad_(True)
-    grad_z = torch.autograd.grad(F.cross_entropy(model(x + z_var), y, reduction="sum"), z_var,
-                                 create_graph=True)[0]  # step 3: kept for the double backprop of step 7
+    with attack_mode(model, attack_bn):
+        delta0 = (torch.empty_like(x).uniform_(-eps, eps)).clamp(p, q)  # step 1
+        # clamp(p, q) is the code's clamp to [-eps, eps] followed by the clamp to the image box, in one
+        z = (delta0 + a * input_grad(model, x + delta0, y)).clamp(p, q).detach()  # step 2
+        z_var = z.clone().requires_grad_(True)
+        grad_z = torch.autograd.grad(F.cross_entropy(model(x + z_var), y, reduction="sum"), z_var,
+                                     create_graph=True)[0]  # step 3: kept for the double backprop of step 7
     delta = (z + a * grad_z.detach()).clamp(p, q)
     mask = ((delta > p + tol) & (delta < q - tol)).to(x.dtype)  # step 5
     v = mask * input_grad(model, x + delta, y) / lam  # step 6 (input_grad leaves theta's .grad alone)
@@ -1349,12 +1552,13 @@ def fast_bat_backward(model, x, y, eps, a, lam, ig_ratio=1.0, tol=1e-7) -> dict:
     loss.backward()  # accumulates onto the implicit term, before the optimiser applies momentum and decay
     return {"loss": loss.detach(), "logits": logits.detach(), "z": z, "delta": delta, "mask": mask}
 
+
 def train_fast_bat(run: Run, x, y):
-    """Fast-BAT (Zhang et al. 2022, eq. 14): one SGD step on the gradient of fast_bat_backward, BN in
-    train mode for every pass (--attack-bn, as the official code); lr = alpha1, alpha2 = --bat-ig-ratio * alpha1."""
+    """Fast-BAT (Zhang et al. 2022, eq. 14): one SGD step on the gradient of fast_bat_backward, model in train
+    mode, its lower level with BN in --attack-bn mode (train, as the official code) and dropout off;
+    lr = alpha1, alpha2 = --bat-ig-ratio * alpha1."""
     a = run.args
-    with model_mode(run.model, a.attack_bn):
-        out = fast_bat_backward(run.model, x, y, a.eps, a.bat_a, a.bat_lambda, a.bat_ig_ratio)
+    out = fast_bat_backward(run.model, x, y, a.eps, a.bat_a, a.bat_lambda, a.bat_ig_ratio, attack_bn=a.attack_bn)
     run.optimizer.step()
     return out["loss"], (out["logits"].argmax(1) == y).sum()
 
@@ -1375,21 +1579,33 @@ def gradalign_gamma(eps: float) -> float:
     return math.exp((1 - t) * math.log(GRADALIGN_GAMMA[lo]) + t * math.log(GRADALIGN_GAMMA[hi]))
 
 
+def gradalign_penalty(g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
+    """GradAlign's 1 - mean_i cos(g1_i, g2_i) over the examples whose two gradients are both non-zero (the
+    official code drops the others from the mean: their cosine is undefined); 0 when none is left."""
+    g1, g2 = g1.flatten(1), g2.flatten(1)
+    keep = (g1.norm(dim=1) != 0) & (g2.norm(dim=1) != 0)
+    if not keep.any():
+        return g2.sum() * 0.0
+    cos = (g1[keep] / g1[keep].norm(dim=1, keepdim=True) * g2[keep] / g2[keep].norm(dim=1, keepdim=True)).sum(1)
+    return 1 - cos.mean()
+
+
 def train_fast_at_ga(run: Run, x, y):
     """Fast-AT with GradAlign (Andriushchenko & Flammarion, NeurIPS 2020), as the Fast-BAT code's fast_at_ga:
-    1. x_adv = FGSM from x (zero init), step --step-size (1.25 eps), BN in train mode;
+    1. x_adv = FGSM from x (zero init), step --step-size (1.25 eps), BN in train mode, dropout off;
     2. g1 = grad_x CE(f(x), y), a constant; g2 = grad_x CE(f(x + eta), y), eta ~ U(-eps, eps), with its graph
        (the probe x + eta is not clamped to [0,1], as in the GradAlign code: it is a gradient probe, not an attack);
-    3. loss = CE(f(x_adv), y) + gamma (1 - mean_i cos(g1_i, g2_i)); one SGD step (double backprop through g2)."""
+    3. loss = CE(f(x_adv), y) + gamma (1 - mean_i cos(g1_i, g2_i)) (gradalign_penalty: examples with a zero
+       gradient left out); one SGD step (double backprop through g2). g1 and g2 belong to the training loss and
+       run in the model's training mode."""
     a, model = run.args, run.model
-    with model_mode(model, a.attack_bn):
+    with attack_mode(model, a.attack_bn):
         x_adv = fgsm(model, x, y, a.eps, a.step_size)  # step 1
-    g1 = input_grad(model, x, y).flatten(1)  # step 2
+    g1 = input_grad(model, x, y)  # step 2
     probe = (x + torch.empty_like(x).uniform_(-a.eps, a.eps)).requires_grad_(True)
-    g2 = torch.autograd.grad(F.cross_entropy(model(probe), y, reduction="sum"), probe, create_graph=True)[0].flatten(1)
-    cos = F.cosine_similarity(g1, g2, dim=1)
+    g2 = torch.autograd.grad(F.cross_entropy(model(probe), y, reduction="sum"), probe, create_graph=True)[0]
     logits = model(x_adv)  # step 3
-    loss = F.cross_entropy(logits, y) + a.ga_gamma * (1 - cos.mean())
+    loss = F.cross_entropy(logits, y) + a.ga_gamma * gradalign_penalty(g1, g2)
     sgd_update(run, loss)
     return loss.detach(), (logits.argmax(1) == y).sum()
 
@@ -1408,17 +1624,17 @@ def setup_l2l(args, model, device) -> dict:
     return {"attacker": attacker, "attacker_opt": optimizer}
 
 
-def l2l_attack(run_args, attacker, model, x, y):
+def l2l_attack(run_args, attacker, model, x, y, across_ranks=True):
     return l2l_perturb(attacker, model, x, y, run_args.eps, L2L_VARIANTS[run_args.method], run_args.l2l_steps,
-                       run_args.l2l_step_size)
+                       run_args.l2l_step_size, across_ranks)
 
 
 def train_l2l(run: Run, x, y):
     """L2L (Jiang et al.: min_theta max_phi sum_i CE(f(x_i + g(A(x_i, y_i, theta); phi); theta), y_i)), one
     minibatch in the order of train_l2l_{1,2}_cifar10.py:
     1. classifier step: f in train mode, attacker in eval mode; x_adv from the attacker (its gradient
-       feature computed in train mode, updating BN statistics, as the official code does); one SGD step
-       on CE(f(x_adv), y), batch mean, no clean term;
+       feature computed with BN in train mode, updating BN statistics, as the official code does, and dropout
+       off as in every attack); one SGD step on CE(f(x_adv), y), batch mean, no clean term;
     2. --attacker-steps times: f in eval mode and frozen, attacker in train mode; x_adv recomputed with the
        updated theta; one Adam step on phi ascending CE(f(x_adv), y). The gradient is taken w.r.t. phi
        only, so theta's .grad is never touched (the code zeroes it instead)."""
@@ -1426,7 +1642,7 @@ def train_l2l(run: Run, x, y):
     attacker, attacker_opt = run.extras["attacker"], run.extras["attacker_opt"]
     model.train()  # step 1
     attacker.eval()
-    with torch.no_grad():  # phi receives nothing from the classifier step
+    with torch.no_grad(), attack_mode(model, "train"):  # phi receives nothing from the classifier step
         x_adv = l2l_attack(a, attacker, model, x, y)
     logits = model(x_adv)
     loss = F.cross_entropy(logits, y)
@@ -1447,8 +1663,9 @@ def train_pgd_at_bls(run: Run, x, y):
     """AdvTrain+BLS (Xiong & Hsieh, Table 1): PGD-AT whose inner steps choose a per-example step size by
     backtracking line search (pgd_bls), then one SGD step on CE(f(x_adv), y)."""
     a = run.args
-    with model_mode(run.model, a.attack_bn):
-        x_adv = pgd_bls(run.model, x, y, a.eps, a.steps, a.bls_init_step, a.bls_shrink, a.bls_c, a.bls_tries)
+    with attack_mode(run.model, a.attack_bn):
+        x_adv = pgd_bls(run.model, x, y, a.eps, a.steps, a.bls_init_step, a.bls_shrink, a.bls_c, a.bls_tries,
+                        a.attack_start)
     logits = run.model(x_adv)
     loss = F.cross_entropy(logits, y)
     sgd_update(run, loss)
@@ -1468,14 +1685,15 @@ def rnn_run_attack(args, rnn, model, x, y, steps, train):
     if args.method == "rnn-trades":
         with torch.no_grad():
             logp_clean = F.log_softmax(model(x), 1)
-    return rnn_attack(rnn, model, x, y, args.eps, steps, args.rnn_max_step, args.rnn_init, logp_clean,
+    return rnn_attack(rnn, model, x, y, args.eps, steps, args.rnn_max_step, args.attack_start, logp_clean,
                       args.rnn_weights, train)
 
 
 def train_rnn(run: Run, x, y):
     """RNN-Adv / RNN-TRADES (Xiong & Hsieh, Algorithm 1 "RNN-based adversarial training"; reconstruction, PAPERS.md 2.2):
     per minibatch M (Algorithm 1, step 5),
-    1. unroll m_phi for T = --steps inner steps on the inner loss (classifier in --attack-bn mode, default eval);
+    1. unroll m_phi for T = --steps inner steps on the inner loss (classifier in --attack-bn mode, default eval,
+       dropout off);
     2. phi <- phi + alpha2 grad_phi L(phi): one Adam ascent step on the intermediate-iterate loss (rnn_attack);
        the gradient is taken w.r.t. phi only, theta's .grad is untouched;
     3. theta <- theta - alpha1 grad_theta Outer(theta; x'_T) with x'_T detached: CE(f(x'_T), y) for RNN-Adv,
@@ -1483,7 +1701,7 @@ def train_rnn(run: Run, x, y):
     The same unrolled pass serves both updates, so phi and theta see the same adversarial examples."""
     a, model = run.args, run.model
     rnn, rnn_opt = run.extras["rnn"], run.extras["rnn_opt"]
-    with model_mode(model, a.attack_bn):
+    with attack_mode(model, a.attack_bn):
         x_adv, rnn_objective = rnn_run_attack(a, rnn, model, x, y, a.steps, train=True)  # step 1
         params = list(rnn.parameters())
         for p, g in zip(params, torch.autograd.grad(-rnn_objective, params)):  # step 2 (ascent)
@@ -1703,12 +1921,20 @@ class EvalAttack:
 EVAL_ATTACKS: Dict[str, EvalAttack] = {
     "fgsm": EvalAttack(lambda m, x, y, a, e: fgsm(m, x, y, a.eps),
                        lambda a: dict(loss="ce", steps=1, step_size=a.eps, restarts=1, random_start=False)),
-    "pgd": EvalAttack(lambda m, x, y, a, e: pgd(m, x, y, a.eps, a.eval_step_size, a.eval_steps, a.eval_restarts, "ce"),
+    # PGD keeps, per example, any iterate that fools the model (keep_fooling): never weaker than the last iterate.
+    "pgd": EvalAttack(lambda m, x, y, a, e: pgd(m, x, y, a.eps, a.eval_step_size, a.eval_steps, a.eval_restarts, "ce",
+                                                keep_fooling=True),
                       lambda a: dict(loss="ce", steps=a.eval_steps, step_size=a.eval_step_size,
                                      restarts=a.eval_restarts, random_start=True)),
-    "cw": EvalAttack(lambda m, x, y, a, e: pgd(m, x, y, a.eps, a.eval_step_size, a.eval_steps, a.eval_restarts, "cw"),
+    "cw": EvalAttack(lambda m, x, y, a, e: pgd(m, x, y, a.eps, a.eval_step_size, a.eval_steps, a.eval_restarts, "cw",
+                                               keep_fooling=True),
                      lambda a: dict(loss="cw margin (PGD under l_inf, not CW-L2)", steps=a.eval_steps,
                                     step_size=a.eval_step_size, restarts=a.eval_restarts, random_start=True)),
+    # The optimisation-based Carlini-Wagner l_inf attack of the official L2L cw.py (the L2L tables' "CW" column).
+    "cw-linf": EvalAttack(lambda m, x, y, a, e: cw_linf(m, x, y, a.eps),
+                          lambda a: dict(loss="cw-linf (Carlini-Wagner optimisation, L2L cw.py: Adam lr 5e-3, c from "
+                                              "1e-5 x10 to 1e2, tau x0.9)", steps=50, step_size=5e-3, restarts=1,
+                                         random_start=False)),
     # AutoAttack's first two attacks, written here from Croce & Hein (2020): APGD-CE and APGD-T (targeted DLR,
     # top-9 classes), 1 run each as in AutoAttack's standard version. FAB-T and Square are not in this file.
     "apgd-ce": EvalAttack(lambda m, x, y, a, e: apgd(m, x, y, a.eps, a.apgd_steps, "ce"),
@@ -1738,9 +1964,13 @@ EVAL_ATTACKS: Dict[str, EvalAttack] = {
 
 
 def eval_learned_l2l(model, x, y, args, extras):
+    """The learned attacker in eval mode, on chunks of the training batch size: its gradient feature is scaled by
+    one max over the batch (adv_loss.py), so it sees batches like those it was trained on, and the result does
+    not depend on --eval-batch-size or the number of processes."""
     attacker = extras["attacker"]
     with model_mode(attacker, "eval"), torch.no_grad():
-        return l2l_attack(args, attacker, model, x, y)
+        return torch.cat([l2l_attack(args, attacker, model, xc, yc, across_ranks=False)
+                          for xc, yc in zip(x.split(args.batch_size), y.split(args.batch_size))])
 
 
 def evaluate(model, x_uint8, y, args, attacks, extras=None, gallery: Optional[dict] = None) -> dict:
@@ -1806,7 +2036,7 @@ def sanity_checks(model, x_uint8, y, args, extras=None, n_max=500) -> list:
 
     def pgd_acc(eps, steps, restarts=1, step_size=step, seed=0):
         torch.manual_seed(args.seed + seed)
-        return acc(pgd(model, x, y, eps, step_size, steps, restarts))
+        return acc(pgd(model, x, y, eps, step_size, steps, restarts, keep_fooling=True))
 
     checks = []
     base = pgd_acc(args.eps, k)
@@ -1879,7 +2109,8 @@ def format_results(res: dict, title: str) -> str:
 
 def validate(model, data: Data, args) -> tuple:
     """Per-epoch checkpoint selection on the validation split: clean and PGD accuracy, eval mode.
-    PGD-K (--val-steps, 1 restart) with step 2.5 eps / K (Madry et al.'s rule), K = 0 meaning clean.
+    PGD-K-R (--val-steps K, --val-restarts R, --val-step-size, default 2.5 eps / K: Madry et al.'s rule), keeping
+    any fooling iterate as the evaluation does; K = 0 means clean. Fast-BAT selects on PGD-50-10, step eps/4.
     Under torchrun each rank takes its share of the split and the counts are summed."""
     model.eval()
     idx = shard(data.x_val.shape[0], pad=False).to(data.x_val.device)
@@ -1892,7 +2123,7 @@ def validate(model, data: Data, args) -> tuple:
             with torch.no_grad():
                 clean = clean + (model(x).argmax(1) == y).sum()
             if args.val_steps:
-                x = pgd(model, x, y, args.eps, 2.5 * args.eps / args.val_steps, args.val_steps)
+                x = pgd(model, x, y, args.eps, args.val_step_size, args.val_steps, args.val_restarts, keep_fooling=True)
                 with torch.no_grad():
                     robust = robust + (model(x).argmax(1) == y).sum()
     clean, robust = all_reduce_sum([clean, robust], xs.device)
@@ -1905,16 +2136,31 @@ def validate(model, data: Data, args) -> tuple:
 # ================================================================================================
 
 
-def lr_at(args, it: int, iters_per_epoch: int) -> float:
-    """Learning rate for iteration `it` (stepped every iteration, as fast_adversarial and Fast-BAT do).
-    multistep: x0.1 at each --lr-milestones epoch; cyclic: 0 -> lr at half-way -> 0 (triangular)."""
+# SGD momentum at the cyclic schedule's lr peak: torch's CyclicLR default base_momentum, which fast_adversarial and
+# Fast-BAT inherit (cycle_momentum=True); the momentum at lr 0 is --momentum (CyclicLR's max_momentum, 0.9).
+CYCLIC_PEAK_MOMENTUM = 0.8
+
+
+def schedule_at(args, it: int, iters_per_epoch: int) -> tuple:
+    """(learning rate, SGD momentum) for iteration `it`, set every iteration as fast_adversarial and Fast-BAT do.
+    multistep: lr x0.1 at each --lr-milestones epoch m, counted as the method's official script counts
+      (--lr-milestone-base 1: from 1, the drop comes during epoch m, i.e. after m - 1 full epochs; 0: after m,
+      as Fast-BAT's MultiStepLR; RO's train_cifar.py reads its piecewise lr at epoch + (i + 1) / n, one
+      iteration earlier);
+    cyclic: torch's CyclicLR (mode triangular, one cycle): lr rises linearly from 0 to --lr at --lr-peak-epoch,
+      then falls linearly to 0 at the last iteration; with --cycle-momentum, momentum moves the other way, from
+      --momentum at lr 0 to 0.8 at the peak (so the peak step lr / (1 - m) is half of what a fixed 0.9 gives);
+    constant: --lr. Momentum is --momentum except in the cyclic schedule."""
     t = it / iters_per_epoch
     if args.lr_schedule == "multistep":
-        return args.lr * 0.1 ** sum(t >= m for m in args.lr_milestones)
+        return args.lr * 0.1 ** sum(t >= m - args.lr_milestone_base for m in args.lr_milestones), args.momentum
     if args.lr_schedule == "cyclic":
-        half = args.epochs / 2
-        return args.lr * (t / half if t < half else max(0.0, (args.epochs - t) / half))
-    return args.lr
+        peak = args.lr_peak_epoch
+        scale = t / peak if t <= peak else max(0.0, (args.epochs - t) / (args.epochs - peak))
+        momentum = args.momentum - (args.momentum - CYCLIC_PEAK_MOMENTUM) * scale if args.cycle_momentum \
+            else args.momentum
+        return args.lr * scale, momentum
+    return args.lr, args.momentum
 
 
 def catastrophic_overfitting(history: list) -> Optional[str]:
@@ -1933,8 +2179,10 @@ def catastrophic_overfitting(history: list) -> Optional[str]:
 
 # Flags that define a training run: --resume refuses a checkpoint whose values differ.
 TRAINING_KEYS = ("method", "dataset", "model", "depth", "width", "train_size", "val_size", "augment", "epochs",
-                 "batch_size", "lr", "momentum", "weight_decay", "lr_schedule", "lr_milestones", "eps",
-                 "step_size", "steps", "beta", "attack_bn", "seed", "val_steps", "bat_a", "bat_lambda", "bat_ig_ratio", "ga_gamma", "rnn_hidden", "rnn_layers", "rnn_lr", "rnn_max_step", "rnn_weights", "rnn_init", "rnn_no_preprocess",
+                 "batch_size", "lr", "momentum", "weight_decay", "lr_schedule", "lr_milestones", "lr_milestone_base",
+                 "lr_peak_epoch", "cycle_momentum", "eps", "step_size", "steps", "beta", "attack_bn", "attack_start",
+                 "seed", "val_steps", "val_step_size", "val_restarts", "bat_a", "bat_lambda", "bat_ig_ratio",
+                 "ga_gamma", "rnn_hidden", "rnn_layers", "rnn_lr", "rnn_max_step", "rnn_weights", "rnn_no_preprocess",
                  "bls_init_step", "bls_shrink", "bls_c", "bls_tries", "init", "l2l_attacker", "l2l_width", "l2l_steps",
                  "l2l_step_size", "attacker_steps", "attacker_lr", "attacker_wd")
 
@@ -2071,8 +2319,13 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
     say(f"{args.method} ({METHODS[args.method].paper}) on {args.dataset}: {args.model} ({n_params / 1e6:.2f}M "
         f"parameters), {data.x_train.shape[0]} train / {data.x_val.shape[0]} val / {data.x_test.shape[0]} test, "
         f"device {device}" + (f" x {world} processes" if world > 1 else ""))
+    schedule = {"multistep": f"multistep x0.1 at {','.join(f'{m:g}' for m in args.lr_milestones) or 'none'} "
+                             f"(epochs counted from {args.lr_milestone_base})",
+                "cyclic": f"cyclic, peak at epoch {args.lr_peak_epoch:g}"
+                          + (", momentum cycled to 0.8" if args.cycle_momentum else ""),
+                "constant": "constant"}[args.lr_schedule]
     say(f"  eps {fmt_eps(args.eps)}, steps {args.steps}, step {fmt_eps(args.step_size)}, attack BN {args.attack_bn}, "
-        f"epochs {args.epochs}, batch {args.batch_size}, lr {args.lr} ({args.lr_schedule}), "
+        f"epochs {args.epochs}, batch {args.batch_size}, lr {args.lr} ({schedule}), momentum {args.momentum}, "
         f"wd {args.weight_decay}, seed {args.seed}")
     say(f"  precision {args.precision} (evaluation {args.eval_precision}), channels_last {args.channels_last}, "
         f"compile {args.compile}" + (f", sync-bn {args.sync_bn}" if world > 1 else ""))
@@ -2091,9 +2344,9 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
         run.model.train()
         loss_sum = correct = seen = 0
         for i, (x, y) in enumerate(train_batches(data, args.batch_size, args.augment, gen)):
-            lr = lr_at(args, epoch * iters + i, iters)
+            lr, momentum = schedule_at(args, epoch * iters + i, iters)
             for group in run.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"], group["momentum"] = lr, momentum
             loss, n_correct = training_step(run, x, y)
             n = y.shape[0] // world  # this rank's share
             loss_sum, correct, seen = loss_sum + loss.float() * n, correct + n_correct, seen + n

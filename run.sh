@@ -17,40 +17,40 @@ pgd-at-wrn-cifar10 | Madry et al. CIFAR-10 PGD-AT (87.30 / 45.80 as quoted by Fa
 trades-cifar10   | TRADES CIFAR-10, WRN-34-10, beta 6, 10 steps of 0.007, eps 0.031 (README 84.92 / 56.61 PGD-20) | --method trades --dataset cifar10 --model wrn --eps 0.031 --beta 6 --eval-step-size 0.003
 fast-at-cifar10  | Fast-AT (Wong et al. 2020), PreActResNet-18, 15 epochs cyclic 0.2, FGSM-RS step 10/255 (README 86.06 / 46.06, PGD-50-10) | --method fast-at --dataset cifar10 --epochs 15 --eval-steps 50 --eval-restarts 10 --eval-step-size 2/255
 plain-cifar10    | Standard training baseline, PreActResNet-18, 200 epochs (Fast-BAT: PGD-0) | --method plain --dataset cifar10 --eval-steps 20
-l2l-plain-cifar10  | L2L poster, CIFAR-10 "Plain" (95.22 clean / 0.00 PGM / 0.00 CW), WRN-34-10, the L2L schedule | --method plain --dataset cifar10 L2L_CIFAR
-l2l-pgm-cifar10    | L2L poster, CIFAR-10 "PGM net" (87.30 / 47.04); PGD-10 step 0.003, BN eval (the repo's mixed clean+adv loss is not reproduced) | --method pgd-at --dataset cifar10 --steps 10 --step-size 0.003 --attack-bn eval L2L_CIFAR
-l2l-naive-cifar10  | L2L poster, CIFAR-10 "Naive L2L" (94.53 / 0.01 / 0) | --method l2l-naive --dataset cifar10 L2L_CIFAR --eval-attacks fgsm,pgd,cw,l2l
-l2l-grad-cifar10   | L2L poster, CIFAR-10 "Grad L2L" (85.84 / 51.17 / 53.5) | --method l2l-grad --dataset cifar10 L2L_CIFAR --eval-attacks fgsm,pgd,cw,l2l
-l2l-2step-cifar10  | L2L poster, CIFAR-10 "2-Step L2L" (85.35 / 54.32 / 57.07) | --method l2l-2step --dataset cifar10 L2L_CIFAR --eval-attacks fgsm,pgd,cw,l2l
-l2l-plain-cifar100 | L2L poster, CIFAR-100 "Plain" (76.10 / 0.13 / 0.00) | --method plain --dataset cifar100 L2L_CIFAR
-l2l-pgm-cifar100   | L2L poster, CIFAR-100 "PGM net" (62.68 / 23.75 / 25.95) | --method pgd-at --dataset cifar100 --steps 10 --step-size 0.003 --attack-bn eval L2L_CIFAR
-l2l-naive-cifar100 | L2L poster, CIFAR-100 naive L2L (no number in the poster) | --method l2l-naive --dataset cifar100 L2L_CIFAR --eval-attacks fgsm,pgd,cw,l2l
-l2l-grad-cifar100  | L2L poster, CIFAR-100 "Grad L2L" (62.18 / 28.67 / 29.65) | --method l2l-grad --dataset cifar100 L2L_CIFAR --eval-attacks fgsm,pgd,cw,l2l
-l2l-2step-cifar100 | L2L poster, CIFAR-100 "2-Step L2L" (60.95 / 31.03 / 32.28) | --method l2l-2step --dataset cifar100 L2L_CIFAR --eval-attacks fgsm,pgd,cw,l2l
-fastbat-fast-at-cifar10-eps8   | Fast-BAT Table 1 (arXiv v1), Fast-AT, eps 8/255: 45.47 RA-PGD / 41.97 RA-AA / 81.72 SA | --method fast-at --dataset cifar10 --eps 8/255 FASTBAT
-fastbat-fast-at-ga-cifar10-eps8 | Fast-BAT Table 1 (arXiv v1), Fast-AT-GA, eps 8/255: 47.43 / 43.52 / 79.84 | --method fast-at-ga --dataset cifar10 --eps 8/255 FASTBAT
-fastbat-fast-bat-cifar10-eps8  | Fast-BAT Table 1 (arXiv v1), Fast-BAT, eps 8/255: 48.74 / 44.89 / 79.43 | --method fast-bat --dataset cifar10 --eps 8/255 FASTBAT
-fastbat-pgd2-cifar10-eps8      | PGD-2-AT (2 steps of eps/2, random start) baseline of Fast-BAT, cifar10, eps 8/255 (no number read) | --method pgd-at --steps 2 --step-size 4/255 --dataset cifar10 --eps 8/255 FASTBAT
-fastbat-fast-at-cifar10-eps16  | Fast-BAT Table 1 (arXiv v1), Fast-AT, eps 16/255: 21.79 / 12.57 / 46.02 | --method fast-at --dataset cifar10 --eps 16/255 FASTBAT
-fastbat-fast-at-ga-cifar10-eps16 | Fast-BAT Table 1 (arXiv v1), Fast-AT-GA, eps 16/255: 26.22 / 18.03 / 58.57 | --method fast-at-ga --dataset cifar10 --eps 16/255 FASTBAT
-fastbat-fast-bat-cifar10-eps16 | Fast-BAT Table 1 (arXiv v1), Fast-BAT, eps 16/255: 26.15 / 18.21 / 67.79 | --method fast-bat --dataset cifar10 --eps 16/255 FASTBAT
-fastbat-pgd2-cifar10-eps16     | PGD-2-AT (2 steps of eps/2, random start) baseline of Fast-BAT, cifar10, eps 16/255 (no number read) | --method pgd-at --steps 2 --step-size 8/255 --dataset cifar10 --eps 16/255 FASTBAT
-fastbat-fast-at-cifar100-eps8  | Fast-BAT's Fast-AT on cifar100, eps 8/255 (ICML tables not read: no number) | --method fast-at --dataset cifar100 --eps 8/255 FASTBAT
-fastbat-fast-at-ga-cifar100-eps8 | Fast-BAT's Fast-AT-GA on cifar100, eps 8/255 (ICML tables not read: no number) | --method fast-at-ga --dataset cifar100 --eps 8/255 FASTBAT
-fastbat-fast-bat-cifar100-eps8 | Fast-BAT's Fast-BAT on cifar100, eps 8/255 (ICML tables not read: no number) | --method fast-bat --dataset cifar100 --eps 8/255 FASTBAT
-fastbat-pgd2-cifar100-eps8     | PGD-2-AT (2 steps of eps/2, random start) baseline of Fast-BAT, cifar100, eps 8/255 (no number read) | --method pgd-at --steps 2 --step-size 4/255 --dataset cifar100 --eps 8/255 FASTBAT
-fastbat-fast-at-cifar100-eps16 | Fast-BAT's Fast-AT on cifar100, eps 16/255 (ICML tables not read: no number) | --method fast-at --dataset cifar100 --eps 16/255 FASTBAT
-fastbat-fast-at-ga-cifar100-eps16 | Fast-BAT's Fast-AT-GA on cifar100, eps 16/255 (ICML tables not read: no number) | --method fast-at-ga --dataset cifar100 --eps 16/255 FASTBAT
-fastbat-fast-bat-cifar100-eps16 | Fast-BAT's Fast-BAT on cifar100, eps 16/255 (ICML tables not read: no number) | --method fast-bat --dataset cifar100 --eps 16/255 FASTBAT
-fastbat-pgd2-cifar100-eps16    | PGD-2-AT (2 steps of eps/2, random start) baseline of Fast-BAT, cifar100, eps 16/255 (no number read) | --method pgd-at --steps 2 --step-size 8/255 --dataset cifar100 --eps 16/255 FASTBAT
-fastbat-fast-at-svhn-eps8      | Fast-BAT's Fast-AT on svhn, eps 8/255 (ICML tables not read: no number) | --method fast-at --dataset svhn --eps 8/255 FASTBAT --lr 0.05
-fastbat-fast-at-ga-svhn-eps8   | Fast-BAT's Fast-AT-GA on svhn, eps 8/255 (ICML tables not read: no number) | --method fast-at-ga --dataset svhn --eps 8/255 FASTBAT --lr 0.05
-fastbat-fast-bat-svhn-eps8     | Fast-BAT's Fast-BAT on svhn, eps 8/255 (ICML tables not read: no number) | --method fast-bat --dataset svhn --eps 8/255 FASTBAT --lr 0.05
-fastbat-pgd2-svhn-eps8         | PGD-2-AT (2 steps of eps/2, random start) baseline of Fast-BAT, svhn, eps 8/255 (no number read) | --method pgd-at --steps 2 --step-size 4/255 --dataset svhn --eps 8/255 FASTBAT --lr 0.05
-fastbat-fast-at-svhn-eps16     | Fast-BAT's Fast-AT on svhn, eps 16/255 (ICML tables not read: no number) | --method fast-at --dataset svhn --eps 16/255 FASTBAT --lr 0.05
-fastbat-fast-at-ga-svhn-eps16  | Fast-BAT's Fast-AT-GA on svhn, eps 16/255 (ICML tables not read: no number) | --method fast-at-ga --dataset svhn --eps 16/255 FASTBAT --lr 0.05
-fastbat-fast-bat-svhn-eps16    | Fast-BAT's Fast-BAT on svhn, eps 16/255 (ICML tables not read: no number) | --method fast-bat --dataset svhn --eps 16/255 FASTBAT --lr 0.05
-fastbat-pgd2-svhn-eps16        | PGD-2-AT (2 steps of eps/2, random start) baseline of Fast-BAT, svhn, eps 16/255 (no number read) | --method pgd-at --steps 2 --step-size 8/255 --dataset svhn --eps 16/255 FASTBAT --lr 0.05
+l2l-plain-cifar10  | L2L poster, CIFAR-10 "Plain" (95.22 clean / 0.00 PGM / 0.00 CW), WRN-34-10, the L2L schedule | --method plain --dataset cifar10 L2L_CIFAR --eval-attacks fgsm,pgd,cw-linf
+l2l-pgm-cifar10    | L2L poster, CIFAR-10 "PGM net" (87.30 / 47.04); PGD-10 step 0.003 from x + 0.001 N(0, I), BN eval, as adv_loss_pgd (its mixed clean+adv loss is not reproduced) | --method pgd-at --dataset cifar10 --steps 10 --step-size 0.003 --attack-bn eval --attack-start normal L2L_CIFAR --eval-attacks fgsm,pgd,cw-linf
+l2l-naive-cifar10  | L2L poster, CIFAR-10 "Naive L2L" (94.53 / 0.01 / 0) | --method l2l-naive --dataset cifar10 L2L_CIFAR --eval-attacks fgsm,pgd,cw-linf,l2l
+l2l-grad-cifar10   | L2L poster, CIFAR-10 "Grad L2L" (85.84 / 51.17 / 53.5) | --method l2l-grad --dataset cifar10 L2L_CIFAR --eval-attacks fgsm,pgd,cw-linf,l2l
+l2l-2step-cifar10  | L2L poster, CIFAR-10 "2-Step L2L" (85.35 / 54.32 / 57.07) | --method l2l-2step --dataset cifar10 L2L_CIFAR --eval-attacks fgsm,pgd,cw-linf,l2l
+l2l-plain-cifar100 | L2L poster, CIFAR-100 "Plain" (76.10 / 0.13 / 0.00) | --method plain --dataset cifar100 L2L_CIFAR --eval-attacks fgsm,pgd,cw-linf
+l2l-pgm-cifar100   | L2L poster, CIFAR-100 "PGM net" (62.68 / 23.75 / 25.95) | --method pgd-at --dataset cifar100 --steps 10 --step-size 0.003 --attack-bn eval --attack-start normal L2L_CIFAR --eval-attacks fgsm,pgd,cw-linf
+l2l-naive-cifar100 | L2L poster, CIFAR-100 naive L2L (no number in the poster) | --method l2l-naive --dataset cifar100 L2L_CIFAR --eval-attacks fgsm,pgd,cw-linf,l2l
+l2l-grad-cifar100  | L2L poster, CIFAR-100 "Grad L2L" (62.18 / 28.67 / 29.65) | --method l2l-grad --dataset cifar100 L2L_CIFAR --eval-attacks fgsm,pgd,cw-linf,l2l
+l2l-2step-cifar100 | L2L poster, CIFAR-100 "2-Step L2L" (60.95 / 31.03 / 32.28) | --method l2l-2step --dataset cifar100 L2L_CIFAR --eval-attacks fgsm,pgd,cw-linf,l2l
+fastbat-fast-at-cifar10-eps8   | Fast-BAT Table 1 (arXiv v1), Fast-AT, eps 8/255: 45.47 RA-PGD / 41.97 RA-AA / 81.72 SA | --method fast-at --dataset cifar10 --eps 8/255 FASTBAT --val-step-size 2/255
+fastbat-fast-at-ga-cifar10-eps8 | Fast-BAT Table 1 (arXiv v1), Fast-AT-GA, eps 8/255: 47.43 / 43.52 / 79.84 | --method fast-at-ga --dataset cifar10 --eps 8/255 FASTBAT --val-step-size 2/255
+fastbat-fast-bat-cifar10-eps8  | Fast-BAT Table 1 (arXiv v1), Fast-BAT, eps 8/255: 48.74 / 44.89 / 79.43 | --method fast-bat --dataset cifar10 --eps 8/255 FASTBAT --val-step-size 2/255
+fastbat-pgd2-cifar10-eps8      | PGD-2-AT (2 steps of eps/2, random start) baseline of Fast-BAT, cifar10, eps 8/255 (no number read) | --method pgd-at --steps 2 --step-size 4/255 --dataset cifar10 --eps 8/255 FASTBAT --val-step-size 2/255
+fastbat-fast-at-cifar10-eps16  | Fast-BAT Table 1 (arXiv v1), Fast-AT, eps 16/255: 21.79 / 12.57 / 46.02 | --method fast-at --dataset cifar10 --eps 16/255 FASTBAT --val-step-size 4/255
+fastbat-fast-at-ga-cifar10-eps16 | Fast-BAT Table 1 (arXiv v1), Fast-AT-GA, eps 16/255: 26.22 / 18.03 / 58.57 | --method fast-at-ga --dataset cifar10 --eps 16/255 FASTBAT --val-step-size 4/255
+fastbat-fast-bat-cifar10-eps16 | Fast-BAT Table 1 (arXiv v1), Fast-BAT, eps 16/255: 26.15 / 18.21 / 67.79 | --method fast-bat --dataset cifar10 --eps 16/255 FASTBAT --val-step-size 4/255
+fastbat-pgd2-cifar10-eps16     | PGD-2-AT (2 steps of eps/2, random start) baseline of Fast-BAT, cifar10, eps 16/255 (no number read) | --method pgd-at --steps 2 --step-size 8/255 --dataset cifar10 --eps 16/255 FASTBAT --val-step-size 4/255
+fastbat-fast-at-cifar100-eps8  | Fast-BAT's Fast-AT on cifar100, eps 8/255 (ICML tables not read: no number) | --method fast-at --dataset cifar100 --eps 8/255 FASTBAT --augment crop-flip-rotate --val-step-size 2/255
+fastbat-fast-at-ga-cifar100-eps8 | Fast-BAT's Fast-AT-GA on cifar100, eps 8/255 (ICML tables not read: no number) | --method fast-at-ga --dataset cifar100 --eps 8/255 FASTBAT --augment crop-flip-rotate --val-step-size 2/255
+fastbat-fast-bat-cifar100-eps8 | Fast-BAT's Fast-BAT on cifar100, eps 8/255 (ICML tables not read: no number) | --method fast-bat --dataset cifar100 --eps 8/255 FASTBAT --augment crop-flip-rotate --val-step-size 2/255
+fastbat-pgd2-cifar100-eps8     | PGD-2-AT (2 steps of eps/2, random start) baseline of Fast-BAT, cifar100, eps 8/255 (no number read) | --method pgd-at --steps 2 --step-size 4/255 --dataset cifar100 --eps 8/255 FASTBAT --augment crop-flip-rotate --val-step-size 2/255
+fastbat-fast-at-cifar100-eps16 | Fast-BAT's Fast-AT on cifar100, eps 16/255 (ICML tables not read: no number) | --method fast-at --dataset cifar100 --eps 16/255 FASTBAT --augment crop-flip-rotate --val-step-size 4/255
+fastbat-fast-at-ga-cifar100-eps16 | Fast-BAT's Fast-AT-GA on cifar100, eps 16/255 (ICML tables not read: no number) | --method fast-at-ga --dataset cifar100 --eps 16/255 FASTBAT --augment crop-flip-rotate --val-step-size 4/255
+fastbat-fast-bat-cifar100-eps16 | Fast-BAT's Fast-BAT on cifar100, eps 16/255 (ICML tables not read: no number) | --method fast-bat --dataset cifar100 --eps 16/255 FASTBAT --augment crop-flip-rotate --val-step-size 4/255
+fastbat-pgd2-cifar100-eps16    | PGD-2-AT (2 steps of eps/2, random start) baseline of Fast-BAT, cifar100, eps 16/255 (no number read) | --method pgd-at --steps 2 --step-size 8/255 --dataset cifar100 --eps 16/255 FASTBAT --augment crop-flip-rotate --val-step-size 4/255
+fastbat-fast-at-svhn-eps8      | Fast-BAT's Fast-AT on svhn, eps 8/255 (ICML tables not read: no number) | --method fast-at --dataset svhn --eps 8/255 FASTBAT --augment none --val-size 7326 --lr 0.05 --val-step-size 2/255
+fastbat-fast-at-ga-svhn-eps8   | Fast-BAT's Fast-AT-GA on svhn, eps 8/255 (ICML tables not read: no number) | --method fast-at-ga --dataset svhn --eps 8/255 FASTBAT --augment none --val-size 7326 --lr 0.05 --val-step-size 2/255
+fastbat-fast-bat-svhn-eps8     | Fast-BAT's Fast-BAT on svhn, eps 8/255 (ICML tables not read: no number) | --method fast-bat --dataset svhn --eps 8/255 FASTBAT --augment none --val-size 7326 --lr 0.05 --val-step-size 2/255
+fastbat-pgd2-svhn-eps8         | PGD-2-AT (2 steps of eps/2, random start) baseline of Fast-BAT, svhn, eps 8/255 (no number read) | --method pgd-at --steps 2 --step-size 4/255 --dataset svhn --eps 8/255 FASTBAT --augment none --val-size 7326 --lr 0.05 --val-step-size 2/255
+fastbat-fast-at-svhn-eps16     | Fast-BAT's Fast-AT on svhn, eps 16/255 (ICML tables not read: no number) | --method fast-at --dataset svhn --eps 16/255 FASTBAT --augment none --val-size 7326 --lr 0.05 --val-step-size 4/255
+fastbat-fast-at-ga-svhn-eps16  | Fast-BAT's Fast-AT-GA on svhn, eps 16/255 (ICML tables not read: no number) | --method fast-at-ga --dataset svhn --eps 16/255 FASTBAT --augment none --val-size 7326 --lr 0.05 --val-step-size 4/255
+fastbat-fast-bat-svhn-eps16    | Fast-BAT's Fast-BAT on svhn, eps 16/255 (ICML tables not read: no number) | --method fast-bat --dataset svhn --eps 16/255 FASTBAT --augment none --val-size 7326 --lr 0.05 --val-step-size 4/255
+fastbat-pgd2-svhn-eps16        | PGD-2-AT (2 steps of eps/2, random start) baseline of Fast-BAT, svhn, eps 16/255 (no number read) | --method pgd-at --steps 2 --step-size 8/255 --dataset svhn --eps 16/255 FASTBAT --augment none --val-size 7326 --lr 0.05 --val-step-size 4/255
 rnn-t1-pgd-at-mnist            | Xiong & Hsieh Table 1 'AdvTrain' (87.33 robust, dataset not named; MNIST assumed): PGD-40 | --method pgd-at --dataset mnist RNN_MNIST
 rnn-t1-pgd-at-bls-mnist        | Xiong & Hsieh Table 1 'AdvTrain+BLS' (88.71): PGD-40 with backtracking line search | --method pgd-at-bls --dataset mnist RNN_MNIST
 rnn-t3-pgd-at-mnist          | Xiong & Hsieh Table 3 (white-box, MNIST, 4-layer CNN), AdvTrain; T = 40 | --method pgd-at --dataset mnist RNN_MNIST --eval-attacks fgsm,pgd,cw
@@ -71,14 +71,18 @@ TABLE
 # (TRADES: CIFAR-10 eps 0.031, 10 steps of 0.007, lr 0.1 x0.1 at 75/90/100, 76 epochs, wd 2e-4, eval PGD-20 step
 # 0.003; MNIST eps 0.3, 40 steps of 0.01, lr 0.01, 100 epochs), and T equals the baseline's step count.
 RNN_MNIST="--steps 40 --step-size 0.01 --epochs 100 --lr 0.01"
-RNN_CIFAR="--eps 0.031 --steps 10 --step-size 0.007 --epochs 76 --lr 0.1 --weight-decay 2e-4 --lr-milestones 75,90,100 --eval-steps 20 --eval-step-size 0.003"
-# Fast-BAT's setting (train.py defaults): PreActResNet-18, 20 epochs, cyclic lr 0 -> 0.2 -> 0 per iteration, SGD
-# momentum 0.9, wd 5e-4, batch 128, the last 10% of the training set for validation; RA-PGD = PGD-50-10, step eps/4.
+RNN_CIFAR="--eps 0.031 --steps 10 --step-size 0.007 --epochs 76 --lr 0.1 --weight-decay 2e-4 --lr-milestones 75,90,100 --lr-milestone-base 1 --eval-steps 20 --eval-step-size 0.003"
+# Fast-BAT's setting (train.py defaults): PreActResNet-18, 20 epochs, cyclic lr 0 -> 0.2 -> 0 per iteration peaking
+# at epoch 10 (--cyclic_milestone) with CyclicLR's momentum cycle, SGD momentum 0.9, wd 5e-4, batch 128, the last 10%
+# of the training set for validation (SVHN: 7326 of 73257) and the best epoch chosen there by PGD-50-10 with step
+# eps/4 (each row's --val-step-size); RA-PGD = PGD-50-10, step eps/4; RA-AA = AutoAttack, here APGD-CE + APGD-T
+# (FAB-T and Square are not in l2l.py). CIFAR-100 adds RandomRotation(15) (datasets.py); SVHN has no augmentation.
 # SVHN uses lr 0.05, this project's choice (a peak of 0.2 is known to diverge on SVHN; the Fast-BAT SVHN lr was not read).
-FASTBAT="--model preactresnet18 --epochs 20 --lr-schedule cyclic --lr 0.2 --weight-decay 5e-4 --batch-size 128 --val-size 5000 --eval-attacks fgsm,pgd,cw --eval-steps 50 --eval-restarts 10"
-# The L2L code's setting (train_l2l_*_cifar10.py): WRN-34-10, eps 0.031, 76 epochs, SGD lr 0.1 x0.1 at
-# 30/60/90, wd 2e-4, batch 128; evaluation "PGM-20" = PGD-20 step 0.003 (pgd_attack_cifar10.py).
-L2L_CIFAR="--model wrn --depth 34 --width 10 --eps 0.031 --epochs 76 --lr 0.1 --weight-decay 2e-4 --lr-milestones 30,60,90 --batch-size 128 --eval-steps 20 --eval-step-size 0.003"
+FASTBAT="--model preactresnet18 --epochs 20 --lr-schedule cyclic --lr 0.2 --lr-peak-epoch 10 --weight-decay 5e-4 --batch-size 128 --val-size 5000 --val-steps 50 --val-restarts 10 --eval-attacks fgsm,pgd,cw,apgd-ce,apgd-t --eval-steps 50 --eval-restarts 10"
+# The L2L code's setting (train_l2l_*_cifar10.py): WRN-34-10, eps 0.031, 76 epochs, SGD lr 0.1 x0.1 when epoch >= 30,
+# 60, 90 counting from 1, wd 2e-4, batch 128; evaluation "PGM-20" = PGD-20 step 0.003 (pgd_attack_cifar10.py) and
+# "CW" = the optimisation-based CW-l_inf of cw.py (cw-linf).
+L2L_CIFAR="--model wrn --depth 34 --width 10 --eps 0.031 --epochs 76 --lr 0.1 --weight-decay 2e-4 --lr-milestones 30,60,90 --lr-milestone-base 1 --batch-size 128 --eval-steps 20 --eval-step-size 0.003"
 
 # Every method of l2l.py (METHODS), for the benchmark.
 METHODS="plain pgd-at trades fast-at fast-at-ga fast-bat pgd-at-bls rnn-adv rnn-trades l2l-naive l2l-grad l2l-2step"
