@@ -86,6 +86,11 @@ class UsageError(Exception):
     """A problem with the user's flags, paths or files. main() prints it as one line and exits 2."""
 
 
+class TrainingDiverged(Exception):
+    """The training loss turned non-finite. main() prints it as one line and exits 3; nothing of the diverged
+    epoch is saved."""
+
+
 # Per-dataset facts and threat-model defaults (project decision: CIFAR/SVHN eps 8/255, MNIST 0.3).
 # `augment`: random crop with padding 4 ("crop") and horizontal flip ("flip") as the papers use them;
 # SVHN digits are not flipped (a choice: flipping changes digit identity), MNIST is not augmented.
@@ -437,6 +442,12 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if not (args.val_step_size > 0 and math.isfinite(args.val_step_size)) or args.val_restarts < 1:
         raise UsageError(f"--val-step-size {args.val_step_size:g} / --val-restarts {args.val_restarts}: use a positive "
                          f"step and at least 1 restart")
+    per_process = min(args.batch_size, args.train_size or args.batch_size) // int(os.environ.get("WORLD_SIZE", "1"))
+    has_batchnorm = args.model != "smallcnn" or args.method in L2L_VARIANTS  # (the L2L attackers have BatchNorm)
+    if has_batchnorm and per_process < 2 and not args.eval_only:
+        raise UsageError(f"--batch-size {args.batch_size} gives batches of {per_process} example per process, and "
+                         f"{args.model if args.model != 'smallcnn' else 'the L2L attacker'} has BatchNorm, which "
+                         f"needs at least 2 to estimate its statistics; use --batch-size 2 or more (the papers use 128)")
     if args.model == "wrn" and (args.depth - 4) % 6 != 0:
         raise UsageError(f"--depth {args.depth} is not a WideResNet depth (6n+4, e.g. 16, 28, 34)")
     if args.width < 1:
@@ -445,7 +456,16 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     unknown = [a for a in names if a not in EVAL_ATTACKS]
     if unknown or not names:
         raise UsageError(f"unknown --eval-attacks '{','.join(unknown)}'; choose from: {', '.join(EVAL_ATTACKS)}")
+    twice = sorted({a for a in names if names.count(a) > 1})
+    if twice:
+        raise UsageError(f"--eval-attacks names {', '.join(twice)} more than once; list each attack once")
     args.eval_attacks = ",".join(names)
+    most_targets = spec["classes"] - 1
+    if args.apgd_targets > most_targets:
+        if "apgd-t" in names and int(os.environ.get("RANK", "0")) == 0:
+            print(f"note: apgd-t: {most_targets} targets, the most a {spec['classes']}-class dataset has "
+                  f"(--apgd-targets {args.apgd_targets})", file=sys.stderr)
+        args.apgd_targets = most_targets
     if "rnn" in names and args.method not in ("rnn-adv", "rnn-trades"):
         raise UsageError(f"--eval-attacks rnn needs a learned RNN optimiser, and --method {args.method} has none; "
                          f"drop it or evaluate an rnn-* checkpoint")
@@ -487,7 +507,8 @@ def pick_device(name: str) -> torch.device:
 
 # The cache format is numpy's .npz (a zip of .npy arrays). It is read and written here with the
 # standard library so the file needs nothing beyond torch and torchvision.
-_NPY_DTYPES = {"|u1": torch.uint8, "<i8": torch.int64, "<i4": torch.int32, "<f4": torch.float32}
+_NPY_DTYPES = {"|u1": torch.uint8, "<i8": torch.int64, "<i4": torch.int32, "<f4": torch.float32,
+               "<f8": torch.float64}
 
 
 def read_npz(path: str) -> Dict[str, torch.Tensor]:
@@ -603,6 +624,12 @@ def load_arrays(name: str, data_dir: str) -> Dict[str, torch.Tensor]:
         if x.dtype != torch.uint8 or tuple(x.shape[1:]) != (h, w, c) or y.shape != x.shape[:1]:
             raise UsageError(f"{cache}: x_{split} is {tuple(x.shape)} {x.dtype}, expected N x {h} x {w} x {c} "
                              f"uint8 with as many labels; delete it to rebuild it")
+        if y.is_floating_point():
+            if not (torch.isfinite(y).all() and torch.equal(y, y.round())):
+                raise UsageError(f"{cache}: y_{split} holds labels that are not whole numbers (NaN, inf or "
+                                 f"fractions); store the class indices 0..{spec['classes'] - 1} as integers")
+            print(f"note: {cache}: y_{split} stores its labels as {y.dtype}; read as integer class indices",
+                  file=sys.stderr)
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= spec["classes"]):
             raise UsageError(f"{cache}: y_{split} holds labels outside 0..{spec['classes'] - 1}")
         arrays[f"y_{split}"] = y.long()
@@ -632,7 +659,16 @@ def load_data(args, device: torch.device) -> Data:
     if n_train + args.val_size > n:
         raise UsageError(f"--train-size {n_train} plus --val-size {args.val_size} exceed the {n} training "
                          f"examples of {args.dataset}; lower one of them")
-    n_test = a["x_test"].shape[0] if args.test_size is None else min(args.test_size, a["x_test"].shape[0])
+    n_test = a["x_test"].shape[0]
+    if n_test == 0:
+        raise UsageError(f"the test split of {args.dataset} in --data-dir {args.data_dir} is empty; "
+                         f"the cache needs x_test and y_test with at least one example")
+    if args.test_size is not None and args.test_size > n_test:
+        if dist_world()[0] == 0:
+            print(f"note: --test-size {args.test_size} is more than the {n_test} test examples of {args.dataset}; "
+                  f"evaluating on all {n_test}", file=sys.stderr)
+        args.test_size = n_test
+    n_test = n_test if args.test_size is None else args.test_size
 
     def dev(x):  # N x H x W x C uint8 on the host -> N x C x H x W uint8 on the device
         return x.permute(0, 3, 1, 2).contiguous().to(device)
@@ -2358,11 +2394,15 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                   "val_clean": val_clean, "val_robust": val_robust, "train_seconds": train_seconds,
                   "seconds": time.time() - t0}
+        if not math.isfinite(record["train_loss"]):  # the same on every rank (all-reduced): all stop together
+            kept = (f"last.pt keeps epoch {epoch}, best.pt epoch {best['epoch']}" if epoch > 0
+                    else "no checkpoint was written")
+            raise TrainingDiverged(f"training diverged: the train loss of epoch {epoch + 1} is {record['train_loss']}; "
+                                   f"{kept}, and nothing of epoch {epoch + 1} was saved; lower --lr (now {args.lr:g}) "
+                                   f"and start again")
         history.append(record)
         collapse = catastrophic_overfitting(history)
         record["catastrophic_overfitting"] = collapse is not None
-        if not math.isfinite(record["train_loss"]) and rank == 0:
-            print(f"warning: epoch {epoch + 1} train loss is {record['train_loss']}; lower --lr", file=sys.stderr)
         is_best = val_robust > best["val_robust"]
         if is_best:
             best = {"epoch": epoch + 1, "val_robust": val_robust, "val_clean": val_clean}
@@ -2609,6 +2649,10 @@ def main(argv=None) -> int:
         if rank == 0:
             print(f"l2l.py: error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        if rank == 0:
+            print(f"l2l.py: error: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         if rank == 0:
             print("interrupted: last.pt holds the last finished epoch; rerun with --resume to continue",

@@ -415,6 +415,9 @@ BAD = {
     "bad schedule": (["--lr-schedule", "cosine"], "--lr-schedule"),
     "bad wrn depth": (["--model", "wrn", "--depth", "33"], "--depth"),
     "unknown flag": (["--epoch", "3"], "unrecognized"),
+    "attack named twice": (["--eval-attacks", "pgd,fgsm,pgd"], "more than once"),
+    "batch of 1 with BatchNorm": (["--model", "vgg16", "--batch-size", "1"], "BatchNorm"),
+    "l2l attacker with batch 1": (["--method", "l2l-grad", "--batch-size", "1"], "BatchNorm"),
 }
 
 
@@ -1721,3 +1724,87 @@ def test_rotation_augmentation_keeps_pixels_and_rotates():
     # at most 15 degrees: the zero fill of a rotated 32x32 square stays below ~27% (15 deg: 4 corner triangles,
     # 2 * 32^2 * tan(15)/(1+tan(15)) / 2 ~ 21%, plus the crop's bands)
     assert ((rotated[:, 0] == 0).float().mean((1, 2)) < 0.5).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Broken data and runs: one line and a non-zero exit, or one line saying what was done instead
+# ------------------------------------------------------------------------------------------------
+
+
+def rewrite_labels(data_dir, y_train=None, x_test=None, y_test=None):
+    path = os.path.join(data_dir, "mnist.npz")
+    a = l2l.read_npz(path)
+    for k, v in (("y_train", y_train), ("x_test", x_test), ("y_test", y_test)):
+        if v is not None:
+            a[k] = v(a[k])
+    l2l.write_npz(path, a)
+
+
+def test_labels_that_are_not_class_indices_are_refused(tmp_path, capsys):
+    d = write_dataset(str(tmp_path / "d"))
+    rewrite_labels(d, y_train=lambda y: torch.where(torch.arange(len(y)) == 3, float("nan"), y.float()))
+    code = l2l.main(["--dataset", "mnist", "--data-dir", d, "--out", str(tmp_path / "o"), *TINY])
+    check_one_line_error(code, capsys.readouterr().err, "not whole numbers")
+    rewrite_labels(d, y_train=lambda y: y + 0.5)
+    check_one_line_error(l2l.main(["--dataset", "mnist", "--data-dir", d, "--out", str(tmp_path / "o"), *TINY]),
+                         capsys.readouterr().err, "not whole numbers")
+
+
+def test_labels_stored_as_floats_are_read_with_a_note(tmp_path, capsys):
+    d = write_dataset(str(tmp_path / "d"))
+    rewrite_labels(d, y_train=lambda y: y.double(), y_test=lambda y: y.float())
+    args = l2l.parse_args(["--dataset", "mnist", "--data-dir", d, "--train-size", "100", "--val-size", "40"])
+    data = l2l.load_data(args, CPU)
+    err = capsys.readouterr().err
+    assert err.count("note:") == 2 and "read as integer class indices" in err
+    assert data.y_train.dtype == torch.int64
+    assert torch.equal(data.y_train, synthetic_images(160, 1, 28, 28, seed=1)[1][:100])
+
+
+def test_an_empty_test_split_is_refused(tmp_path, capsys):
+    d = write_dataset(str(tmp_path / "d"))
+    rewrite_labels(d, x_test=lambda x: x[:0], y_test=lambda y: y[:0])
+    code = l2l.main(["--dataset", "mnist", "--data-dir", d, "--out", str(tmp_path / "o"), *TINY])
+    check_one_line_error(code, capsys.readouterr().err, "test split")
+    assert not os.path.exists(tmp_path / "o" / "last.pt")
+
+
+def test_a_test_size_beyond_the_test_set_says_what_it_used(mnist_dir, tmp_path, capsys):
+    out = str(tmp_path / "o")
+    argv = ["--dataset", "mnist", "--data-dir", mnist_dir, "--out", out, *TINY, "--test-size", "5000",
+            "--eval-attacks", "fgsm"]
+    assert l2l.main(argv) == 0
+    assert "evaluating on all 48" in capsys.readouterr().err
+    assert json.load(open(os.path.join(out, "results.json")))["protocol"]["examples"] == 48
+
+
+def test_too_many_apgd_targets_say_how_many_are_used(capsys):
+    args = l2l.parse_args(["--dataset", "mnist", "--eval-attacks", "apgd-t", "--apgd-targets", "20"])
+    assert args.apgd_targets == 9
+    assert "apgd-t: 9 targets, the most a 10-class dataset has" in capsys.readouterr().err
+
+
+def test_a_diverging_run_stops_and_keeps_its_last_finite_checkpoint(mnist_dir, tmp_path, capsys, monkeypatch):
+    # a huge lr from the start: nothing is written
+    out = str(tmp_path / "a")
+    code = l2l.main(["--method", "plain", "--dataset", "mnist", "--data-dir", mnist_dir, "--out", out, *TINY,
+                     "--epochs", "2", "--lr", "1e30"])
+    assert code == 3
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln]
+    assert len(err) == 1 and "diverged" in err[0] and "epoch 1" in err[0] and "--lr" in err[0], err
+    assert sorted(os.listdir(out)) == []
+    # finite in epoch 1, diverged in epoch 2: epoch 1's checkpoints stay as they were, no results.json
+    real = l2l.schedule_at
+    monkeypatch.setattr(l2l, "schedule_at", lambda a, it, n: (1e30, a.momentum) if it >= n else real(a, it, n))
+    out = str(tmp_path / "b")
+    saved = {}
+
+    def keep_bytes(epoch):
+        saved.update(snapshot(out))
+
+    args = l2l.parse_args(["--method", "plain", "--dataset", "mnist", "--data-dir", mnist_dir, "--out", out, *TINY,
+                           "--epochs", "3"])
+    with pytest.raises(l2l.TrainingDiverged, match=r"epoch 2 is (nan|inf|-inf).*last.pt keeps epoch 1, best.pt epoch 1"):
+        l2l.train(args, on_epoch_end=keep_bytes)
+    assert snapshot(out) == saved and sorted(saved) == ["best.pt", "last.pt"]
+    assert l2l.read_checkpoint(os.path.join(out, "last.pt"), "x")["epoch"] == 1
