@@ -67,6 +67,7 @@ import math
 import os
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -234,6 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--eval-only", default=None, metavar="CKPT", help="evaluate a checkpoint, no training")
     run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--quiet", action="store_true",
+                     help="no progress lines (they come at most every 10 s during epochs and long evaluations)")
+    run.add_argument("--report", nargs="+", default=None, metavar="RUN",
+                     help="print a markdown table of these runs' results.json (directories or files) and write each "
+                          "run's curves.svg; trains nothing")
+    run.add_argument("--recipe", default=None, help="the run.sh recipe this run reproduces (run.sh sets it)")
+    run.add_argument("--paper", default=None, metavar="NUMBERS",
+                     help="the paper's numbers for the report, e.g. clean=86.06,pgd=46.06 (run.sh sets them)")
 
     data = p.add_argument_group("data")
     data.add_argument("--train-size", type=int, default=None, help="use the first N training examples")
@@ -489,15 +498,39 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise UsageError(f"--peak-tflops {args.peak_tflops} must be a positive number (TFLOP/s)")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but torch sees no CUDA device; use --device cpu or auto")
+    args.paper = parse_paper_numbers(args.paper)
     if args.out is None:
         args.out = os.path.join("runs", f"{args.method}_{args.dataset}")
     return args
+
+
+def parse_paper_numbers(text) -> Optional[dict]:
+    """--paper 'clean=86.06,pgd=46.06' -> {'clean': 86.06, 'pgd': 46.06}: keys clean, worst_case or an attack."""
+    if text is None or isinstance(text, dict):
+        return text
+    numbers = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key not in ("clean", "worst_case", *EVAL_ATTACKS):
+            raise UsageError(f"--paper '{item}': '{key}' is not clean, worst_case or an attack name")
+        try:
+            numbers[key] = float(value)
+        except ValueError:
+            raise UsageError(f"--paper '{item}': '{value}' is not a number; write e.g. clean=86.06,pgd=46.06")
+    return numbers
 
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
+
+
+def device_name(device: torch.device) -> str:
+    """What results.json and the benchmark record as the machine: the GPU's name, or the CPU and its threads."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({torch.get_num_threads()} threads)"
 
 
 # ================================================================================================
@@ -1942,6 +1975,85 @@ def ranks_agree(run: Run) -> bool:
 
 
 # ================================================================================================
+# Progress lines: long training epochs and evaluations say how far they are and how long is left.
+# ================================================================================================
+
+
+def fmt_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, m, sec = seconds // 3600, seconds // 60 % 60, seconds % 60
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
+class Progress:
+    """Progress of a loop of `total` units (batches, attack runs): a line after the first unit (unless it took
+    under `first_after` seconds: quick loops stay silent), then at most one every `every` seconds, redrawn in place
+    on a terminal and as plain lines otherwise (a log). A heartbeat thread
+    prints the same line while a single unit runs long (a WRN-34-10 batch on a CPU takes minutes), so a sign of
+    life comes every `every` seconds whatever the step costs. Reads no device value: counting units forces no
+    host-device synchronisation (on a GPU the count runs at most a queue's length ahead of the device).
+    describe(done, elapsed, rate) -> the line's text; rate is units per second (None before the first unit)."""
+
+    def __init__(self, describe: Callable, total: int, every: float = 10.0, enabled: bool = True, stream=None,
+                 clock: Callable = time.monotonic, heartbeat: bool = True, first_after: float = 1.0):
+        self.describe, self.total, self.every, self.enabled = describe, total, every, enabled
+        self.first_after = first_after
+        self.stream, self.clock = (stream if stream is not None else sys.stdout), clock
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.done, self.start, self.last = 0, clock(), None
+        self.lock, self.stopped = threading.Lock(), threading.Event()
+        self.thread = None
+        if enabled and heartbeat:
+            self.thread = threading.Thread(target=self._beat, daemon=True)
+            self.thread.start()
+
+    def _line(self, now: float) -> None:
+        elapsed = now - self.start
+        rate = self.done / elapsed if self.done and elapsed > 0 else None
+        text = self.describe(self.done, elapsed, rate)
+        self.stream.write(f"\r{text}\x1b[K" if self.tty else text + "\n")
+        self.stream.flush()
+        self.last = now
+
+    def _beat(self) -> None:
+        while not self.stopped.wait(min(1.0, self.every / 2)):
+            with self.lock:
+                now = self.clock()
+                if not self.stopped.is_set() and now - (self.last if self.last is not None else self.start) >= self.every:
+                    self._line(now)
+
+    def step(self, n: int = 1) -> None:
+        if not self.enabled:
+            return
+        with self.lock:
+            self.done += n
+            now = self.clock()
+            if now - (self.start + self.first_after - self.every if self.last is None else self.last) >= self.every:
+                self._line(now)
+
+    def close(self) -> None:
+        """Stop the heartbeat; on a terminal, clear the in-place line so the next line starts clean."""
+        self.stopped.set()
+        if self.thread is not None:
+            self.thread.join()
+        if self.enabled and self.tty and self.last is not None:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def rate_and_left(done: int, total: int, elapsed: float, rate: Optional[float], unit: str, units: str) -> str:
+    if rate is None:
+        return f"first {unit} running, {fmt_duration(elapsed)} so far"
+    return f"{done}/{total} {units}, {fmt_duration(elapsed)} elapsed, {fmt_duration((total - done) / rate)} left"
+
+
+# ================================================================================================
 # Evaluation: model in eval mode, fixed test subset (the first --test-size examples), every attack's
 # robust accuracy and the per-example worst case, with the protocol beside every number.
 # ================================================================================================
@@ -2023,13 +2135,22 @@ def evaluate(model, x_uint8, y, args, attacks, extras=None, gallery: Optional[di
     xs, ys = x_uint8[idx], y[idx]
     correct = {name: [] for name in ["clean"] + list(attacks)}
     max_pert = {name: torch.zeros((), device=x_uint8.device) for name in attacks}
-    with autocast(x_uint8.device, args.eval_precision):
+    batches = -(-xs.shape[0] // args.eval_batch_size)
+    now = {"attack": attacks[0] if attacks else "", "batch": 1}
+
+    def describe(done, elapsed, rate):
+        return (f"  evaluating: {now['attack']} on batch {now['batch']}/{batches}, "
+                + rate_and_left(done, batches * len(attacks), elapsed, rate, "attack run", "attack runs"))
+
+    with autocast(x_uint8.device, args.eval_precision), \
+            Progress(describe, batches * len(attacks), enabled=rank == 0 and not getattr(args, "quiet", False)) as progress:
         for i in range(0, xs.shape[0], args.eval_batch_size):
             x = to_float(xs[i:i + args.eval_batch_size], memory_format(args))
             yb = ys[i:i + args.eval_batch_size]
             with torch.no_grad():
                 correct["clean"].append(model(x).argmax(1) == yb)
             for name in attacks:
+                now.update(attack=name, batch=i // args.eval_batch_size + 1)
                 x_adv = EVAL_ATTACKS[name].run(model, x, yb, args, extras or {})
                 max_pert[name] = torch.maximum(max_pert[name], (x_adv - x).abs().amax())
                 if gallery is not None and i == 0 and rank == 0:
@@ -2037,6 +2158,7 @@ def evaluate(model, x_uint8, y, args, attacks, extras=None, gallery: Optional[di
                     gallery[name] = x_adv[:8].cpu()
                 with torch.no_grad():
                     correct[name].append(model(x_adv).argmax(1) == yb)
+                progress.step()
     correct = {k: gather_examples(torch.cat(v).to(torch.uint8), n).bool() for k, v in correct.items()}
     if world > 1:
         for value in max_pert.values():
@@ -2152,7 +2274,11 @@ def validate(model, data: Data, args) -> tuple:
     idx = shard(data.x_val.shape[0], pad=False).to(data.x_val.device)
     xs, ys = data.x_val[idx], data.y_val[idx]
     clean = robust = torch.zeros((), device=xs.device)
-    with autocast(xs.device, args.eval_precision):
+    batches = -(-xs.shape[0] // args.eval_batch_size)
+    describe = lambda done, elapsed, rate: f"  validation (PGD-{args.val_steps}): " + \
+        rate_and_left(done, batches, elapsed, rate, "batch", "batches")
+    with autocast(xs.device, args.eval_precision), \
+            Progress(describe, batches, enabled=dist_world()[0] == 0 and not getattr(args, "quiet", False)) as progress:
         for i in range(0, xs.shape[0], args.eval_batch_size):
             x = to_float(xs[i:i + args.eval_batch_size], memory_format(args))
             y = ys[i:i + args.eval_batch_size]
@@ -2162,6 +2288,7 @@ def validate(model, data: Data, args) -> tuple:
                 x = pgd(model, x, y, args.eps, args.val_step_size, args.val_steps, args.val_restarts, keep_fooling=True)
                 with torch.no_grad():
                     robust = robust + (model(x).argmax(1) == y).sum()
+            progress.step()
     clean, robust = all_reduce_sum([clean, robust], xs.device)
     n = data.x_val.shape[0]
     return clean / n, (robust / n if args.val_steps else clean / n)
@@ -2373,24 +2500,41 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
         if isinstance(extra, nn.Module):
             say(f"  {name}: {type(extra).__name__}, {sum(p.numel() for p in extra.parameters()):,} parameters")
     iters = max(1, data.x_train.shape[0] // min(args.batch_size, data.x_train.shape[0]))
+    batch = min(args.batch_size, data.x_train.shape[0])
+    val_seconds = None  # the last validation's duration, for the run's time estimate
     for epoch in range(start_epoch, args.epochs):
         if world > 1:  # each rank its own attack noise and dropout, reproducible on --resume
             torch.manual_seed(args.seed * 1_000_003 + epoch * 1009 + rank + 1)
         t0 = time.time()
         run.model.train()
         loss_sum = correct = seen = 0
-        for i, (x, y) in enumerate(train_batches(data, args.batch_size, args.augment, gen)):
-            lr, momentum = schedule_at(args, epoch * iters + i, iters)
-            for group in run.optimizer.param_groups:
-                group["lr"], group["momentum"] = lr, momentum
-            loss, n_correct = training_step(run, x, y)
-            n = y.shape[0] // world  # this rank's share
-            loss_sum, correct, seen = loss_sum + loss.float() * n, correct + n_correct, seen + n
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+
+        def describe(done, elapsed, rate, epoch=epoch):
+            head = f"  epoch {epoch + 1}/{args.epochs}: "
+            if rate is None:
+                return head + f"first of {iters} batches running, {fmt_duration(elapsed)} so far"
+            epoch_left = (iters - done) / rate
+            later = args.epochs - epoch - 1
+            run_left = epoch_left + later * iters / rate + (later + 1) * (val_seconds or 0.0)
+            return (head + f"{done}/{iters} batches, {rate * batch:,.0f} img/s, epoch left {fmt_duration(epoch_left)}, "
+                    f"run left ~{fmt_duration(run_left)} (training{' and validation' if val_seconds else ''})")
+
+        with Progress(describe, iters, enabled=rank == 0 and not args.quiet) as progress:
+            for i, (x, y) in enumerate(train_batches(data, args.batch_size, args.augment, gen)):
+                lr, momentum = schedule_at(args, epoch * iters + i, iters)
+                for group in run.optimizer.param_groups:
+                    group["lr"], group["momentum"] = lr, momentum
+                loss, n_correct = training_step(run, x, y)
+                n = y.shape[0] // world  # this rank's share
+                loss_sum, correct, seen = loss_sum + loss.float() * n, correct + n_correct, seen + n
+                progress.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
         train_seconds = time.time() - t0
         loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], device)
+        t_val = time.time()
         val_clean, val_robust = validate(run.model, data, args)
+        val_seconds = time.time() - t_val
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                   "val_clean": val_clean, "val_robust": val_robust, "train_seconds": train_seconds,
                   "seconds": time.time() - t0}
@@ -2429,6 +2573,7 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
 
     attacks = args.eval_attacks.split(",")
     results = {"method": args.method, "dataset": args.dataset, "model": args.model, "args": vars(args),
+               "device": device_name(device) + (f" x {world}" if world > 1 else ""),
                "checkpoint": "best.pt", "best_epoch": best["epoch"], "history": history}
     restore(run, read_checkpoint(best_path, "checkpoint"))
     gallery = {}
@@ -2441,8 +2586,8 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
         last = evaluate(run.model, data.x_test, data.y_test, args, attacks, eval_extras)
         say(format_results(last, f"test, last.pt (epoch {args.epochs})"))
     else:
-        last = {k: v for k, v in results.items() if k not in ("method", "dataset", "model", "args", "checkpoint",
-                                                               "best_epoch", "history")}
+        last = {k: v for k, v in results.items() if k not in ("method", "dataset", "model", "args", "device",
+                                                               "checkpoint", "best_epoch", "history")}
     results["last"] = last
     if rank == 0:
         atomic_write_json(results, os.path.join(args.out, "results.json"))
@@ -2479,7 +2624,7 @@ def evaluate_checkpoint(args) -> dict:
     if args.compile:
         compile_networks(run)
     results = {"method": args.method, "dataset": args.dataset, "model": args.model, "args": vars(args),
-               "checkpoint": os.path.abspath(args.eval_only), "epoch": ckpt["epoch"]}
+               "device": device_name(device), "checkpoint": os.path.abspath(args.eval_only), "epoch": ckpt["epoch"]}
     extras = evaluation_extras(args, run, device)
     gallery = {}
     results.update(evaluate(run.model, data.x_test, data.y_test, args, args.eval_attacks.split(","), extras, gallery))
@@ -2580,8 +2725,7 @@ def benchmark(args) -> dict:
     step_s = seconds / steps
     tflops = flops / step_s / 1e12
     peak = device_peak_tflops(device, args.peak_tflops)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"CPU ({torch.get_num_threads()} threads)"
+    name = device_name(device)
     figures = {"method": args.method, "dataset": args.dataset, "model": args.model, "batch_size": bs,
                "precision": args.precision, "channels_last": args.channels_last, "compile": args.compile,
                "processes": world, "device": name, "steps": steps, "warmup": warmup,
@@ -2603,6 +2747,142 @@ def benchmark(args) -> dict:
 
 
 # ================================================================================================
+# Report: one markdown table over runs (the papers' tables, measured), and each run's curves as SVG.
+# ================================================================================================
+
+# Report columns in the papers' order; a column appears when some run has it.
+REPORT_ATTACKS = ("fgsm", "pgd", "cw", "cw-linf", "apgd-ce", "apgd-t", "l2l", "rnn", "transfer")
+
+
+def read_results(path: str) -> tuple:
+    """(directory, results dict) of a run directory or a results.json path; one-line UsageError otherwise."""
+    file = path if path.endswith(".json") else os.path.join(path, "results.json")
+    if not os.path.isfile(file):
+        raise UsageError(f"--report {path}: no results.json there; pass a run directory (--out of a finished run)")
+    try:
+        with open(file) as f:
+            res = json.load(f)
+        assert isinstance(res, dict) and "clean" in res and "protocol" in res
+    except (OSError, ValueError, AssertionError) as e:
+        raise UsageError(f"--report {path}: {file} is not an l2l.py results.json ({type(e).__name__}); "
+                         f"pass the --out of an l2l.py run")
+    return os.path.dirname(file) or ".", res
+
+
+def report_table(runs: list) -> str:
+    """Markdown: one row per run (its best.pt evaluation), accuracies in %; for a run.sh recipe the paper's number
+    in brackets beside each measured one. The protocol column gives eps, examples and each attack's steps x
+    restarts @ step size."""
+    attacks = [a for a in REPORT_ATTACKS if any(a in res for _, res in runs)]
+    head = ["run", "method", "dataset", "model", "epochs", "clean", *attacks, "worst case", "s/epoch", "device",
+            "protocol"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for directory, res in runs:
+        a = res.get("args", {})
+        paper = parse_paper_numbers(a.get("paper")) or {}
+
+        def cell(key, value):
+            if value is None:
+                return "–"
+            text = f"{100 * value:.2f}"
+            return text + (f" ({paper[key]:.2f})" if key in paper else "")
+
+        history = res.get("history") or []
+        seconds = [h["train_seconds"] for h in history if "train_seconds" in h]
+        p = res["protocol"]
+        over = res.get("worst_case", {}).get("over", [])[1:]
+        protocol = f"eps {p.get('eps_text', p.get('eps'))}, {p.get('examples')} {p.get('split', 'test')}; " + "; ".join(
+            f"{k} {res[k]['steps']}x{res[k]['restarts']}@{fmt_eps(res[k]['step_size'])}" for k in over if k in res)
+        epochs = f"{len(history)} (best {res['best_epoch']})" if history else f"eval of epoch {res.get('epoch', '?')}"
+        name = a.get("recipe") or os.path.basename(os.path.abspath(directory))
+        row = [name, res.get("method", "?"), res.get("dataset", "?"), res.get("model", "?"), epochs,
+               cell("clean", res["clean"]["accuracy"]),
+               *[cell(k, res[k]["accuracy"] if k in res else None) for k in attacks],
+               cell("worst_case", res.get("worst_case", {}).get("accuracy")),
+               f"{sum(seconds) / len(seconds):.1f}" if seconds else "–",
+               res.get("device", a.get("device", "?")), protocol]
+        rows.append("| " + " | ".join(str(c) for c in row) + " |")
+    return "\n".join(rows)
+
+
+def curves_svg(res: dict, width: int = 520, height: int = 300) -> str:
+    """A self-contained SVG of validation clean and robust accuracy per epoch; the best epoch is marked, and
+    every epoch flagged for catastrophic overfitting gets a dashed red line."""
+    from xml.sax.saxutils import escape
+    history = res["history"]
+    a = res.get("args", {})
+    left, right, top, bottom = 48, 24, 52, 40
+    w, h = width - left - right, height - top - bottom
+    n = len(history)
+    x_at = lambda epoch: left + (w * (epoch - 1) / (n - 1) if n > 1 else w / 2)
+    y_at = lambda acc: top + h * (1 - acc)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
+             f'<rect width="{width}" height="{height}" fill="white"/>',
+             f'<text x="{left}" y="16" font-size="13">{escape(res.get("method", "?"))} on '
+             f'{escape(res.get("dataset", "?"))}: validation accuracy per epoch</text>']
+    for k in range(0, 11, 2):  # grid and y labels, 0..100%
+        y = y_at(k / 10)
+        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + w}" y2="{y:.1f}" stroke="#ddd"/>')
+        parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{10 * k}%</text>')
+    for h_ in history:  # x labels
+        if n <= 20 or h_["epoch"] % max(1, n // 10) == 0 or h_["epoch"] in (1, n):
+            parts.append(f'<text x="{x_at(h_["epoch"]):.1f}" y="{top + h + 16}" text-anchor="middle">'
+                         f'{h_["epoch"]}</text>')
+    parts.append(f'<text x="{left + w / 2}" y="{height - 6}" text-anchor="middle">epoch</text>')
+    for h_ in history:
+        if h_.get("catastrophic_overfitting"):
+            x = x_at(h_["epoch"])
+            parts.append(f'<line class="co" x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + h}" stroke="#d62728" '
+                         f'stroke-dasharray="4 3"><title>catastrophic overfitting, epoch {h_["epoch"]}</title></line>')
+    robust_name = f"robust (PGD-{a.get('val_steps', '?')})"
+    for key, colour, label in (("val_clean", "#1f77b4", "clean"), ("val_robust", "#d62728", robust_name)):
+        points = " ".join(f"{x_at(h_['epoch']):.1f},{y_at(h_[key]):.1f}" for h_ in history)
+        parts.append(f'<polyline class="{key}" points="{points}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        for h_ in history:
+            parts.append(f'<circle cx="{x_at(h_["epoch"]):.1f}" cy="{y_at(h_[key]):.1f}" r="2.5" fill="{colour}">'
+                         f'<title>epoch {h_["epoch"]}: {label} {100 * h_[key]:.2f}%</title></circle>')
+    best = next((h_ for h_ in history if h_["epoch"] == res.get("best_epoch")), None)
+    if best is not None:  # the epoch best.pt holds: a ring on the robust curve
+        parts.append(f'<circle class="best" cx="{x_at(best["epoch"]):.1f}" cy="{y_at(best["val_robust"]):.1f}" r="6" '
+                     f'fill="none" stroke="black"><title>best.pt: epoch {best["epoch"]}</title></circle>')
+    x = left
+    for colour, label, dash in (("#1f77b4", "clean", ""), ("#d62728", robust_name, ""),
+                                ("#d62728", "catastrophic overfitting", ' stroke-dasharray="4 3"')):
+        parts.append(f'<line x1="{x}" y1="30" x2="{x + 18}" y2="30" stroke="{colour}" stroke-width="2"{dash}/>'
+                     f'<text x="{x + 22}" y="34">{escape(label)}</text>')
+        x += 40 + 6 * len(label)
+    parts.append(f'<circle cx="{x + 6}" cy="30" r="6" fill="none" stroke="black"/>'
+                 f'<text x="{x + 16}" y="34">best.pt</text>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+def report(paths: list) -> str:
+    """--report: the table of every run (printed) and, for runs with a training history, <run>/curves.svg."""
+    runs = [read_results(p) for p in paths]
+    table = report_table(runs)
+    print(table)
+    for directory, res in runs:
+        if not res.get("history"):
+            print(f"note: {directory}: an --eval-only result has no training history; no curves.svg", file=sys.stderr)
+            continue
+        path = os.path.join(directory, "curves.svg")
+        svg = curves_svg(res)
+
+        def write(tmp, svg=svg):
+            with open(tmp, "w") as f:
+                f.write(svg)
+
+        try:
+            atomic_write(path, write)
+            print(f"wrote {path}")
+        except OSError as e:
+            print(f"note: could not write {path} ({e.strerror or e}); the table above is complete", file=sys.stderr)
+    return table
+
+
+# ================================================================================================
 # Main
 # ================================================================================================
 
@@ -2614,6 +2894,8 @@ EVAL_KEYS = ("eps", "eval_attacks", "eval_steps", "eval_step_size", "eval_restar
 
 def parse_args(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
+    if args.report:
+        return args  # reads results.json files; no other flag applies
     if args.eval_only:
         if args.resume:
             raise UsageError("--eval-only and --resume exclude each other; pass one of them")
@@ -2638,7 +2920,9 @@ def main(argv=None) -> int:
     rank = int(os.environ.get("RANK", "0"))  # under torchrun, only rank 0 speaks
     try:
         args = parse_args(argv)
-        if args.benchmark:
+        if args.report:
+            report(args.report)
+        elif args.benchmark:
             benchmark(args)
         elif args.eval_only:
             evaluate_checkpoint(args)

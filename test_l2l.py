@@ -695,7 +695,7 @@ def test_every_run_sh_recipe_parses():
                            env={**os.environ, "PYTHON": "echo"}, check=True)
         argv = r.stdout.split()[1:]  # drop "l2l.py"
         args = l2l.parse_args(argv)
-        assert args.out == f"runs/{name}"
+        assert args.out == f"runs/{name}" and args.recipe == name
     r = subprocess.run(["bash", os.path.join(HERE, "run.sh"), "no-such-recipe"], capture_output=True, text=True)
     assert r.returncode == 2 and "unknown recipe" in r.stderr
     r = subprocess.run(["bash", os.path.join(HERE, "run.sh"), "bench", "--precision", "bf16"], capture_output=True,
@@ -1808,3 +1808,160 @@ def test_a_diverging_run_stops_and_keeps_its_last_finite_checkpoint(mnist_dir, t
         l2l.train(args, on_epoch_end=keep_bytes)
     assert snapshot(out) == saved and sorted(saved) == ["best.pt", "last.pt"]
     assert l2l.read_checkpoint(os.path.join(out, "last.pt"), "x")["epoch"] == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# What a researcher sees: progress lines, the report and its curves
+# ------------------------------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+class Log(list):
+    """A stream that records writes; isatty() as told."""
+
+    def __init__(self, tty=False):
+        super().__init__()
+        self.tty = tty
+
+    def write(self, text):
+        self.append(text)
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return self.tty
+
+
+def test_progress_prints_after_the_first_unit_then_at_most_every_10_seconds():
+    clock, log = FakeClock(), Log()
+    seen = []
+    with l2l.Progress(lambda done, elapsed, rate: seen.append((done, elapsed, rate)) or f"{done} done", 200,
+                      stream=log, clock=clock, heartbeat=False) as p:
+        for _ in range(200):  # one unit every 1.5 s: 300 s in all
+            clock.t += 1.5
+            p.step()
+    times = [elapsed for _, elapsed, _ in seen]
+    assert times[0] == 1.5  # the first unit took over a second: its line comes at once
+    assert all(b - a >= 10 for a, b in zip(times, times[1:]))  # then never two within 10 s
+    assert 27 <= len(log) <= 31 and all(line.endswith("\n") and not line.startswith("\r") for line in log)
+    assert seen[-1][2] == pytest.approx(200 / 300, rel=0.05)  # units per second
+
+
+def test_progress_is_silent_for_a_quick_loop_and_when_disabled():
+    clock, log = FakeClock(), Log()
+    with l2l.Progress(lambda *a: "x", 10, stream=log, clock=clock, heartbeat=False) as p:
+        for _ in range(10):
+            clock.t += 0.05
+            p.step()
+    assert log == []
+    with l2l.Progress(lambda *a: "x", 10, stream=log, clock=clock, heartbeat=False, enabled=False) as p:
+        for _ in range(10):
+            clock.t += 100
+            p.step()
+    assert log == []
+
+
+def test_progress_heartbeat_speaks_while_one_unit_runs_long():
+    import time as real_time
+    log = Log()
+    with l2l.Progress(lambda done, elapsed, rate: f"{done} done, rate {rate}", 3, stream=log, every=0.1) as p:
+        real_time.sleep(0.6)  # the first unit is still running
+        p.step()
+    assert any(line.startswith("0 done, rate None") for line in log)
+
+
+def test_progress_redraws_in_place_on_a_terminal():
+    clock, log = FakeClock(), Log(tty=True)
+    with l2l.Progress(lambda done, *a: f"{done} done", 50, stream=log, clock=clock, heartbeat=False) as p:
+        for _ in range(50):
+            clock.t += 2
+            p.step()
+    assert all(line.startswith("\r") and "\n" not in line for line in log)
+    assert log[-1] == "\r\x1b[K"  # the line is cleared when the loop ends
+
+
+def test_quiet_turns_every_progress_line_off(mnist_dir, tmp_path, monkeypatch):
+    made = []
+    real = l2l.Progress
+    monkeypatch.setattr(l2l, "Progress", lambda *a, **k: made.append(k.get("enabled", True)) or real(*a, **k))
+    base = ["--method", "pgd-at", "--dataset", "mnist", "--data-dir", mnist_dir, *TINY, "--eval-attacks", "fgsm"]
+    assert l2l.main(base + ["--out", str(tmp_path / "a")]) == 0
+    assert made and all(made)  # training epoch, validation, two test evaluations
+    made.clear()
+    assert l2l.main(base + ["--out", str(tmp_path / "b"), "--quiet"]) == 0
+    assert made and not any(made)
+
+
+def fake_results(method="fast-bat", epochs=5, co_epoch=None, paper=None, best=3):
+    history = [dict(epoch=e, val_clean=0.5 + 0.05 * e, val_robust=0.4 - (0.38 if e == co_epoch else 0.02 * e),
+                    train_seconds=10.0 + e, catastrophic_overfitting=e == co_epoch) for e in range(1, epochs + 1)]
+    protocol = dict(eps=8 / 255, eps_text="8/255", examples=1000, split="test")
+    attack = lambda acc, steps, restarts: dict(accuracy=acc, steps=steps, step_size=2 / 255, restarts=restarts)
+    return {"method": method, "dataset": "cifar10", "model": "preactresnet18", "device": "NVIDIA H100 80GB HBM3",
+            "args": {"recipe": "fastbat-fast-bat-cifar10-eps8" if paper else None, "paper": paper, "val_steps": 10},
+            "best_epoch": best, "history": history, "protocol": protocol, "clean": {"accuracy": 0.7943},
+            "pgd": attack(0.4812, 50, 10), "apgd-ce": attack(0.4601, 100, 1),
+            "worst_case": {"accuracy": 0.4455, "over": ["clean", "pgd", "apgd-ce"]}}
+
+
+def test_report_table_and_curves(tmp_path, capsys):
+    runs = []
+    for name, res in (("bat", fake_results(paper="clean=79.43,pgd=48.74,worst_case=44.89")),
+                      ("fastat", fake_results("fast-at", epochs=4, co_epoch=3, best=2))):
+        os.makedirs(tmp_path / name)
+        with open(tmp_path / name / "results.json", "w") as f:
+            json.dump(res, f)
+        runs.append(str(tmp_path / name))
+    table = l2l.report(runs)
+    lines = table.splitlines()
+    assert lines[0] == ("| run | method | dataset | model | epochs | clean | pgd | apgd-ce | worst case | s/epoch | "
+                        "device | protocol |")
+    bat = lines[2].split(" | ")
+    assert bat[0] == "| fastbat-fast-bat-cifar10-eps8" and bat[4] == "5 (best 3)"
+    assert bat[5:9] == ["79.43 (79.43)", "48.12 (48.74)", "46.01", "44.55 (44.89)"]  # measured (paper)
+    assert bat[9] == "13.0" and bat[10] == "NVIDIA H100 80GB HBM3"
+    assert "eps 8/255, 1000 test; pgd 50x10@2/255; apgd-ce 100x1@2/255" in lines[2]
+    assert lines[3].startswith("| fastat | fast-at |") and "(" not in lines[3].split(" | ")[5]
+    assert table in capsys.readouterr().out
+    import xml.etree.ElementTree as ET
+    ns = "{http://www.w3.org/2000/svg}"
+    for name, epochs, co in (("bat", 5, 0), ("fastat", 4, 1)):
+        root = ET.parse(tmp_path / name / "curves.svg").getroot()  # well-formed, self-contained
+        assert root.tag == ns + "svg"
+        curves = {p.get("class"): p.get("points").split() for p in root.iter(ns + "polyline")}
+        assert set(curves) == {"val_clean", "val_robust"} and all(len(v) == epochs for v in curves.values())
+        assert len([ln for ln in root.iter(ns + "line") if ln.get("class") == "co"]) == co
+        assert len([c for c in root.iter(ns + "circle") if c.get("class") == "best"]) == 1
+        ys = [float(p.split(",")[1]) for p in curves["val_robust"]]
+        if co:  # the collapse at epoch 3 is drawn lower than its neighbours
+            assert ys[2] > ys[1] and ys[2] > ys[3]
+
+
+def test_report_refuses_what_is_not_a_run(tmp_path, capsys):
+    check_one_line_error(l2l.main(["--report", str(tmp_path / "nothing")]), capsys.readouterr().err, "no results.json")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "results.json").write_text("{not json")
+    check_one_line_error(l2l.main(["--report", str(tmp_path / "bad")]), capsys.readouterr().err,
+                         "not an l2l.py results.json")
+
+
+def test_report_of_real_runs_and_run_sh(trained_run, mnist_dir, tmp_path, capsys):
+    ev = str(tmp_path / "ev")
+    assert l2l.main(["--eval-only", os.path.join(trained_run, "best.pt"), "--data-dir", mnist_dir, "--test-size", "32",
+                     "--eval-attacks", "fgsm", "--out", ev, "--quiet"]) == 0
+    capsys.readouterr()
+    assert l2l.main(["--report", trained_run, ev]) == 0
+    out, err = capsys.readouterr()
+    assert out.count("| pgd-at | mnist | smallcnn |") == 2 and "eval of epoch" in out
+    assert os.path.isfile(os.path.join(trained_run, "curves.svg")) and "no curves.svg" in err
+    r = subprocess.run(["bash", os.path.join(HERE, "run.sh"), "report", "a", "b"], capture_output=True, text=True,
+                       env={**os.environ, "PYTHON": "echo"}, check=True)
+    assert r.stdout.split() == ["l2l.py", "--report", "a", "b"]
