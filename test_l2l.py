@@ -1,6 +1,8 @@
 """Tests for l2l.py: attack invariants, attack strength, trainers, data, checkpoints, CLI, bad input.
 
 Run: python -m pytest -q test_l2l.py   (CPU, synthetic data, no download; a few minutes on 2 cores)
+On a GPU: L2L_TEST_DEVICE=cuda python -m pytest -q test_l2l.py   (models, batches and command-line runs on that
+device; the few tests that only make sense on a CPU say so and skip)
 """
 import copy
 import json
@@ -17,7 +19,9 @@ import torch.nn.functional as F
 import l2l
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CPU = torch.device("cpu")
+DEVICE = torch.device(os.environ.get("L2L_TEST_DEVICE", "cpu"))
+DEV = DEVICE.type  # the value of --device in command lines
+cpu_only = pytest.mark.skipif(DEVICE.type != "cpu", reason="only meaningful on a CPU (L2L_TEST_DEVICE is set)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -49,17 +53,23 @@ def write_dataset(data_dir, name="mnist", n_train=160, n_test=48):
     return data_dir
 
 
+def synthetic_batch(n, seed, c=1, h=28, w=28):
+    """synthetic_images as a float N x C x H x W batch in [0,1] and its labels, on the test device."""
+    xu, y = synthetic_images(n, c, h, w, seed)
+    return l2l.to_float(xu.permute(0, 3, 1, 2)).to(DEVICE), y.to(DEVICE)
+
+
 def tiny_cnn(classes=10, c=1):
     return nn.Sequential(nn.Conv2d(c, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
-                         nn.Flatten(), nn.Linear(128, classes))
+                         nn.Flatten(), nn.Linear(128, classes)).to(DEVICE)
 
 
 @pytest.fixture(scope="module")
 def toy():
-    """A float batch in [0,1] (MNIST format) and a tiny CNN trained on it to > 90% clean accuracy."""
+    """A float batch in [0,1] (MNIST format) and a tiny CNN trained on it to > 90% clean accuracy, on the test
+    device."""
     torch.manual_seed(0)
-    xu, y = synthetic_images(256, 1, 28, 28, seed=3)
-    x = l2l.to_float(xu.permute(0, 3, 1, 2))
+    x, y = synthetic_batch(256, seed=3)
     model = tiny_cnn()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for _ in range(150):
@@ -200,15 +210,14 @@ CHEAP = {"pgd-at-bls": ["--steps", "2", "--bls-tries", "3"], "rnn-adv": ["--step
 @pytest.mark.parametrize("method", list(l2l.METHODS))
 def test_each_trainer_lowers_its_loss(method):
     args = l2l.parse_args(["--method", method, "--dataset", "mnist", "--eps", "0.1", "--steps", "3",
-                           "--step-size", "0.04", "--lr", "0.02", "--device", "cpu", "--l2l-width", "16",
+                           "--step-size", "0.04", "--lr", "0.02", "--device", DEV, "--l2l-width", "16",
                            *CHEAP.get(method, [])])
     if method == "fast-at":
         args.step_size = 0.125
     torch.manual_seed(0)
-    run = l2l.build_run(args, CPU)
+    run = l2l.build_run(args, DEVICE)
     n, steps = (48, 50) if method == "fast-at-ga" else (32, 40)  # GradAlign's penalty needs the longer run
-    xu, y = synthetic_images(n, 1, 28, 28, seed=4)
-    x = l2l.to_float(xu.permute(0, 3, 1, 2))
+    x, y = synthetic_batch(n, seed=4)
     run.model.train()
     losses = torch.tensor([float(l2l.METHODS[method].train_step(run, x, y)[0]) for _ in range(steps)])
     # single-step methods spike now and then on one fixed batch: compare the median of the last ten
@@ -261,14 +270,14 @@ def test_npz_round_trip_and_numpy_compatibility(tmp_path):
 
 
 def test_on_device_augmentation_crops_and_flips():
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(32, 3, 8, 8)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.rand(32, 3, 8, 8, device=DEVICE)
     out = l2l.augment(x, "crop-flip", g)
     assert out.shape == x.shape
     assert not torch.equal(out, x)
     # every output pixel is a pixel of its own input image or zero padding
     for i in range(32):
-        assert torch.isin(out[i], torch.cat([x[i].flatten(), torch.zeros(1)])).all()
+        assert torch.isin(out[i], torch.cat([x[i].flatten(), torch.zeros(1, device=DEVICE)])).all()
     assert torch.equal(l2l.augment(x, "none", g), x)
 
 
@@ -276,20 +285,21 @@ def test_load_data_splits_are_disjoint_and_validation_comes_from_train(tmp_path)
     d = write_dataset(str(tmp_path))
     args = l2l.parse_args(["--dataset", "mnist", "--data-dir", d, "--train-size", "100", "--val-size", "40",
                            "--test-size", "30"])
-    data = l2l.load_data(args, CPU)
+    data = l2l.load_data(args, DEVICE)
     assert data.x_train.shape == (100, 1, 28, 28) and data.x_val.shape[0] == 40 and data.x_test.shape[0] == 30
+    assert data.x_train.device.type == DEVICE.type  # the whole dataset lives on the training device
     full = l2l.read_npz(os.path.join(d, "mnist.npz"))
-    assert torch.equal(data.x_val, full["x_train"][-40:].permute(0, 3, 1, 2))
-    assert torch.equal(data.x_train, full["x_train"][:100].permute(0, 3, 1, 2))
+    assert torch.equal(data.x_val.cpu(), full["x_train"][-40:].permute(0, 3, 1, 2))
+    assert torch.equal(data.x_train.cpu(), full["x_train"][:100].permute(0, 3, 1, 2))
 
 
 @pytest.mark.parametrize("name,dataset", [("smallcnn", "mnist"), ("vgg16", "mnist"), ("vgg16", "cifar10"),
                                           ("preactresnet18", "cifar100"), ("wrn", "svhn")])
 def test_models_take_pixels_and_return_logits(name, dataset):
     c, h, w = l2l.DATASETS[dataset]["shape"]
-    model = l2l.build_model(name, dataset, depth=10, width=1).eval()
+    model = l2l.build_model(name, dataset, depth=10, width=1).to(DEVICE).eval()
     assert isinstance(model[0], l2l.Normalize)
-    out = model(torch.rand(2, c, h, w))
+    out = model(torch.rand(2, c, h, w, device=DEVICE))
     assert out.shape == (2, l2l.DATASETS[dataset]["classes"])
 
 
@@ -303,7 +313,7 @@ def test_wrn_34_10_has_the_published_size():
 # ------------------------------------------------------------------------------------------------
 
 TINY = ["--epochs", "1", "--train-size", "96", "--val-size", "32", "--test-size", "32", "--batch-size", "32",
-        "--steps", "2", "--eval-steps", "2", "--val-steps", "2", "--device", "cpu", "--l2l-width", "16"]
+        "--steps", "2", "--eval-steps", "2", "--val-steps", "2", "--device", DEV, "--l2l-width", "16"]
 
 
 def cli(*argv):
@@ -338,7 +348,7 @@ def test_cli_cifar_format_with_augmentation(tmp_path):
     r = cli("--method", "fast-at", "--dataset", "cifar10", "--model", "preactresnet18", "--data-dir", d,
             "--out", str(tmp_path / "out"), "--epochs", "1", "--train-size", "64", "--val-size", "16",
             "--test-size", "16", "--batch-size", "32", "--eval-steps", "1", "--val-steps", "1",
-            "--eval-attacks", "pgd", "--device", "cpu")
+            "--eval-attacks", "pgd", "--device", DEV)
     assert r.returncode == 0, r.stderr
     assert "crop-flip" in json.dumps(json.load(open(tmp_path / "out" / "results.json"))["args"])
 
@@ -352,24 +362,25 @@ def trained_run(mnist_dir, tmp_path_factory):
 
 
 def test_load_model_round_trip(trained_run, mnist_dir):
-    model = l2l.load_model(os.path.join(trained_run, "best.pt"))
+    model = l2l.load_model(os.path.join(trained_run, "best.pt"), DEVICE)
     assert not model.training
     res = json.load(open(os.path.join(trained_run, "results.json")))
     a = l2l.read_npz(os.path.join(mnist_dir, "mnist.npz"))
-    x = l2l.to_float(a["x_test"][:32].permute(0, 3, 1, 2))
-    assert abs(accuracy(model, x, a["y_test"][:32]) - res["clean"]["accuracy"]) < 1e-9
+    x = l2l.to_float(a["x_test"][:32].permute(0, 3, 1, 2)).to(DEVICE)
+    assert abs(accuracy(model, x, a["y_test"][:32].to(DEVICE)) - res["clean"]["accuracy"]) < 1e-9
 
 
 def test_eval_only_reproduces_the_training_evaluation(trained_run, mnist_dir, tmp_path):
     out = str(tmp_path / "ev")
     assert l2l.main(["--eval-only", os.path.join(trained_run, "best.pt"), "--data-dir", mnist_dir,
-                     "--test-size", "32", "--eval-steps", "2", "--out", out, "--device", "cpu"]) == 0
+                     "--test-size", "32", "--eval-steps", "2", "--out", out, "--device", DEV]) == 0
     train_res = json.load(open(os.path.join(trained_run, "results.json")))
     ev = json.load(open(os.path.join(out, "results.json")))
     for k in ("clean", "fgsm", "pgd", "cw", "worst_case"):
         assert ev[k]["accuracy"] == train_res[k]["accuracy"], k
 
 
+@cpu_only  # bitwise equality needs deterministic kernels; cuDNN's autotuned ones are not
 def test_resume_after_interruption_equals_uninterrupted_run(mnist_dir, tmp_path):
     argv = ["--method", "trades", "--dataset", "mnist", "--data-dir", mnist_dir, *TINY, "--epochs", "3"]
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
@@ -526,10 +537,10 @@ L2L_CASES = [("l2l-naive", "slim", None), ("l2l-grad", "slim", None), ("l2l-2ste
 
 def make_run(method, model=None, extra=()):
     """A Run on MNIST-format data at eps 0.1; with `model`, that classifier with a learning rate of 0."""
-    args = l2l.parse_args(["--method", method, "--dataset", "mnist", "--eps", "0.1", "--lr", "0.02", "--device", "cpu",
+    args = l2l.parse_args(["--method", method, "--dataset", "mnist", "--eps", "0.1", "--lr", "0.02", "--device", DEV,
                            *extra])
     torch.manual_seed(0)
-    run = l2l.build_run(args, CPU)
+    run = l2l.build_run(args, DEVICE)
     if model is not None:
         run.model = model
         run.optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
@@ -633,7 +644,7 @@ def test_l2l_gradients_reach_phi_in_its_step_and_theta_in_its_own(toy):
 def test_one_attacker_step_raises_the_classifier_loss(toy):
     _, x, y = toy
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10)).to(DEVICE)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     for _ in range(100):
         opt.zero_grad()
@@ -667,10 +678,10 @@ def test_l2l_checkpoint_round_trip_restores_both_networks(mnist_dir, tmp_path, c
     printed = capsys.readouterr().out
     assert "attacker: SlimAttacker" in printed and "parameters" in printed
     ckpt = l2l.read_checkpoint(os.path.join(out, "best.pt"), "x")
-    run = l2l.build_run(l2l.parse_args(argv), CPU)
+    run = l2l.build_run(l2l.parse_args(argv), DEVICE)
     l2l.restore(run, ckpt)
     saved = ckpt["extras"]["attacker"]
-    assert all(torch.equal(v, saved[k]) for k, v in run.extras["attacker"].state_dict().items())
+    assert all(torch.equal(v.cpu(), saved[k]) for k, v in run.extras["attacker"].state_dict().items())
     assert run.extras["attacker_opt"].state_dict()["state"], "Adam moments were not restored"
     # evaluating the checkpoint again gives the learned attacker's training-time number exactly
     ev = str(tmp_path / "ev")
@@ -904,9 +915,9 @@ def test_rnn_checkpoint_round_trip_and_more_eval_steps(mnist_dir, tmp_path):
     argv = ["--method", "rnn-adv", "--dataset", "mnist", "--data-dir", mnist_dir, *TINY, "--eval-attacks", "pgd,rnn"]
     assert l2l.main(argv + ["--out", out]) == 0
     ckpt = l2l.read_checkpoint(os.path.join(out, "best.pt"), "x")
-    run = l2l.build_run(l2l.parse_args(argv), CPU)
+    run = l2l.build_run(l2l.parse_args(argv), DEVICE)
     l2l.restore(run, ckpt)
-    assert all(torch.equal(v, ckpt["extras"]["rnn"][k]) for k, v in run.extras["rnn"].state_dict().items())
+    assert all(torch.equal(v.cpu(), ckpt["extras"]["rnn"][k]) for k, v in run.extras["rnn"].state_dict().items())
     ev = str(tmp_path / "ev")
     assert l2l.main(["--eval-only", os.path.join(out, "best.pt"), "--data-dir", mnist_dir, "--test-size", "32",
                      "--eval-steps", "2", "--eval-attacks", "pgd,rnn", "--out", ev]) == 0
@@ -1024,18 +1035,18 @@ def no_dropout(model):
 def one_step(method, extra=(), seed=0):
     """One training_step of `method` on a fixed batch; returns (loss, classifier parameters after it)."""
     args = l2l.parse_args(["--method", method, "--dataset", "mnist", "--eps", "0.1", "--steps", "3",
-                           "--step-size", "0.04", "--lr", "0.05", "--device", "cpu", "--l2l-width", "16", *extra])
+                           "--step-size", "0.04", "--lr", "0.05", "--device", DEV, "--l2l-width", "16", *extra])
     torch.manual_seed(seed)
-    run = l2l.build_run(args, CPU)
+    run = l2l.build_run(args, DEVICE)
     no_dropout(run.model)  # compare the arithmetic, not random masks
     last = [m for m in run.model.modules() if isinstance(m, nn.Linear)][-1]
     nn.init.normal_(last.weight, std=0.1)  # TRADES' zero init would leave every input gradient zero at step 1
     if args.compile:
         l2l.compile_networks(run)
-    xu, y = synthetic_images(32, 1, 28, 28, seed=4)
+    x, y = synthetic_batch(32, seed=4)
     run.model.train()
     torch.manual_seed(seed + 1)
-    loss, _ = l2l.training_step(run, l2l.to_float(xu.permute(0, 3, 1, 2)), y)
+    loss, _ = l2l.training_step(run, x, y)
     return float(loss), torch.cat([p.detach().flatten() for p in run.model.parameters()])
 
 
@@ -1090,7 +1101,7 @@ def test_attacks_leave_parameter_gradients_alone(toy):
 
 def test_attacks_obey_the_constraints_under_bf16(toy):
     model, x, y = toy
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEV, dtype=torch.bfloat16):
         for name, attack in ATTACKS.items():
             x_adv = attack(model, x[:32], y[:32])
             assert x_adv.dtype == torch.float32, name
@@ -1100,7 +1111,7 @@ def test_attacks_obey_the_constraints_under_bf16(toy):
 def test_benchmark_prints_the_figures_and_writes_nothing(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     base = ["--benchmark", "--dataset", "mnist", "--batch-size", "16", "--bench-steps", "2", "--bench-warmup", "1",
-            "--device", "cpu", "--l2l-width", "8"]
+            "--device", DEV, "--l2l-width", "8"]
     plain = l2l.benchmark(l2l.parse_args(base + ["--method", "plain"]))
     pgd2 = l2l.benchmark(l2l.parse_args(base + ["--method", "pgd-at", "--steps", "2"]))
     pgd4 = l2l.benchmark(l2l.parse_args(base + ["--method", "pgd-at", "--steps", "4"]))
@@ -1182,6 +1193,7 @@ def flat_state(state):
     return torch.cat([v.double().flatten() for k, v in sorted(state.items()) if v.is_floating_point()])
 
 
+@cpu_only  # gloo processes on the CPU (one GPU cannot host two NCCL ranks)
 def test_two_processes_stay_identical_and_match_one_process_with_the_global_batch(tmp_path):
     """Two gloo processes on CPU: every method's networks (classifier and learned attacker / optimiser) end
     bitwise identical on both ranks; plain training, whose only randomness is the shared batch order, matches a
@@ -1211,6 +1223,7 @@ def test_two_processes_stay_identical_and_match_one_process_with_the_global_batc
     assert torch.allclose(torch.cat([r0["scaled_grad"], r1["scaled_grad"]]), single["scaled_grad"], atol=1e-6)
 
 
+@cpu_only  # two gloo processes on the CPU
 def test_torchrun_trains_with_one_writer(mnist_dir, tmp_path):
     out = str(tmp_path / "out")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -1234,7 +1247,7 @@ def test_torchrun_trains_with_one_writer(mnist_dir, tmp_path):
 
 
 def schedule_args(argv):
-    return l2l.parse_args(["--device", "cpu", *argv])
+    return l2l.parse_args(["--device", DEV, *argv])
 
 
 @pytest.mark.parametrize("epochs,peak", [(15, None), (20, 10), (30, 10)])
@@ -1303,13 +1316,13 @@ def test_no_attack_samples_dropout_masks(method):
     """SmallCNN has Dropout(0.5). With --attack-bn train the attack runs with BN in train mode, but no attack
     forward pass may be a dropout forward pass: only the method's training passes sample masks."""
     args = l2l.parse_args(["--method", method, "--dataset", "mnist", "--eps", "0.1", "--steps", "3",
-                           "--step-size", "0.04", "--device", "cpu", "--l2l-width", "8", "--attack-bn", "train"])
+                           "--step-size", "0.04", "--device", DEV, "--l2l-width", "8", "--attack-bn", "train"])
     torch.manual_seed(0)
-    run = l2l.build_run(args, CPU)
+    run = l2l.build_run(args, DEVICE)
     spy = DropoutSpy(run.model)
-    xu, y = synthetic_images(16, 1, 28, 28, seed=4)
+    x, y = synthetic_batch(16, seed=4)
     run.model.train()
-    l2l.training_step(run, l2l.to_float(xu.permute(0, 3, 1, 2)), y)
+    l2l.training_step(run, x, y)
     assert spy.active == TRAINING_PASSES.get(method, 1)
     assert all(m.training for m in run.model.modules()), "the model must be back in train mode"
 
@@ -1319,7 +1332,7 @@ def test_bls_never_lowers_the_loss_of_a_model_with_dropout_in_train_mode(toy, mo
     _, x, y = toy
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
-                          nn.Dropout(0.5), nn.Linear(128, 10))
+                          nn.Dropout(0.5), nn.Linear(128, 10)).to(DEVICE)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for _ in range(60):
         opt.zero_grad()
@@ -1399,7 +1412,7 @@ def test_learned_l2l_attackers_stay_in_the_ball_under_bf16(toy, method, arch, st
     model, x, y = toy
     run = l2l_run(method, arch, step, steps=3)
     attacker = run.extras["attacker"]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEV, dtype=torch.bfloat16):
         outs = []
         for mode in ("train", "eval"):
             with l2l.model_mode(attacker, mode):
@@ -1414,7 +1427,7 @@ def test_learned_l2l_attackers_stay_in_the_ball_under_bf16(toy, method, arch, st
 def test_rnn_attack_stays_in_the_ball_under_bf16(toy, method):
     model, x, y = toy
     run = rnn_run(method)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEV, dtype=torch.bfloat16):
         for train in (True, False):
             x_adv, _ = l2l.rnn_run_attack(run.args, run.extras["rnn"], model, x[:64], y[:64], 4, train)
             assert x_adv.dtype == torch.float32
@@ -1640,7 +1653,7 @@ def test_l2l_k_step_variant_follows_adv_loss_l2l_k(toy):
     would end at x."""
     model, _, y = toy
     for level, expected in ((0.5, 0.6), (0.95, 0.9)):
-        x = torch.full((4, 1, 28, 28), level)
+        x = torch.full((4, 1, 28, 28), level, device=DEVICE)
         attacker = RecordingAttacker(0.1, signs=[1, 1, -1])
         x_adv = l2l.l2l_perturb(attacker, model, x, y[:4], 0.1, "multi", steps=3, step_size=0.1)
         assert torch.allclose(x_adv, torch.full_like(x, expected), atol=1e-6), (level, x_adv.flatten()[:3])
@@ -1648,7 +1661,7 @@ def test_l2l_k_step_variant_follows_adv_loss_l2l_k(toy):
         assert x_adv.requires_grad  # phi's gradient flows through the sum of the steps
     # the poster's 2-step L2L: the second input keeps its graph (x^1 depends on phi)
     attacker = RecordingAttacker(0.1)
-    l2l.l2l_perturb(attacker, model, torch.full((4, 1, 28, 28), 0.5), y[:4], 0.1, "multi", steps=2)
+    l2l.l2l_perturb(attacker, model, torch.full((4, 1, 28, 28), 0.5, device=DEVICE), y[:4], 0.1, "multi", steps=2)
     assert [a.requires_grad for a in attacker.inputs] == [False, True]
 
 
@@ -1705,20 +1718,20 @@ def test_gradalign_leaves_examples_with_a_zero_gradient_out_of_the_mean():
 
 def test_rotation_augmentation_keeps_pixels_and_rotates():
     """Fast-BAT's CIFAR-100 loader adds RandomRotation(15) after crop and flip."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(16, 3, 32, 32)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.rand(16, 3, 32, 32, device=DEVICE)
     out = l2l.augment(x, "crop-flip-rotate", g)
     assert out.shape == x.shape
     for i in range(16):  # nearest-pixel rotation: every output pixel is one of its image's pixels or zero fill
-        assert torch.isin(out[i], torch.cat([x[i].flatten(), torch.zeros(1)])).all()
+        assert torch.isin(out[i], torch.cat([x[i].flatten(), torch.zeros(1, device=DEVICE)])).all()
 
     def axis_aligned_fill(img):  # a crop's zero padding is whole rows and whole columns; a rotation's is not
         z = img[0] == 0
         return torch.equal(z, z.all(1)[:, None] | z.all(0)[None, :])
 
-    ones = torch.ones(16, 3, 32, 32)
-    cropped = l2l.augment(ones, "crop-flip", torch.Generator().manual_seed(1))
-    rotated = l2l.augment(ones, "crop-flip-rotate", torch.Generator().manual_seed(1))
+    ones = torch.ones(16, 3, 32, 32, device=DEVICE)
+    cropped = l2l.augment(ones, "crop-flip", torch.Generator(device=DEVICE).manual_seed(1))
+    rotated = l2l.augment(ones, "crop-flip-rotate", torch.Generator(device=DEVICE).manual_seed(1))
     assert all(axis_aligned_fill(img) for img in cropped)
     assert sum(not axis_aligned_fill(img) for img in rotated) >= 12  # |angle| > ~2 degrees for almost all
     # at most 15 degrees: the zero fill of a rotated 32x32 square stays below ~27% (15 deg: 4 corner triangles,
@@ -1754,11 +1767,11 @@ def test_labels_stored_as_floats_are_read_with_a_note(tmp_path, capsys):
     d = write_dataset(str(tmp_path / "d"))
     rewrite_labels(d, y_train=lambda y: y.double(), y_test=lambda y: y.float())
     args = l2l.parse_args(["--dataset", "mnist", "--data-dir", d, "--train-size", "100", "--val-size", "40"])
-    data = l2l.load_data(args, CPU)
+    data = l2l.load_data(args, DEVICE)
     err = capsys.readouterr().err
     assert err.count("note:") == 2 and "read as integer class indices" in err
     assert data.y_train.dtype == torch.int64
-    assert torch.equal(data.y_train, synthetic_images(160, 1, 28, 28, seed=1)[1][:100])
+    assert torch.equal(data.y_train.cpu(), synthetic_images(160, 1, 28, 28, seed=1)[1][:100])
 
 
 def test_an_empty_test_split_is_refused(tmp_path, capsys):
