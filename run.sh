@@ -4,6 +4,10 @@
 #   bash run.sh NAME [flags...]   run one; extra flags are passed on (e.g. --data-dir, --device, --epochs)
 #   bash run.sh report [RUN...]   python l2l.py --report: one markdown table of the runs (default: runs/*),
 #                                 the paper's numbers beside the measured ones, and each run's curves.svg
+#   bash run.sh repro-fast [flags...]  the fast-AT family on CIFAR-10 in full (one recipe per row, in order):
+#                                 Fast-AT 15 epochs, then Fast-BAT, Fast-AT and Fast-AT-GA at eps 8/255, then 16/255,
+#                                 then PGD-2-AT; each evaluated with PGD-50-10 (step eps/4), APGD-CE and APGD-T on
+#                                 the full test set, written to runs/NAME; bash run.sh report runs/... tabulates them
 #   bash run.sh bench [flags...]  python l2l.py --benchmark for every method: CIFAR-10, PreActResNet-18,
 #                                 batch 128; add e.g. --precision bf16 --channels-last --compile, --batch-size 512
 # Each recipe writes to runs/NAME unless --out is given, and records its name and the paper's numbers (the
@@ -20,7 +24,7 @@ trades-mnist     | TRADES (Zhang et al. 2019) MNIST: SmallCNN, eps 0.3, 40 steps
 pgd-at-cifar10   | PGD-10-AT (Madry et al.) with Rice et al.'s PreActResNet-18 200-epoch schedule; Fast-BAT's PGD-10 baseline | --method pgd-at --dataset cifar10 --model preactresnet18 --epochs 200 --lr-milestones 100,150 | 
 pgd-at-wrn-cifar10 | Madry et al. CIFAR-10 PGD-AT (87.30 / 45.80 as quoted by Fast-AT), WRN-34-10, PGD-10 step 2/255 | --method pgd-at --dataset cifar10 --model wrn --depth 34 --width 10 --weight-decay 2e-4 | clean=87.30,pgd=45.80
 trades-cifar10   | TRADES CIFAR-10, WRN-34-10, beta 6, 10 steps of 0.007, eps 0.031 (README 84.92 / 56.61 PGD-20) | --method trades --dataset cifar10 --model wrn --eps 0.031 --beta 6 --eval-step-size 0.003 | clean=84.92,pgd=56.61
-fast-at-cifar10  | Fast-AT (Wong et al. 2020), PreActResNet-18, 15 epochs cyclic 0.2, FGSM-RS step 10/255 (README 86.06 / 46.06, PGD-50-10) | --method fast-at --dataset cifar10 --epochs 15 --eval-steps 50 --eval-restarts 10 --eval-step-size 2/255 | clean=86.06,pgd=46.06
+fast-at-cifar10  | Fast-AT (Wong et al. 2020), PreActResNet-18, 15 epochs cyclic 0.2, FGSM-RS step 10/255 (README 86.06 / 46.06, PGD-50-10) | --method fast-at --dataset cifar10 --epochs 15 --eval-attacks fgsm,pgd,cw,apgd-ce,apgd-t --eval-steps 50 --eval-restarts 10 --eval-step-size 2/255 | clean=86.06,pgd=46.06
 plain-cifar10    | Standard training baseline, PreActResNet-18, 200 epochs (Fast-BAT: PGD-0) | --method plain --dataset cifar10 --eval-steps 20 | 
 l2l-plain-cifar10  | L2L poster, CIFAR-10 "Plain" (95.22 clean / 0.00 PGM / 0.00 CW), WRN-34-10, the L2L schedule | --method plain --dataset cifar10 L2L_CIFAR --eval-attacks fgsm,pgd,cw-linf | clean=95.22,pgd=0.00,cw-linf=0.00
 l2l-pgm-cifar10    | L2L poster, CIFAR-10 "PGM net" (87.30 / 47.04); PGD-10 step 0.003 from x + 0.001 N(0, I), BN eval, as adv_loss_pgd (its mixed clean+adv loss is not reproduced) | --method pgd-at --dataset cifar10 --steps 10 --step-size 0.003 --attack-bn eval --attack-start normal L2L_CIFAR --eval-attacks fgsm,pgd,cw-linf | clean=87.30,pgd=47.04
@@ -89,6 +93,10 @@ FASTBAT="--model preactresnet18 --epochs 20 --lr-schedule cyclic --lr 0.2 --lr-p
 # "CW" = the optimisation-based CW-l_inf of cw.py (cw-linf).
 L2L_CIFAR="--model wrn --depth 34 --width 10 --eps 0.031 --epochs 76 --lr 0.1 --weight-decay 2e-4 --lr-milestones 30,60,90 --lr-milestone-base 1 --batch-size 128 --eval-steps 20 --eval-step-size 0.003"
 
+# The fast-AT family in full, in the order of the GPU checklist (step 3).
+REPRO_FAST="fast-at-cifar10 fastbat-fast-bat-cifar10-eps8 fastbat-fast-at-cifar10-eps8 fastbat-fast-at-ga-cifar10-eps8
+fastbat-fast-bat-cifar10-eps16 fastbat-fast-at-cifar10-eps16 fastbat-fast-at-ga-cifar10-eps16 fastbat-pgd2-cifar10-eps8"
+
 # Every method of l2l.py (METHODS), for the benchmark.
 METHODS="plain pgd-at trades fast-at fast-at-ga fast-bat pgd-at-bls rnn-adv rnn-trades l2l-naive l2l-grad l2l-2step"
 
@@ -100,6 +108,12 @@ case "${1:-list}" in
     shift
     if [ $# -eq 0 ]; then set -- runs/*; fi
     exec ${PYTHON:-python} l2l.py --report "$@"
+    ;;
+  repro-fast)
+    shift
+    for name in $REPRO_FAST; do
+      bash "$0" "$name" "$@"
+    done
     ;;
   bench)
     shift

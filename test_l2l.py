@@ -1978,3 +1978,18 @@ def test_report_of_real_runs_and_run_sh(trained_run, mnist_dir, tmp_path, capsys
     r = subprocess.run(["bash", os.path.join(HERE, "run.sh"), "report", "a", "b"], capture_output=True, text=True,
                        env={**os.environ, "PYTHON": "echo"}, check=True)
     assert r.stdout.split() == ["l2l.py", "--report", "a", "b"]
+
+
+def test_repro_fast_runs_the_fast_at_family_with_the_papers_evaluation():
+    r = subprocess.run(["bash", os.path.join(HERE, "run.sh"), "repro-fast", "--data-dir", "d"], capture_output=True,
+                       text=True, env={**os.environ, "PYTHON": "echo"}, check=True)
+    rows = [l2l.parse_args(line.split()[1:]) for line in r.stdout.splitlines()]
+    assert [(a.method, round(a.eps * 255)) for a in rows] == [
+        ("fast-at", 8), ("fast-bat", 8), ("fast-at", 8), ("fast-at-ga", 8), ("fast-bat", 16), ("fast-at", 16),
+        ("fast-at-ga", 16), ("pgd-at", 8)]
+    for a in rows:
+        assert a.dataset == "cifar10" and a.model == "preactresnet18" and a.test_size is None and a.data_dir == "d"
+        assert {"pgd", "apgd-ce", "apgd-t"} <= set(a.eval_attacks.split(","))
+        assert (a.eval_steps, a.eval_restarts) == (50, 10) and a.eval_step_size == pytest.approx(a.eps / 4)
+        assert a.out == f"runs/{a.recipe}" and a.paper is not None or a.method == "pgd-at"
+    assert rows[0].epochs == 15 and all(a.epochs == 20 for a in rows[1:])
