@@ -31,7 +31,8 @@ tml-epfl/understanding-fast-adv-training, AA = fra31/auto-attack, RO = locuslab/
   [L2L]        alternating theta / phi updates            train_l2l                        L2L train_l2l_{1,2}_cifar10.py
   [L2L]        "CW" column (CW-l_inf, optimisation)       cw_linf                          L2L cw.py, cw_attack_cifar10.py
   [L2L]        "PGM" column, PGM-net start                pgd (start 'normal')             L2L pgd_attack_cifar10.py, adv_loss.py
-  [RNN]        Algorithm 1 (reconstruction: no code)      RNNOptimizer, rnn_attack, train_rnn   none exists (PAPERS.md 2.2)
+  [RNN]        Algorithm 1 (this project's design)        SignStepRNN, LSTMOptimizer,      none exists (PAPERS.md 2.2)
+                                                          rnn_attack, train_rnn
   [RNN]        Table 1 AdvTrain+BLS                       pgd_bls, train_pgd_at_bls        none exists (Armijo, Nocedal & Wright)
   [Fast-BAT]   eq. 9 closed form, eq. 13 IG with H_C,     fast_bat_backward,               Fast-BAT trainer.py (fast_bat)
                eq. 14 update                              train_fast_bat
@@ -183,7 +184,7 @@ METHOD_DEFAULTS["pgd-at-bls"] = {k: dict(v) for k, v in METHOD_DEFAULTS["pgd-at"
 METHOD_DEFAULTS["rnn-adv"] = {k: dict(v, attack_bn="eval") for k, v in METHOD_DEFAULTS["pgd-at"].items()}
 METHOD_DEFAULTS["rnn-trades"] = {k: dict(v) for k, v in METHOD_DEFAULTS["trades"].items()}
 for _name in ("rnn-adv", "rnn-trades"):
-    METHOD_DEFAULTS[_name]["mnist"]["steps"] = 10
+    METHOD_DEFAULTS[_name]["mnist"].update(steps=10, step_size=0.075)  # T = 10, Madry's rule 2.5 eps / T
 
 # Defaults shared by every method unless its table above says otherwise.
 COMMON_DEFAULTS = dict(batch_size=128, momentum=0.9, beta=6.0, attack_bn="eval", lr_milestones="", lr_milestone_base=0,
@@ -294,13 +295,21 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument("--ga-gamma", type=float, default=None, help="GradAlign weight (default: by eps, GradAlign's table)")
 
     rnn = p.add_argument_group("RNN learned optimiser (rnn-adv, rnn-trades) and BLS (pgd-at-bls)")
-    rnn.add_argument("--rnn-hidden", type=int, default=20, help="LSTM units per coordinate")
-    rnn.add_argument("--rnn-layers", type=int, default=2, help="LSTM layers")
+    rnn.add_argument("--rnn-design", default="sign-step", choices=("sign-step", "lstm"),
+                     help="sign-step: a GRU that scales and corrects PGD's sign step per coordinate (starts as "
+                          "PGD); lstm: Andrychowicz et al.'s LSTM emitting a bounded update (README compares them)")
+    rnn.add_argument("--rnn-hidden", type=int, default=None, help="units per coordinate (default: sign-step 8, lstm 20)")
+    rnn.add_argument("--rnn-layers", type=int, default=2, help="LSTM layers (lstm design)")
     rnn.add_argument("--rnn-lr", type=float, default=1e-3, help="Adam lr of the RNN (alpha2)")
-    rnn.add_argument("--rnn-max-step", type=parse_number, default=None, help="bound of one update (default: eps)")
+    rnn.add_argument("--rnn-max-step", type=parse_number, default=None,
+                     help="lstm design: bound of one update (default: eps); sign-step uses --step-size as alpha")
     rnn.add_argument("--rnn-weights", default="uniform", choices=("uniform", "last", "linear"),
                      help="weights of the intermediate iterates in the RNN's loss")
-    rnn.add_argument("--rnn-no-preprocess", action="store_true", help="feed raw gradients, not log-magnitude/sign")
+    rnn.add_argument("--rnn-no-preprocess", action="store_true",
+                     help="lstm design: feed raw gradients, not log-magnitude/sign")
+    rnn.add_argument("--freeze-classifier", action="store_true",
+                     help="rnn-* and l2l-*: train only the learned optimiser or attacker against a fixed classifier "
+                          "(from --init); its BatchNorm statistics stay as they are")
     rnn.add_argument("--rnn-eval-steps", type=int, default=None, help="steps of the 'rnn' eval attack (default: T)")
     rnn.add_argument("--bls-init-step", type=parse_number, default=None, help="first BLS trial step (default: eps)")
     rnn.add_argument("--bls-shrink", type=float, default=0.5, help="BLS step factor per trial")
@@ -388,6 +397,11 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.augment = spec["augment"]
     if args.rnn_max_step is None:
         args.rnn_max_step = args.eps
+    if args.rnn_hidden is None:
+        args.rnn_hidden = 20 if args.rnn_design == "lstm" else 8
+    if args.freeze_classifier and args.method not in ("rnn-adv", "rnn-trades", *L2L_VARIANTS):
+        raise UsageError(f"--freeze-classifier trains only a learned optimiser or attacker, and --method {args.method} "
+                         f"has none; use an rnn-* or l2l-* method")
     if args.bls_init_step is None:
         args.bls_init_step = args.eps
     if args.rnn_eval_steps is None:
@@ -1410,8 +1424,10 @@ def l2l_perturb(attacker, model, x, y, eps, variant: str, steps: int = 1, step_s
 
 
 # RNN learned optimiser (Xiong & Hsieh, "Improved Adversarial Training via Learned Optimizer"). No official
-# code exists and the full text was not available: this is the reconstruction of PAPERS.md 2.2, after the
-# L2O convention of Andrychowicz et al. (2016) that the paper cites. Every choice below is a flag.
+# code exists and the full text was not available: the design is this project's, within the paper's words (a
+# recurrent network applied coordinate-wise, fed gradient information, emitting update directions and step sizes,
+# trained on the inner loss over the intermediate iterates, co-trained with theta). Every choice is a flag; the
+# variants tried, and why 'sign-step' is the default, are in README ("RNN-Adv: the learned optimiser").
 
 
 def preprocess_gradient(g: torch.Tensor, p: float = 10.0) -> torch.Tensor:
@@ -1423,12 +1439,11 @@ def preprocess_gradient(g: torch.Tensor, p: float = 10.0) -> torch.Tensor:
     return torch.stack([first, second], -1)
 
 
-class RNNOptimizer(nn.Module):
-    """m_phi: a coordinate-wise LSTM shared by every input coordinate (one tiny LSTM, batched over all pixels
-    of all images), fed the preprocessed input gradient, emitting a bounded update per coordinate:
-        (u_t, h_{t+1}) = m_phi(g_t, h_t),  u_t = max_step * tanh(W h_{t+1} + b).
-    The hidden state is carried per coordinate across the T inner steps. Sizes are flags (defaults:
-    Andrychowicz et al.'s 2 layers of 20 units); max_step defaults to eps (a choice)."""
+class LSTMOptimizer(nn.Module):
+    """--rnn-design lstm: Andrychowicz et al.'s coordinate-wise LSTM (one tiny LSTM shared by every input
+    coordinate, batched over all pixels of all images), fed the preprocessed input gradient alone, emitting a
+    bounded update per coordinate:  (u_t, h_{t+1}) = m_phi(g_t, h_t),  u_t = scale * tanh(W h_{t+1} + b),
+    scale = --rnn-max-step (eps). Sizes are flags (--rnn-layers, --rnn-hidden: 2 x 20 as Andrychowicz et al.)."""
 
     def __init__(self, hidden=20, layers=2, preprocess=True):
         super().__init__()
@@ -1439,7 +1454,7 @@ class RNNOptimizer(nn.Module):
         nn.init.normal_(self.out.weight, std=0.01)  # small first updates (a choice)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, g, state, max_step):
+    def forward(self, g, state, scale, **_):
         shape = g.shape
         h = preprocess_gradient(g.reshape(-1)) if self.preprocess else g.reshape(-1, 1)
         new_state = []
@@ -1447,7 +1462,38 @@ class RNNOptimizer(nn.Module):
             hc = cell(h, None if state is None else state[i])
             new_state.append(hc)
             h = hc[0]
-        return max_step * torch.tanh(self.out(h).float()).reshape(shape), new_state  # fp32 under autocast
+        return scale * torch.tanh(self.out(h).float()).reshape(shape), new_state  # fp32 under autocast
+
+
+class SignStepRNN(nn.Module):
+    """--rnn-design sign-step (default): a coordinate-wise GRU that adapts PGD's step instead of replacing it.
+    Per coordinate i of x'_t it reads (all constants for phi, first-order L2O)
+        f = [sign g_i, g_i / mean_j |g_j| (per example, clipped to +-5, / 5), (x'_i - x_i) / eps,
+             u_{t-1,i} / alpha, t / T]
+    and, with h = GRU(f, h) and (o1, o2) = W h + b, steps
+        u_i = alpha * (4 ** tanh(o1_i) * sign(g_i) + tanh(o2_i)),
+    alpha = --step-size: a step size between alpha/4 and 4 alpha per coordinate and step, and a direction
+    correction of up to alpha, both learned. W and b start at zero, so an untrained m_phi takes exactly PGD's
+    steps (alpha sign g) and training can only move it away from PGD where that raises the inner loss. Hidden
+    size --rnn-hidden (8 by default for this design: 386 parameters)."""
+
+    FEATURES = 5
+
+    def __init__(self, hidden=8):
+        super().__init__()
+        self.cell = nn.GRUCell(self.FEATURES, hidden)
+        self.out = nn.Linear(hidden, 2)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, g, state, scale, x_adv, x, u_prev, progress, eps):
+        n, view = g.shape[0], (-1,) + (1,) * (g.dim() - 1)
+        relative = g / g.abs().flatten(1).mean(1).clamp_min(1e-30).view(view)
+        feats = torch.stack([g.sign(), relative.clamp(-5, 5) / 5, (x_adv - x) / eps, u_prev / scale,
+                             torch.full_like(g, progress)], -1).reshape(-1, self.FEATURES).detach()
+        h = self.cell(feats, state)
+        o = self.out(h).float().reshape(*g.shape, 2)
+        return scale * (4.0 ** torch.tanh(o[..., 0]) * g.sign() + torch.tanh(o[..., 1])), h
 
 
 def inner_loss(model, x_adv, y, logp_clean=None) -> torch.Tensor:
@@ -1458,36 +1504,45 @@ def inner_loss(model, x_adv, y, logp_clean=None) -> torch.Tensor:
     return F.kl_div(F.log_softmax(logits, 1), logp_clean, reduction="none", log_target=True).sum(1)
 
 
-def rnn_attack(rnn, model, x, y, eps, steps, max_step, init="uniform", logp_clean=None, weights="uniform",
-               train=True):
+def inner_grad(model, x_adv, y, logp_clean=None) -> torch.Tensor:
+    """grad_x' of the summed inner loss at x' (each example its own gradient); no graph is kept."""
+    x_adv = x_adv.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (g,) = torch.autograd.grad(inner_loss(model, x_adv, y, logp_clean).sum(), x_adv)
+    return g
+
+
+def rnn_attack(rnn, model, x, y, eps, steps, scale, init="uniform", logp_clean=None, weights="uniform",
+               train=True, horizon=None):
     """The learned inner maximisation (Algorithm 1 of Xiong & Hsieh, steps numbered as in PAPERS.md 2.2):
       1. x'_0 = start_point(x, eps, init): Pi_C(x + U(-eps, eps)) ("uniform") or x + 0.001 N(0, I) ("normal", as TRADES)
       2. for t = 0..T-1:  g_t = grad_x' L_inner(x'_t)  (a constant for phi: first-order L2O)
                           (u_t, h) = m_phi(g_t, h);   x'_{t+1} = Pi_C(x'_t + u_t)
       3. L(phi) = sum_{t=1..T} w_t mean_i L_inner(x'_t)   (the intermediate iterates; w: 'uniform' w_t = 1,
          'last' only t = T, 'linear' w_t = t / T)
-    Returns (x'_T, L(phi)). With train=True, x'_t keeps its graph so L(phi) can be backpropagated through
-    the unrolled steps; with train=False (evaluation) nothing is kept and L(phi) is None."""
-    x_adv = start_point(x, eps, init).requires_grad_(True)  # step 1
-    state, total = None, 0.0
+    Step 3 without the classifier's graph: phi reaches L_inner(x'_t) only through x'_t, and grad_x' L_inner(x'_t)
+    is g_t, which step 2 computes anyway (at t = T one more pass). So
+        grad_phi L(phi) = sum_t w_t g_t . dx'_t/dphi = grad_phi sum_t w_t <sg(g_t), x'_t> / B    (exactly)
+    and the returned objective is that surrogate: backpropagating it touches only m_phi and the projections, not
+    T copies of the classifier (same gradient, a fraction of the time and memory).
+    Returns (x'_T, surrogate) with train=True; (x'_T, None) in evaluation, where nothing is kept. `horizon` is
+    the T the optimiser was trained with (its step feature is t / horizon); `scale` is alpha (sign-step) or the
+    update bound (lstm)."""
+    horizon = horizon or steps
     w = {"uniform": [1.0] * steps, "last": [0.0] * (steps - 1) + [1.0],
          "linear": [(t + 1) / steps for t in range(steps)]}[weights]
-    with torch.enable_grad():
-        value = inner_loss(model, x_adv, y, logp_clean).sum()
-        for t in range(steps):  # step 2
-            (g,) = torch.autograd.grad(value, x_adv, retain_graph=train)
-            if train:
-                u, state = rnn(g.detach(), state, max_step)
-            else:
-                with torch.no_grad():
-                    u, state = rnn(g, state, max_step)
+    x_adv = start_point(x, eps, init)  # step 1
+    state, u_prev, total = None, torch.zeros_like(x), 0.0
+    for t in range(steps + (1 if train else 0)):  # step 2 (training: and the gradient at x'_T for step 3)
+        g = inner_grad(model, x_adv, y, logp_clean)
+        if train and t > 0:
+            total = total + w[t - 1] * (g * x_adv).sum() / x.shape[0]  # step 3, surrogate of w_t L_inner(x'_t)
+        if t == steps:
+            break
+        with torch.set_grad_enabled(train):
+            u, state = rnn(g, state, scale, x_adv=x_adv, x=x, u_prev=u_prev, progress=t / horizon, eps=eps)
             x_adv = project(x_adv + u, x, eps)
-            if not train:
-                x_adv = x_adv.detach().requires_grad_(True)
-            if train or t < steps - 1:  # evaluation needs no loss at the last iterate
-                value = inner_loss(model, x_adv, y, logp_clean).sum()
-            if train:
-                total = total + w[t] * value / x.shape[0]  # step 3
+        u_prev = u.detach()
     return x_adv.detach(), (total if train else None)
 
 
@@ -1706,16 +1761,20 @@ def train_l2l(run: Run, x, y):
        off as in every attack); one SGD step on CE(f(x_adv), y), batch mean, no clean term;
     2. --attacker-steps times: f in eval mode and frozen, attacker in train mode; x_adv recomputed with the
        updated theta; one Adam step on phi ascending CE(f(x_adv), y). The gradient is taken w.r.t. phi
-       only, so theta's .grad is never touched (the code zeroes it instead)."""
+       only, so theta's .grad is never touched (the code zeroes it instead).
+    With --freeze-classifier step 1 only reports the loss (classifier in eval mode, no update): phi learns to
+    attack a fixed classifier (start it from a checkpoint with --init)."""
     a, model = run.args, run.model
     attacker, attacker_opt = run.extras["attacker"], run.extras["attacker_opt"]
-    model.train()  # step 1
+    model.train(not a.freeze_classifier)  # step 1
     attacker.eval()
-    with torch.no_grad(), attack_mode(model, "train"):  # phi receives nothing from the classifier step
+    with torch.no_grad(), attack_mode(model, "eval" if a.freeze_classifier else "train"):  # phi gets nothing here
         x_adv = l2l_attack(a, attacker, model, x, y)
-    logits = model(x_adv)
-    loss = F.cross_entropy(logits, y)
-    sgd_update(run, loss)
+    with torch.set_grad_enabled(not a.freeze_classifier):
+        logits = model(x_adv)
+        loss = F.cross_entropy(logits, y)
+    if not a.freeze_classifier:
+        sgd_update(run, loss)
     model.eval()  # step 2
     attacker.train()
     params = list(attacker.parameters())
@@ -1742,10 +1801,20 @@ def train_pgd_at_bls(run: Run, x, y):
 
 
 def setup_rnn(args, model, device) -> dict:
-    """m_phi and its optimiser: Adam (Andrychowicz et al.'s choice) with lr --rnn-lr (alpha2 of Algorithm 1;
-    which of alpha1/alpha2 belongs to phi is not stated in what could be read: here alpha1 = --lr is theta's)."""
-    rnn = RNNOptimizer(args.rnn_hidden, args.rnn_layers, not args.rnn_no_preprocess).to(device)
+    """m_phi (--rnn-design) and its optimiser: Adam (Andrychowicz et al.'s choice) with lr --rnn-lr (alpha2 of
+    Algorithm 1; which of alpha1/alpha2 belongs to phi is not stated in what could be read: here alpha1 = --lr is
+    theta's)."""
+    if args.rnn_design == "lstm":
+        rnn = LSTMOptimizer(args.rnn_hidden, args.rnn_layers, not args.rnn_no_preprocess)
+    else:
+        rnn = SignStepRNN(args.rnn_hidden)
+    rnn = rnn.to(device)
     return {"rnn": rnn, "rnn_opt": torch.optim.Adam(rnn.parameters(), lr=args.rnn_lr)}
+
+
+def rnn_scale(args) -> float:
+    """alpha of the sign-step design (--step-size), or the lstm design's update bound (--rnn-max-step)."""
+    return args.rnn_max_step if args.rnn_design == "lstm" else args.step_size
 
 
 def rnn_run_attack(args, rnn, model, x, y, steps, train):
@@ -1754,8 +1823,8 @@ def rnn_run_attack(args, rnn, model, x, y, steps, train):
     if args.method == "rnn-trades":
         with torch.no_grad():
             logp_clean = F.log_softmax(model(x), 1)
-    return rnn_attack(rnn, model, x, y, args.eps, steps, args.rnn_max_step, args.attack_start, logp_clean,
-                      args.rnn_weights, train)
+    return rnn_attack(rnn, model, x, y, args.eps, steps, rnn_scale(args), args.attack_start, logp_clean,
+                      args.rnn_weights, train, horizon=args.steps)
 
 
 def train_rnn(run: Run, x, y):
@@ -1767,7 +1836,9 @@ def train_rnn(run: Run, x, y):
        the gradient is taken w.r.t. phi only, theta's .grad is untouched;
     3. theta <- theta - alpha1 grad_theta Outer(theta; x'_T) with x'_T detached: CE(f(x'_T), y) for RNN-Adv,
        CE(f(x), y) + beta KL(f(x) || f(x'_T)) (batch mean) for RNN-TRADES; one SGD step.
-    The same unrolled pass serves both updates, so phi and theta see the same adversarial examples."""
+    The same unrolled pass serves both updates, so phi and theta see the same adversarial examples. With
+    --freeze-classifier step 3 is skipped (the loss is only reported, in eval mode): phi learns to attack a fixed
+    classifier (start it from a checkpoint with --init)."""
     a, model = run.args, run.model
     rnn, rnn_opt = run.extras["rnn"], run.extras["rnn_opt"]
     with attack_mode(model, a.attack_bn):
@@ -1776,14 +1847,17 @@ def train_rnn(run: Run, x, y):
         for p, g in zip(params, torch.autograd.grad(-rnn_objective, params)):  # step 2 (ascent)
             p.grad = g
         rnn_opt.step()
-    if a.method == "rnn-adv":  # step 3
-        logits = model(x_adv)
-        loss = F.cross_entropy(logits, y)
-    else:
-        logits_clean, logits = model(x), model(x_adv)
-        kl = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(logits_clean, 1), reduction="batchmean", log_target=True)
-        loss = F.cross_entropy(logits_clean, y) + a.beta * kl
-    sgd_update(run, loss)
+    with model_mode(model, "eval" if a.freeze_classifier else "train"), torch.set_grad_enabled(not a.freeze_classifier):
+        if a.method == "rnn-adv":  # step 3
+            logits = model(x_adv)
+            loss = F.cross_entropy(logits, y)
+        else:
+            logits_clean, logits = model(x), model(x_adv)
+            kl = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(logits_clean, 1), reduction="batchmean",
+                          log_target=True)
+            loss = F.cross_entropy(logits_clean, y) + a.beta * kl
+    if not a.freeze_classifier:
+        sgd_update(run, loss)
     return loss.detach(), (logits.argmax(1) == y).sum()
 
 
@@ -2100,7 +2174,7 @@ EVAL_ATTACKS: Dict[str, EvalAttack] = {
     "rnn": EvalAttack(lambda m, x, y, a, e: rnn_run_attack(a, e["rnn"], m, x, y, a.rnn_eval_steps, train=False)[0],
                       lambda a: dict(loss="kl (learned RNN optimiser)" if a.method == "rnn-trades"
                                      else "ce (learned RNN optimiser)", steps=a.rnn_eval_steps,
-                                     step_size=a.rnn_max_step, restarts=1, random_start=True)),
+                                     step_size=rnn_scale(a), restarts=1, random_start=True)),
     # Black-box transfer (Xiong & Hsieh Table 7): PGD with the evaluation settings on --transfer-from's
     # classifier, scored on this one.
     "transfer": EvalAttack(lambda m, x, y, a, e: pgd(e["transfer_source"], x, y, a.eps, a.eval_step_size, a.eval_steps,
@@ -2345,7 +2419,8 @@ TRAINING_KEYS = ("method", "dataset", "model", "depth", "width", "train_size", "
                  "batch_size", "lr", "momentum", "weight_decay", "lr_schedule", "lr_milestones", "lr_milestone_base",
                  "lr_peak_epoch", "cycle_momentum", "eps", "step_size", "steps", "beta", "attack_bn", "attack_start",
                  "seed", "val_steps", "val_step_size", "val_restarts", "bat_a", "bat_lambda", "bat_ig_ratio",
-                 "ga_gamma", "rnn_hidden", "rnn_layers", "rnn_lr", "rnn_max_step", "rnn_weights", "rnn_no_preprocess",
+                 "ga_gamma", "rnn_design", "rnn_hidden", "rnn_layers", "rnn_lr", "rnn_max_step", "rnn_weights",
+                 "rnn_no_preprocess", "freeze_classifier",
                  "bls_init_step", "bls_shrink", "bls_c", "bls_tries", "init", "l2l_attacker", "l2l_width", "l2l_steps",
                  "l2l_step_size", "attacker_steps", "attacker_lr", "attacker_wd")
 
@@ -2903,6 +2978,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise UsageError("--benchmark times training steps and --eval-only trains nothing; pass one of them")
         ckpt = read_checkpoint(args.eval_only, "--eval-only")
         merged = build_parser().parse_args([])  # defaults for flags newer than the checkpoint
+        if "rnn_design" not in ckpt["args"]:
+            merged.rnn_design = "lstm"  # the only design before --rnn-design existed
         vars(merged).update(ckpt["args"])
         for k in EVAL_KEYS:
             setattr(merged, k, getattr(args, k))

@@ -106,6 +106,7 @@ ATTACKS = {
 def eval_args(**kw):
     a = dict(eps=EPS, eval_step_size=EPS / 4, eval_steps=5, eval_restarts=2, eval_batch_size=64, seed=0,
              method="l2l-2step", l2l_steps=2, l2l_step_size=None, rnn_eval_steps=3, rnn_max_step=EPS,
+             rnn_design="sign-step", step_size=EPS / 4, steps=4,
              attack_start="uniform", rnn_weights="uniform", transfer_from=None, apgd_steps=10, apgd_targets=3,
              eval_precision="fp32", channels_last=False, batch_size=64)
     a.update(kw)
@@ -829,11 +830,12 @@ def test_preprocessed_gradient_follows_andrychowicz():
     assert torch.equal(out[3], torch.tensor([-1.0, 0.0]))
 
 
+@pytest.mark.parametrize("design", ["sign-step", "lstm"])
 @pytest.mark.parametrize("method", ["rnn-adv", "rnn-trades"])
 @pytest.mark.parametrize("train", [True, False])
-def test_every_rnn_iterate_obeys_the_constraints(toy, method, train, monkeypatch):
+def test_every_rnn_iterate_obeys_the_constraints(toy, method, train, design, monkeypatch):
     model, x, y = toy
-    run = rnn_run(method)
+    run = rnn_run(method, extra=["--rnn-design", design])
     seen = []
     real_project = l2l.project
     monkeypatch.setattr(l2l, "project", lambda z, x0, e: seen.append(real_project(z, x0, e)) or seen[-1])
@@ -857,7 +859,8 @@ def test_rnn_gradient_reaches_phi_and_the_classifier_step_leaves_phi_alone(toy):
 
     def spy(*a, **k):
         theta_grads_at_phi_step["grads"] = [p.grad for p in run.model.parameters()]
-        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in rnn.parameters())
+        # every parameter of phi gets a gradient (at initialisation the zero output layer shields the GRU's)
+        assert all(p.grad is not None for p in rnn.parameters()) and any(p.grad.abs().sum() > 0 for p in rnn.parameters())
         return original(*a, **k)
 
     run.extras["rnn_opt"].step = spy
@@ -874,10 +877,11 @@ def test_rnn_gradient_reaches_phi_and_the_classifier_step_leaves_phi_alone(toy):
     assert any(not torch.equal(a, b) for a, b in zip(theta, run.model.parameters()))
 
 
-def test_training_phi_on_a_fixed_classifier_strengthens_its_attack(toy):
+@pytest.mark.parametrize("design", ["sign-step", "lstm"])
+def test_training_phi_on_a_fixed_classifier_strengthens_its_attack(toy, design):
     model, x, y = toy
     x, y = x[:96], y[:96]
-    run = rnn_run(model=model, steps=4, extra=["--rnn-lr", "0.01"])
+    run = rnn_run(model=model, steps=4, extra=["--rnn-lr", "0.01", "--rnn-design", design, "--step-size", "0.025"])
 
     def attack_loss():
         torch.manual_seed(7)
@@ -890,6 +894,72 @@ def test_training_phi_on_a_fixed_classifier_strengthens_its_attack(toy):
         l2l.train_rnn(run, x, y)  # classifier lr 0: only phi learns
     after = attack_loss()
     assert after > 1.2 * before, f"T-step attack loss {before:.3f} -> {after:.3f}"
+
+
+@pytest.mark.parametrize("method", ["rnn-adv", "rnn-trades"])
+def test_untrained_sign_step_optimiser_takes_pgds_steps(toy, method):
+    """The sign-step design starts as PGD: with its output layer at zero, u_t = alpha sign(g_t) exactly."""
+    model, x, y = toy
+    run = rnn_run(method, steps=5, extra=["--step-size", "0.03"])
+    for train in (False, True):
+        torch.manual_seed(4)
+        ours, _ = l2l.rnn_run_attack(run.args, run.extras["rnn"], model, x, y, 5, train)
+        torch.manual_seed(4)
+        if method == "rnn-adv":
+            ref = l2l.pgd(model, x, y, 0.1, 0.03, 5, start="uniform")
+        else:  # PGD on the TRADES KL from the TRADES start: trades_attack
+            ref = l2l.trades_attack(model, x, 0.1, 0.03, 5, start="normal")
+        assert torch.equal(ours, ref), (method, train)
+
+
+def test_surrogate_objective_has_the_gradient_of_the_unrolled_inner_loss():
+    """grad_phi sum_t w_t <sg(g_t), x'_t> / B  ==  grad_phi sum_t w_t mean_i L(x'_t) through the classifier
+    (float64, lstm and sign-step designs, uniform and linear weights)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 36, 4)).double()
+    x = 0.1 + 0.8 * torch.rand(5, 1, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 4, (5,))
+    for rnn, scale in ((l2l.LSTMOptimizer(6, 1), 0.05), (l2l.SignStepRNN(4), 0.02)):
+        rnn = rnn.double()
+        if isinstance(rnn, l2l.SignStepRNN):  # move it off PGD, so that its gradient flows everywhere
+            nn.init.normal_(rnn.out.weight, std=0.5)
+        for weights in ("uniform", "linear"):
+            torch.manual_seed(1)
+            _, surrogate = l2l.rnn_attack(rnn, model, x, y, 0.1, 3, scale, weights=weights)
+            ours = torch.autograd.grad(surrogate, list(rnn.parameters()))
+            # the reference: the inner loss of every iterate, differentiated through the classifier
+            torch.manual_seed(1)
+            w = {"uniform": [1, 1, 1], "linear": [1 / 3, 2 / 3, 1]}[weights]
+            x_adv, state, u_prev, total = l2l.start_point(x, 0.1, "uniform"), None, torch.zeros_like(x), 0.0
+            for t in range(3):
+                g = l2l.inner_grad(model, x_adv, y)
+                u, state = rnn(g, state, scale, x_adv=x_adv, x=x, u_prev=u_prev, progress=t / 3, eps=0.1)
+                x_adv, u_prev = l2l.project(x_adv + u, x, 0.1), u.detach()
+                total = total + w[t] * F.cross_entropy(model(x_adv), y)
+            ref = torch.autograd.grad(total, list(rnn.parameters()))
+            assert max((a - b).abs().max().item() for a, b in zip(ours, ref)) < 1e-10
+            assert max(b.abs().max().item() for b in ref) > 1e-6
+
+
+def test_freeze_classifier_trains_only_the_learned_optimiser(mnist_dir, tmp_path, capsys):
+    src = str(tmp_path / "src")
+    base = ["--dataset", "mnist", "--data-dir", mnist_dir, *TINY, "--quiet"]
+    assert l2l.main(["--method", "pgd-at", *base, "--out", src]) == 0
+    for method, net in (("rnn-adv", "rnn"), ("l2l-grad", "attacker")):
+        out = str(tmp_path / method)
+        assert l2l.main(["--method", method, *base, "--model", "smallcnn", "--init", os.path.join(src, "best.pt"),
+                         "--freeze-classifier", "--epochs", "2", "--out", out]) == 0
+        before = l2l.read_checkpoint(os.path.join(src, "best.pt"), "x")
+        after = l2l.read_checkpoint(os.path.join(out, "last.pt"), "x")
+        assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])  # BN buffers too
+        torch.manual_seed(0)  # as train() seeds before it builds the networks: phi as that run started it
+        first = l2l.build_run(l2l.parse_args(["--method", method, *base]), DEVICE).extras[net].state_dict()
+        torch.manual_seed(0)
+        again = l2l.build_run(l2l.parse_args(["--method", method, *base]), DEVICE).extras[net].state_dict()
+        assert all(torch.equal(first[k], again[k]) for k in first)
+        assert any(not torch.equal(first[k].cpu(), v) for k, v in after["extras"][net].items()), method
+    check_one_line_error(l2l.main(["--method", "pgd-at", *base, "--freeze-classifier", "--out", str(tmp_path / "x")]),
+                         capsys.readouterr().err, "--freeze-classifier")
 
 
 def test_bls_never_accepts_a_step_that_lowers_the_loss(toy, monkeypatch):
