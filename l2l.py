@@ -2622,7 +2622,8 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
         history.append(record)
         collapse = catastrophic_overfitting(history)
         record["catastrophic_overfitting"] = collapse is not None
-        is_best = val_robust > best["val_robust"]
+        # with --freeze-classifier validation cannot change: the best epoch is the last (the most trained phi)
+        is_best = val_robust > best["val_robust"] or (args.freeze_classifier and val_robust >= best["val_robust"])
         if is_best:
             best = {"epoch": epoch + 1, "val_robust": val_robust, "val_clean": val_clean}
         if rank == 0:
