@@ -1152,21 +1152,36 @@ def apgd(model, x, y, eps, n_iter=100, loss="ce", target=None, rho=0.75, x_init=
     return torch.where(found.view(view), x_fool, x_best).detach()
 
 
-def apgd_targeted(model, x, y, eps, n_iter=100, n_targets=9):
-    """APGD-T (Croce & Hein 2020): APGD on the targeted DLR loss, once for each of the `n_targets` classes
-    ranked highest by the clean logits (the true class left out); per example, the first misclassified
-    result is kept, else the last one."""
+def apgd_ce(model, x, y, eps, n_iter=100):
+    """APGD-CE as AutoAttack runs it (autopgd_base.py, perturb): only on the examples the model classifies
+    correctly; the others are adversarial already and are returned as they are."""
     with torch.no_grad():
-        order = model(x).sort(1, descending=True)[1]
+        todo = (model(x).argmax(1) == y).nonzero().squeeze(1)
+    x_adv = x.detach().clone()
+    if todo.numel():
+        x_adv[todo] = apgd(model, x[todo], y[todo], eps, n_iter, "ce")
+    return x_adv
+
+
+def apgd_targeted(model, x, y, eps, n_iter=100, n_targets=9):
+    """APGD-T (Croce & Hein 2020) as autopgd_base.py runs it: APGD on the targeted DLR loss, once for each of the
+    `n_targets` classes ranked highest by the clean logits (the true class left out), each time only on the
+    examples not misclassified yet (clean or by an earlier target); an example keeps the iterate that fooled the
+    model, else the last target's result."""
+    with torch.no_grad():
+        logits = model(x)
+    order = logits.sort(1, descending=True)[1]
     targets = order[order != y[:, None]].view(len(y), -1)  # candidate classes, most likely first
-    view = (-1,) + (1,) * (x.dim() - 1)
-    x_adv, fooled = x.clone(), torch.zeros_like(y, dtype=torch.bool)
+    x_adv, fooled = x.detach().clone(), logits.argmax(1) != y
     for i in range(min(n_targets, targets.shape[1])):
-        cand = apgd(model, x, y, eps, n_iter, "dlr", targets[:, i])
-        x_adv = torch.where(fooled.view(view), x_adv, cand)
+        todo = (~fooled).nonzero().squeeze(1)
+        if todo.numel() == 0:
+            break
+        cand = apgd(model, x[todo], y[todo], eps, n_iter, "dlr", targets[todo, i])
+        x_adv[todo] = cand
         with torch.no_grad():
-            fooled |= model(cand).argmax(1) != y
-    return x_adv.detach()
+            fooled[todo] = model(cand).argmax(1) != y[todo]
+    return x_adv
 
 
 def trades_attack(model, x, eps, step_size, steps, start="normal"):
@@ -2159,7 +2174,7 @@ EVAL_ATTACKS: Dict[str, EvalAttack] = {
                                          random_start=False)),
     # AutoAttack's first two attacks, written here from Croce & Hein (2020): APGD-CE and APGD-T (targeted DLR,
     # top-9 classes), 1 run each as in AutoAttack's standard version. FAB-T and Square are not in this file.
-    "apgd-ce": EvalAttack(lambda m, x, y, a, e: apgd(m, x, y, a.eps, a.apgd_steps, "ce"),
+    "apgd-ce": EvalAttack(lambda m, x, y, a, e: apgd_ce(m, x, y, a.eps, a.apgd_steps),
                           lambda a: dict(loss="ce (APGD)", steps=a.apgd_steps, step_size=2 * a.eps, restarts=1,
                                          random_start=True)),
     "apgd-t": EvalAttack(lambda m, x, y, a, e: apgd_targeted(m, x, y, a.eps, a.apgd_steps, a.apgd_targets),

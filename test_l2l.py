@@ -2063,3 +2063,20 @@ def test_repro_fast_runs_the_fast_at_family_with_the_papers_evaluation():
         assert (a.eval_steps, a.eval_restarts) == (50, 10) and a.eval_step_size == pytest.approx(a.eps / 4)
         assert a.out == f"runs/{a.recipe}" and a.paper is not None or a.method == "pgd-at"
     assert rows[0].epochs == 15 and all(a.epochs == 20 for a in rows[1:])
+
+
+def test_autoattack_style_attacks_skip_examples_already_misclassified(toy, monkeypatch):
+    """autopgd_base.py's perturb attacks only what is still classified correctly: APGD-CE the clean-correct
+    examples, APGD-T for each target those no earlier target fooled."""
+    model, x, y = toy
+    x, y = x[:96], y[:96]
+    calls, real = [], l2l.apgd
+    monkeypatch.setattr(l2l, "apgd", lambda m, xs, ys, *a, **k: calls.append(len(ys)) or real(m, xs, ys, *a, **k))
+    correct = int((model(x).argmax(1) == y).sum())
+    x_adv = l2l.apgd_targeted(model, x, y, 0.15, 10, n_targets=3)
+    assert calls[0] == correct and calls == sorted(calls, reverse=True) and calls[-1] < calls[0]
+    # every example an earlier target fooled keeps its fooling iterate
+    assert int((model(x_adv).argmax(1) != y).sum()) >= (len(y) - correct) + (calls[0] - calls[-1])
+    calls.clear()
+    l2l.apgd_ce(model, x, y, 0.15, 10)
+    assert calls == [correct]
