@@ -1089,10 +1089,10 @@ def apgd_checkpoints(n_iter: int) -> list:
     return points
 
 
-def apgd(model, x, y, eps, n_iter=100, loss="ce", target=None, rho=0.75, x_init=None):
+def apgd(model, x, y, eps, n_iter=100, loss="ce", target=None, rho=0.75):
     """Auto-PGD under l_inf (Croce & Hein, ICML 2020, Algorithm 1), per example, as auto-attack's
     autopgd_base.py (attack_single_run) runs it:
-      x0 = clamp(x + eps t / ||t||_inf, 0, 1), t ~ U(-1, 1)^d (or x_init); eta = 2 eps;
+      x0 = clamp(x + eps t / ||t||_inf, 0, 1), t ~ U(-1, 1)^d; eta = 2 eps;
       z = P(x_k + eta sign(grad f(x_k)));  x_{k+1} = P(x_k + a (z - x_k) + (1 - a)(x_k - x_{k-1})), a = 1 at the
       first step and 0.75 after;
       at each checkpoint w_j (apgd_checkpoints) eta is halved, and the example restarts from its best point with
@@ -1113,10 +1113,8 @@ def apgd(model, x, y, eps, n_iter=100, loss="ce", target=None, rho=0.75, x_init=
         return value.detach(), g, logits.detach().argmax(1) != y
 
     view = (-1,) + (1,) * (x.dim() - 1)
-    if x_init is None:
-        t = torch.empty_like(x).uniform_(-1, 1)
-        x_init = x + eps * t / (t.flatten(1).abs().amax(1).view(view) + 1e-12)
-    x_k = x_init.clamp(0, 1)
+    t = torch.empty_like(x).uniform_(-1, 1)
+    x_k = (x + eps * t / (t.flatten(1).abs().amax(1).view(view) + 1e-12)).clamp(0, 1)
     f_k, g, wrong = f_and_grad(x_k)
     x_best, f_best, g_best = x_k.clone(), f_k.clone(), g.clone()
     x_fool, found = x_k.clone(), wrong.clone()  # the first misclassified iterate of each example
@@ -1184,6 +1182,23 @@ def apgd_targeted(model, x, y, eps, n_iter=100, n_targets=9):
     return x_adv
 
 
+def inner_loss(model, x_adv, y, logp_clean=None) -> torch.Tensor:
+    """Per-example inner loss: CE (PGD-AT, RNN-Adv), or KL(f(x) || f(x')) when the clean log-probabilities are
+    given (TRADES, RNN-TRADES)."""
+    logits = model(x_adv)
+    if logp_clean is None:
+        return F.cross_entropy(logits, y, reduction="none")
+    return F.kl_div(F.log_softmax(logits, 1), logp_clean, reduction="none", log_target=True).sum(1)
+
+
+def inner_grad(model, x_adv, y, logp_clean=None) -> torch.Tensor:
+    """grad_x' of the summed inner loss at x' (each example its own gradient); no graph is kept."""
+    x_adv = x_adv.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (g,) = torch.autograd.grad(inner_loss(model, x_adv, y, logp_clean).sum(), x_adv)
+    return g
+
+
 def trades_attack(model, x, eps, step_size, steps, start="normal"):
     """The TRADES inner maximisation (Zhang et al. 2019, Algorithm 1, and trades.py): from x + 0.001 N(0, I)
     (unprojected, as trades.py; --attack-start), sign steps on sum KL(f(x) || f(x')), projected onto C. The
@@ -1192,11 +1207,7 @@ def trades_attack(model, x, eps, step_size, steps, start="normal"):
         logp_clean = F.log_softmax(model(x), dim=1)
     x_adv = start_point(x, eps, start)
     for _ in range(steps):
-        x_adv = x_adv.detach().requires_grad_(True)
-        with torch.enable_grad():
-            kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), logp_clean, reduction="sum", log_target=True)
-            (grad,) = torch.autograd.grad(kl, x_adv)
-        x_adv = project(x_adv + step_size * grad.sign(), x, eps)
+        x_adv = project(x_adv + step_size * inner_grad(model, x_adv, None, logp_clean).sign(), x, eps)
     return project(x_adv, x, eps).detach()
 
 
@@ -1509,22 +1520,6 @@ class SignStepRNN(nn.Module):
         h = self.cell(feats, state)
         o = self.out(h).float().reshape(*g.shape, 2)
         return scale * (4.0 ** torch.tanh(o[..., 0]) * g.sign() + torch.tanh(o[..., 1])), h
-
-
-def inner_loss(model, x_adv, y, logp_clean=None) -> torch.Tensor:
-    """Per-example inner loss: CE for RNN-Adv, KL(f(x) || f(x')) for RNN-TRADES (when logp_clean is given)."""
-    logits = model(x_adv)
-    if logp_clean is None:
-        return F.cross_entropy(logits, y, reduction="none")
-    return F.kl_div(F.log_softmax(logits, 1), logp_clean, reduction="none", log_target=True).sum(1)
-
-
-def inner_grad(model, x_adv, y, logp_clean=None) -> torch.Tensor:
-    """grad_x' of the summed inner loss at x' (each example its own gradient); no graph is kept."""
-    x_adv = x_adv.detach().requires_grad_(True)
-    with torch.enable_grad():
-        (g,) = torch.autograd.grad(inner_loss(model, x_adv, y, logp_clean).sum(), x_adv)
-    return g
 
 
 def rnn_attack(rnn, model, x, y, eps, steps, scale, init="uniform", logp_clean=None, weights="uniform",
