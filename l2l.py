@@ -305,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="lstm design: bound of one update (default: eps); sign-step uses --step-size as alpha")
     rnn.add_argument("--rnn-weights", default="uniform", choices=("uniform", "last", "linear"),
                      help="weights of the intermediate iterates in the RNN's loss")
+    rnn.add_argument("--rnn-objective", default="loss", choices=("loss", "per-example"),
+                     help="phi ascends the inner loss (loss) or every example's loss scaled by its gradient's mean "
+                          "magnitude, so that each example counts equally (per-example)")
     rnn.add_argument("--rnn-no-preprocess", action="store_true",
                      help="lstm design: feed raw gradients, not log-magnitude/sign")
     rnn.add_argument("--freeze-classifier", action="store_true",
@@ -1523,7 +1526,7 @@ class SignStepRNN(nn.Module):
 
 
 def rnn_attack(rnn, model, x, y, eps, steps, scale, init="uniform", logp_clean=None, weights="uniform",
-               train=True, horizon=None):
+               train=True, horizon=None, per_example=False):
     """The learned inner maximisation (Algorithm 1 of Xiong & Hsieh, steps numbered as in PAPERS.md 2.2):
       1. x'_0 = start_point(x, eps, init): Pi_C(x + U(-eps, eps)) ("uniform") or x + 0.001 N(0, I) ("normal", as TRADES)
       2. for t = 0..T-1:  g_t = grad_x' L_inner(x'_t)  (a constant for phi: first-order L2O)
@@ -1535,6 +1538,10 @@ def rnn_attack(rnn, model, x, y, eps, steps, scale, init="uniform", logp_clean=N
         grad_phi L(phi) = sum_t w_t g_t . dx'_t/dphi = grad_phi sum_t w_t <sg(g_t), x'_t> / B    (exactly)
     and the returned objective is that surrogate: backpropagating it touches only m_phi and the projections, not
     T copies of the classifier (same gradient, a fraction of the time and memory).
+    With per_example (--rnn-objective per-example, a choice) each example's g_t is divided by its mean |g_t| (a
+    constant) before the sum: every example then pulls on phi equally, where the plain loss lets the examples
+    that are already misclassified (large CE gradients) outweigh the confidently correct ones (CE gradients
+    ~ 1 - p_y), which are the ones a stronger attack has to fool.
     Returns (x'_T, surrogate) with train=True; (x'_T, None) in evaluation, where nothing is kept. `horizon` is
     the T the optimiser was trained with (its step feature is t / horizon); `scale` is alpha (sign-step) or the
     update bound (lstm)."""
@@ -1546,7 +1553,8 @@ def rnn_attack(rnn, model, x, y, eps, steps, scale, init="uniform", logp_clean=N
     for t in range(steps + (1 if train else 0)):  # step 2 (training: and the gradient at x'_T for step 3)
         g = inner_grad(model, x_adv, y, logp_clean)
         if train and t > 0:
-            total = total + w[t - 1] * (g * x_adv).sum() / x.shape[0]  # step 3, surrogate of w_t L_inner(x'_t)
+            pull = g / g.abs().flatten(1).mean(1).clamp_min(1e-30).view(-1, *[1] * (g.dim() - 1)) if per_example else g
+            total = total + w[t - 1] * (pull * x_adv).sum() / x.shape[0]  # step 3, surrogate of w_t L_inner(x'_t)
         if t == steps:
             break
         with torch.set_grad_enabled(train):
@@ -1834,7 +1842,7 @@ def rnn_run_attack(args, rnn, model, x, y, steps, train):
         with torch.no_grad():
             logp_clean = F.log_softmax(model(x), 1)
     return rnn_attack(rnn, model, x, y, args.eps, steps, rnn_scale(args), args.attack_start, logp_clean,
-                      args.rnn_weights, train, horizon=args.steps)
+                      args.rnn_weights, train, horizon=args.steps, per_example=args.rnn_objective == "per-example")
 
 
 def train_rnn(run: Run, x, y):
@@ -2429,7 +2437,7 @@ TRAINING_KEYS = ("method", "dataset", "model", "depth", "width", "train_size", "
                  "batch_size", "lr", "momentum", "weight_decay", "lr_schedule", "lr_milestones", "lr_milestone_base",
                  "lr_peak_epoch", "cycle_momentum", "eps", "step_size", "steps", "beta", "attack_bn", "attack_start",
                  "seed", "val_steps", "val_step_size", "val_restarts", "bat_a", "bat_lambda", "bat_ig_ratio",
-                 "ga_gamma", "rnn_design", "rnn_hidden", "rnn_layers", "rnn_lr", "rnn_max_step", "rnn_weights",
+                 "ga_gamma", "rnn_design", "rnn_hidden", "rnn_layers", "rnn_lr", "rnn_max_step", "rnn_weights", "rnn_objective",
                  "rnn_no_preprocess", "freeze_classifier",
                  "bls_init_step", "bls_shrink", "bls_c", "bls_tries", "init", "l2l_attacker", "l2l_width", "l2l_steps",
                  "l2l_step_size", "attacker_steps", "attacker_lr", "attacker_wd")

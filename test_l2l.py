@@ -914,7 +914,8 @@ def test_untrained_sign_step_optimiser_takes_pgds_steps(toy, method):
 
 def test_surrogate_objective_has_the_gradient_of_the_unrolled_inner_loss():
     """grad_phi sum_t w_t <sg(g_t), x'_t> / B  ==  grad_phi sum_t w_t mean_i L(x'_t) through the classifier
-    (float64, lstm and sign-step designs, uniform and linear weights)."""
+    (float64, lstm and sign-step designs, uniform and linear weights; and the per-example objective, each example's
+    loss divided by its gradient's mean magnitude)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 36, 4)).double()
     x = 0.1 + 0.8 * torch.rand(5, 1, 6, 6, dtype=torch.float64)
@@ -923,9 +924,9 @@ def test_surrogate_objective_has_the_gradient_of_the_unrolled_inner_loss():
         rnn = rnn.double()
         if isinstance(rnn, l2l.SignStepRNN):  # move it off PGD, so that its gradient flows everywhere
             nn.init.normal_(rnn.out.weight, std=0.5)
-        for weights in ("uniform", "linear"):
+        for weights, per_example in (("uniform", False), ("linear", False), ("uniform", True)):
             torch.manual_seed(1)
-            _, surrogate = l2l.rnn_attack(rnn, model, x, y, 0.1, 3, scale, weights=weights)
+            _, surrogate = l2l.rnn_attack(rnn, model, x, y, 0.1, 3, scale, weights=weights, per_example=per_example)
             ours = torch.autograd.grad(surrogate, list(rnn.parameters()))
             # the reference: the inner loss of every iterate, differentiated through the classifier
             torch.manual_seed(1)
@@ -935,7 +936,10 @@ def test_surrogate_objective_has_the_gradient_of_the_unrolled_inner_loss():
                 g = l2l.inner_grad(model, x_adv, y)
                 u, state = rnn(g, state, scale, x_adv=x_adv, x=x, u_prev=u_prev, progress=t / 3, eps=0.1)
                 x_adv, u_prev = l2l.project(x_adv + u, x, 0.1), u.detach()
-                total = total + w[t] * F.cross_entropy(model(x_adv), y)
+                losses = F.cross_entropy(model(x_adv), y, reduction="none")
+                if per_example:  # each example's loss over the (constant) mean magnitude of its gradient there
+                    losses = losses / l2l.inner_grad(model, x_adv, y).abs().flatten(1).mean(1)
+                total = total + w[t] * losses.mean()
             ref = torch.autograd.grad(total, list(rnn.parameters()))
             assert max((a - b).abs().max().item() for a, b in zip(ours, ref)) < 1e-10
             assert max(b.abs().max().item() for b in ref) > 1e-6
