@@ -106,7 +106,7 @@ ATTACKS = {
 def eval_args(**kw):
     a = dict(eps=EPS, eval_step_size=EPS / 4, eval_steps=5, eval_restarts=2, eval_batch_size=64, seed=0,
              method="l2l-2step", l2l_steps=2, l2l_step_size=None, rnn_eval_steps=3, rnn_max_step=EPS,
-             rnn_design="sign-step", step_size=EPS / 4, steps=4,
+             rnn_design="sign-step", rnn_objective="loss", step_size=EPS / 4, steps=4,
              attack_start="uniform", rnn_weights="uniform", transfer_from=None, apgd_steps=10, apgd_targets=3,
              eval_precision="fp32", channels_last=False, batch_size=64)
     a.update(kw)
