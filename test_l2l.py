@@ -346,7 +346,8 @@ def test_cli_trains_and_evaluates_each_method(method, mnist_dir, tmp_path, capsy
 
 def test_cli_cifar_format_with_augmentation(tmp_path):
     d = write_dataset(str(tmp_path / "data"), "cifar10", n_train=96, n_test=16)
-    r = cli("--method", "fast-at", "--dataset", "cifar10", "--model", "preactresnet18", "--data-dir", d,
+    r = cli("--method", "fast-at", "--dataset", "cifar10", "--model", "wrn", "--depth", "10", "--width", "1",
+            "--data-dir", d,
             "--out", str(tmp_path / "out"), "--epochs", "1", "--train-size", "64", "--val-size", "16",
             "--test-size", "16", "--batch-size", "32", "--eval-steps", "1", "--val-steps", "1",
             "--eval-attacks", "pgd", "--device", DEV)
@@ -877,11 +878,12 @@ def test_rnn_gradient_reaches_phi_and_the_classifier_step_leaves_phi_alone(toy):
     assert any(not torch.equal(a, b) for a, b in zip(theta, run.model.parameters()))
 
 
-@pytest.mark.parametrize("design", ["sign-step", "lstm"])
-def test_training_phi_on_a_fixed_classifier_strengthens_its_attack(toy, design):
+@pytest.mark.parametrize("design,rnn_lr", [("sign-step", "0.01"), ("lstm", "0.03")])
+def test_training_phi_on_a_fixed_classifier_strengthens_its_attack(toy, design, rnn_lr):
     model, x, y = toy
-    x, y = x[:96], y[:96]
-    run = rnn_run(model=model, steps=4, extra=["--rnn-lr", "0.01", "--rnn-design", design, "--step-size", "0.025"])
+    model, x, y = copy.deepcopy(model), x[:96], y[:96]
+    run = rnn_run(model=model, steps=4, extra=["--rnn-lr", rnn_lr, "--rnn-design", design, "--step-size", "0.025",
+                                               "--freeze-classifier"])  # no BN statistics drift either
 
     def attack_loss():
         torch.manual_seed(7)
@@ -890,10 +892,10 @@ def test_training_phi_on_a_fixed_classifier_strengthens_its_attack(toy, design):
             return F.cross_entropy(model(x_adv), y).item()
 
     before = attack_loss()
-    for _ in range(15):
-        l2l.train_rnn(run, x, y)  # classifier lr 0: only phi learns
+    for _ in range(10):
+        l2l.train_rnn(run, x, y)  # only phi learns
     after = attack_loss()
-    assert after > 1.2 * before, f"T-step attack loss {before:.3f} -> {after:.3f}"
+    assert after > 2 * before, f"T-step attack loss {before:.5f} -> {after:.5f}"
 
 
 @pytest.mark.parametrize("method", ["rnn-adv", "rnn-trades"])
