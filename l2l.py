@@ -314,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="rnn-* and l2l-*: train only the learned optimiser or attacker against a fixed classifier "
                           "(from --init); its BatchNorm statistics stay as they are")
     rnn.add_argument("--rnn-eval-steps", type=int, default=None, help="steps of the 'rnn' eval attack (default: T)")
+    rnn.add_argument("--rnn-progress", default="attack", choices=("attack", "training"),
+                     help="the optimiser's step feature t/T counts T as the running attack's steps (attack: a longer "
+                          "evaluation stretches the learned schedule) or the training --steps (training); the two "
+                          "differ only when --rnn-eval-steps differs from --steps")
     rnn.add_argument("--bls-init-step", type=parse_number, default=None, help="first BLS trial step (default: eps)")
     rnn.add_argument("--bls-shrink", type=float, default=0.5, help="BLS step factor per trial")
     rnn.add_argument("--bls-c", type=float, default=1e-4, help="BLS sufficient-increase constant")
@@ -1542,9 +1546,10 @@ def rnn_attack(rnn, model, x, y, eps, steps, scale, init="uniform", logp_clean=N
     constant) before the sum: every example then pulls on phi equally, where the plain loss lets the examples
     that are already misclassified (large CE gradients) outweigh the confidently correct ones (CE gradients
     ~ 1 - p_y), which are the ones a stronger attack has to fool.
-    Returns (x'_T, surrogate) with train=True; (x'_T, None) in evaluation, where nothing is kept. `horizon` is
-    the T the optimiser was trained with (its step feature is t / horizon); `scale` is alpha (sign-step) or the
-    update bound (lstm)."""
+    Returns (x'_T, surrogate) with train=True; (x'_T, None) in evaluation, where nothing is kept. The step
+    feature is t / horizon: horizon = steps (the default, --rnn-progress attack) stretches the learned schedule
+    over a longer evaluation; horizon = the training T (--rnn-progress training) replays it and runs past its end.
+    `scale` is alpha (sign-step) or the update bound (lstm)."""
     horizon = horizon or steps
     w = {"uniform": [1.0] * steps, "last": [0.0] * (steps - 1) + [1.0],
          "linear": [(t + 1) / steps for t in range(steps)]}[weights]
@@ -1842,7 +1847,8 @@ def rnn_run_attack(args, rnn, model, x, y, steps, train):
         with torch.no_grad():
             logp_clean = F.log_softmax(model(x), 1)
     return rnn_attack(rnn, model, x, y, args.eps, steps, rnn_scale(args), args.attack_start, logp_clean,
-                      args.rnn_weights, train, horizon=args.steps, per_example=args.rnn_objective == "per-example")
+                      args.rnn_weights, train, horizon=steps if args.rnn_progress == "attack" else args.steps,
+                      per_example=args.rnn_objective == "per-example")
 
 
 def train_rnn(run: Run, x, y):
@@ -2983,7 +2989,7 @@ def report(paths: list) -> str:
 # Flags an --eval-only run takes from the command line; everything else comes from the checkpoint.
 EVAL_KEYS = ("eps", "eval_attacks", "eval_steps", "eval_step_size", "eval_restarts", "eval_batch_size",
              "test_size", "data_dir", "device", "seed", "out", "overwrite", "transfer_from", "rnn_eval_steps",
-             "apgd_steps", "apgd_targets", "eval_checks", "eval_precision", "channels_last", "compile")
+             "rnn_progress", "apgd_steps", "apgd_targets", "eval_checks", "eval_precision", "channels_last", "compile")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

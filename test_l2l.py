@@ -106,7 +106,7 @@ ATTACKS = {
 def eval_args(**kw):
     a = dict(eps=EPS, eval_step_size=EPS / 4, eval_steps=5, eval_restarts=2, eval_batch_size=64, seed=0,
              method="l2l-2step", l2l_steps=2, l2l_step_size=None, rnn_eval_steps=3, rnn_max_step=EPS,
-             rnn_design="sign-step", rnn_objective="loss", step_size=EPS / 4, steps=4,
+             rnn_design="sign-step", rnn_objective="loss", rnn_progress="attack", step_size=EPS / 4, steps=4,
              attack_start="uniform", rnn_weights="uniform", transfer_from=None, apgd_steps=10, apgd_targets=3,
              eval_precision="fp32", channels_last=False, batch_size=64)
     a.update(kw)
@@ -896,6 +896,19 @@ def test_training_phi_on_a_fixed_classifier_strengthens_its_attack(toy, design, 
         l2l.train_rnn(run, x, y)  # only phi learns
     after = attack_loss()
     assert after > 2 * before, f"T-step attack loss {before:.5f} -> {after:.5f}"
+
+
+@pytest.mark.parametrize("progress,expected", [("attack", [t / 6 for t in range(6)]),
+                                               ("training", [t / 3 for t in range(6)])])
+def test_rnn_step_feature_counts_the_running_attack_or_the_training_steps(toy, monkeypatch, progress, expected):
+    """--rnn-progress: a 6-step evaluation of an optimiser trained with T = 3 feeds t/6 (attack) or t/3 (training)."""
+    model, x, y = toy
+    run = rnn_run(steps=3, extra=["--rnn-progress", progress])
+    seen, forward = [], run.extras["rnn"].forward
+    monkeypatch.setattr(run.extras["rnn"], "forward", lambda *a, **k: seen.append(k["progress"]) or forward(*a, **k))
+    l2l.EVAL_ATTACKS["rnn"].run(model, x[:8], y[:8], eval_args(rnn_eval_steps=6, steps=3, rnn_progress=progress,
+                                                                 method="rnn-adv"), run.extras)
+    assert seen == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("method", ["rnn-adv", "rnn-trades"])
