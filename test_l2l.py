@@ -898,6 +898,13 @@ def test_training_phi_on_a_fixed_classifier_strengthens_its_attack(toy, design, 
     assert after > 2 * before, f"T-step attack loss {before:.5f} -> {after:.5f}"
 
 
+def test_rnn_design_defaults():
+    """Each design gets its own width and Adam lr unless the flags say otherwise."""
+    sign, lstm = (l2l.parse_args(["--method", "rnn-adv", "--rnn-design", d]) for d in ("sign-step", "lstm"))
+    assert (sign.rnn_hidden, sign.rnn_lr, lstm.rnn_hidden, lstm.rnn_lr) == (8, 1e-2, 20, 1e-3)
+    assert l2l.parse_args(["--method", "rnn-adv", "--rnn-lr", "0.5"]).rnn_lr == 0.5
+
+
 @pytest.mark.parametrize("progress,expected", [("attack", [t / 6 for t in range(6)]),
                                                ("training", [t / 3 for t in range(6)])])
 def test_rnn_step_feature_counts_the_running_attack_or_the_training_steps(toy, monkeypatch, progress, expected):
