@@ -2872,6 +2872,19 @@ def read_results(path: str) -> tuple:
     return os.path.dirname(file) or ".", res
 
 
+def run_names(directories: list, recipes: list) -> list:
+    """A run's name in the report: its run.sh recipe, else its folder; where names repeat, as many trailing path
+    components as make them differ (runs/a/pgd-at and runs/b/pgd-at -> a/pgd-at, b/pgd-at)."""
+    parts = [os.path.abspath(d).split(os.sep) for d in directories]
+    names = [r or p[-1] for r, p in zip(recipes, parts)]
+    for depth in range(2, max(map(len, parts), default=0) + 1):
+        repeated = {n for n in names if names.count(n) > 1}
+        if not repeated:
+            break
+        names = [os.path.join(*p[-depth:]) if n in repeated else n for n, p in zip(names, parts)]
+    return names
+
+
 def report_table(runs: list) -> str:
     """Markdown: one row per run (its best.pt evaluation), accuracies in %; for a run.sh recipe the paper's number
     in brackets beside each measured one. The protocol column gives eps, examples and each attack's steps x
@@ -2880,7 +2893,8 @@ def report_table(runs: list) -> str:
     head = ["run", "method", "dataset", "model", "epochs", "clean", *attacks, "worst case", "s/epoch", "device",
             "protocol"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for directory, res in runs:
+    names = run_names([d for d, _ in runs], [res.get("args", {}).get("recipe") for _, res in runs])
+    for (directory, res), name in zip(runs, names):
         a = res.get("args", {})
         paper = parse_paper_numbers(a.get("paper")) or {}
 
@@ -2897,7 +2911,6 @@ def report_table(runs: list) -> str:
         protocol = f"eps {p.get('eps_text', p.get('eps'))}, {p.get('examples')} {p.get('split', 'test')}; " + "; ".join(
             f"{k} {res[k]['steps']}x{res[k]['restarts']}@{fmt_eps(res[k]['step_size'])}" for k in over if k in res)
         epochs = f"{len(history)} (best {res['best_epoch']})" if history else f"eval of epoch {res.get('epoch', '?')}"
-        name = a.get("recipe") or os.path.basename(os.path.abspath(directory))
         row = [name, res.get("method", "?"), res.get("dataset", "?"), res.get("model", "?"), epochs,
                cell("clean", res["clean"]["accuracy"]),
                *[cell(k, res[k]["accuracy"] if k in res else None) for k in attacks],

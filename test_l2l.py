@@ -2054,6 +2054,11 @@ def test_report_table_and_curves(tmp_path, capsys):
             assert ys[2] > ys[1] and ys[2] > ys[3]
 
 
+def test_report_names_runs_apart():
+    names = l2l.run_names(["runs/a/pgd-at", "runs/b/pgd-at", "runs/b/trades", "x/y"], [None, None, None, "fast-at"])
+    assert names == [os.path.join("a", "pgd-at"), os.path.join("b", "pgd-at"), "trades", "fast-at"]
+
+
 def test_report_refuses_what_is_not_a_run(tmp_path, capsys):
     check_one_line_error(l2l.main(["--report", str(tmp_path / "nothing")]), capsys.readouterr().err, "no results.json")
     (tmp_path / "bad").mkdir()
