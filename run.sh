@@ -18,7 +18,7 @@ cd "$(dirname "$0")"
 
 # name | what it reproduces | flags for l2l.py (defaults not repeated: see python l2l.py --help) | paper's numbers
 RECIPES=$(cat <<'TABLE'
-quick-mnist      | A first result in about 2 minutes on 2 CPU cores: PGD-2-AT, SmallCNN, 5 epochs on 10000 MNIST images, cyclic lr (expect about 98% clean, 60-70% PGD-40; README) | --method pgd-at --dataset mnist --steps 2 --step-size 0.15 --lr-schedule cyclic --lr 0.05 --epochs 5 --train-size 10000 --test-size 1000 --eval-attacks fgsm,pgd |
+quick-mnist      | A first result in 3 minutes on 2 CPU cores: PGD-2-AT, SmallCNN, 4 epochs on 10000 MNIST images, cyclic lr 0.1 (measured 98.2% clean, 86.4% FGSM, 68.6% PGD-40 on 500 test images in 174 s; README) | --method pgd-at --dataset mnist --steps 2 --step-size 0.15 --lr-schedule cyclic --lr 0.1 --epochs 4 --train-size 10000 --val-size 500 --val-steps 5 --test-size 500 --eval-attacks fgsm,pgd |
 pgd-at-mnist     | Madry et al. 2018 MNIST setting (eps 0.3, PGD-40 step 0.01) on TRADES' SmallCNN, 100 epochs | --method pgd-at --dataset mnist | 
 trades-mnist     | TRADES (Zhang et al. 2019) MNIST: SmallCNN, eps 0.3, 40 steps of 0.01, beta 1 = the MNIST script's default (README: 99.48 / 96.07 under a 40-step attack) | --method trades --dataset mnist --beta 1 | clean=99.48,pgd=96.07
 pgd-at-cifar10   | PGD-10-AT (Madry et al.) with Rice et al.'s PreActResNet-18 200-epoch schedule; Fast-BAT's PGD-10 baseline | --method pgd-at --dataset cifar10 --model preactresnet18 --epochs 200 --lr-milestones 100,150 | 
