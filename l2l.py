@@ -3034,8 +3034,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return resolve_args(args)
 
 
+def interrupted_state(args, started: float) -> str:
+    """What an interrupt leaves behind: a training run's last.pt only if this process wrote one."""
+    if args is None or args.report or args.benchmark or args.eval_only:
+        return "nothing was written"
+    last = os.path.join(args.out, "last.pt")
+    if os.path.exists(last) and os.path.getmtime(last) >= started:
+        return "last.pt holds the last finished epoch; rerun with --resume to continue"
+    return "before the first epoch finished; nothing of this run was saved, rerun the command to start again"
+
+
 def main(argv=None) -> int:
     rank = int(os.environ.get("RANK", "0"))  # under torchrun, only rank 0 speaks
+    args, started = None, time.time()
     try:
         args = parse_args(argv)
         if args.report:
@@ -3057,8 +3068,7 @@ def main(argv=None) -> int:
         return 3
     except KeyboardInterrupt:
         if rank == 0:
-            print("interrupted: last.pt holds the last finished epoch; rerun with --resume to continue",
-                  file=sys.stderr)
+            print(f"interrupted: {interrupted_state(args, started)}", file=sys.stderr)
         return 130
     finally:
         if dist.is_available() and dist.is_initialized():

@@ -383,6 +383,22 @@ def test_eval_only_reproduces_the_training_evaluation(trained_run, mnist_dir, tm
 
 
 @cpu_only  # bitwise equality needs deterministic kernels; cuDNN's autotuned ones are not
+def test_interrupt_says_what_was_saved(mnist_dir, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "run")
+    argv = ["--dataset", "mnist", "--data-dir", mnist_dir, "--out", out, "--device", DEV]
+
+    def interrupted(args, save):
+        if save:
+            os.makedirs(args.out, exist_ok=True)
+            open(os.path.join(args.out, "last.pt"), "w").close()
+        raise KeyboardInterrupt
+
+    for save, says in ((False, "nothing of this run was saved"), (True, "last.pt holds the last finished epoch")):
+        monkeypatch.setattr(l2l, "train", lambda args: interrupted(args, save))
+        assert l2l.main(argv) == 130
+        assert says in capsys.readouterr().err
+
+
 def test_resume_after_interruption_equals_uninterrupted_run(mnist_dir, tmp_path):
     argv = ["--method", "trades", "--dataset", "mnist", "--data-dir", mnist_dir, *TINY, "--epochs", "3"]
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
