@@ -1501,6 +1501,11 @@ class LSTMOptimizer(nn.Module):
         return scale * torch.tanh(self.out(h).float()).reshape(shape), new_state  # fp32 under autocast
 
 
+def relative_to_mean(g: torch.Tensor) -> torch.Tensor:
+    """g divided by its example's mean |g| (an all-zero gradient stays zero)."""
+    return g / g.abs().flatten(1).mean(1).clamp_min(1e-30).view(-1, *[1] * (g.dim() - 1))
+
+
 class SignStepRNN(nn.Module):
     """--rnn-design sign-step (default): a coordinate-wise GRU that adapts PGD's step instead of replacing it.
     Per coordinate i of x'_t it reads (all constants for phi, first-order L2O)
@@ -1523,9 +1528,7 @@ class SignStepRNN(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, g, state, scale, x_adv, x, u_prev, progress, eps):
-        n, view = g.shape[0], (-1,) + (1,) * (g.dim() - 1)
-        relative = g / g.abs().flatten(1).mean(1).clamp_min(1e-30).view(view)
-        feats = torch.stack([g.sign(), relative.clamp(-5, 5) / 5, (x_adv - x) / eps, u_prev / scale,
+        feats = torch.stack([g.sign(), relative_to_mean(g).clamp(-5, 5) / 5, (x_adv - x) / eps, u_prev / scale,
                              torch.full_like(g, progress)], -1).reshape(-1, self.FEATURES).detach()
         h = self.cell(feats, state)
         o = self.out(h).float().reshape(*g.shape, 2)
@@ -1561,7 +1564,7 @@ def rnn_attack(rnn, model, x, y, eps, steps, scale, init="uniform", logp_clean=N
     for t in range(steps + (1 if train else 0)):  # step 2 (training: and the gradient at x'_T for step 3)
         g = inner_grad(model, x_adv, y, logp_clean)
         if train and t > 0:
-            pull = g / g.abs().flatten(1).mean(1).clamp_min(1e-30).view(-1, *[1] * (g.dim() - 1)) if per_example else g
+            pull = relative_to_mean(g) if per_example else g
             total = total + w[t - 1] * (pull * x_adv).sum() / x.shape[0]  # step 3, surrogate of w_t L_inner(x'_t)
         if t == steps:
             break
