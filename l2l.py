@@ -1622,6 +1622,15 @@ def train_pgd_at(run: Run, x, y):
     return loss.detach(), (logits.argmax(1) == y).sum()
 
 
+def trades_loss(logits_clean, logits_adv, y, beta):
+    """TRADES' outer objective CE(f(x), y) + beta sum KL(f(x) || f(x')) / B. The KL is taken from
+    log-probabilities: the value of trades.py's KLDivLoss(softmax(f(x))), but its gradient stays finite where a
+    clean probability underflows to 0 (p log p has an infinite slope there)."""
+    kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.log_softmax(logits_clean, dim=1), reduction="batchmean",
+                  log_target=True)
+    return F.cross_entropy(logits_clean, y) + beta * kl
+
+
 def train_trades(run: Run, x, y):
     """TRADES (Zhang et al. 2019, Algorithm 1; objective CE(f(x), y) + beta max KL(f(x) || f(x'))).
     1. x' by trades_attack (K sign steps on the KL from x + 0.001 N(0, I), BN in eval mode as in trades.py);
@@ -1633,11 +1642,7 @@ def train_trades(run: Run, x, y):
     with attack_mode(run.model, a.attack_bn):
         x_adv = trades_attack(run.model, x, a.eps, a.step_size, a.steps, a.attack_start)  # step 1
     logits_clean, logits_adv = run.model(x), run.model(x_adv)  # step 2
-    # KL from log-probabilities: the value of trades.py's KLDivLoss(softmax(f(x))), but its gradient stays
-    # finite where a clean probability underflows to 0 (p log p has an infinite slope there).
-    kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.log_softmax(logits_clean, dim=1), reduction="batchmean",
-                  log_target=True)
-    loss = F.cross_entropy(logits_clean, y) + a.beta * kl
+    loss = trades_loss(logits_clean, logits_adv, y, a.beta)
     sgd_update(run, loss)  # step 3
     return loss.detach(), (logits_adv.argmax(1) == y).sum()
 
@@ -1883,9 +1888,7 @@ def train_rnn(run: Run, x, y):
             loss = F.cross_entropy(logits, y)
         else:
             logits_clean, logits = model(x), model(x_adv)
-            kl = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(logits_clean, 1), reduction="batchmean",
-                          log_target=True)
-            loss = F.cross_entropy(logits_clean, y) + a.beta * kl
+            loss = trades_loss(logits_clean, logits, y, a.beta)
     if not a.freeze_classifier:
         sgd_update(run, loss)
     return loss.detach(), (logits.argmax(1) == y).sum()
