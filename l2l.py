@@ -3040,21 +3040,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     return resolve_args(args)
 
 
-def interrupted_state(args, started: float) -> str:
-    """What an interrupt leaves behind: a training run's last.pt only if this process wrote one."""
+def last_checkpoint_stamp(args):
+    """Identity of <out>/last.pt (inode, size, mtime in ns), or None when there is none or nothing trains."""
+    if args is None or args.report or args.benchmark or args.eval_only:
+        return None
+    try:
+        st = os.stat(os.path.join(args.out, "last.pt"))
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def interrupted_state(args, before) -> str:
+    """What an interrupt leaves behind: a training run's last.pt only if this process wrote one.
+
+    `before` is last_checkpoint_stamp() taken just after parsing; a save replaces the file (atomic rename),
+    so its stamp changes. (Comparing mtime with time.time() failed: file times use a coarser clock.)"""
     if args is None or args.report or args.benchmark or args.eval_only:
         return "nothing was written"
-    last = os.path.join(args.out, "last.pt")
-    if os.path.exists(last) and os.path.getmtime(last) >= started:
+    now = last_checkpoint_stamp(args)
+    if now is not None and now != before:
         return "last.pt holds the last finished epoch; rerun with --resume to continue"
     return "before the first epoch finished; nothing of this run was saved, rerun the command to start again"
 
 
 def main(argv=None) -> int:
     rank = int(os.environ.get("RANK", "0"))  # under torchrun, only rank 0 speaks
-    args, started = None, time.time()
+    args = before = None
     try:
         args = parse_args(argv)
+        before = last_checkpoint_stamp(args)
         if args.report:
             report(args.report)
         elif args.benchmark:
@@ -3074,7 +3089,7 @@ def main(argv=None) -> int:
         return 3
     except KeyboardInterrupt:
         if rank == 0:
-            print(f"interrupted: {interrupted_state(args, started)}", file=sys.stderr)
+            print(f"interrupted: {interrupted_state(args, before)}", file=sys.stderr)
         return 130
     finally:
         if dist.is_available() and dist.is_initialized():
