@@ -3040,12 +3040,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return resolve_args(args)
 
 
-def last_checkpoint_stamp(args):
-    """Identity of <out>/last.pt (inode, size, mtime in ns), or None when there is none or nothing trains."""
-    if args is None or args.report or args.benchmark or args.eval_only:
-        return None
+def last_checkpoint_stamp(out: str):
+    """Identity of <out>/last.pt (inode, size, mtime in ns), or None when there is none."""
     try:
-        st = os.stat(os.path.join(args.out, "last.pt"))
+        st = os.stat(os.path.join(out, "last.pt"))
     except OSError:
         return None
     return (st.st_ino, st.st_size, st.st_mtime_ns)
@@ -3058,8 +3056,7 @@ def interrupted_state(args, before) -> str:
     so its stamp changes. (Comparing mtime with time.time() failed: file times use a coarser clock.)"""
     if args is None or args.report or args.benchmark or args.eval_only:
         return "nothing was written"
-    now = last_checkpoint_stamp(args)
-    if now is not None and now != before:
+    if last_checkpoint_stamp(args.out) not in (None, before):
         return "last.pt holds the last finished epoch; rerun with --resume to continue"
     return "before the first epoch finished; nothing of this run was saved, rerun the command to start again"
 
@@ -3069,7 +3066,7 @@ def main(argv=None) -> int:
     args = before = None
     try:
         args = parse_args(argv)
-        before = last_checkpoint_stamp(args)
+        before = last_checkpoint_stamp(args.out)
         if args.report:
             report(args.report)
         elif args.benchmark:
