@@ -3052,7 +3052,7 @@ def last_checkpoint_stamp(out: str):
 def interrupted_state(args, before) -> str:
     """What an interrupt leaves behind: a training run's last.pt only if this process wrote one.
 
-    `before` is last_checkpoint_stamp() taken just after parsing; a save replaces the file (atomic rename),
+    `before` is last_checkpoint_stamp() taken just before train(); a save replaces the file (atomic rename),
     so its stamp changes. (Comparing mtime with time.time() failed: file times use a coarser clock.)"""
     if args is None or args.report or args.benchmark or args.eval_only:
         return "nothing was written"
@@ -3066,7 +3066,6 @@ def main(argv=None) -> int:
     args = before = None
     try:
         args = parse_args(argv)
-        before = last_checkpoint_stamp(args.out)
         if args.report:
             report(args.report)
         elif args.benchmark:
@@ -3074,6 +3073,7 @@ def main(argv=None) -> int:
         elif args.eval_only:
             evaluate_checkpoint(args)
         else:
+            before = last_checkpoint_stamp(args.out)
             train(args)
         return 0
     except UsageError as e:
