@@ -341,7 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     l2l.add_argument("--attacker-wd", type=float, default=2e-4, help="Adam weight decay of the attacker")
 
     ev = p.add_argument_group("evaluation")
-    ev.add_argument("--eval-attacks", default="fgsm,pgd,cw", help=f"comma list from: {', '.join(EVAL_ATTACKS)}")
+    ev.add_argument("--eval-attacks", default="fgsm,pgd,cw,aa",
+                    help=f"comma list from: {', '.join(EVAL_ATTACKS)}; aa = AutoAttack's standard version (apgd-ce, "
+                         f"apgd-t, fab-t, square on the examples still robust), the yardstick for robust accuracy")
     ev.add_argument("--eval-steps", type=int, default=None, help="PGD/CW steps (default: 20, MNIST 40)")
     ev.add_argument("--eval-step-size", type=parse_number, default=None,
                     help="PGD/CW step (default: eps/4, MNIST 0.01)")
@@ -350,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--transfer-from", default=None, metavar="CKPT", help=ev_transfer_help)
     ev.add_argument("--apgd-steps", type=int, default=100, help="iterations of apgd-ce and apgd-t (AutoAttack: 100)")
     ev.add_argument("--apgd-targets", type=int, default=9, help="target classes of apgd-t (AutoAttack: 9)")
+    ev.add_argument("--fab-steps", type=int, default=100, help="iterations of fab-t per target (AutoAttack: 100)")
+    ev.add_argument("--fab-targets", type=int, default=9, help="target classes of fab-t (AutoAttack: 9)")
+    ev.add_argument("--square-queries", type=int, default=5000, help="queries of square (AutoAttack: 5000)")
     ev.add_argument("--eval-checks", action="store_true",
                     help="run the gradient-masking sanity checks on the evaluated checkpoint")
     ev.add_argument("--val-steps", type=int, default=10, help="PGD steps of the per-epoch validation attack")
@@ -416,7 +421,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.bls_init_step = args.eps
     if args.rnn_eval_steps is None:
         args.rnn_eval_steps = max(args.steps, 1)
-    for name in ("rnn_hidden", "rnn_layers", "bls_tries", "rnn_eval_steps", "apgd_steps", "apgd_targets"):
+    for name in ("rnn_hidden", "rnn_layers", "bls_tries", "rnn_eval_steps", "apgd_steps", "apgd_targets", "fab_steps",
+                 "fab_targets", "square_queries"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} is below 1; use 1 or more")
     for name in ("rnn_lr", "rnn_max_step", "bls_init_step", "bls_c"):
@@ -494,11 +500,12 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise UsageError(f"--eval-attacks names {', '.join(twice)} more than once; list each attack once")
     args.eval_attacks = ",".join(names)
     most_targets = spec["classes"] - 1
-    if args.apgd_targets > most_targets:
-        if "apgd-t" in names and int(os.environ.get("RANK", "0")) == 0:
-            print(f"note: apgd-t: {most_targets} targets, the most a {spec['classes']}-class dataset has "
-                  f"(--apgd-targets {args.apgd_targets})", file=sys.stderr)
-        args.apgd_targets = most_targets
+    for attack, name in (("apgd-t", "apgd_targets"), ("fab-t", "fab_targets")):
+        if getattr(args, name) > most_targets:
+            if (attack in names or "aa" in names) and int(os.environ.get("RANK", "0")) == 0:
+                print(f"note: {attack}: {most_targets} targets, the most a {spec['classes']}-class dataset has "
+                      f"(--{name.replace('_', '-')} {getattr(args, name)})", file=sys.stderr)
+            setattr(args, name, most_targets)
     if "rnn" in names and args.method not in ("rnn-adv", "rnn-trades"):
         raise UsageError(f"--eval-attacks rnn needs a learned RNN optimiser, and --method {args.method} has none; "
                          f"drop it or evaluate an rnn-* checkpoint")
@@ -1190,6 +1197,223 @@ def apgd_targeted(model, x, y, eps, n_iter=100, n_targets=9):
         with torch.no_grad():
             fooled[todo] = model(cand).argmax(1) != y[todo]
     return x_adv
+
+
+def fab_linf_projection(points: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """FAB's projection (Croce & Hein, ICML 2020, "Minimally distorted adversarial examples with a fast adaptive
+    boundary attack", Sec. 3.1; auto-attack fab_projections.py, projection_linf), per row of the N x D inputs:
+    the smallest l_inf step d with <w, t + d> = b and t + d in the box [0,1]^D, t = points[i].
+    Each coordinate moves towards the hyperplane by min(r, room_i), room_i being its distance to the box face it moves
+    to; the radius r is found by bisection over the sorted rooms. A row whose hyperplane the box cannot reach gets the
+    full step to the box corner nearest to it."""
+    t, w, b = points, w.clone(), b.clone()
+    side = 2 * ((w * t).sum(1) - b >= 0) - 1  # orient every hyperplane so that the step has to lower <w, z>
+    w, b = w * side.unsqueeze(1), b * side
+    up = (w < 0).float()  # coordinates that move up, towards 1 (the others move down, towards 0)
+    d = (up - t) * (w != 0).float()  # the full step to the box corner
+    room = up - t * (2 * up - 1)  # how far each coordinate can move: 1 - t going up, t going down
+    order = torch.argsort(room, dim=1)  # rooms increasing
+    need = b - (w * t).sum(1)  # the change of <w, z> the step must make
+    at_corner = (w * d).sum(1)  # the change the full corner step makes
+    desc = order.flip((1,))  # rooms decreasing
+    w_desc = w.gather(1, desc)
+    # With radius r = room of the k-th largest, the k+1 roomiest coordinates move by r and the rest go to the corner:
+    # the change is change_at[k] - clipped_weight[k] r.
+    clipped_weight = torch.cumsum(w_desc.abs(), dim=1)
+    change_at = torch.cumsum(-w_desc * d.gather(1, desc), dim=1) + at_corner.unsqueeze(1)
+    all_clipped = change_at[:, -1] - clipped_weight[:, -1] * room.gather(1, order[:, 0:1]).squeeze(1)
+    below_least_room = need - all_clipped > 0  # reached with every coordinate moving less than its room
+    bisect = (need - at_corner > 0) & ~below_least_room  # reachable, with some coordinates at their box face
+    lo = torch.zeros(int(bisect.sum()), device=t.device)
+    hi = torch.full_like(lo, w.shape[1] - 1)
+    order_b, change_b, weight_b, room_b, need_b = order[bisect], change_at[bisect], clipped_weight[bisect], \
+        room[bisect], need[bisect]
+    for _ in range(math.ceil(math.log2(w.shape[1]))):
+        mid = torch.floor((lo + hi) / 2)
+        k = mid.long().unsqueeze(1)
+        kth = order_b.gather(1, order_b.size(1) - 1 - k)  # the coordinate with the k-th largest room
+        change = (change_b.gather(1, k) - weight_b.gather(1, k) * room_b.gather(1, kth)).squeeze(1)
+        further = need_b - change > 0
+        lo = torch.where(further, mid, lo)
+        hi = torch.where(further, hi, mid)
+    lo = lo.long()
+    if below_least_room.any():
+        r = torch.clamp_min((need[below_least_room] - change_at[below_least_room, -1])
+                            / (-clipped_weight[below_least_room, -1]), min=0).unsqueeze(-1)
+        d[below_least_room] = (2 * up[below_least_room] - 1) * r
+    r = torch.clamp_min((need[bisect] - change_at[bisect, lo]) / (-clipped_weight[bisect, lo]), min=0).unsqueeze(-1)
+    d[bisect] = torch.min(r, d[bisect]) * up[bisect] + torch.max(-r, d[bisect]) * (1 - up[bisect])
+    return d * (w != 0).float()
+
+
+def fab_targeted_run(model, x, y, target, n_iter=100, alpha_max=0.1, eta=1.05, beta=0.9):
+    """One run of targeted FAB under l_inf from the clean point (Croce & Hein 2020, Algorithm 1; auto-attack
+    fab_base.py, attack_single_run with is_targeted and no random start; the gradient of fab_pt.py's
+    get_diff_logits_grads_batch_targeted). Every example is assumed correctly classified. Per iteration:
+      linearise f(z) = z_target - z_y at x_k: the hyperplane {z : f(x_k) + <grad f(x_k), z - x_k> = 0};
+      d_k, d_0 = the minimal l_inf steps from x_k and from x onto it, in [0,1]^D (fab_linf_projection);
+      alpha = min(||d_k|| / (||d_k|| + ||d_0||), alpha_max);
+      x_{k+1} = clip_[0,1]((1 - alpha)(x_k + eta d_k) + alpha (x + eta d_0))   (eta: overshoot);
+      if x_{k+1} is misclassified: keep it when it is the closest to x so far, then x_{k+1} = x + beta (x_{k+1} - x).
+    Returns, per example, the closest misclassified point found (of any l_inf size), else x."""
+    n, view = x.shape[0], (-1,) + (1,) * (x.dim() - 1)
+    rows = torch.arange(n, device=x.device)
+    x_flat = x.reshape(n, -1)
+    x_k = x.clone()
+    best, best_dist = x.clone(), torch.full((n,), 1e10, device=x.device)
+    for _ in range(n_iter):
+        z = x_k.clone().requires_grad_(True)
+        with torch.enable_grad():
+            logits = model(z)
+            f = -(logits[rows, y] - logits[rows, target])
+            (g,) = torch.autograd.grad(f.sum(), z)
+        with torch.no_grad():
+            f, w = f.detach(), g.reshape(n, -1)
+            b = -f + (g * x_k).reshape(n, -1).sum(-1)  # the hyperplane <w, z> = b
+            d = fab_linf_projection(torch.cat((x_k.reshape(n, -1), x_flat), 0), torch.cat((w, w), 0),
+                                    torch.cat((b, b), 0))
+            d_k, d_0 = d[:n].reshape(x.shape), d[n:].reshape(x.shape)
+            size = torch.clamp_min(d.abs().max(dim=1, keepdim=True)[0], 1e-8).view(-1, *view[1:])
+            alpha = (size[:n] / (size[:n] + size[n:])).clamp(min=0).clamp(max=alpha_max)
+            x_k = ((x_k + eta * d_k) * (1 - alpha) + (x + d_0 * eta) * alpha).clamp(0.0, 1.0)
+            fooled = model(x_k).argmax(1) != y
+            dist = (x_k - x).reshape(n, -1).abs().max(dim=1)[0]
+            closer = fooled & (dist < best_dist)
+            best = torch.where(closer.view(view), x_k, best)
+            best_dist = torch.where(closer, dist, best_dist)
+            x_k = torch.where(fooled.view(view), x + (x_k - x) * beta, x_k)  # step back towards x
+    return torch.where((best_dist < 1e10).view(view), best, x).detach()
+
+
+def fab_targeted(model, x, y, eps, n_iter=100, n_targets=9, alpha_max=0.1, eta=1.05, beta=0.9):
+    """FAB-T under l_inf as AutoAttack's standard version runs it (auto-attack fab_base.py, perturb with targeted=True
+    and n_restarts=1; alpha_max 0.1, eta 1.05, beta 0.9 are its defaults): for the 2nd, 3rd, ... (n_targets + 1)-th
+    most likely class of the clean logits in turn, fab_targeted_run on the examples still robust (correct, and not
+    yet fooled within eps). A result counts when it is misclassified and within eps; FAB minimises the distance
+    and does not project, so a farther one is dropped. Returns x_adv in C: the fooling point, else x."""
+    n, view = x.shape[0], (-1,) + (1,) * (x.dim() - 1)
+    with torch.no_grad():
+        logits = model(x)
+    robust = logits.argmax(1) == y
+    by_likelihood = logits.sort(dim=-1)[1]  # classes in increasing logit order
+    x_adv = x.detach().clone()
+    for rank in range(2, n_targets + 2):
+        todo = robust.nonzero().squeeze(1)
+        if todo.numel() == 0:
+            break
+        cand = fab_targeted_run(model, x[todo], y[todo], by_likelihood[todo, -rank], n_iter, alpha_max, eta, beta)
+        with torch.no_grad():
+            wrong = model(cand).argmax(1) != y[todo]
+        fooled = wrong & ((cand - x[todo]).reshape(len(todo), -1).abs().max(1)[0] <= eps)
+        x_adv[todo[fooled]] = cand[fooled]
+        robust[todo[fooled]] = False
+    return x_adv
+
+
+def square_p(it: int, p_init: float = 0.8) -> float:
+    """Square Attack's schedule of p, the fraction of the image a square covers (square.py, p_selection with
+    AutoAttack's resc_schedule=False): p_init halved after iterations 10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000."""
+    for bound, div in ((8000, 512), (6000, 256), (4000, 128), (2000, 64), (1000, 32), (500, 16), (200, 8), (50, 4),
+                       (10, 2)):
+        if it > bound:
+            return p_init / div
+    return p_init
+
+
+def square_linf(model, x, y, eps, n_queries=5000, p_init=0.8, generator=None):
+    """Square Attack under l_inf (Andriushchenko, Croce, Flammarion, Hein, ECCV 2020, Algorithm 1 with the l_inf
+    square distribution of Sec. 3.1), as AutoAttack's standard version runs it (auto-attack square.py,
+    attack_single_run and perturb: margin loss, one restart, 5000 queries, p_init 0.8). Score-based: only the
+    model's logits are used, so masked gradients do not stop it. On the correctly classified examples:
+      x_best = clip(x + eps s), s in {-1, 1} per example, channel and image column (vertical stripes);
+      at iteration i, side h_i = max(round(sqrt(p_i D / c)), 1) with p_i = square_p(i); one window position and one
+      sign per channel, drawn once for the whole batch; x_new = x_best with that window set to x +- eps (clipped to
+      [0,1]); x_best = x_new where the margin z_y - max_{j != y} z_j falls or turns <= 0;
+    until every example is misclassified or the queries are spent. The random numbers come from `generator` (the
+    default CPU generator when None), as square.py draws them. Returns x_adv in C: the fooling point, else x."""
+    rand = lambda shape: torch.rand(shape, generator=generator).to(x.device)
+    sign = lambda shape: torch.sign(2 * rand(shape) - 1)
+
+    def margin(z, labels):
+        with torch.no_grad():
+            logits = model(z)
+        z_y = logits.gather(1, labels[:, None]).squeeze(1)
+        return z_y - logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), float("-inf")).amax(1)
+
+    x_adv = x.detach().clone()
+    with torch.no_grad():
+        todo = (model(x).argmax(1) == y).nonzero().squeeze(1)
+    if todo.numel() == 0:
+        return x_adv
+    xs, ys = x[todo], y[todo]
+    c, h, w = xs.shape[1:]
+    view = (-1,) + (1,) * (xs.dim() - 1)
+    x_best = torch.clamp(xs + eps * sign([xs.shape[0], c, 1, w]), 0.0, 1.0)
+    margin_min = margin(x_best, ys)
+    loss_min = margin_min.clone()
+    if not (margin_min < 0.0).all():
+        for i in range(n_queries):
+            active = (margin_min > 0.0).nonzero().squeeze(1)
+            if active.numel() == 0:  # only margins of exactly 0 are left: nothing to improve
+                break
+            x_c, best_c, y_c = xs[active], x_best[active], ys[active]
+            side = min(max(int(round(math.sqrt(square_p(i, p_init) * (c * h * w) / c))), 1), min(h, w))
+            top = int((h - side) * rand([1]))
+            left = int((w - side) * rand([1]))
+            delta = torch.zeros([c, h, w], device=x.device)
+            delta[:, top:top + side, left:left + side] = 2.0 * eps * sign([c, 1, 1])
+            x_new = torch.clamp(torch.min(torch.max(best_c + delta, x_c - eps), x_c + eps), 0.0, 1.0)
+            m = margin(x_new, y_c)
+            lower = m < loss_min[active]
+            loss_min[active] = torch.where(lower, m, loss_min[active])
+            take = lower | (m <= 0.0)
+            margin_min[active] = torch.where(take, m, margin_min[active])
+            x_best[active] = torch.where(take.view(view), x_new, best_c)
+            if (margin_min <= 0.0).all():
+                break
+    with torch.no_grad():
+        fooled = model(x_best).argmax(1) != ys
+    x_adv[todo[fooled]] = x_best[fooled]
+    return x_adv
+
+
+# AutoAttack's standard version under l_inf, in its order (autoattack.py, set_version('standard')).
+AUTOATTACK_STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
+
+
+def autoattack(model, x, y, eps, attacks=AUTOATTACK_STANDARD, batch_size=250, seed=0, n_iter=100, n_targets=9,
+               fab_iter=100, fab_targets=9, n_queries=5000, on_batch=None):
+    """AutoAttack (Croce & Hein, ICML 2020), standard version, l_inf, as auto-attack autoattack.py
+    (run_standard_evaluation) runs it: the clean predictions, then each attack in `attacks` in turn on the examples
+    still robust, in chunks of `batch_size`, the random generators seeded with `seed` before every chunk (as each
+    attack's perturb seeds them); an example fooled by one attack is not attacked again and keeps that attack's point.
+    Defaults are the standard version's: APGD-CE (100 iterations, 1 run), APGD-T (9 targets x 100), FAB-T
+    (9 targets x 100), Square (5000 queries, p_init 0.8). Note that it reseeds torch's global generators.
+    on_batch(name), when given, is called after every chunk (progress).
+    Returns (x_adv, robust): x_adv in C; robust[name] the examples still robust after that attack ('clean' first)."""
+    run = {"apgd-ce": lambda xb, yb: apgd_ce(model, xb, yb, eps, n_iter),
+           "apgd-t": lambda xb, yb: apgd_targeted(model, xb, yb, eps, n_iter, n_targets),
+           "fab-t": lambda xb, yb: fab_targeted(model, xb, yb, eps, fab_iter, fab_targets),
+           "square": lambda xb, yb: square_linf(model, xb, yb, eps, n_queries)}
+    x_adv = x.detach().clone()
+    with torch.no_grad():
+        still = torch.cat([model(xb).argmax(1) == yb for xb, yb in zip(x.split(batch_size), y.split(batch_size))])
+    robust = {"clean": still.clone()}
+    for name in attacks:
+        if not still.any():  # nothing left to attack (autoattack.py stops here)
+            robust[name] = still.clone()
+            continue
+        for chunk in still.nonzero().squeeze(1).split(batch_size):
+            torch.manual_seed(seed)
+            cand = run[name](x[chunk], y[chunk])
+            with torch.no_grad():
+                fooled = model(cand).argmax(1) != y[chunk]
+            x_adv[chunk[fooled]] = cand[fooled]
+            still[chunk[fooled]] = False
+            if on_batch is not None:
+                on_batch(name)
+        robust[name] = still.clone()
+    return x_adv, robust
 
 
 def inner_loss(model, x_adv, y, logp_clean=None) -> torch.Tensor:
@@ -2190,14 +2414,28 @@ EVAL_ATTACKS: Dict[str, EvalAttack] = {
                           lambda a: dict(loss="cw-linf (Carlini-Wagner optimisation, L2L cw.py: Adam lr 5e-3, c from "
                                               "1e-5 x10 to 1e2, tau x0.9)", steps=50, step_size=5e-3, restarts=1,
                                          random_start=False)),
-    # AutoAttack's first two attacks, written here from Croce & Hein (2020): APGD-CE and APGD-T (targeted DLR,
-    # top-9 classes), 1 run each as in AutoAttack's standard version. FAB-T and Square are not in this file.
+    # AutoAttack's four attacks (Croce & Hein 2020), each also usable alone: APGD-CE, APGD-T (targeted DLR, top-9
+    # classes), FAB-T (top-9 targets) and Square (5000 queries), 1 run each as in AutoAttack's standard version.
     "apgd-ce": EvalAttack(lambda m, x, y, a, e: apgd_ce(m, x, y, a.eps, a.apgd_steps),
                           lambda a: dict(loss="ce (APGD)", steps=a.apgd_steps, step_size=2 * a.eps, restarts=1,
                                          random_start=True)),
     "apgd-t": EvalAttack(lambda m, x, y, a, e: apgd_targeted(m, x, y, a.eps, a.apgd_steps, a.apgd_targets),
                          lambda a: dict(loss=f"targeted dlr (APGD-T, {a.apgd_targets} targets)", steps=a.apgd_steps,
-                                        step_size=2 * a.eps, restarts=a.apgd_targets, random_start=True)),
+                                        step_size=2 * a.eps, restarts=1, targets=a.apgd_targets, random_start=True)),
+    "fab-t": EvalAttack(lambda m, x, y, a, e: fab_targeted(m, x, y, a.eps, a.fab_steps, a.fab_targets),
+                        lambda a: dict(loss=f"fab-t (targeted FAB, {a.fab_targets} targets, minimal l_inf)",
+                                       steps=a.fab_steps, step_size=None, restarts=1, targets=a.fab_targets,
+                                       random_start=False)),
+    "square": EvalAttack(lambda m, x, y, a, e: square_linf(m, x, y, a.eps, a.square_queries),
+                         lambda a: dict(loss="margin (Square, score-based, p_init 0.8)", steps=a.square_queries,
+                                        step_size=2 * a.eps, restarts=1, random_start=True)),
+    # AutoAttack, standard version: the four above in order, each on the examples still robust (autoattack() below;
+    # evaluate() runs it over the whole test set at once, in chunks of --eval-batch-size).
+    "aa": EvalAttack(lambda m, x, y, a, e: run_autoattack(m, x, y, a)[0], lambda a: dict(loss="AutoAttack (standard)" if autoattack_is_standard(a)
+                                          else "AutoAttack (custom: " + autoattack_settings(a) + ")",
+                                          steps=a.apgd_steps, step_size=2 * a.eps, restarts=1, random_start=True,
+                                          suite=list(AUTOATTACK_STANDARD), seed=a.seed,
+                                          settings=autoattack_settings(a))),
     # The learned L2L attacker of the checkpoint, in eval mode, against its own classifier.
     "l2l": EvalAttack(lambda m, x, y, a, e: eval_learned_l2l(m, x, y, a, e),
                       lambda a: dict(loss="ce (learned L2L attacker)", steps=a.l2l_steps
@@ -2218,6 +2456,25 @@ EVAL_ATTACKS: Dict[str, EvalAttack] = {
 }
 
 
+def run_autoattack(model, x, y, args, on_batch=None) -> tuple:
+    """autoattack() with the evaluation flags: chunks of --eval-batch-size, seeded with --seed."""
+    return autoattack(model, x, y, args.eps, AUTOATTACK_STANDARD, args.eval_batch_size, args.seed, args.apgd_steps,
+                      args.apgd_targets, args.fab_steps, args.fab_targets, args.square_queries, on_batch)
+
+
+def autoattack_settings(args) -> str:
+    """The settings of --eval-attacks aa, in words (the protocol records them)."""
+    return (f"apgd-ce {args.apgd_steps} iterations, apgd-t {args.apgd_targets} targets x {args.apgd_steps}, "
+            f"fab-t {args.fab_targets} targets x {args.fab_steps}, square {args.square_queries} queries")
+
+
+def autoattack_is_standard(args) -> bool:
+    """True when --eval-attacks aa runs AutoAttack's standard settings (9 targets where the dataset has 10
+    classes or more)."""
+    return (args.apgd_steps, args.fab_steps, args.square_queries) == (100, 100, 5000) and \
+        args.apgd_targets == args.fab_targets == min(9, DATASETS[args.dataset]["classes"] - 1)
+
+
 def eval_learned_l2l(model, x, y, args, extras):
     """The learned attacker in eval mode, on chunks of the training batch size: its gradient feature is scaled by
     one max over the batch (adv_loss.py), so it sees batches like those it was trained on, and the result does
@@ -2233,6 +2490,9 @@ def evaluate(model, x_uint8, y, args, attacks, extras=None, gallery: Optional[di
     (an example counts as robust only if it is classified correctly clean and under every attack).
     Also records the largest l_inf perturbation each attack produced, as a check of the constraint.
     Random starts are seeded with --seed here, so a checkpoint and its flags always give the same numbers.
+    'aa' (AutoAttack) runs after the others over the whole test set, as autoattack.py does: each of its attacks on
+    the examples it leaves robust, in chunks of --eval-batch-size, reseeded with --seed before every chunk; its
+    entry records how many examples each of its attacks left.
     Under torchrun each rank attacks its shard (seeded --seed + rank) and the per-example results are gathered."""
     rank, world = dist_world()
     torch.manual_seed(args.seed + rank)
@@ -2240,32 +2500,55 @@ def evaluate(model, x_uint8, y, args, attacks, extras=None, gallery: Optional[di
     n = x_uint8.shape[0]
     idx = shard(n, pad=True).to(x_uint8.device)
     xs, ys = x_uint8[idx], y[idx]
-    correct = {name: [] for name in ["clean"] + list(attacks)}
+    per_batch = [name for name in attacks if name != "aa"]
+    correct = {name: [] for name in ["clean"] + per_batch}
     max_pert = {name: torch.zeros((), device=x_uint8.device) for name in attacks}
     batches = -(-xs.shape[0] // args.eval_batch_size)
+    total = batches * (len(per_batch) + (len(AUTOATTACK_STANDARD) if "aa" in attacks else 0))
     now = {"attack": attacks[0] if attacks else "", "batch": 1}
 
     def describe(done, elapsed, rate):
-        return (f"  evaluating: {now['attack']} on batch {now['batch']}/{batches}, "
-                + rate_and_left(done, batches * len(attacks), elapsed, rate, "attack run", "attack runs"))
+        where = f"chunk {now['batch']}" if now["attack"].startswith("aa") else f"batch {now['batch']}/{batches}"
+        return (f"  evaluating: {now['attack']} on {where}, "
+                + rate_and_left(done, total, elapsed, rate, "attack run", "attack runs"))
+
+    def keep_for_gallery(name, x, x_adv):
+        if gallery is not None and rank == 0:
+            gallery.setdefault("clean", x[:8].cpu())
+            gallery[name] = x_adv[:8].cpu()
 
     with autocast(x_uint8.device, args.eval_precision), \
-            Progress(describe, batches * len(attacks), enabled=rank == 0 and not getattr(args, "quiet", False)) as progress:
+            Progress(describe, total, enabled=rank == 0 and not getattr(args, "quiet", False)) as progress:
         for i in range(0, xs.shape[0], args.eval_batch_size):
             x = to_float(xs[i:i + args.eval_batch_size], memory_format(args))
             yb = ys[i:i + args.eval_batch_size]
             with torch.no_grad():
                 correct["clean"].append(model(x).argmax(1) == yb)
-            for name in attacks:
+            for name in per_batch:
                 now.update(attack=name, batch=i // args.eval_batch_size + 1)
                 x_adv = EVAL_ATTACKS[name].run(model, x, yb, args, extras or {})
                 max_pert[name] = torch.maximum(max_pert[name], (x_adv - x).abs().amax())
-                if gallery is not None and i == 0 and rank == 0:
-                    gallery.setdefault("clean", x[:8].cpu())
-                    gallery[name] = x_adv[:8].cpu()
+                if i == 0:
+                    keep_for_gallery(name, x, x_adv)
                 with torch.no_grad():
                     correct[name].append(model(x_adv).argmax(1) == yb)
                 progress.step()
+        if "aa" in attacks:
+            chunks = {"n": 0}
+
+            def on_batch(name):
+                chunks["n"] += 1
+                now.update(attack=f"aa: {name}", batch=chunks["n"])
+                progress.step()
+
+            x = torch.cat([to_float(xs[i:i + args.eval_batch_size], memory_format(args))
+                           for i in range(0, xs.shape[0], args.eval_batch_size)])
+            x_adv, robust = run_autoattack(model, x, ys, args, on_batch)
+            max_pert["aa"] = (x_adv - x).abs().amax()
+            keep_for_gallery("aa", x, x_adv)
+            correct["aa"] = [robust[AUTOATTACK_STANDARD[-1]]]
+            aa_steps = {name: gather_examples(robust[name].to(torch.uint8), n).bool() for name in AUTOATTACK_STANDARD}
+            del x, x_adv
     correct = {k: gather_examples(torch.cat(v).to(torch.uint8), n).bool() for k, v in correct.items()}
     if world > 1:
         for value in max_pert.values():
@@ -2278,18 +2561,22 @@ def evaluate(model, x_uint8, y, args, attacks, extras=None, gallery: Optional[di
     for name in attacks:
         results[name] = dict(accuracy=correct[name].float().mean().item(), **EVAL_ATTACKS[name].protocol(args),
                              max_perturbation=max_pert[name].item())
+    if "aa" in attacks:
+        results["aa"]["robust_after"] = {name: {"accuracy": v.float().mean().item(), "robust": int(v.sum())}
+                                         for name, v in aa_steps.items()}
     results["worst_case"] = {"accuracy": worst.float().mean().item(), "over": ["clean"] + list(attacks)}
     return results
 
 
-def sanity_checks(model, x_uint8, y, args, extras=None, n_max=500) -> list:
+def sanity_checks(model, x_uint8, y, args, extras=None, n_max=500, results=None) -> list:
     """Checks from the literature on evaluating robustness (Carlini et al. 2019, "On Evaluating Adversarial
     Robustness"; Athalye et al. 2018), on the first min(n_max, N) examples, model in eval mode. Each gives
     pass/fail with its figures; a failure is a warning of possible gradient masking, never hidden.
       1. more PGD steps (4K) do not raise robust accuracy;  2. more restarts (5) do not raise it;
       3. accuracy falls as eps grows (eps/2, eps, 2 eps) and is ~0 (<= 2%) at eps = 0.5, half the pixel range;
       4. the model's own gradients beat a transfer attack (--transfer-from) or, without one, uniform noise of
-         the same budget;  5. the loss rises along PGD (iterate 0, K/2, K)."""
+         the same budget;  5. the loss rises along PGD (iterate 0, K/2, K);  6. AutoAttack leaves at most 5 points
+         less than PGD-K (from `results` when the evaluation ran both on the test set, else on these examples)."""
     model.eval()
     n = min(n_max, x_uint8.shape[0])
     x, y = to_float(x_uint8[:n], memory_format(args)), y[:n]
@@ -2329,6 +2616,16 @@ def sanity_checks(model, x_uint8, y, args, extras=None, n_max=500) -> list:
             losses.append(F.cross_entropy(model(pgd(model, x, y, args.eps, step, steps)), y).item())
     checks.append(dict(name="loss rises along PGD", passed=losses[-1] > losses[0] + 1e-3,
                        detail=" -> ".join(f"{v:.3f}" for v in losses) + f" (CE at iterations 0, {k // 2}, {k})"))
+    if results and "aa" in results and "pgd" in results:
+        pgd_name = f"PGD-{results['pgd']['steps']}x{results['pgd']['restarts']}"
+        pgd_value, aa_value, where = results["pgd"]["accuracy"], results["aa"]["accuracy"], "test set"
+    else:
+        robust = run_autoattack(model, x, y, args)[1]
+        pgd_name, pgd_value, aa_value = f"PGD-{k}", base, robust[AUTOATTACK_STANDARD[-1]].float().mean().item()
+        where = f"first {n}"
+    checks.append(dict(name="PGD agrees with AutoAttack", passed=aa_value >= pgd_value - 0.05,
+                       detail=f"{pgd_name} {100 * pgd_value:.1f}% vs AutoAttack {100 * aa_value:.1f}% ({where}; a gap "
+                              f"over 5 points means PGD overstates robustness)"))
     return checks
 
 
@@ -2356,8 +2653,21 @@ def save_examples(gallery: dict, eps: float, path: str) -> None:
                                               format="png"))
 
 
+def masking_warnings(res: dict, gap: float = 0.05) -> list:
+    """One line for every gradient-based attack whose robust accuracy AutoAttack undercuts by more than `gap`: that
+    figure overstates robustness (a sign of gradient masking, Athalye et al. 2018; Croce & Hein 2020)."""
+    if "aa" not in res:
+        return []
+    aa = res["aa"]["accuracy"]
+    return [f"WARNING: {name} leaves {100 * res[name]['accuracy']:.2f}% but AutoAttack {100 * aa:.2f}%: the {name} "
+            f"figure overstates robustness (possible gradient masking); report AutoAttack's"
+            for name in ("fgsm", "pgd", "cw", "cw-linf", "l2l", "rnn")
+            if name in res and res[name]["accuracy"] > aa + gap]
+
+
 def format_results(res: dict, title: str) -> str:
-    """The results as a table, protocol beside every number."""
+    """The results as a table, protocol beside every number; AutoAttack's attacks one by one under its row; a
+    warning when AutoAttack contradicts a weaker attack, and a note when no AutoAttack ran."""
     p = res["protocol"]
     lines = [f"{title}: eps {p['eps_text']}, {p['examples']} {p['split']} examples, model in eval mode, "
              f"{p.get('precision', 'fp32')}",
@@ -2365,10 +2675,20 @@ def format_results(res: dict, title: str) -> str:
     lines.append(f"  {'clean':<12}{100 * res['clean']['accuracy']:>8.2f}%")
     for name in res["worst_case"]["over"][1:]:
         r = res[name]
+        step = fmt_eps(r["step_size"]) if r.get("step_size") else "-"
+        if name == "aa":
+            lines.append(f"  {'aa':<12}{100 * r['accuracy']:>8.2f}%  {r['loss']}, seed {r.get('seed')}")
+            after = r.get("robust_after", {})
+            lines.append("  " + " " * 14 + ", ".join(f"after {k} {100 * v['accuracy']:.2f}%" for k, v in after.items()))
+            continue
         lines.append(f"  {name:<12}{100 * r['accuracy']:>8.2f}%  {r['loss'].split()[0]:<9}{r['steps']:>6}"
-                     f"{fmt_eps(r['step_size']):>9}{r['restarts']:>9}")
+                     f"{step:>9}{r['restarts']:>9}" + (f"  ({r['targets']} targets)" if "targets" in r else ""))
     lines.append(f"  {'worst case':<12}{100 * res['worst_case']['accuracy']:>8.2f}%  "
                  f"(per example, over {', '.join(res['worst_case']['over'])})")
+    lines += ["  " + w for w in masking_warnings(res)]
+    if "aa" not in res and len(res["worst_case"]["over"]) > 1:
+        lines.append("  note: no AutoAttack in this evaluation: these robust accuracies are upper bounds that stronger "
+                     "attacks may lower (add aa to --eval-attacks)")
     return "\n".join(lines)
 
 
@@ -2711,7 +3031,7 @@ def report_extras(model, data: Data, args, extras: dict, results: dict, gallery:
     save_examples(gallery, args.eps, os.path.join(args.out, "examples.png"))
     if args.eval_checks:
         with autocast(data.x_test.device, args.eval_precision):
-            results["checks"] = sanity_checks(model, data.x_test, data.y_test, args, extras)
+            results["checks"] = sanity_checks(model, data.x_test, data.y_test, args, extras, results=results)
         print(format_checks(results["checks"]))
 
 
@@ -2860,7 +3180,8 @@ def benchmark(args) -> dict:
 # ================================================================================================
 
 # Report columns in the papers' order; a column appears when some run has it.
-REPORT_ATTACKS = ("fgsm", "pgd", "cw", "cw-linf", "apgd-ce", "apgd-t", "l2l", "rnn", "transfer")
+REPORT_ATTACKS = ("fgsm", "pgd", "cw", "cw-linf", "apgd-ce", "apgd-t", "fab-t", "square", "l2l", "rnn", "transfer",
+                  "aa")
 
 
 def read_results(path: str) -> tuple:
@@ -2914,8 +3235,15 @@ def report_table(runs: list) -> str:
         seconds = [h["train_seconds"] for h in history if "train_seconds" in h]
         p = res["protocol"]
         over = res.get("worst_case", {}).get("over", [])[1:]
+        def attack_protocol(k):
+            r = res[k]
+            if k == "aa":
+                return "aa " + ("standard" if r.get("loss") == "AutoAttack (standard)" else r.get("settings", "custom"))
+            step = fmt_eps(r["step_size"]) if r.get("step_size") else "-"
+            return f"{k} {r['steps']}x{r['restarts']}@{step}"
+
         protocol = f"eps {p.get('eps_text', p.get('eps'))}, {p.get('examples')} {p.get('split', 'test')}; " + "; ".join(
-            f"{k} {res[k]['steps']}x{res[k]['restarts']}@{fmt_eps(res[k]['step_size'])}" for k in over if k in res)
+            attack_protocol(k) for k in over if k in res)
         epochs = f"{len(history)} (best {res['best_epoch']})" if history else f"eval of epoch {res.get('epoch', '?')}"
         row = [name, res.get("method", "?"), res.get("dataset", "?"), res.get("model", "?"), epochs,
                cell("clean", res["clean"]["accuracy"]),
@@ -3011,7 +3339,8 @@ def report(paths: list) -> str:
 # Flags an --eval-only run takes from the command line; everything else comes from the checkpoint.
 EVAL_KEYS = ("eps", "eval_attacks", "eval_steps", "eval_step_size", "eval_restarts", "eval_batch_size",
              "test_size", "data_dir", "device", "seed", "out", "overwrite", "transfer_from", "rnn_eval_steps",
-             "rnn_progress", "apgd_steps", "apgd_targets", "eval_checks", "eval_precision", "channels_last", "compile")
+             "rnn_progress", "apgd_steps", "apgd_targets", "fab_steps", "fab_targets", "square_queries", "eval_checks",
+             "eval_precision", "channels_last", "compile")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

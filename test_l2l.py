@@ -108,6 +108,7 @@ def eval_args(**kw):
              method="l2l-2step", l2l_steps=2, l2l_step_size=None, rnn_eval_steps=3, rnn_max_step=EPS,
              rnn_design="sign-step", rnn_objective="loss", rnn_progress="attack", step_size=EPS / 4, steps=4,
              attack_start="uniform", rnn_weights="uniform", transfer_from=None, apgd_steps=10, apgd_targets=3,
+             fab_steps=10, fab_targets=3, square_queries=100, dataset="mnist",
              eval_precision="fp32", channels_last=False, batch_size=64)
     a.update(kw)
     return type("A", (), a)()
@@ -132,7 +133,8 @@ def test_every_attack_stays_in_eps_ball_and_image_box(toy, name):
     # images at the box edges: pixels at 0 cannot go below 0, pixels at 1 cannot exceed 1
     assert (x == 0).any() and (x == 1).any()
     assert all(p.grad is None for p in model.parameters()), "attacks must not touch parameter gradients"
-    assert (x_adv != x).any(), "the attack did nothing"
+    if name not in ("eval:fab-t", "eval:square", "eval:aa"):  # these return x where they fail, as the toy is robust
+        assert (x_adv != x).any(), "the attack did nothing"  # at EPS; the next test runs them where they succeed
 
 
 def test_project_is_the_exact_projection():
@@ -313,8 +315,10 @@ def test_wrn_34_10_has_the_published_size():
 # The command line, end to end through the real loader
 # ------------------------------------------------------------------------------------------------
 
+# AutoAttack (the default evaluation ends with it) at a tiny budget
+AA_TINY = ["--apgd-steps", "5", "--apgd-targets", "2", "--fab-steps", "5", "--fab-targets", "2", "--square-queries", "20"]
 TINY = ["--epochs", "1", "--train-size", "96", "--val-size", "32", "--test-size", "32", "--batch-size", "32",
-        "--steps", "2", "--eval-steps", "2", "--val-steps", "2", "--device", DEV, "--l2l-width", "16"]
+        "--steps", "2", "--eval-steps", "2", "--val-steps", "2", "--device", DEV, "--l2l-width", "16", *AA_TINY]
 
 
 def cli(*argv):
@@ -336,9 +340,11 @@ def test_cli_trains_and_evaluates_each_method(method, mnist_dir, tmp_path, capsy
     assert "epoch   1/1" in stdout and "worst case" in stdout
     res = json.load(open(os.path.join(out, "results.json")))
     assert res["method"] == method and res["protocol"]["examples"] == 32
-    for name in ("clean", "fgsm", "pgd", "cw", "worst_case"):
+    for name in ("clean", "fgsm", "pgd", "cw", "aa", "worst_case"):
         assert 0.0 <= res[name]["accuracy"] <= 1.0
         assert res["worst_case"]["accuracy"] <= res[name]["accuracy"]
+    assert list(res["aa"]["robust_after"]) == ["apgd-ce", "apgd-t", "fab-t", "square"]  # the default includes aa
+    assert res["aa"]["robust_after"]["square"]["accuracy"] == res["aa"]["accuracy"] <= res["clean"]["accuracy"]
     assert res["pgd"]["steps"] == 2 and res["last"]["worst_case"]["accuracy"] <= 1.0
     assert os.path.isfile(os.path.join(out, "best.pt")) and os.path.isfile(os.path.join(out, "last.pt"))
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
@@ -375,10 +381,10 @@ def test_load_model_round_trip(trained_run, mnist_dir):
 def test_eval_only_reproduces_the_training_evaluation(trained_run, mnist_dir, tmp_path):
     out = str(tmp_path / "ev")
     assert l2l.main(["--eval-only", os.path.join(trained_run, "best.pt"), "--data-dir", mnist_dir,
-                     "--test-size", "32", "--eval-steps", "2", "--out", out, "--device", DEV]) == 0
+                     "--test-size", "32", "--eval-steps", "2", "--out", out, "--device", DEV, *AA_TINY]) == 0
     train_res = json.load(open(os.path.join(trained_run, "results.json")))
     ev = json.load(open(os.path.join(out, "results.json")))
-    for k in ("clean", "fgsm", "pgd", "cw", "worst_case"):
+    for k in ("clean", "fgsm", "pgd", "cw", "aa", "worst_case"):
         assert ev[k]["accuracy"] == train_res[k]["accuracy"], k
 
 
@@ -441,7 +447,7 @@ BAD = {
     "zero test size": (["--test-size", "0"], "--test-size"),
     "zero val size": (["--val-size", "0"], "--val-size"),
     "val too large": (["--val-size", "1000000"], "--val-size"),
-    "unknown eval attack": (["--eval-attacks", "pgd,square"], "--eval-attacks"),
+    "unknown eval attack": (["--eval-attacks", "pgd,squares"], "--eval-attacks"),
     "bad schedule": (["--lr-schedule", "cosine"], "--lr-schedule"),
     "bad wrn depth": (["--model", "wrn", "--depth", "33"], "--depth"),
     "unknown flag": (["--epoch", "3"], "unrecognized"),
@@ -1080,6 +1086,147 @@ def test_apgd_checkpoints_follow_the_paper():
     assert l2l.apgd_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
 
 
+# ------------------------------------------------------------------------------------------------
+# AutoAttack's FAB-T and Square, and the standard suite
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["fab-t", "square", "aa"])
+def test_fab_square_and_autoattack_fool_within_C_where_robustness_breaks(toy, name):
+    """At eps 0.15 the toy model breaks: each attack fools some examples, and every point it returns is in C."""
+    model, x, y = toy
+    eps = 0.15
+    torch.manual_seed(0)
+    x_adv = {"fab-t": lambda: l2l.fab_targeted(model, x, y, eps, 20, 3),
+             "square": lambda: l2l.square_linf(model, x, y, eps, 300),
+             "aa": lambda: l2l.autoattack(model, x, y, eps, batch_size=100, n_iter=10, n_targets=3, fab_iter=10,
+                                          fab_targets=3, n_queries=100)[0]}[name]()
+    assert (x_adv - x).abs().max() <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    assert accuracy(model, x_adv, y) < accuracy(model, x, y) - (0.1 if name == "square" else 0.3)
+    changed = (x_adv != x).flatten(1).any(1)
+    with torch.no_grad():
+        assert (model(x_adv[changed]).argmax(1) != y[changed]).all()  # a returned point is a fooling one, else x
+
+
+def box_reach(t, w, r):
+    """The range of <w, z> over z in [0,1]^D within l_inf distance r of t, per row (closed form)."""
+    r = torch.as_tensor(r, dtype=t.dtype).reshape(-1, 1)
+    lo, hi = (t - r).clamp(0, 1), (t + r).clamp(0, 1)
+    return torch.where(w > 0, w * lo, w * hi).sum(1), torch.where(w > 0, w * hi, w * lo).sum(1)
+
+
+def test_fab_projection_is_the_smallest_linf_step_onto_the_hyperplane_in_the_box():
+    torch.manual_seed(0)
+    t, w = torch.rand(200, 30, dtype=torch.float64), torch.randn(200, 30, dtype=torch.float64)
+    w[:20, :10] = 0
+    lo, hi = box_reach(t, w, 1.0)  # everything the box reaches
+    b = lo + (hi - lo) * torch.rand(200, dtype=torch.float64)  # reachable hyperplanes
+    d = l2l.fab_linf_projection(t, w, b)
+    z, r = t + d, d.abs().amax(1)
+    assert z.min() >= -1e-12 and z.max() <= 1 + 1e-12
+    assert torch.allclose((w * z).sum(1), b, atol=1e-9)
+    # minimal: at 99.9% of the radius the hyperplane is out of reach (bisection-free closed-form check)
+    lo, hi = box_reach(t, w, 0.999 * r)
+    assert ((b < lo) | (b > hi)).all()
+
+
+def test_fab_targeted_finds_the_boundary_of_a_linear_model():
+    """Two classes, f(x) = W x + c: the smallest l_inf step to the boundary from x is |f_1 - f_0| / ||w_1 - w_0||_1
+    (inputs far from the box faces). FAB-T lands within 5% above it; under it no attack can succeed."""
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Flatten(), nn.Linear(64, 2)).to(DEVICE).double().eval()
+    x = (0.5 + 0.05 * torch.rand(32, 1, 8, 8, device=DEVICE, dtype=torch.float64))
+    with torch.no_grad():
+        y = lin(x).argmax(1)
+        logits = lin(x)
+        wdiff = lin[1].weight[1] - lin[1].weight[0]
+        distance = (logits[:, 1] - logits[:, 0]).abs() / wdiff.abs().sum()
+    assert distance.max() < 0.3  # the minimal points stay inside the box
+    x_adv = l2l.fab_targeted_run(lin, x, y, 1 - y, n_iter=100)
+    found = (x_adv - x).flatten(1).abs().amax(1)
+    with torch.no_grad():
+        assert (lin(x_adv).argmax(1) != y).all()
+    assert (found >= distance * (1 - 1e-6)).all() and (found <= 1.05 * distance).all()
+    # fab_targeted keeps a point only within eps
+    wide = l2l.fab_targeted(lin, x, y, float(1.06 * distance.max()), 100, 1)
+    narrow = l2l.fab_targeted(lin, x, y, float(0.99 * distance.min()), 100, 1)
+    assert accuracy(lin, wide, y) == 0.0 and accuracy(lin, narrow, y) == 1.0 and torch.equal(narrow, x)
+
+
+def test_square_needs_no_gradient_and_beats_pgd_on_a_masking_model(toy):
+    model, x, y = toy
+    masked = RoundsItsInput(model).eval()
+    torch.manual_seed(0)
+    acc_pgd = accuracy(masked, l2l.pgd(masked, x, y, 0.15, 0.15 / 4, 10), y)
+    torch.manual_seed(0)
+    acc_square = accuracy(masked, l2l.square_linf(masked, x, y, 0.15, 300), y)
+    assert acc_pgd == 1.0 and acc_square < 0.6
+
+
+def test_square_schedule_follows_square_py():
+    assert [l2l.square_p(i) for i in (0, 10, 11, 50, 51, 200, 201, 500, 501, 1000, 1001, 2000, 2001, 4000, 4001,
+                                      6000, 6001, 8000, 8001)] == \
+        [0.8, 0.8] + [0.8 / k for k in (2, 2, 4, 4, 8, 8, 16, 16, 32, 32, 64, 64, 128, 128, 256, 256, 512)]
+
+
+def test_autoattack_runs_its_attacks_in_order_on_what_is_left(toy, monkeypatch):
+    model, x, y = toy
+    seen = []
+    for fn in ("apgd_ce", "apgd_targeted", "fab_targeted", "square_linf"):
+        real = getattr(l2l, fn)
+        monkeypatch.setattr(l2l, fn, lambda m, xs, ys, *a, _real=real, _fn=fn, **k:
+                            seen.append((_fn, len(ys))) or _real(m, xs, ys, *a, **k))
+    x_adv, robust = l2l.autoattack(model, x, y, 0.15, batch_size=100, n_iter=10, n_targets=3, fab_iter=10,
+                                   fab_targets=3, n_queries=100)
+    assert list(robust) == ["clean", "apgd-ce", "apgd-t", "fab-t", "square"]
+    counts = [int(v.sum()) for v in robust.values()]
+    assert counts == sorted(counts, reverse=True) and counts[1] < counts[0]
+    # each attack sees exactly the examples the previous ones left, in chunks of batch_size
+    by_fn = {}
+    for fn, n in seen:
+        by_fn.setdefault(fn, []).append(n)
+    assert sum(by_fn["apgd_ce"]) == counts[0] and max(by_fn["apgd_ce"]) <= 100
+    assert sum(by_fn["apgd_targeted"]) == counts[1] and sum(by_fn.get("fab_targeted", [])) == counts[2]
+    with torch.no_grad():
+        assert torch.equal(model(x_adv).argmax(1) == y, robust["square"])
+    # the same seed gives the same result; AutoAttack is never weaker than its first attack alone
+    torch.manual_seed(123)
+    assert torch.equal(l2l.autoattack(model, x, y, 0.15, batch_size=100, n_iter=10, n_targets=3, fab_iter=10,
+                                      fab_targets=3, n_queries=100)[1]["square"], robust["square"])
+    torch.manual_seed(0)
+    assert robust["square"].float().mean() <= accuracy(model, l2l.apgd_ce(model, x, y, 0.15, 10), y)
+
+
+def test_evaluate_aa_records_each_attack_and_warns_when_pgd_overstates(toy):
+    model, x, y = toy
+    masked = RoundsItsInput(model).eval()
+    xu = (x * 255).round().to(torch.uint8)
+    args = eval_args(eps=0.15, eval_step_size=0.15 / 4, eval_steps=10, eval_restarts=1, eval_batch_size=100,
+                     square_queries=300, quiet=True)
+    res = l2l.evaluate(masked, xu, y, args, ["pgd", "aa"])
+    assert res["pgd"]["accuracy"] == 1.0 and res["aa"]["accuracy"] < 0.6
+    assert [k for k in res["aa"]["robust_after"]] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert res["aa"]["robust_after"]["apgd-ce"]["robust"] == len(y)  # gradients are masked: APGD finds nothing
+    assert res["aa"]["robust_after"]["square"]["accuracy"] == res["aa"]["accuracy"] == res["worst_case"]["accuracy"]
+    assert res["aa"]["loss"].startswith("AutoAttack (custom")  # 3 targets, 10 iterations, 300 queries: not standard
+    table = l2l.format_results(res, "test")
+    assert "WARNING: pgd leaves 100.00% but AutoAttack" in table and "overstates robustness" in table
+    assert "after apgd-ce 100.00%" in table
+    # the same model without masking: no warning; without aa, a note that the numbers are upper bounds
+    plain = l2l.evaluate(model, xu, y, args, ["pgd", "aa"])
+    assert "WARNING" not in l2l.format_results(plain, "test")
+    only_pgd = l2l.evaluate(model, xu, y, args, ["pgd"])
+    assert "no AutoAttack in this evaluation" in l2l.format_results(only_pgd, "test")
+
+
+def test_autoattack_standard_settings_are_named_standard():
+    args = l2l.parse_args(["--dataset", "mnist"])
+    assert "aa" in args.eval_attacks.split(",")  # the default evaluation ends with AutoAttack
+    assert l2l.EVAL_ATTACKS["aa"].protocol(args)["loss"] == "AutoAttack (standard)"
+    args = l2l.parse_args(["--dataset", "mnist", "--square-queries", "1000"])
+    assert l2l.EVAL_ATTACKS["aa"].protocol(args)["loss"].startswith("AutoAttack (custom: ")
+
+
 def test_dlr_losses_match_hand_computation():
     logits = torch.tensor([[4.0, 1.0, 2.0, 0.0, 3.0]])  # sorted: 4, 3, 2, 1, 0
     y, t = torch.tensor([2]), torch.tensor([4])
@@ -1103,7 +1250,9 @@ class RoundsItsInput(nn.Module):
 
 
 def checks_args():
-    return type("A", (), dict(eps=0.15, eval_steps=10, eval_step_size=0.15 / 4, seed=0, channels_last=False))()
+    return type("A", (), dict(eps=0.15, eval_steps=10, eval_step_size=0.15 / 4, seed=0, channels_last=False,
+                              eval_batch_size=256, apgd_steps=10, apgd_targets=3, fab_steps=10, fab_targets=3,
+                              square_queries=100, dataset="mnist"))()
 
 
 def test_sanity_checks_pass_a_plain_model_and_flag_a_masking_one(toy):
@@ -1113,7 +1262,9 @@ def test_sanity_checks_pass_a_plain_model_and_flag_a_masking_one(toy):
     assert all(c["passed"] for c in plain), l2l.format_checks(plain)
     masked = l2l.sanity_checks(RoundsItsInput(model).eval(), xu, y, checks_args())
     failed = {c["name"] for c in masked if not c["passed"]}
-    assert {"loss rises along PGD", "white-box beats black-box"} <= failed, l2l.format_checks(masked)
+    # Square needs no gradient: AutoAttack leaves far less than PGD on the masking model, and the check says so
+    assert {"loss rises along PGD", "white-box beats black-box", "PGD agrees with AutoAttack"} <= failed, \
+        l2l.format_checks(masked)
     assert "WARNING: possible gradient masking" in l2l.format_checks(masked)
 
 
@@ -1121,14 +1272,18 @@ def test_results_json_round_trip_examples_png_and_checks(trained_run, mnist_dir,
     out = str(tmp_path / "ev")
     args = l2l.parse_args(["--eval-only", os.path.join(trained_run, "best.pt"), "--data-dir", mnist_dir,
                            "--test-size", "32", "--eval-steps", "2", "--eval-attacks", "fgsm,pgd,apgd-ce,apgd-t",
-                           "--apgd-steps", "5", "--apgd-targets", "2", "--eval-checks", "--out", out])
+                           "--apgd-steps", "5", "--apgd-targets", "2", "--eval-checks", "--out", out,
+                           "--fab-steps", "5", "--square-queries", "50"])
     res = l2l.evaluate_checkpoint(args)
     on_disk = json.load(open(os.path.join(out, "results.json")))
     assert on_disk == json.loads(json.dumps(res))
     assert on_disk["protocol"]["indices"] == list(range(32))
     assert [c["name"] for c in on_disk["checks"]] == ["more steps", "more restarts", "eps sweep",
-                                                      "white-box beats black-box", "loss rises along PGD"]
-    assert on_disk["apgd-t"]["restarts"] == 2 and on_disk["worst_case"]["over"][-2:] == ["apgd-ce", "apgd-t"]
+                                                      "white-box beats black-box", "loss rises along PGD",
+                                                      "PGD agrees with AutoAttack"]
+    # APGD-T's targets are targets, not restarts (it runs once per target)
+    assert on_disk["apgd-t"]["restarts"] == 1 and on_disk["apgd-t"]["targets"] == 2
+    assert on_disk["worst_case"]["over"][-2:] == ["apgd-ce", "apgd-t"]
     from PIL import Image  # pillow comes with torchvision
     with Image.open(os.path.join(out, "examples.png")) as img:
         assert img.size == (2 + 8 * 30, 2 + 9 * 30)  # 8 columns; clean + 2 rows per attack; 28x28 tiles, padding 2
@@ -1563,9 +1718,9 @@ def test_recipes_follow_the_official_settings():
     fastbat = {k: v for k, v in recipes.items() if k.startswith("fastbat-")}
     assert len(fastbat) == 24
     for name, a in fastbat.items():
-        # RA-PGD (PGD-50-10, step eps/4) and the RA-AA stand-in (APGD-CE + APGD-T); selection as Fast-BAT's
+        # RA-PGD (PGD-50-10, step eps/4) and RA-AA (AutoAttack, standard); selection as Fast-BAT's
         # train.py: PGD-50-10 with step eps/4 on the last 10% of the training set
-        assert {"pgd", "apgd-ce", "apgd-t"} <= set(a.eval_attacks.split(",")), name
+        assert {"pgd", "aa"} <= set(a.eval_attacks.split(",")), name
         assert (a.eval_steps, a.eval_restarts, a.val_steps, a.val_restarts) == (50, 10, 50, 10), name
         assert a.eval_step_size == pytest.approx(a.eps / 4) and a.val_step_size == pytest.approx(a.eps / 4), name
         assert a.val_size == {"cifar10": 5000, "cifar100": 5000, "svhn": 7326}[a.dataset], name
@@ -2107,7 +2262,7 @@ def test_repro_fast_runs_the_fast_at_family_with_the_papers_evaluation():
         ("fast-at-ga", 16), ("pgd-at", 8)]
     for a in rows:
         assert a.dataset == "cifar10" and a.model == "preactresnet18" and a.test_size is None and a.data_dir == "d"
-        assert {"pgd", "apgd-ce", "apgd-t"} <= set(a.eval_attacks.split(","))
+        assert {"pgd", "aa"} <= set(a.eval_attacks.split(","))
         assert (a.eval_steps, a.eval_restarts) == (50, 10) and a.eval_step_size == pytest.approx(a.eps / 4)
         assert a.out == f"runs/{a.recipe}" and a.paper is not None or a.method == "pgd-at"
     assert rows[0].epochs == 15 and all(a.epochs == 20 for a in rows[1:])
