@@ -71,6 +71,7 @@ import tempfile
 import threading
 import time
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional
 
@@ -208,7 +209,7 @@ def parse_number(text: str) -> float:
 def fmt_eps(value: float) -> str:
     """Print eps and step sizes the way papers write them: 8/255 when that is exact, else a decimal."""
     k = value * 255
-    if value > 0 and abs(k - round(k)) < 1e-6:
+    if value > 0 and abs(k - round(k)) < 1e-6 and float(f"{value:.4g}") != value:  # 8/255, but 0.6 stays 0.6
         return f"{round(k)}/255"
     return f"{value:.4g}"
 
@@ -387,6 +388,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Check every flag and fill the per-method, per-dataset defaults. Raises UsageError."""
     if args.method not in METHODS:
         raise UsageError(f"unknown --method '{args.method}'; choose one of: {', '.join(METHODS)}")
+    if not 0 <= args.seed < 2 ** 32:
+        raise UsageError(f"--seed {args.seed} is outside [0, 2^32); use a smaller seed, e.g. --seed 0")
     if args.dataset not in DATASETS:
         raise UsageError(f"unknown --dataset '{args.dataset}'; choose one of: {', '.join(DATASETS)}")
     spec = DATASETS[args.dataset]
@@ -396,6 +399,9 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.eps = spec["eps"]
     if not 0 < args.eps <= 1:
         raise UsageError(f"--eps {args.eps:g} is outside (0, 1]; pixels are in [0,1], e.g. --eps 8/255")
+    if args.eps < 1e-4:
+        raise UsageError(f"--eps {args.eps:g} is below 1e-4, a 40th of one 8-bit grey level: no attack can change a "
+                         f"stored image by that; use e.g. --eps 1/255 or more")
     for name in ("model", "epochs", "batch_size", "lr", "momentum", "weight_decay", "lr_schedule",
                  "lr_milestones", "lr_milestone_base", "lr_peak_epoch", "steps", "beta", "attack_bn", "attack_start"):
         if getattr(args, name, None) is None:
@@ -417,6 +423,9 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.freeze_classifier and args.method not in ("rnn-adv", "rnn-trades", *L2L_VARIANTS):
         raise UsageError(f"--freeze-classifier trains only a learned optimiser or attacker, and --method {args.method} "
                          f"has none; use an rnn-* or l2l-* method")
+    if args.freeze_classifier and not args.init and not args.resume and not args.eval_only:
+        raise UsageError("--freeze-classifier keeps the classifier fixed, and without --init CKPT it would be a random "
+                         "one; pass --init with a trained checkpoint")
     if args.bls_init_step is None:
         args.bls_init_step = args.eps
     if args.rnn_eval_steps is None:
@@ -471,11 +480,28 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             raise UsageError(f"--{name.replace('_', '-')} {value} must be a finite number >= 0")
     if args.lr <= 0:
         raise UsageError(f"--lr {args.lr} must be positive")
+    if args.momentum >= 1:
+        raise UsageError(f"--momentum {args.momentum:g} must be below 1 (SGD diverges at 1 and above); the papers use 0.9")
+    if args.lr_schedule == "cyclic" and args.cycle_momentum and args.momentum < CYCLIC_PEAK_MOMENTUM:
+        raise UsageError(f"--momentum {args.momentum:g} with the cyclic schedule: CyclicLR cycles momentum from "
+                         f"--momentum at lr 0 to {CYCLIC_PEAK_MOMENTUM} at the peak, so it would rise with the lr; pass "
+                         f"--no-cycle-momentum for a fixed momentum, or --momentum {CYCLIC_PEAK_MOMENTUM} or more")
+    bad = [m for m in args.lr_milestones if not (math.isfinite(m) and m > 0)]
+    if bad:
+        raise UsageError(f"--lr-milestones {','.join(f'{m:g}' for m in bad)}: each milestone must be a positive epoch, "
+                         f"e.g. 100,150")
     if args.lr_peak_epoch is None:
         args.lr_peak_epoch = args.epochs / 2
     if not 0 < args.lr_peak_epoch <= args.epochs:
         raise UsageError(f"--lr-peak-epoch {args.lr_peak_epoch:g} is outside (0, --epochs {args.epochs}]; "
                          f"give the epoch where the cyclic lr peaks")
+    uses_step = {"pgd-at", "trades", "fast-at", "fast-at-ga", "rnn-adv", "rnn-trades"}
+    if args.method in uses_step and args.steps > 0 and args.step_size == 0 and not args.eval_only:
+        raise UsageError(f"--step-size 0: {args.method}'s training attack would not move; give a positive step, e.g. "
+                         f"--step-size 2/255 (or --steps 0 for no attack)")
+    if args.eval_step_size == 0 and args.eval_steps > 0:
+        raise UsageError("--eval-step-size 0: the pgd and cw evaluation attacks would not move; give a positive step, "
+                         "e.g. --eval-step-size 2/255")
     if args.val_step_size is None:
         args.val_step_size = 2.5 * args.eps / max(args.val_steps, 1)
     if not (args.val_step_size > 0 and math.isfinite(args.val_step_size)) or args.val_restarts < 1:
@@ -487,7 +513,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise UsageError(f"--batch-size {args.batch_size} gives batches of {per_process} example per process, and "
                          f"{args.model if args.model != 'smallcnn' else 'the L2L attacker'} has BatchNorm, which "
                          f"needs at least 2 to estimate its statistics; use --batch-size 2 or more (the papers use 128)")
-    if args.model == "wrn" and (args.depth - 4) % 6 != 0:
+    if args.model == "wrn" and (args.depth < 10 or (args.depth - 4) % 6 != 0):
         raise UsageError(f"--depth {args.depth} is not a WideResNet depth (6n+4, e.g. 16, 28, 34)")
     if args.width < 1:
         raise UsageError(f"--width {args.width} is below 1; use 1 or more")
@@ -588,12 +614,21 @@ def read_npz(path: str) -> Dict[str, torch.Tensor]:
                 major = f.read(2)[0]
                 header_len = int.from_bytes(f.read(2 if major == 1 else 4), "little")
                 header = ast.literal_eval(f.read(header_len).decode("latin1"))
-                if header["descr"] not in _NPY_DTYPES or header["fortran_order"]:
+                if not (isinstance(header, dict) and {"descr", "fortran_order", "shape"} <= set(header)
+                        and isinstance(header["shape"], tuple) and all(isinstance(s, int) and s >= 0
+                                                                       for s in header["shape"])):
+                    raise ValueError(f"{member} has a malformed .npy header")
+                if header["descr"] not in _NPY_DTYPES:
                     raise ValueError(f"{member} has dtype {header['descr']}; expected uint8 or int64")
                 data = bytearray(f.read())
-            tensor = torch.frombuffer(data, dtype=_NPY_DTYPES[header["descr"]]) if data else \
-                torch.empty(0, dtype=_NPY_DTYPES[header["descr"]])
-            arrays[member[:-4]] = tensor.reshape(header["shape"])
+            dtype, shape = _NPY_DTYPES[header["descr"]], header["shape"]
+            if len(data) != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"{member} holds {len(data)} bytes of data, and its header's shape {shape} needs "
+                                 f"{math.prod(shape) * dtype.itemsize}")
+            tensor = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+            if header["fortran_order"]:  # column-major: the reversed shape, transposed back
+                tensor = tensor.reshape(shape[::-1]).permute(*reversed(range(len(shape)))).contiguous()
+            arrays[member[:-4]] = tensor.reshape(shape)
     return arrays
 
 
@@ -602,7 +637,10 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     leaves a half-written file under the real name (and the temporary file is removed on error)."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o666 & ~umask)  # the mode an ordinary open() would give, not mkstemp's 0600
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -659,10 +697,16 @@ def load_arrays(name: str, data_dir: str) -> Dict[str, torch.Tensor]:
     """
     spec = DATASETS[name]
     cache = os.path.join(data_dir, f"{name}.npz")
+    if os.path.islink(cache) and not os.path.exists(cache):
+        raise UsageError(f"{cache} is a symbolic link to {os.readlink(cache)}, which does not exist; fix or remove "
+                         f"the link")
+    if os.path.exists(cache) and not os.path.isfile(cache):
+        raise UsageError(f"{cache} is not a regular file (a folder, pipe or device); put the .npz file there or "
+                         f"remove it")
     if os.path.exists(cache):
         try:
             arrays = read_npz(cache)
-        except (OSError, ValueError, KeyError, SyntaxError, zipfile.BadZipFile) as e:
+        except (OSError, ValueError, KeyError, SyntaxError, zipfile.BadZipFile, zlib.error, EOFError) as e:
             raise UsageError(f"cannot read the dataset cache {cache} ({e}); delete it to rebuild it")
     else:
         try:
@@ -674,7 +718,7 @@ def load_arrays(name: str, data_dir: str) -> Dict[str, torch.Tensor]:
                     "svhn": f"{data_dir}/train_32x32.mat and test_32x32.mat"}[name]
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise UsageError(f"dataset '{name}' is not in --data-dir {data_dir} and could not be downloaded "
-                             f"({reason}); put {hint} there, or {cache}")
+                             f"({reason}); put {hint} there" + ("" if hint.startswith(cache) else f", or {cache}"))
         try:
             os.makedirs(data_dir, exist_ok=True)
             write_npz(cache, arrays)
@@ -711,16 +755,17 @@ class Data:
     y_test: torch.Tensor
 
 
-def load_data(args, device: torch.device) -> Data:
+def load_data(args, device: torch.device, test_only: bool = False) -> Data:
     """Split: validation = the last --val-size training examples (Fast-BAT's choice of the last 10%),
     train = the first --train-size of the rest, test = the first --test-size test examples.
     Checkpoints are chosen on validation only; the test set is touched only by the final evaluation."""
     a = load_arrays(args.dataset, args.data_dir)
     n = a["x_train"].shape[0]
-    if args.val_size >= n:
+    val_size = 0 if test_only else args.val_size  # --eval-only uses no part of the training set
+    if not test_only and val_size >= n:
         raise UsageError(f"--val-size {args.val_size} leaves no training data ({n} examples); use fewer")
-    n_train = n - args.val_size if args.train_size is None else args.train_size
-    if n_train + args.val_size > n:
+    n_train = 0 if test_only else n - val_size if args.train_size is None else args.train_size
+    if n_train + val_size > n:
         raise UsageError(f"--train-size {n_train} plus --val-size {args.val_size} exceed the {n} training "
                          f"examples of {args.dataset}; lower one of them")
     n_test = a["x_test"].shape[0]
@@ -738,7 +783,7 @@ def load_data(args, device: torch.device) -> Data:
         return x.permute(0, 3, 1, 2).contiguous().to(device)
 
     return Data(dev(a["x_train"][:n_train]), a["y_train"][:n_train].to(device),
-                dev(a["x_train"][n - args.val_size:]), a["y_train"][n - args.val_size:].to(device),
+                dev(a["x_train"][n - val_size:]), a["y_train"][n - val_size:].to(device),
                 dev(a["x_test"][:n_test]), a["y_test"][:n_test].to(device))
 
 
@@ -961,9 +1006,16 @@ def read_checkpoint(path: str, what: str) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") not in (CHECKPOINT_FORMAT, "l2l-checkpoint-1"):
         raise UsageError(f"{what} {path} is not an l2l.py checkpoint (no '{CHECKPOINT_FORMAT}' marker); "
                          f"pass last.pt or best.pt from an l2l.py run")
-    if ckpt["format"] == "l2l-checkpoint-1" and ckpt.get("args", {}).get("model") == "preactresnet18":
+    a = ckpt.get("args")
+    if ckpt["format"] == "l2l-checkpoint-1" and isinstance(a, dict) and a.get("model") == "preactresnet18":
         raise UsageError(f"{what} {path} holds a PreActResNet-18 from before the shortcut fix (its weights belong "
                          f"to another wiring); retrain it with this l2l.py")
+    missing = [k for k in ("args", "model", "epoch") if k not in ckpt] or \
+        ([f"args.{k}" for k in ("method", "dataset", "model", "eps", "depth", "width") if k not in a]
+         if isinstance(a, dict) else ["args"])
+    if missing or not isinstance(ckpt["model"], dict):
+        raise UsageError(f"{what} {path} is an incomplete l2l.py checkpoint (no {', '.join(missing) or 'weights'}); "
+                         f"pass a last.pt or best.pt that a finished epoch wrote")
     return ckpt
 
 
@@ -2182,7 +2234,8 @@ def compile_networks(run: Run) -> None:
               f"which torch.compile does not support; running eager", file=sys.stderr)
         run.args.compile = False  # logs and results.json say what ran
         return
-    try:  # RNN-Adv backpropagates twice through one classifier graph (retain_graph): keep its buffers
+    try:  # donated buffers break a second backward through one compiled graph; none is taken now (RNN-Adv's
+        # objective is graph-free), and the setting stays off as a safeguard
         import torch._functorch.config as functorch_config
         functorch_config.donated_buffer = False
     except (ImportError, AttributeError):
@@ -2267,11 +2320,13 @@ def make_data_parallel(run: Run) -> None:
         opt.register_step_pre_hook(average)
 
 
-def shard(n: int, pad: bool) -> torch.Tensor:
-    """This rank's indices of n examples: a contiguous block of ceil(n / ranks). With pad, every rank gets
-    exactly that many (the last repeats example n - 1), so all ranks run the same batches and collectives."""
+def shard(n: int, pad: bool, align: int = 1) -> torch.Tensor:
+    """This rank's indices of n examples: a contiguous block of ceil(n / ranks), rounded up to a multiple of
+    `align`. With pad, every rank gets exactly that many (the last repeats example n - 1), so all ranks run the same
+    batches and collectives."""
     rank, world = dist_world()
     per = -(-n // world)
+    per = -(-per // align) * align
     idx = torch.arange(rank * per, (rank + 1) * per)
     return idx.clamp(max=n - 1) if pad else idx[idx < n]
 
@@ -2476,9 +2531,10 @@ def autoattack_is_standard(args) -> bool:
 
 
 def eval_learned_l2l(model, x, y, args, extras):
-    """The learned attacker in eval mode, on chunks of the training batch size: its gradient feature is scaled by
-    one max over the batch (adv_loss.py), so it sees batches like those it was trained on, and the result does
-    not depend on --eval-batch-size or the number of processes."""
+    """The learned attacker in eval mode, on chunks of the training batch size B = --batch-size from x's start: its
+    gradient feature is scaled by one max over the chunk (adv_loss.py), so it sees batches like those it was
+    trained on. evaluate() runs it over the whole test shard, aligned to B, so chunks are cut by global example
+    index and the result depends neither on --eval-batch-size nor on the number of processes."""
     attacker = extras["attacker"]
     with model_mode(attacker, "eval"), torch.no_grad():
         return torch.cat([l2l_attack(args, attacker, model, xc, yc, across_ranks=False)
@@ -2498,24 +2554,34 @@ def evaluate(model, x_uint8, y, args, attacks, extras=None, gallery: Optional[di
     torch.manual_seed(args.seed + rank)
     model.eval()
     n = x_uint8.shape[0]
-    idx = shard(n, pad=True).to(x_uint8.device)
+    idx = shard(n, pad=True, align=args.batch_size if "l2l" in attacks else 1).to(x_uint8.device)
     xs, ys = x_uint8[idx], y[idx]
-    per_batch = [name for name in attacks if name != "aa"]
+    per_batch = [name for name in attacks if name not in ("aa", "l2l")]  # the two run over the whole shard
     correct = {name: [] for name in ["clean"] + per_batch}
     max_pert = {name: torch.zeros((), device=x_uint8.device) for name in attacks}
     batches = -(-xs.shape[0] // args.eval_batch_size)
-    total = batches * (len(per_batch) + (len(AUTOATTACK_STANDARD) if "aa" in attacks else 0))
+    total = batches * (len(per_batch) + ("l2l" in attacks) + (len(AUTOATTACK_STANDARD) if "aa" in attacks else 0))
     now = {"attack": attacks[0] if attacks else "", "batch": 1}
+    spent = {name: [0.0, 0] for name in per_batch}  # seconds and runs of each attack so far: attacks differ in cost
 
     def describe(done, elapsed, rate):
         where = f"chunk {now['batch']}" if now["attack"].startswith("aa") else f"batch {now['batch']}/{batches}"
-        return (f"  evaluating: {now['attack']} on {where}, "
-                + rate_and_left(done, total, elapsed, rate, "attack run", "attack runs"))
+        if now["attack"].startswith("aa"):
+            return f"  evaluating: {now['attack']} on {where}, {fmt_duration(elapsed)} elapsed (AutoAttack's time " \
+                   f"depends on how many examples stay robust)"
+        known = [(s / k) * (batches - k) for s, k in spent.values() if k]
+        left = fmt_duration(sum(known)) + (" left" if len(known) == len(spent) else "+ left (some attacks not run yet)")
+        return f"  evaluating: {now['attack']} on {where}, {done}/{total} attack runs, {fmt_duration(elapsed)} " \
+               f"elapsed, " + (left if known else "first batch running") + \
+               (", then AutoAttack" if "aa" in attacks else "")
 
-    def keep_for_gallery(name, x, x_adv):
+    def keep_for_gallery(name, x, x_adv, labels):
         if gallery is not None and rank == 0:
-            gallery.setdefault("clean", x[:8].cpu())
-            gallery[name] = x_adv[:8].cpu()
+            with torch.no_grad():
+                if "clean" not in gallery:
+                    gallery["labels"] = labels[:8].cpu()
+                    gallery["clean"] = (x[:8].cpu(), model(x[:8]).argmax(1).cpu())
+                gallery[name] = (x_adv[:8].cpu(), model(x_adv[:8]).argmax(1).cpu())
 
     with autocast(x_uint8.device, args.eval_precision), \
             Progress(describe, total, enabled=rank == 0 and not getattr(args, "quiet", False)) as progress:
@@ -2526,13 +2592,28 @@ def evaluate(model, x_uint8, y, args, attacks, extras=None, gallery: Optional[di
                 correct["clean"].append(model(x).argmax(1) == yb)
             for name in per_batch:
                 now.update(attack=name, batch=i // args.eval_batch_size + 1)
+                t_attack = time.time()
                 x_adv = EVAL_ATTACKS[name].run(model, x, yb, args, extras or {})
                 max_pert[name] = torch.maximum(max_pert[name], (x_adv - x).abs().amax())
                 if i == 0:
-                    keep_for_gallery(name, x, x_adv)
+                    keep_for_gallery(name, x, x_adv, yb)
                 with torch.no_grad():
                     correct[name].append(model(x_adv).argmax(1) == yb)
+                spent[name][0] += time.time() - t_attack
+                spent[name][1] += 1
                 progress.step()
+        if "l2l" in attacks:  # chunks of --batch-size from the shard's start, which is aligned to it: by global index
+            now.update(attack="l2l", batch=1)
+            x = torch.cat([to_float(xs[i:i + args.eval_batch_size], memory_format(args))
+                           for i in range(0, xs.shape[0], args.eval_batch_size)])
+            x_adv = EVAL_ATTACKS["l2l"].run(model, x, ys, args, extras or {})
+            max_pert["l2l"] = (x_adv - x).abs().amax()
+            keep_for_gallery("l2l", x, x_adv, ys)
+            with torch.no_grad():
+                correct["l2l"] = [model(xb).argmax(1) == yb for xb, yb in
+                                  zip(x_adv.split(args.eval_batch_size), ys.split(args.eval_batch_size))]
+            progress.step(batches)
+            del x, x_adv
         if "aa" in attacks:
             chunks = {"n": 0}
 
@@ -2545,7 +2626,7 @@ def evaluate(model, x_uint8, y, args, attacks, extras=None, gallery: Optional[di
                            for i in range(0, xs.shape[0], args.eval_batch_size)])
             x_adv, robust = run_autoattack(model, x, ys, args, on_batch)
             max_pert["aa"] = (x_adv - x).abs().amax()
-            keep_for_gallery("aa", x, x_adv)
+            keep_for_gallery("aa", x, x_adv, ys)
             correct["aa"] = [robust[AUTOATTACK_STANDARD[-1]]]
             aa_steps = {name: gather_examples(robust[name].to(torch.uint8), n).bool() for name in AUTOATTACK_STANDARD}
             del x, x_adv
@@ -2554,17 +2635,19 @@ def evaluate(model, x_uint8, y, args, attacks, extras=None, gallery: Optional[di
         for value in max_pert.values():
             dist.all_reduce(value, op=dist.ReduceOp.MAX)
     worst = torch.stack(list(correct.values())).all(0)
+    digits = len(str(n)) + 3  # 1/1000 of the resolution 1/n: no float32 noise in results.json (k/32 stays exact)
+    accuracy = lambda flags: round(int(flags.sum()) / n, digits)
     results = {"protocol": {"eps": args.eps, "eps_text": fmt_eps(args.eps), "examples": n,
                             "split": "test", "indices": list(range(n)),
                             "model_mode": "eval", "precision": args.eval_precision, "processes": world},
-               "clean": {"accuracy": correct["clean"].float().mean().item()}}
+               "clean": {"accuracy": accuracy(correct["clean"])}}
     for name in attacks:
-        results[name] = dict(accuracy=correct[name].float().mean().item(), **EVAL_ATTACKS[name].protocol(args),
+        results[name] = dict(accuracy=accuracy(correct[name]), **EVAL_ATTACKS[name].protocol(args),
                              max_perturbation=max_pert[name].item())
     if "aa" in attacks:
-        results["aa"]["robust_after"] = {name: {"accuracy": v.float().mean().item(), "robust": int(v.sum())}
+        results["aa"]["robust_after"] = {name: {"accuracy": accuracy(v), "robust": int(v.sum())}
                                          for name, v in aa_steps.items()}
-    results["worst_case"] = {"accuracy": worst.float().mean().item(), "over": ["clean"] + list(attacks)}
+    results["worst_case"] = {"accuracy": accuracy(worst), "over": ["clean"] + list(attacks)}
     return results
 
 
@@ -2638,19 +2721,42 @@ def format_checks(checks: list) -> str:
     return "\n".join(lines)
 
 
-def save_examples(gallery: dict, eps: float, path: str) -> None:
-    """<out>/examples.png: a row of clean images, then for each attack a row of adversarial images and a row
-    of perturbations amplified to the full range ((x' - x) / 2 eps + 1/2), like the papers' figures."""
-    from torchvision.utils import save_image
-    rows = [gallery["clean"]]
-    for name, x_adv in gallery.items():
-        if name != "clean":
-            rows += [x_adv, ((x_adv - gallery["clean"]) / (2 * eps) + 0.5).clamp(0, 1)]
-    grid = torch.cat(rows)
-    if grid.shape[1] == 1:
-        grid = grid.expand(-1, 3, -1, -1)
-    atomic_write(path, lambda tmp: save_image(grid, tmp, nrow=gallery["clean"].shape[0], padding=2, pad_value=1.0,
-                                              format="png"))
+def save_examples(gallery: dict, eps: float, path: str, scale: int = 3) -> None:
+    """<out>/examples.png, like the papers' figures: the first 8 test images, a row of clean images, then for each
+    attack a row of adversarial images and a row of perturbations amplified to the full range ((x' - x) / 2 eps + 1/2).
+    Each row is labelled on the left; under each image its true class and the model's prediction, in red with a red
+    frame where the attack fooled the model. Tiles are enlarged `scale` times (nearest neighbour) to be readable."""
+    from PIL import Image, ImageDraw
+    clean, clean_pred = gallery["clean"]
+    labels = gallery["labels"]
+    rows = [("clean", clean, clean_pred)]
+    for name, value in gallery.items():
+        if name not in ("clean", "labels"):
+            x_adv, pred = value
+            rows += [(name, x_adv, pred), (f"{name}: x'-x", ((x_adv - clean) / (2 * eps) + 0.5).clamp(0, 1), None)]
+    n, (c, h, w) = clean.shape[0], clean.shape[1:]
+    th, tw, pad, left, text = h * scale, w * scale, 6, 120, 14
+    sheet = Image.new("RGB", (left + n * (tw + pad) + pad, len(rows) * (th + text + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (label, images, pred) in enumerate(rows):
+        top = pad + r * (th + text + pad)
+        draw.text((6, top + th // 2 - 6), label, fill="black")
+        for i in range(n):
+            tile = (images[i].float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
+            tile = (tile.expand(-1, -1, 3) if c == 1 else tile).contiguous()
+            x0 = left + pad + i * (tw + pad)
+            sheet.paste(Image.fromarray(tile.numpy()).resize((tw, th), Image.NEAREST), (x0, top))
+            if pred is not None:
+                fooled = int(pred[i]) != int(labels[i])
+                if fooled and label != "clean":
+                    draw.rectangle((x0 - 2, top - 2, x0 + tw + 1, top + th + 1), outline="red", width=2)
+                draw.text((x0, top + th + 1), f"y {int(labels[i])}  pred {int(pred[i])}",
+                          fill="red" if fooled else "black")
+
+    def write(tmp):
+        sheet.save(tmp, format="PNG")
+
+    atomic_write(path, write)
 
 
 def masking_warnings(res: dict, gap: float = 0.05) -> list:
@@ -2779,7 +2885,14 @@ TRAINING_KEYS = ("method", "dataset", "model", "depth", "width", "train_size", "
 
 
 def atomic_save(obj, path: str) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """torch.save through atomic_write; a failed write (a full disk: torch.save raises RuntimeError, not OSError)
+    is a one-line UsageError, and the file under `path` stays as it was."""
+    try:
+        atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    except (OSError, RuntimeError) as e:
+        reason = (getattr(e, "strerror", None) or str(e).splitlines()[0] if str(e) else type(e).__name__)[:120]
+        raise UsageError(f"cannot write {path} ({reason}); the earlier file there is untouched; free disk space or "
+                         f"choose another --out, then --resume")
 
 
 def atomic_write_json(obj, path: str) -> None:
@@ -2787,21 +2900,83 @@ def atomic_write_json(obj, path: str) -> None:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=1)
 
-    atomic_write(path, write)
-
-
-def prepare_out_dir(out: str, keep: tuple, allow: bool) -> None:
-    """Create --out and check it is writable; refuse to replace files of an earlier run unless allowed."""
     try:
-        os.makedirs(out, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
+        atomic_write(path, write)
     except OSError as e:
-        raise UsageError(f"cannot write to --out {out} ({e.strerror or e}); choose a writable directory")
-    found = [f for f in keep if os.path.exists(os.path.join(out, f))]
-    if found and not allow:
-        raise UsageError(f"--out {out} already holds {', '.join(found)} of an earlier run; pass --resume to "
-                         f"continue it, --overwrite to replace it, or choose another --out")
+        raise UsageError(f"cannot write {path} ({e.strerror or e}); free disk space or choose another --out")
+
+
+# The files of one run in its --out folder (an --eval-only run writes the last two).
+RUN_FILES = ("last.pt", "best.pt", "results.json", "examples.png", "curves.svg")
+_OUT_LOCKS: Dict[str, int] = {}  # --out folders this process holds, by absolute path -> the lock file's descriptor
+
+
+def lock_out_dir(out: str) -> None:
+    """Hold --out exclusively for this process: an flock on the folder itself (no file is added to it), which the OS
+    releases when the process ends, however it ends (kill -9 included), so a lock is never stale. A second run into
+    a held folder is refused."""
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: no lock
+        return
+    key = os.path.abspath(out)
+    if key in _OUT_LOCKS:
+        return
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise UsageError(f"--out {out} is in use by another l2l.py run that is still going; wait for it to end or "
+                         f"choose another --out")
+    _OUT_LOCKS[key] = fd
+
+
+def release_out_locks() -> None:
+    for fd in _OUT_LOCKS.values():
+        os.close(fd)
+    _OUT_LOCKS.clear()
+
+
+def prepare_out_dir(out: str, keep: tuple, allow: bool, run_files: tuple = RUN_FILES) -> None:
+    """Create --out, check it is writable and hold it (lock_out_dir); refuse to replace files of an earlier run
+    unless allowed, and when allowed move every file of the earlier run aside (into <out>/replaced-<time>/) before
+    anything new is written, so no old result can pass for this run's. Temporary files of interrupted saves are
+    removed (no live run can own them: the folder is held). Under torchrun rank 0 does this, the others wait."""
+    rank, world = dist_world()
+    if rank == 0:
+        try:
+            os.makedirs(out, exist_ok=True)
+            with tempfile.TemporaryFile(dir=out):
+                pass
+        except OSError as e:
+            raise UsageError(f"cannot write to --out {out} ({e.strerror or e}); choose a writable directory")
+        lock_out_dir(out)
+        found = [f for f in keep if os.path.lexists(os.path.join(out, f))]
+        if found and not allow:
+            resume = "" if "last.pt" not in keep else "pass --resume to continue it, "
+            raise UsageError(f"--out {out} already holds {', '.join(found)} of an earlier run; {resume}pass "
+                             f"--overwrite to replace it, or choose another --out")
+        for name in os.listdir(out):
+            if name.endswith(".tmp") and os.path.isfile(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+        old = [f for f in run_files if os.path.lexists(os.path.join(out, f))] if found else []
+        if old:
+            aside = os.path.join(out, "replaced-" + time.strftime("%Y%m%d-%H%M%S"))
+            k = 1
+            while os.path.lexists(aside + (f"-{k}" if k > 1 else "")):
+                k += 1
+            aside += f"-{k}" if k > 1 else ""
+            try:
+                os.makedirs(aside)
+                for f in old:
+                    os.replace(os.path.join(out, f), os.path.join(aside, f))
+            except OSError as e:
+                raise UsageError(f"--overwrite: cannot move the earlier run's files aside in --out {out} "
+                                 f"({e.strerror or e}); remove them or choose another --out")
+            print(f"note: --overwrite: the earlier run's {', '.join(old)} moved to {aside}", file=sys.stderr)
+    if world > 1:
+        dist.barrier()
 
 
 def build_run(args, device) -> Run:
@@ -2880,6 +3055,10 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
         torch.backends.cudnn.benchmark = True  # autotuned convolutions: shapes are static
     prepare_out_dir(args.out, () if args.resume else ("last.pt", "best.pt", "results.json"), args.overwrite)
     data = load_data(args, device)
+    if args.batch_size > data.x_train.shape[0]:
+        say(f"note: --batch-size {args.batch_size} is more than the {data.x_train.shape[0]} training examples; "
+            f"every batch holds all {data.x_train.shape[0]} (recorded as the batch size)")
+        args.batch_size = data.x_train.shape[0]
     run = build_run(args, device)
     make_data_parallel(run)
     gen = torch.Generator(device=device)  # the same on every rank: all ranks draw the same global batches
@@ -2915,7 +3094,11 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
                 "cyclic": f"cyclic, peak at epoch {args.lr_peak_epoch:g}"
                           + (", momentum cycled to 0.8" if args.cycle_momentum else ""),
                 "constant": "constant"}[args.lr_schedule]
-    say(f"  eps {fmt_eps(args.eps)}, steps {args.steps}, step {fmt_eps(args.step_size)}, attack BN {args.attack_bn}, "
+    step = {"fast-bat": f"step a {fmt_eps(args.bat_a)} (--bat-a)", "pgd-at-bls": f"first BLS step "
+            f"{fmt_eps(args.bls_init_step)}"}.get(args.method, f"step {fmt_eps(args.step_size)}")
+    if args.method in L2L_VARIANTS or args.method == "plain":
+        step = "no hand-designed attack" if args.method == "plain" else "learned attacker"
+    say(f"  eps {fmt_eps(args.eps)}, steps {args.steps}, {step}, attack BN {args.attack_bn}, "
         f"epochs {args.epochs}, batch {args.batch_size}, lr {args.lr} ({schedule}), momentum {args.momentum}, "
         f"wd {args.weight_decay}, seed {args.seed}")
     say(f"  precision {args.precision} (evaluation {args.eval_precision}), channels_last {args.channels_last}, "
@@ -3027,8 +3210,14 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
 
 
 def report_extras(model, data: Data, args, extras: dict, results: dict, gallery: dict) -> None:
-    """examples.png of the evaluated checkpoint and, with --eval-checks, the sanity checks (into results)."""
-    save_examples(gallery, args.eps, os.path.join(args.out, "examples.png"))
+    """examples.png of the evaluated checkpoint (best-effort: a failed write is a note, the results stand) and, with
+    --eval-checks, the sanity checks (into results)."""
+    path = os.path.join(args.out, "examples.png")
+    try:
+        save_examples(gallery, args.eps, path)
+    except (OSError, RuntimeError, ValueError) as e:
+        print(f"note: could not write {path} ({getattr(e, 'strerror', None) or e}); the results are not affected",
+              file=sys.stderr)
     if args.eval_checks:
         with autocast(data.x_test.device, args.eval_precision):
             results["checks"] = sanity_checks(model, data.x_test, data.y_test, args, extras, results=results)
@@ -3041,15 +3230,22 @@ def evaluate_checkpoint(args) -> dict:
     device = setup_distributed(args)
     rank = dist_world()[0]
     torch.manual_seed(args.seed)
-    prepare_out_dir(args.out, ("results.json",), args.overwrite)
+    prepare_out_dir(args.out, ("results.json",), args.overwrite, ("results.json", "examples.png", "curves.svg"))
     ckpt = read_checkpoint(args.eval_only, "--eval-only")
-    data = load_data(args, device)
+    data = load_data(args, device, test_only=True)
     run = build_run(args, device)
     try:
         restore(run, {k: v for k, v in ckpt.items() if k != "optimizer"})
     except (RuntimeError, KeyError) as e:
         raise UsageError(f"--eval-only {args.eval_only} does not match its own model settings "
                          f"({str(e).splitlines()[0][:100]})")
+    bad = sum(int((~torch.isfinite(p)).sum()) for p in run.model.state_dict().values() if p.is_floating_point())
+    if bad:
+        raise UsageError(f"--eval-only {args.eval_only}: {bad} of its classifier's weights are NaN or infinite (a "
+                         f"diverged run); every prediction would be meaningless; evaluate an earlier checkpoint")
+    if rank == 0 and not args.quiet:
+        print(f"evaluating {args.eval_only} (epoch {ckpt['epoch']}): {args.method} on {args.dataset}, {args.model}, "
+              f"eps {fmt_eps(args.eps)}, attacks {args.eval_attacks}", flush=True)
     if args.compile:
         compile_networks(run)
     results = {"method": args.method, "dataset": args.dataset, "model": args.model, "args": vars(args),
@@ -3192,10 +3388,22 @@ def read_results(path: str) -> tuple:
     try:
         with open(file) as f:
             res = json.load(f)
-        assert isinstance(res, dict) and "clean" in res and "protocol" in res
-    except (OSError, ValueError, AssertionError) as e:
+    except (OSError, ValueError) as e:
         raise UsageError(f"--report {path}: {file} is not an l2l.py results.json ({type(e).__name__}); "
                          f"pass the --out of an l2l.py run")
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    problem = ("not a JSON object" if not isinstance(res, dict) else
+               "no clean accuracy" if not (isinstance(res.get("clean"), dict) and number(res["clean"].get("accuracy")))
+               else "no protocol" if not isinstance(res.get("protocol"), dict)
+               else "history is not a list of epochs" if not isinstance(res.get("history", []), list)
+               or not all(isinstance(h, dict) and all(number(h.get(k)) for k in ("epoch", "val_clean", "val_robust"))
+                          for h in res.get("history", []))
+               else "args is not an object" if not isinstance(res.get("args", {}), dict)
+               else next((f"{k} has no accuracy" for k in REPORT_ATTACKS + ("worst_case",) if k in res and not (
+                   isinstance(res[k], dict) and number(res[k].get("accuracy")))), None))
+    if problem:
+        raise UsageError(f"--report {path}: {file} is not an l2l.py results.json ({problem}); pass the --out of an "
+                         f"l2l.py run")
     return os.path.dirname(file) or ".", res
 
 
@@ -3240,11 +3448,12 @@ def report_table(runs: list) -> str:
             if k == "aa":
                 return "aa " + ("standard" if r.get("loss") == "AutoAttack (standard)" else r.get("settings", "custom"))
             step = fmt_eps(r["step_size"]) if r.get("step_size") else "-"
-            return f"{k} {r['steps']}x{r['restarts']}@{step}"
+            return f"{k} {r.get('steps', '?')}x{r.get('restarts', '?')}@{step}"
 
         protocol = f"eps {p.get('eps_text', p.get('eps'))}, {p.get('examples')} {p.get('split', 'test')}; " + "; ".join(
             attack_protocol(k) for k in over if k in res)
-        epochs = f"{len(history)} (best {res['best_epoch']})" if history else f"eval of epoch {res.get('epoch', '?')}"
+        epochs = f"{len(history)} (best {res.get('best_epoch', '?')})" if history else \
+            f"eval of epoch {res.get('epoch', '?')}"
         row = [name, res.get("method", "?"), res.get("dataset", "?"), res.get("model", "?"), epochs,
                cell("clean", res["clean"]["accuracy"]),
                *[cell(k, res[k]["accuracy"] if k in res else None) for k in attacks],
@@ -3310,7 +3519,16 @@ def curves_svg(res: dict, width: int = 520, height: int = 300) -> str:
 
 def report(paths: list) -> str:
     """--report: the table of every run (printed) and, for runs with a training history, <run>/curves.svg."""
-    runs = [read_results(p) for p in paths]
+    runs, unfinished = [], []
+    for p in paths:
+        if os.path.isdir(p) and not os.path.isfile(os.path.join(p, "results.json")):
+            unfinished.append(p)
+            continue
+        runs.append(read_results(p))
+    if not runs:
+        raise UsageError(f"--report: none of {', '.join(paths)} holds a results.json; pass the --out of finished runs")
+    for p in unfinished:
+        print(f"note: {p}: no results.json (an unfinished or interrupted run); left out", file=sys.stderr)
     table = report_table(runs)
     print(table)
     for directory, res in runs:
@@ -3340,7 +3558,7 @@ def report(paths: list) -> str:
 EVAL_KEYS = ("eps", "eval_attacks", "eval_steps", "eval_step_size", "eval_restarts", "eval_batch_size",
              "test_size", "data_dir", "device", "seed", "out", "overwrite", "transfer_from", "rnn_eval_steps",
              "rnn_progress", "apgd_steps", "apgd_targets", "fab_steps", "fab_targets", "square_queries", "eval_checks",
-             "eval_precision", "channels_last", "compile")
+             "eval_precision", "channels_last", "compile", "quiet")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -3357,6 +3575,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         if "rnn_design" not in ckpt["args"]:
             merged.rnn_design = "lstm"  # the only design before --rnn-design existed
         vars(merged).update(ckpt["args"])
+        defaults = build_parser().parse_args([])
+        ignored = [k for k in TRAINING_KEYS if k not in EVAL_KEYS and getattr(args, k, None) != getattr(defaults, k, None)
+                   and getattr(args, k, None) != ckpt["args"].get(k)]
+        if ignored and int(os.environ.get("RANK", "0")) == 0:
+            print("note: --eval-only takes the training settings from the checkpoint; ignored: " + ", ".join(
+                f"--{k.replace('_', '-')} {getattr(args, k)} (the checkpoint's: {ckpt['args'].get(k)})"
+                for k in ignored), file=sys.stderr)
         for k in EVAL_KEYS:
             setattr(merged, k, getattr(args, k))
         merged.eval_only, merged.resume = args.eval_only, False
@@ -3417,7 +3642,14 @@ def main(argv=None) -> int:
         if rank == 0:
             print(f"interrupted: {interrupted_state(args, before)}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout went away (e.g. | head): what it wanted was written
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return 0
     finally:
+        release_out_locks()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 

@@ -454,6 +454,17 @@ BAD = {
     "attack named twice": (["--eval-attacks", "pgd,fgsm,pgd"], "more than once"),
     "batch of 1 with BatchNorm": (["--model", "vgg16", "--batch-size", "1"], "BatchNorm"),
     "l2l attacker with batch 1": (["--method", "l2l-grad", "--batch-size", "1"], "BatchNorm"),
+    # accepted into nonsense before
+    "freeze without init": (["--method", "rnn-adv", "--freeze-classifier"], "--init"),
+    "momentum above 1": (["--momentum", "1.5"], "--momentum 1.5 must be below 1"),
+    "momentum 0 cycled": (["--momentum", "0", "--lr-schedule", "cyclic"], "--no-cycle-momentum"),
+    "milestone nan": (["--lr-milestones", "nan"], "positive epoch"),
+    "milestone negative": (["--lr-milestones", "-5"], "positive epoch"),
+    "wrn depth negative": (["--model", "wrn", "--depth", "-2"], "--depth -2"),
+    "eps denormal": (["--eps", "1e-323"], "below 1e-4"),
+    "step size zero": (["--method", "pgd-at", "--step-size", "0"], "--step-size 0"),
+    "eval step size zero": (["--eval-step-size", "0"], "--eval-step-size 0"),
+    "seed overflow": (["--seed", "99999999999999999999999"], "--seed"),
 }
 
 
@@ -475,6 +486,30 @@ def test_bad_flags_get_one_line_and_exit_2(case, mnist_dir, tmp_path, capsys):
         code = e.code
     check_one_line_error(code, capsys.readouterr().err, expect)
     assert not (tmp_path / "o" / "last.pt").exists()
+
+
+def test_eval_only_refuses_incomplete_or_nan_checkpoints_and_names_ignored_flags(trained_run, mnist_dir, tmp_path,
+                                                                                 capsys):
+    best = torch.load(os.path.join(trained_run, "best.pt"), weights_only=True)
+    cases = {"marker only": {"format": best["format"]},
+             "args without eps": {**best, "args": {k: v for k, v in best["args"].items() if k != "eps"}},
+             "nan weights": {**best, "model": {k: (v * float("nan") if v.is_floating_point() else v)
+                                              for k, v in best["model"].items()}}}
+    says = {"marker only": "incomplete l2l.py checkpoint (no args, model, epoch)",
+            "args without eps": "incomplete l2l.py checkpoint (no args.eps)", "nan weights": "NaN or infinite"}
+    for name, ckpt in cases.items():
+        path = str(tmp_path / f"{name.replace(' ', '_')}.pt")
+        torch.save(ckpt, path)
+        code = l2l.main(["--eval-only", path, "--data-dir", mnist_dir, "--out", str(tmp_path / name), *AA_TINY])
+        check_one_line_error(code, capsys.readouterr().err, says[name])
+    # conflicting training flags are named as ignored; --quiet is honoured
+    code = l2l.main(["--eval-only", os.path.join(trained_run, "best.pt"), "--data-dir", mnist_dir, "--method", "trades",
+                     "--lr", "0.5", "--quiet", "--test-size", "8", "--eval-attacks", "fgsm", "--out",
+                     str(tmp_path / "ev")])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "ignored: --method trades (the checkpoint's: pgd-at), --lr 0.5" in captured.err
+    assert "evaluating:" not in captured.out and "evaluating " not in captured.out
 
 
 def test_bad_input_from_a_real_process_has_no_traceback(tmp_path):
@@ -906,7 +941,7 @@ def test_training_phi_on_a_fixed_classifier_strengthens_its_attack(toy, design, 
     model, x, y = toy
     model, x, y = copy.deepcopy(model), x[:96], y[:96]
     run = rnn_run(model=model, steps=4, extra=["--rnn-lr", rnn_lr, "--rnn-design", design, "--step-size", "0.025",
-                                               "--freeze-classifier"])  # no BN statistics drift either
+                                               "--freeze-classifier", "--init", "given-below.pt"])  # no BN drift
 
     def attack_loss():
         torch.manual_seed(7)
@@ -1286,7 +1321,14 @@ def test_results_json_round_trip_examples_png_and_checks(trained_run, mnist_dir,
     assert on_disk["worst_case"]["over"][-2:] == ["apgd-ce", "apgd-t"]
     from PIL import Image  # pillow comes with torchvision
     with Image.open(os.path.join(out, "examples.png")) as img:
-        assert img.size == (2 + 8 * 30, 2 + 9 * 30)  # 8 columns; clean + 2 rows per attack; 28x28 tiles, padding 2
+        # 8 columns of 3x tiles (84 px) beside a 120 px label column; clean + 2 rows per attack, each with its text
+        assert img.size == (120 + 8 * 90 + 6, 9 * 104 + 6)
+        rgb = torch.frombuffer(bytearray(img.convert("RGB").tobytes()), dtype=torch.uint8).view(
+            img.size[1], img.size[0], 3).int()
+    labels = rgb[:, :110].sum(-1) < 200  # dark text in the label column, in every row
+    assert all(labels[6 + r * 104: 6 + (r + 1) * 104].any() for r in range(9))
+    red = (rgb[..., 0] > 200) & (rgb[..., 1] < 60) & (rgb[..., 2] < 60)
+    assert red.any()  # at eps 0.3 the tiny model is fooled on some of the 8: framed and labelled in red
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1632,7 +1674,9 @@ def test_preact_shortcut_reads_the_block_input():
 def test_checkpoints_of_the_old_preact_wiring_are_refused(tmp_path, capsys):
     for model, refused in (("preactresnet18", True), ("smallcnn", False)):
         path = str(tmp_path / f"{model}.pt")
-        torch.save({"format": "l2l-checkpoint-1", "args": {"model": model}}, path)
+        torch.save({"format": "l2l-checkpoint-1", "args": {"model": model, "method": "plain", "dataset": "mnist",
+                                                           "eps": 0.3, "depth": 34, "width": 10},
+                    "model": {}, "epoch": 1}, path)
         if refused:
             check_one_line_error(l2l.main(["--eval-only", path]), capsys.readouterr().err, "shortcut")
         else:
@@ -2239,6 +2283,44 @@ def test_report_refuses_what_is_not_a_run(tmp_path, capsys):
                          "not an l2l.py results.json")
 
 
+def test_report_skips_unfinished_runs_and_refuses_malformed_results_in_one_line(tmp_path, capsys):
+    good, unfinished = tmp_path / "good", tmp_path / "unfinished"
+    good.mkdir()
+    unfinished.mkdir()
+    (good / "results.json").write_text(json.dumps(fake_results()))
+    (unfinished / "last.pt").write_text("an interrupted run")
+    assert l2l.main(["--report", str(good), str(unfinished)]) == 0
+    out, err = capsys.readouterr()
+    assert out.count("| fast-bat |") == 1 and "unfinished: no results.json" in err and "left out" in err
+    check_one_line_error(l2l.main(["--report", str(unfinished)]), capsys.readouterr().err, "none of")
+    base = fake_results()
+    variants = {"no history": {k: v for k, v in base.items() if k != "history"},
+                "no best_epoch": {k: v for k, v in base.items() if k != "best_epoch"}}
+    broken = {"protocol a list": dict(base, protocol=[1, 2]), "clean a number": dict(base, clean=0.5),
+              "history a string": dict(base, history="many"), "pgd without accuracy": dict(base, pgd={"steps": 3}),
+              "a list": [base]}
+    for name, res in {**variants, **broken}.items():
+        d = tmp_path / name.replace(" ", "_")
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps(res))
+        code = l2l.main(["--report", str(d)])
+        out, err = capsys.readouterr()
+        if name in variants:
+            assert code == 0 and "| fast-bat |" in out, (name, err)
+        else:
+            check_one_line_error(code, err, "not an l2l.py results.json")
+
+
+def test_report_piped_into_head_ends_quietly(tmp_path):
+    d = tmp_path / "good"
+    d.mkdir()
+    (d / "results.json").write_text(json.dumps(fake_results()))
+    many = " ".join([str(d)] * 400)  # a table larger than a pipe's buffer: head leaves while it is written
+    r = subprocess.run(f"{sys.executable} {os.path.join(HERE, 'l2l.py')} --report {many} | head -c 10",
+                       shell=True, capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+
+
 def test_report_of_real_runs_and_run_sh(trained_run, mnist_dir, tmp_path, capsys):
     ev = str(tmp_path / "ev")
     assert l2l.main(["--eval-only", os.path.join(trained_run, "best.pt"), "--data-dir", mnist_dir, "--test-size", "32",
@@ -2283,3 +2365,236 @@ def test_autoattack_style_attacks_skip_examples_already_misclassified(toy, monke
     calls.clear()
     l2l.apgd_ce(model, x, y, 0.15, 10)
     assert calls == [correct]
+
+
+# ------------------------------------------------------------------------------------------------
+# run.sh gpu-check: the prepared device command, tried on the CPU
+# ------------------------------------------------------------------------------------------------
+
+
+def test_gpu_check_dry_run_writes_every_phase(tmp_path):
+    out = tmp_path / "gpu"
+    r = subprocess.run(["bash", os.path.join(HERE, "run.sh"), "gpu-check", "--dry-run", "--out", str(out),
+                        "--data-dir", str(tmp_path / "none"), "--budget", "120"], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "PYTHON": sys.executable})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    report = json.load(open(out / "gpu.json"))
+    text = (out / "gpu.md").read_text()
+    assert report["dry_run"] and list(report["phases"]) == ["correctness", "speed", "paper row"]
+    tests = report["phases"]["correctness"]["tests"]
+    assert tests["exit"] == 0 and "passed" in tests["summary"] and not tests["failed"]
+    runs = report["phases"]["correctness"]["runs"]
+    assert runs and all(x["ran"] and x["passed"] and x["exit"] == 0 for x in runs)  # finite loss, inside the ball
+    bench = report["phases"]["speed"]["benchmarks"]
+    assert bench and all(b["ran"] and b["images_per_second"] > 0 for b in bench)
+    assert {b["label"] for b in bench} == {"fp32", "bf16+cl"}
+    row = report["phases"]["paper row"]["rows"][0]
+    assert row["recipe"] == "trades-mnist" and row["exit"] == 0 and 0 <= row["aa"] <= 1
+    for heading in ("## 1. Correct on", "## 2. Speed", "## 3. A paper row", "| method | precision | batch | img/s"):
+        assert heading in text
+    assert sorted(os.listdir(out)) == ["bench.log", "gpu.json", "gpu.md", "paper.log", "runs.log", "tests.log"]
+
+
+def test_gpu_check_refuses_bad_flags_in_one_line(tmp_path):
+    for argv, says in ((["--budget", "-3"], "--budget -3 must be a positive number"),
+                       (["--budget", "x"], "--budget"), (["--frobnicate"], "unrecognized arguments")):
+        r = subprocess.run(["bash", os.path.join(HERE, "run.sh"), "gpu-check", "--dry-run", "--out",
+                            str(tmp_path / "o"), *argv], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "PYTHON": sys.executable})
+        assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    if not torch.cuda.is_available():
+        r = subprocess.run(["bash", os.path.join(HERE, "run.sh"), "gpu-check", "--out", str(tmp_path / "o")],
+                           capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHON": sys.executable})
+        assert r.returncode == 2 and "no CUDA device" in r.stderr and "--dry-run" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# One run per --out folder; --overwrite sets the earlier run aside first
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a_second_run_into_a_held_out_folder_is_refused_and_no_lock_outlives_its_process(mnist_dir, tmp_path, capsys):
+    out = str(tmp_path / "shared-out")
+    os.makedirs(out)
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; sys.path.insert(0, {HERE!r}); import l2l; "
+                               f"l2l.lock_out_dir({out!r}); print('held', flush=True); time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        argv = ["--method", "plain", "--dataset", "mnist", "--data-dir", mnist_dir, "--out", out, *TINY]
+        assert l2l.main(argv) == 2
+        err = capsys.readouterr().err
+        assert "in use by another l2l.py run" in err and len(err.strip().splitlines()) == 1
+        assert not os.path.exists(os.path.join(out, "last.pt"))
+    finally:
+        holder.kill()  # SIGKILL: the OS drops the lock with the process
+        holder.wait()
+    assert l2l.main(argv) == 0  # no stale lock
+    assert os.path.isfile(os.path.join(out, "results.json"))
+
+
+def test_overwrite_moves_every_file_of_the_earlier_run_aside_before_writing(mnist_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("last.pt", "best.pt", "results.json", "examples.png", "curves.svg"):
+        (out / name).write_text("old " + name)
+    (out / "abc123.tmp").write_text("an interrupted save")
+    l2l.prepare_out_dir(str(out), ("last.pt", "best.pt", "results.json"), True)
+    aside = [p for p in out.iterdir() if p.name.startswith("replaced-")]
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == [
+        "best.pt", "curves.svg", "examples.png", "last.pt", "results.json"]
+    assert not [p.name for p in out.iterdir() if not p.name.startswith("replaced-")]
+    assert "moved to" in capsys.readouterr().err
+    l2l.release_out_locks()
+    # a real overwrite: the new results are this run's, the old ones sit in replaced-*
+    (out / "results.json").write_text('{"clean": {"accuracy": 0.123}, "protocol": {}}')
+    assert l2l.main(["--method", "plain", "--dataset", "mnist", "--data-dir", mnist_dir, "--out", str(out),
+                     "--overwrite", *TINY]) == 0
+    assert json.load(open(out / "results.json"))["method"] == "plain"
+    assert len([p for p in out.iterdir() if p.name.startswith("replaced-")]) == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# Damaged or odd data files: one line, never a traceback or a hang
+# ------------------------------------------------------------------------------------------------
+
+
+def npz_with(path, members):
+    """A zip of raw .npy members {name: (header text, data bytes)}."""
+    import zipfile
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, (header, data) in members.items():
+            header += " " * (63 - (10 + len(header)) % 64) + "\n"
+            zf.writestr(name + ".npy", b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") +
+                        header.encode("latin1") + data)
+
+
+def test_damaged_and_odd_data_files_get_one_line(tmp_path, capsys):
+    good = tmp_path / "good"
+    write_dataset(str(good))
+    arrays = l2l.read_npz(str(good / "mnist.npz"))
+    cases = {}
+    # a compressed member with its bytes damaged
+    raw = bytearray((good / "mnist.npz").read_bytes())
+    start = raw.index(b"x_train.npy") + 200
+    raw[start:start + 400] = bytes(400)
+    cases["damaged"] = (lambda d: (d / "mnist.npz").write_bytes(bytes(raw)), "cannot read the dataset cache")
+    cases["shape mismatch"] = (lambda d: npz_with(d / "mnist.npz", {
+        "x_train": ("{'descr': '|u1', 'fortran_order': False, 'shape': (10, 28, 28, 1), }", bytes(5))}),
+        "its header's shape")
+    cases["header a list"] = (lambda d: npz_with(d / "mnist.npz", {"x_train": ("[1, 2]", bytes(5))}),
+                              "malformed .npy header")
+    cases["fifo"] = (lambda d: os.mkfifo(d / "mnist.npz"), "not a regular file")
+    cases["dangling link"] = (lambda d: os.symlink(d / "gone.npz", d / "mnist.npz"), "which does not exist")
+    for name, (make, says) in cases.items():
+        d = tmp_path / name.replace(" ", "_")
+        d.mkdir()
+        make(d)
+        argv = ["--dataset", "mnist", "--data-dir", str(d), "--out", str(tmp_path / "o"), *TINY]
+        if name == "fifo":  # in a process of its own, so that a regression hangs only it
+            r = subprocess.run([sys.executable, os.path.join(HERE, "l2l.py"), *argv], capture_output=True, text=True,
+                               timeout=120)
+            check_one_line_error(r.returncode, r.stderr, says)
+        else:
+            check_one_line_error(l2l.main(argv), capsys.readouterr().err, says)
+    # Fortran-ordered arrays are read, not refused
+    f = tmp_path / "fortran"
+    f.mkdir()
+    members = {}
+    for key, t in arrays.items():
+        descr = "|u1" if t.dtype == torch.uint8 else "<i8"
+        members[key] = ("{'descr': '%s', 'fortran_order': True, 'shape': %s, }" % (descr, tuple(t.shape)),
+                        t.permute(*reversed(range(t.dim()))).contiguous().numpy().tobytes())
+    npz_with(f / "mnist.npz", members)
+    back = l2l.read_npz(str(f / "mnist.npz"))
+    assert all(torch.equal(back[k], arrays[k]) for k in arrays)
+
+
+def test_missing_cifar10_names_its_file_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(l2l, "_torchvision_arrays", lambda name, d: (_ for _ in ()).throw(RuntimeError("offline")))
+    with pytest.raises(l2l.UsageError) as e:
+        l2l.load_arrays("cifar10", str(tmp_path))
+    assert str(e.value).count("cifar10.npz") == 1
+
+
+def test_eval_only_needs_no_training_split_and_never_suggests_resume(trained_run, tmp_path, capsys):
+    small = write_dataset(str(tmp_path / "small"), n_train=8, n_test=16)  # fewer than the run's --val-size 32
+    out = str(tmp_path / "ev")
+    argv = ["--eval-only", os.path.join(trained_run, "best.pt"), "--data-dir", small, "--eval-attacks", "fgsm",
+            "--out", out, "--quiet"]
+    assert l2l.main(argv) == 0
+    assert json.load(open(os.path.join(out, "results.json")))["protocol"]["examples"] == 16
+    capsys.readouterr()
+    err = (l2l.main(argv), capsys.readouterr().err)[1]
+    assert "--overwrite" in err and "--resume" not in err
+
+
+def test_a_full_disk_is_one_line_and_a_failed_picture_keeps_the_results(mnist_dir, tmp_path, monkeypatch, capsys):
+    argv = ["--method", "plain", "--dataset", "mnist", "--data-dir", mnist_dir, *TINY]
+    real_save = torch.save
+
+    def full(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)  # as a full disk does: some bytes land, then the write fails
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full)
+    out = tmp_path / "full"
+    check_one_line_error(l2l.main(argv + ["--out", str(out)]), capsys.readouterr().err, "cannot write")
+    assert not [p for p in out.iterdir() if p.suffix in (".tmp", ".pt")]  # nothing half-written left behind
+    monkeypatch.setattr(torch, "save", real_save)
+
+    def no_picture(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(l2l, "save_examples", no_picture)
+    out = tmp_path / "nopicture"
+    old = os.umask(0o022)
+    try:
+        assert l2l.main(argv + ["--out", str(out)]) == 0
+    finally:
+        os.umask(old)
+    assert "could not write" in capsys.readouterr().err
+    assert json.load(open(out / "results.json"))["method"] == "plain"
+    for name in ("results.json", "best.pt", "last.pt"):
+        assert (out / name).stat().st_mode & 0o777 == 0o644, name  # the umask's mode, not mkstemp's 0600
+
+
+def test_steps_print_as_the_papers_write_them_and_accuracies_carry_no_float_noise(toy, mnist_dir, tmp_path, capsys):
+    assert [l2l.fmt_eps(v) for v in (8 / 255, 16 / 255, 0.6, 0.3, 0.031)] == ["8/255", "16/255", "0.6", "0.3", "0.031"]
+    model, x, y = toy
+    xu = (x[:30] * 255).round().to(torch.uint8)
+    res = l2l.evaluate(model, xu, y[:30], eval_args(quiet=True), ["fgsm"])
+    for key in ("clean", "fgsm", "worst_case"):
+        assert res[key]["accuracy"] == round(res[key]["accuracy"], 5)  # k / 30 to 5 decimals, no float32 noise
+        assert abs(res[key]["accuracy"] * 30 - round(res[key]["accuracy"] * 30)) < 1e-3
+    assert l2l.main(["--method", "fast-bat", "--dataset", "mnist", "--data-dir", mnist_dir, "--out",
+                     str(tmp_path / "bat"), *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "step a " in out and "step 0," not in out
+
+
+def test_a_batch_larger_than_the_training_set_is_named_and_recorded(mnist_dir, tmp_path, capsys):
+    out = tmp_path / "big"
+    assert l2l.main(["--method", "plain", "--dataset", "mnist", "--data-dir", mnist_dir, "--out", str(out), *TINY,
+                     "--batch-size", "1000000000"]) == 0
+    assert "--batch-size 1000000000 is more than the 96 training examples" in capsys.readouterr().out
+    assert json.load(open(out / "results.json"))["args"]["batch_size"] == 96
+
+
+def test_the_learned_l2l_evaluation_does_not_depend_on_the_evaluation_batch(toy):
+    """Chunks are cut by global example index (multiples of --batch-size), whatever --eval-batch-size cuts."""
+    model, x, y = toy
+    run = l2l_run("l2l-grad")
+    x, y = x[:150], y[:150]
+    xu = (x * 255).round().to(torch.uint8)
+    args = lambda bs: eval_args(method="l2l-grad", eval_batch_size=bs, batch_size=64, quiet=True, eps=0.15)
+    gallery = {}
+    ref = l2l.evaluate(model, xu, y, args(150), ["l2l"], run.extras, gallery)["l2l"]
+    assert ref["max_perturbation"] > 0
+    # cutting chunks inside each evaluation batch (the old way) gives other perturbations: the test can tell
+    cut = torch.cat([l2l.EVAL_ATTACKS["l2l"].run(model, x[i:i + 50], y[i:i + 50], args(50), run.extras)
+                     for i in range(0, 150, 50)])
+    assert not torch.equal(cut, l2l.EVAL_ATTACKS["l2l"].run(model, x, y, args(150), run.extras))
+    for size in (50, 100, 128):
+        assert l2l.evaluate(model, xu, y, args(size), ["l2l"], run.extras)["l2l"] == ref, size
