@@ -24,7 +24,7 @@ cd "$(dirname "$0")"
 
 # name | what it reproduces | flags for l2l.py (defaults not repeated: see python l2l.py --help) | paper's numbers
 RECIPES=$(cat <<'TABLE'
-quick-mnist      | A first result in 3 minutes on 2 CPU cores: PGD-2-AT, SmallCNN, 4 epochs on 10000 MNIST images, cyclic lr 0.1 (measured 98.2% clean, 86.4% FGSM, 68.6% PGD-40 on 500 test images in 174 s; README) | --method pgd-at --dataset mnist --steps 2 --step-size 0.15 --lr-schedule cyclic --lr 0.1 --epochs 4 --train-size 10000 --val-size 500 --val-steps 5 --test-size 500 --eval-attacks fgsm,pgd |
+quick-mnist      | A first robust model in under 5 minutes on 2 CPU cores, at eps 0.2 (not MNIST's usual 0.3: no short recipe holds up under AutoAttack there; README): PGD-3-AT, SmallCNN, 3 epochs on 8000 MNIST images, cyclic lr 0.1; AutoAttack on 50 test images (measured 268 s: 100% clean, 88% PGD-40, 76% AutoAttack; validation clean 97.6%) | --method pgd-at --dataset mnist --eps 0.2 --steps 3 --step-size 0.1 --lr-schedule cyclic --lr 0.1 --epochs 3 --train-size 8000 --val-size 500 --val-steps 5 --test-size 50 --eval-attacks fgsm,pgd,aa |
 pgd-at-mnist     | Madry et al. 2018 MNIST setting (eps 0.3, PGD-40 step 0.01) on TRADES' SmallCNN, 100 epochs | --method pgd-at --dataset mnist | 
 trades-mnist     | TRADES (Zhang et al. 2019) MNIST: SmallCNN, eps 0.3, 40 steps of 0.01, beta 1 = the MNIST script's default (README: 99.48 / 96.07 under a 40-step attack) | --method trades --dataset mnist --beta 1 | clean=99.48,pgd=96.07
 pgd-at-cifar10   | PGD-10-AT (Madry et al.) with Rice et al.'s PreActResNet-18 200-epoch schedule; Fast-BAT's PGD-10 baseline | --method pgd-at --dataset cifar10 --model preactresnet18 --epochs 200 --lr-milestones 100,150 | 
@@ -313,7 +313,7 @@ def phase_correctness(box_end):
 # ------------------------------------------------------------------------------------------------ phase 2
 def bench_cmd(method, batch, fast):
     if DRY:
-        shape = ["--dataset", "mnist", "--model", "smallcnn", "--bench-steps", "1", "--bench-warmup", "0"]
+        shape = ["--dataset", "mnist", "--model", "smallcnn", "--bench-steps", "1", "--bench-warmup", "0", "--steps", "2"]
     else:
         shape = ["--dataset", "cifar10", "--model", "preactresnet18", "--bench-steps", "10",
                  "--bench-warmup", "3" if fast else "2"]
@@ -486,6 +486,10 @@ GPUCHECK
     if [ -z "$line" ]; then
       echo "run.sh: unknown recipe '$name'; bash run.sh list shows them" >&2
       exit 2
+    fi
+    if [ "$name" = quick-mnist ]; then
+      echo "quick-mnist: eps 0.2, not the 0.3 of the MNIST papers (at 0.3 no recipe this short keeps AutoAttack" \
+           "accuracy above 16%; README, Run); AutoAttack on the first 50 test images" >&2
     fi
     line="$line --recipe $name"
     if [ -n "$paper" ]; then line="$line --paper $paper"; fi
