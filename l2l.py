@@ -1343,7 +1343,6 @@ def fab_targeted(model, x, y, eps, n_iter=100, n_targets=9, alpha_max=0.1, eta=1
     most likely class of the clean logits in turn, fab_targeted_run on the examples still robust (correct, and not
     yet fooled within eps). A result counts when it is misclassified and within eps; FAB minimises the distance
     and does not project, so a farther one is dropped. Returns x_adv in C: the fooling point, else x."""
-    n, view = x.shape[0], (-1,) + (1,) * (x.dim() - 1)
     with torch.no_grad():
         logits = model(x)
     robust = logits.argmax(1) == y
@@ -2602,10 +2601,11 @@ def evaluate(model, x_uint8, y, args, attacks, extras=None, gallery: Optional[di
                 spent[name][0] += time.time() - t_attack
                 spent[name][1] += 1
                 progress.step()
+        whole_shard = lambda: torch.cat([to_float(xs[i:i + args.eval_batch_size], memory_format(args))
+                                         for i in range(0, xs.shape[0], args.eval_batch_size)])
         if "l2l" in attacks:  # chunks of --batch-size from the shard's start, which is aligned to it: by global index
             now.update(attack="l2l", batch=1)
-            x = torch.cat([to_float(xs[i:i + args.eval_batch_size], memory_format(args))
-                           for i in range(0, xs.shape[0], args.eval_batch_size)])
+            x = whole_shard()
             x_adv = EVAL_ATTACKS["l2l"].run(model, x, ys, args, extras or {})
             max_pert["l2l"] = (x_adv - x).abs().amax()
             keep_for_gallery("l2l", x, x_adv, ys)
@@ -2622,8 +2622,7 @@ def evaluate(model, x_uint8, y, args, attacks, extras=None, gallery: Optional[di
                 now.update(attack=f"aa: {name}", batch=chunks["n"])
                 progress.step()
 
-            x = torch.cat([to_float(xs[i:i + args.eval_batch_size], memory_format(args))
-                           for i in range(0, xs.shape[0], args.eval_batch_size)])
+            x = whole_shard()
             x_adv, robust = run_autoattack(model, x, ys, args, on_batch)
             max_pert["aa"] = (x_adv - x).abs().amax()
             keep_for_gallery("aa", x, x_adv, ys)
