@@ -1,6 +1,6 @@
 """l2l.py -- adversarial training with hand-designed and learned inner maximisers, in one file.
 
-Papers this file follows (facts and the project's decisions: PAPERS.md of the project):
+Papers this file follows:
   [L2L]      Jiang, Chen, Shi, Dai, Zhao. Learning to Defend by Learning to Attack. AISTATS 2021, arXiv 1811.01213
   [RNN]      Xiong, Hsieh. Improved Adversarial Training via Learned Optimizer. ECCV 2020, arXiv 2004.12227
   [Fast-BAT] Zhang, Zhang, Khanduri, Hong, Chang, Liu. Revisiting and Advancing Fast Adversarial Training
@@ -21,29 +21,36 @@ Run (defaults follow each method's paper; every default is a flag):
   torchrun --nproc_per_node 8 l2l.py --method trades --dataset cifar10 --precision bf16   # data parallel
   python l2l.py --help
 
-Paper index: each algorithm or equation, the function that implements it, and the official file it was checked
-against line by line (repositories: fast_adversarial = locuslab/fast_adversarial, Fast-BAT = OPTML-Group/Fast-BAT,
-TRADES = yaodongyu/TRADES, L2L = YuyangShi/Learning-to-Defend-by-Learning-to-Attack, GradAlign =
-tml-epfl/understanding-fast-adv-training, AA = fra31/auto-attack, RO = locuslab/robust_overfitting).
-  paper        algorithm / equation                      function                         checked against
+Paper index: each algorithm or equation, every function on its path (a training step calls the attack named
+beside it), and the official file it was checked against line by line (repositories: fast_adversarial =
+locuslab/fast_adversarial, Fast-BAT = OPTML-Group/Fast-BAT, TRADES = yaodongyu/TRADES, L2L =
+YuyangShi/Learning-to-Defend-by-Learning-to-Attack, GradAlign = tml-epfl/understanding-fast-adv-training,
+AA = fra31/auto-attack, RO = locuslab/robust_overfitting).
+  paper        algorithm / equation                      functions                        checked against
   [L2L]        naive / grad / 2-step / k-step L2L         l2l_perturb, scaled_input_grad   L2L adv_loss.py
-  [L2L]        attacker architectures (poster table)      SlimAttacker, WideAttacker       L2L attacker.py
-  [L2L]        alternating theta / phi updates            train_l2l                        L2L train_l2l_{1,2}_cifar10.py
+  [L2L]        attacker architectures (poster table)      SlimAttacker, WideAttacker,      L2L attacker.py
+                                                          GenBlock
+  [L2L]        alternating theta / phi updates            l2l_step, l2l_attacker_step      L2L train_l2l_{1,2}_cifar10.py
   [L2L]        "CW" column (CW-l_inf, optimisation)       cw_linf                          L2L cw.py, cw_attack_cifar10.py
   [L2L]        "PGM" column, PGM-net start                pgd (start 'normal')             L2L pgd_attack_cifar10.py, adv_loss.py
-  [RNN]        Algorithm 1 (this project's design)        SignStepRNN, LSTMOptimizer,      none exists (PAPERS.md 2.2)
-                                                          rnn_attack, train_rnn
-  [RNN]        Table 1 AdvTrain+BLS                       pgd_bls, train_pgd_at_bls        none exists (Armijo, Nocedal & Wright)
-  [Fast-BAT]   eq. 9 closed form, eq. 13 IG with H_C,     fast_bat_backward,               Fast-BAT trainer.py (fast_bat)
-               eq. 14 update                              train_fast_bat
+  [RNN]        Algorithm 1 (this project's design)        rnn_adv_step, rnn_trades_step,   none exists (README, Methods,
+                                                          rnn_optimizer_step, rnn_attack,  "RNN-Adv / RNN-TRADES")
+                                                          SignStepRNN, LSTMOptimizer
+  [RNN]        Table 1 AdvTrain+BLS                       pgd_at_bls_step, pgd_bls         none exists (Armijo, Nocedal & Wright)
+  [Fast-BAT]   eq. 9 closed form, eq. 13 IG with H_C,     fast_bat_step, fast_bat_backward Fast-BAT trainer.py (fast_bat)
+               eq. 14 update                              box_bounds
   [Fast-BAT]   step a, schedule, data, selection          fast_bat_step_size, schedule_at, Fast-BAT train.py, datasets.py
                                                           augment, validate
-  [Madry]      eq. 2.1, PGD with random start             pgd, train_pgd_at                RO train_cifar.py (schedule)
-  [TRADES]     Algorithm 1 (KL attack, loss)              trades_attack, train_trades      TRADES trades.py, train_trades_*.py
-  [Fast-AT]    Algorithm 3 (FGSM from U(-eps, eps))       fgsm, train_fast_at              fast_adversarial CIFAR10/train_fgsm.py
-  [GradAlign]  FGSM + gamma (1 - cos) regulariser         train_fast_at_ga,                Fast-BAT trainer.py (fast_at_ga),
+  [Madry]      eq. 2.1, PGD with random start             pgd_at_step, pgd                 RO train_cifar.py (schedule)
+  [TRADES]     Algorithm 1 (KL attack, loss)              trades_step, trades_attack,      TRADES trades.py, train_trades_*.py
+                                                          trades_loss
+  [Fast-AT]    Algorithm 3 (FGSM from U(-eps, eps))       fast_at_step, fgsm               fast_adversarial CIFAR10/train_fgsm.py
+  [GradAlign]  FGSM + gamma (1 - cos) regulariser         fast_at_ga_step, fgsm,           Fast-BAT trainer.py (fast_at_ga),
                                                           gradalign_penalty                GradAlign train.py
-  [APGD]       Croce & Hein Algorithm 1, DLR (eq. 6)      apgd, apgd_targeted, dlr_loss    AA autopgd_base.py
+  [APGD]       Croce & Hein Algorithm 1, DLR (eq. 6)      apgd_ce, apgd_targeted, apgd,    AA autopgd_base.py
+                                                          dlr_loss
+  [AA]         FAB-T, Square, the standard suite          fab_targeted, square_linf,       AA fab_pt.py, fab_projections.py,
+                                                          autoattack                       square.py, autoattack.py
   cyclic lr    CyclicLR with its momentum cycle           schedule_at                      torch CyclicLR; train_fgsm.py; Fast-BAT train.py
   models       SmallCNN, PreActResNet-18, WRN-34-10       SmallCNN, PreActResNet18,        TRADES small_cnn.py; fast_adversarial
                                                           WideResNet                       preact_resnet.py, Fast-BAT model_zoo.py;
@@ -56,9 +63,11 @@ Conventions that hold everywhere below:
   * An attack returns x_adv with ||x_adv - x||_inf <= eps and x_adv in [0,1] (the set C of Fast-BAT).
   * Evaluation attacks run with the model in eval mode and never update BN statistics.
 
-Sections, top to bottom: configuration; data; models; hand-designed attacks; learned attackers;
-trainers; speed and scale (precision, compile, data parallelism); evaluation; training loop;
-benchmark; main.
+Layout. Part I, the algorithms: models; hand-designed attacks; learned attackers and optimisers; one training
+step per method. Each takes explicit arguments and needs only torch and math, so it copies out with the
+definitions it calls (README, "Copy an algorithm"). Part II, the harness: configuration; data; checkpoints; the
+method table that binds flags to the steps' keywords; speed and scale (precision, compile, data parallelism);
+progress; evaluation; training loop; benchmark; report; main.
 """
 
 import argparse
@@ -79,6 +88,1268 @@ import torch
 import torch.nn as nn
 import torch.distributed as dist
 import torch.nn.functional as F
+
+# ================================================================================================
+# PART I: THE ALGORITHMS. Models, hand-designed attacks, learned attackers and optimisers, and one
+# training step per method. Everything here takes explicit arguments and needs only torch, torch.nn as
+# nn, torch.nn.functional as F and math: a function copies out with the definitions it calls (README,
+# "Copy an algorithm"). Nothing here reads a flag or talks to other processes.
+# ================================================================================================
+
+
+# ================================================================================================
+# Models. Inputs in [0,1]; per-channel normalisation is the first layer of every network.
+# ================================================================================================
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel, as a layer, so that attacks and eps live in pixel space."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+class SmallCNN(nn.Module):
+    """The 4-conv MNIST network of TRADES (small_cnn.py) and Madry et al.: conv32-conv32-pool-
+    conv64-conv64-pool-fc200-dropout0.5-fc200-fc. Initialised as small_cnn.py: convolutions Kaiming-normal
+    with zero biases, the last layer all zero, the two hidden linear layers PyTorch's default."""
+
+    def __init__(self, in_ch=1, classes=10, hw=28):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_ch, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.ReLU(), nn.MaxPool2d(2))
+        side = ((hw - 4) // 2 - 4) // 2
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(64 * side * side, 200), nn.ReLU(), nn.Dropout(0.5),
+            nn.Linear(200, 200), nn.ReLU(), nn.Linear(200, classes))
+        for m in self.modules():  # TRADES' initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.zeros_(self.classifier[-1].weight)
+        nn.init.zeros_(self.classifier[-1].bias)
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+class VGG16(nn.Module):
+    """VGG-16 with batch norm (the CIFAR variant: 13 convs, one linear layer). Max-pools use ceil
+    mode so 28x28 MNIST inputs survive the five poolings as 32x32 inputs do."""
+
+    CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+    def __init__(self, in_ch=3, classes=10):
+        super().__init__()
+        layers, c = [], in_ch
+        for v in self.CFG:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, ceil_mode=True))
+            else:
+                layers += [nn.Conv2d(c, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+                c = v
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(512, classes)
+
+    def forward(self, x):
+        return self.classifier(self.features(x).flatten(1))
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation residual block (He et al. 2016) as fast_adversarial (CIFAR10/preact_resnet.py) and Fast-BAT
+    (model_zoo.py) wire it: the 1x1 projection shortcut takes the block's raw input x, not relu(bn1(x)) (the
+    variant of kuangliu's pytorch-cifar, a different network)."""
+
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(c_in), nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(c_out), nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.shortcut = None
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, bias=False)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        skip = self.shortcut(x) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + skip
+
+
+class PreActResNet18(nn.Module):
+    """PreActResNet-18: 3x3 stem, stages [2,2,2,2] of widths 64-128-256-512, BN-ReLU, global pool."""
+
+    def __init__(self, in_ch=3, classes=10):
+        super().__init__()
+        self.stem = nn.Conv2d(in_ch, 64, 3, 1, 1, bias=False)
+        blocks, c = [], 64
+        for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            blocks += [PreActBlock(c, width, stride), PreActBlock(width, width, 1)]
+            c = width
+        self.blocks = nn.Sequential(*blocks)
+        self.bn = nn.BatchNorm2d(512)
+        self.linear = nn.Linear(512, classes)
+
+    def forward(self, x):
+        out = F.relu(self.bn(self.blocks(self.stem(x))))
+        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+class WideBlock(nn.Module):
+    """WideResNet basic block (Zagoruyko & Komodakis; TRADES' wideresnet.py, which L2L uses, dropout 0). Unlike
+    PreActBlock, the projection shortcut takes relu(bn1(x)), as wideresnet.py wires it."""
+
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(c_in), nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(c_out), nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.shortcut = None if c_in == c_out else nn.Conv2d(c_in, c_out, 1, stride, bias=False)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        skip = x if self.shortcut is None else self.shortcut(out)
+        return self.conv2(F.relu(self.bn2(self.conv1(out)))) + skip
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-width: (depth - 4) / 6 blocks per stage, widths 16k, 32k, 64k. WRN-34-10 by default."""
+
+    def __init__(self, in_ch=3, classes=10, depth=34, width=10):
+        super().__init__()
+        n = (depth - 4) // 6
+        widths = (16, 16 * width, 32 * width, 64 * width)
+        self.stem = nn.Conv2d(in_ch, widths[0], 3, 1, 1, bias=False)
+        blocks, c = [], widths[0]
+        for stage, stride in zip(widths[1:], (1, 2, 2)):
+            for i in range(n):
+                blocks.append(WideBlock(c, stage, stride if i == 0 else 1))
+                c = stage
+        self.blocks = nn.Sequential(*blocks)
+        self.bn = nn.BatchNorm2d(c)
+        self.linear = nn.Linear(c, classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        out = F.relu(self.bn(self.blocks(self.stem(x))))
+        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+# ================================================================================================
+# Hand-designed attacks: pure functions in pixel space. Each returns x_adv in C = {||x_adv - x||_inf
+# <= eps} n [0,1]. They take the model in whatever mode the caller set (trainers choose the BN mode,
+# evaluation uses eval mode) and compute gradients w.r.t. the input only: parameter .grad untouched.
+# ================================================================================================
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Pi_C: clamp to the eps-ball around x, then to [0,1]. Exact for l_inf, as x itself is in [0,1]."""
+    return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+
+
+def random_start(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x + U(-eps, eps), projected onto C (Madry et al.; Wong et al.)."""
+    return project(x + torch.empty_like(x).uniform_(-eps, eps), x, eps)
+
+
+def start_point(x: torch.Tensor, eps: float, kind: str) -> torch.Tensor:
+    """The first iterate of an iterative attack (--attack-start):
+      'uniform': x + U(-eps, eps), projected onto C (Madry et al.'s PGD);
+      'normal':  x + 0.001 N(0, I), not projected: trades.py and L2L's adv_loss.py take their first gradient
+                 there, and every later iterate is projected."""
+    if kind == "uniform":
+        return random_start(x, eps)
+    return x + 0.001 * torch.randn_like(x)
+
+
+def cw_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-example Carlini-Wagner margin max_{j != y} z_j - z_y (>0 iff misclassified). Maximising it
+    with PGD under l_inf is what TRADES- and Fast-BAT-era tables call "CW" (the 'cw' attack here); the
+    optimisation-based CW-l_inf of the L2L tables is cw_linf below."""
+    z_y = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
+    return other.amax(1) - z_y
+
+
+def attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
+    """Per-example loss an attack ascends: 'ce' cross-entropy or 'cw' margin."""
+    return F.cross_entropy(logits, y, reduction="none") if loss == "ce" else cw_margin(logits, y)
+
+
+def input_grad_and_logits(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss: str = "ce"):
+    """(grad_x of the summed per-example loss, the logits of that forward pass). Every example gets its own,
+    unscaled gradient. Only the input's gradient is computed: autograd runs no weight-gradient kernels for it
+    and leaves every .grad alone."""
+    x_adv = x_adv.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(x_adv)
+        (grad,) = torch.autograd.grad(attack_loss(logits, y, loss).sum(), x_adv)
+    return grad, logits.detach()
+
+
+def input_grad(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss: str = "ce") -> torch.Tensor:
+    """grad_x of the summed per-example loss (see input_grad_and_logits)."""
+    return input_grad_and_logits(model, x_adv, y, loss)[0]
+
+
+def fgsm(model, x, y, eps, step_size=None, rand_init=False):
+    """FGSM (Goodfellow et al. 2015): x' = Pi_C(x0 + a sign(grad_x L(x0))), x0 = x or a uniform random
+    start (Wong et al. 2020). a defaults to eps."""
+    step_size = eps if step_size is None else step_size
+    x0 = random_start(x, eps) if rand_init else x
+    return project(x0 + step_size * input_grad(model, x0, y).sign(), x, eps).detach()
+
+
+def pgd(model, x, y, eps, step_size, steps, restarts=1, loss="ce", start="uniform", keep_fooling=False):
+    """l_inf PGD (Madry et al. 2018): x_{t+1} = Pi_C(x_t + a sign(grad_x L(x_t))) from start_point(x, eps, start),
+    `loss` 'ce' or 'cw'. Training uses the final iterate. With restarts > 1 each example keeps its worst restart:
+    misclassified beats correct, then the larger loss wins.
+    keep_fooling (evaluation): an example keeps the first iterate of any step or restart that the model
+    misclassifies (read from the logits each step computes anyway, and from one pass at each final iterate).
+    Never weaker than the final iterate; fast_adversarial's attack_pgd stops an example at its first misclassified
+    iterate within a restart but then keeps the restart of highest loss, which can drop it."""
+    view = (-1,) + (1,) * (x.dim() - 1)
+    best = x.detach().clone()
+    best_wrong = torch.zeros_like(y, dtype=torch.bool)
+    best_loss = torch.full(y.shape, float("-inf"), device=x.device)
+    for _ in range(restarts):
+        x_adv = start_point(x, eps, start)
+        for _ in range(steps):
+            grad, logits = input_grad_and_logits(model, x_adv, y, loss)
+            if keep_fooling:
+                fooled = (logits.argmax(1) != y) & ~best_wrong
+                best = torch.where(fooled.view(view), project(x_adv, x, eps), best)
+                best_wrong = best_wrong | fooled
+            x_adv = project(x_adv + step_size * grad.sign(), x, eps)
+        x_adv = project(x_adv, x, eps)  # a no-op after a step; projects an unprojected start when steps = 0
+        if restarts == 1 and not keep_fooling:
+            return x_adv.detach()
+        with torch.no_grad():
+            logits = model(x_adv)
+            wrong, value = logits.argmax(1) != y, attack_loss(logits, y, loss)
+            better = (wrong & ~best_wrong) | ((wrong == best_wrong) & (value > best_loss))
+            best = torch.where(better.view(view), x_adv, best)
+            best_wrong, best_loss = best_wrong | wrong, torch.where(better, value, best_loss)
+    return best.detach()
+
+
+def dlr_loss(logits: torch.Tensor, y: torch.Tensor, target=None) -> torch.Tensor:
+    """Difference of Logits Ratio (Croce & Hein 2020, eq. 6 and the targeted form of Sec. 4), per example,
+    with z sorted decreasingly as z_pi1 >= z_pi2 >= ...:
+      untargeted: -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12)
+      targeted:   -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)
+    Shift- and scale-invariant in the logits, so logit rescaling cannot hide the attack's progress."""
+    z = logits.sort(1, descending=True)[0]
+    z_y = logits.gather(1, y[:, None]).squeeze(1)
+    if target is None:
+        other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
+        return -(z_y - other) / (z[:, 0] - z[:, 2] + 1e-12)
+    z_t = logits.gather(1, target[:, None]).squeeze(1)
+    return -(z_y - z_t) / (z[:, 0] - (z[:, 2] + z[:, 3]) / 2 + 1e-12)
+
+
+def apgd_checkpoints(n_iter: int) -> list:
+    """The iterations where APGD may halve its step (Croce & Hein 2020, Sec. 3.2): p_0 = 0, p_1 = 0.22,
+    p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06), in whole iterations (intervals 0.22 N, shrinking by
+    0.03 N down to 0.06 N), which avoids rounding drift: N = 100 gives 22, 41, 57, 70, 80, 87, 93, 99."""
+    step, shrink, least = max(int(0.22 * n_iter), 1), max(int(0.03 * n_iter), 1), max(int(0.06 * n_iter), 1)
+    points, w = [], step
+    while w <= n_iter:
+        points.append(w)
+        step = max(step - shrink, least)
+        w += step
+    return points
+
+
+def apgd(model, x, y, eps, n_iter=100, loss="ce", target=None, rho=0.75):
+    """Auto-PGD under l_inf (Croce & Hein, ICML 2020, Algorithm 1), per example, as auto-attack's
+    autopgd_base.py (attack_single_run) runs it:
+      x0 = clamp(x + eps t / ||t||_inf, 0, 1), t ~ U(-1, 1)^d; eta = 2 eps;
+      z = P(x_k + eta sign(grad f(x_k)));  x_{k+1} = P(x_k + alpha (z - x_k) + (1 - alpha)(x_k - x_{k-1})), alpha = 1 at the
+      first step and 0.75 after;
+      at each checkpoint w_j (apgd_checkpoints) eta is halved, and the example restarts from its best point with
+      that point's gradient, when (1) the loss rose in at most rho (w_j - w_{j-1}) of the window's steps, each
+      step compared with the one before (the first window's first step with 0, as autopgd_base.py compares it
+      with a loss row not yet written), or (2) eta was not halved at w_{j-1} and the best loss has not risen
+      since; condition (2) is off at w_1 (the code's reduced_last_check starts at ones). An example that restarts
+      keeps its last iterate as the previous one, so its first step after the restart has the momentum of
+      x_best - x_{k-1}.
+    `loss`: 'ce' or 'dlr' (with `target`: the targeted DLR of APGD-T). Returns, per example, a misclassified
+    iterate when one was found, else the highest-loss one."""
+    def f_and_grad(z):
+        z = z.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = model(z)
+            value = F.cross_entropy(logits, y, reduction="none") if loss == "ce" else dlr_loss(logits, y, target)
+            (g,) = torch.autograd.grad(value.sum(), z)
+        return value.detach(), g, logits.detach().argmax(1) != y
+
+    view = (-1,) + (1,) * (x.dim() - 1)
+    t = torch.empty_like(x).uniform_(-1, 1)
+    x_k = (x + eps * t / (t.flatten(1).abs().amax(1).view(view) + 1e-12)).clamp(0, 1)
+    f_k, g, wrong = f_and_grad(x_k)
+    x_best, f_best, g_best = x_k.clone(), f_k.clone(), g.clone()
+    x_fool, found = x_k.clone(), wrong.clone()  # the first misclassified iterate of each example
+    eta = torch.full_like(f_k, 2 * eps)
+    checkpoints = set(apgd_checkpoints(n_iter))
+    last_w, f_best_at_last, halved_at_last = 0, f_best.clone(), torch.ones_like(found)
+    window = [torch.zeros_like(f_k)]  # losses of the iterates since the last checkpoint, after the one before it
+    x_prev = x_k.clone()
+    for k in range(n_iter):
+        z = project(x_k + eta.view(view) * g.sign(), x, eps)
+        alpha = 1.0 if k == 0 else 0.75  # the momentum weight of the paper's update
+        x_new = project(x_k + alpha * (z - x_k) + (1 - alpha) * (x_k - x_prev), x, eps)
+        x_prev = x_k
+        x_k = x_new
+        f_k, g, wrong = f_and_grad(x_k)
+        x_fool = torch.where((wrong & ~found).view(view), x_k, x_fool)
+        found |= wrong
+        window.append(f_k)
+        better = f_k > f_best
+        x_best = torch.where(better.view(view), x_k, x_best)
+        g_best = torch.where(better.view(view), g, g_best)
+        f_best = torch.where(better, f_k, f_best)
+        if k + 1 in checkpoints:
+            increases = sum((b > a_).float() for a_, b in zip(window[:-1], window[1:]))
+            cond1 = increases <= rho * (k + 1 - last_w)
+            cond2 = ~halved_at_last & (f_best_at_last >= f_best)
+            halve = cond1 | cond2
+            eta = torch.where(halve, eta / 2, eta)
+            x_k = torch.where(halve.view(view), x_best, x_k)
+            g = torch.where(halve.view(view), g_best, g)
+            last_w, f_best_at_last, halved_at_last = k + 1, f_best.clone(), halve
+            window = window[-1:]
+    return torch.where(found.view(view), x_fool, x_best).detach()
+
+
+def apgd_ce(model, x, y, eps, n_iter=100):
+    """APGD-CE as AutoAttack runs it (autopgd_base.py, perturb): only on the examples the model classifies
+    correctly; the others are adversarial already and are returned as they are."""
+    with torch.no_grad():
+        todo = (model(x).argmax(1) == y).nonzero().squeeze(1)
+    x_adv = x.detach().clone()
+    if todo.numel():
+        x_adv[todo] = apgd(model, x[todo], y[todo], eps, n_iter, "ce")
+    return x_adv
+
+
+def apgd_targeted(model, x, y, eps, n_iter=100, n_targets=9):
+    """APGD-T (Croce & Hein 2020) as autopgd_base.py runs it: APGD on the targeted DLR loss, once for each of the
+    `n_targets` classes ranked highest by the clean logits (the true class left out), each time only on the
+    examples not misclassified yet (clean or by an earlier target); an example keeps the iterate that fooled the
+    model, else the last target's result."""
+    with torch.no_grad():
+        logits = model(x)
+    order = logits.sort(1, descending=True)[1]
+    targets = order[order != y[:, None]].view(len(y), -1)  # candidate classes, most likely first
+    x_adv, fooled = x.detach().clone(), logits.argmax(1) != y
+    for i in range(min(n_targets, targets.shape[1])):
+        todo = (~fooled).nonzero().squeeze(1)
+        if todo.numel() == 0:
+            break
+        cand = apgd(model, x[todo], y[todo], eps, n_iter, "dlr", targets[todo, i])
+        x_adv[todo] = cand
+        with torch.no_grad():
+            fooled[todo] = model(cand).argmax(1) != y[todo]
+    return x_adv
+
+
+def fab_linf_projection(points: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """FAB's projection (Croce & Hein, ICML 2020, "Minimally distorted adversarial examples with a fast adaptive
+    boundary attack", Sec. 3.1; auto-attack fab_projections.py, projection_linf), per row of the N x D inputs:
+    the smallest l_inf step d with <w, t + d> = b and t + d in the box [0,1]^D, t = points[i].
+    Each coordinate moves towards the hyperplane by min(r, room_i), room_i being its distance to the box face it moves
+    to; the radius r is found by bisection over the sorted rooms. A row whose hyperplane the box cannot reach gets the
+    full step to the box corner nearest to it."""
+    t, w, b = points, w.clone(), b.clone()
+    side = 2 * ((w * t).sum(1) - b >= 0) - 1  # orient every hyperplane so that the step has to lower <w, z>
+    w, b = w * side.unsqueeze(1), b * side
+    up = (w < 0).float()  # coordinates that move up, towards 1 (the others move down, towards 0)
+    d = (up - t) * (w != 0).float()  # the full step to the box corner
+    room = up - t * (2 * up - 1)  # how far each coordinate can move: 1 - t going up, t going down
+    order = torch.argsort(room, dim=1)  # rooms increasing
+    need = b - (w * t).sum(1)  # the change of <w, z> the step must make
+    at_corner = (w * d).sum(1)  # the change the full corner step makes
+    desc = order.flip((1,))  # rooms decreasing
+    w_desc = w.gather(1, desc)
+    # With radius r = room of the k-th largest, the k+1 roomiest coordinates move by r and the rest go to the corner:
+    # the change is change_at[k] - clipped_weight[k] r.
+    clipped_weight = torch.cumsum(w_desc.abs(), dim=1)
+    change_at = torch.cumsum(-w_desc * d.gather(1, desc), dim=1) + at_corner.unsqueeze(1)
+    all_clipped = change_at[:, -1] - clipped_weight[:, -1] * room.gather(1, order[:, 0:1]).squeeze(1)
+    below_least_room = need - all_clipped > 0  # reached with every coordinate moving less than its room
+    bisect = (need - at_corner > 0) & ~below_least_room  # reachable, with some coordinates at their box face
+    lo = torch.zeros(int(bisect.sum()), device=t.device)
+    hi = torch.full_like(lo, w.shape[1] - 1)
+    order_b, change_b, weight_b, room_b, need_b = order[bisect], change_at[bisect], clipped_weight[bisect], \
+        room[bisect], need[bisect]
+    for _ in range(math.ceil(math.log2(w.shape[1]))):
+        mid = torch.floor((lo + hi) / 2)
+        k = mid.long().unsqueeze(1)
+        kth = order_b.gather(1, order_b.size(1) - 1 - k)  # the coordinate with the k-th largest room
+        change = (change_b.gather(1, k) - weight_b.gather(1, k) * room_b.gather(1, kth)).squeeze(1)
+        further = need_b - change > 0
+        lo = torch.where(further, mid, lo)
+        hi = torch.where(further, hi, mid)
+    lo = lo.long()
+    if below_least_room.any():
+        r = torch.clamp_min((need[below_least_room] - change_at[below_least_room, -1])
+                            / (-clipped_weight[below_least_room, -1]), min=0).unsqueeze(-1)
+        d[below_least_room] = (2 * up[below_least_room] - 1) * r
+    r = torch.clamp_min((need[bisect] - change_at[bisect, lo]) / (-clipped_weight[bisect, lo]), min=0).unsqueeze(-1)
+    d[bisect] = torch.min(r, d[bisect]) * up[bisect] + torch.max(-r, d[bisect]) * (1 - up[bisect])
+    return d * (w != 0).float()
+
+
+def fab_targeted_run(model, x, y, target, n_iter=100, alpha_max=0.1, eta=1.05, beta=0.9):
+    """One run of targeted FAB under l_inf from the clean point (Croce & Hein 2020, Algorithm 1; auto-attack
+    fab_base.py, attack_single_run with is_targeted and no random start; the gradient of fab_pt.py's
+    get_diff_logits_grads_batch_targeted). Every example is assumed correctly classified. Per iteration:
+      linearise f(z) = z_target - z_y at x_k: the hyperplane {z : f(x_k) + <grad f(x_k), z - x_k> = 0};
+      d_k, d_0 = the minimal l_inf steps from x_k and from x onto it, in [0,1]^D (fab_linf_projection);
+      alpha = min(||d_k|| / (||d_k|| + ||d_0||), alpha_max);
+      x_{k+1} = clip_[0,1]((1 - alpha)(x_k + eta d_k) + alpha (x + eta d_0))   (eta: overshoot);
+      if x_{k+1} is misclassified: keep it when it is the closest to x so far, then x_{k+1} = x + beta (x_{k+1} - x).
+    Returns, per example, the closest misclassified point found (of any l_inf size), else x."""
+    n, view = x.shape[0], (-1,) + (1,) * (x.dim() - 1)
+    rows = torch.arange(n, device=x.device)
+    x_flat = x.reshape(n, -1)
+    x_k = x.clone()
+    best, best_dist = x.clone(), torch.full((n,), 1e10, device=x.device)
+    for _ in range(n_iter):
+        z = x_k.clone().requires_grad_(True)
+        with torch.enable_grad():
+            logits = model(z)
+            f = -(logits[rows, y] - logits[rows, target])
+            (g,) = torch.autograd.grad(f.sum(), z)
+        with torch.no_grad():
+            f, w = f.detach(), g.reshape(n, -1)
+            b = -f + (g * x_k).reshape(n, -1).sum(-1)  # the hyperplane <w, z> = b
+            d = fab_linf_projection(torch.cat((x_k.reshape(n, -1), x_flat), 0), torch.cat((w, w), 0),
+                                    torch.cat((b, b), 0))
+            d_k, d_0 = d[:n].reshape(x.shape), d[n:].reshape(x.shape)
+            size = torch.clamp_min(d.abs().max(dim=1, keepdim=True)[0], 1e-8).view(-1, *view[1:])
+            alpha = (size[:n] / (size[:n] + size[n:])).clamp(min=0).clamp(max=alpha_max)
+            x_k = ((x_k + eta * d_k) * (1 - alpha) + (x + d_0 * eta) * alpha).clamp(0.0, 1.0)
+            fooled = model(x_k).argmax(1) != y
+            distance = (x_k - x).reshape(n, -1).abs().max(dim=1)[0]
+            closer = fooled & (distance < best_dist)
+            best = torch.where(closer.view(view), x_k, best)
+            best_dist = torch.where(closer, distance, best_dist)
+            x_k = torch.where(fooled.view(view), x + (x_k - x) * beta, x_k)  # step back towards x
+    return torch.where((best_dist < 1e10).view(view), best, x).detach()
+
+
+def fab_targeted(model, x, y, eps, n_iter=100, n_targets=9, alpha_max=0.1, eta=1.05, beta=0.9):
+    """FAB-T under l_inf as AutoAttack's standard version runs it (auto-attack fab_base.py, perturb with targeted=True
+    and n_restarts=1; alpha_max 0.1, eta 1.05, beta 0.9 are its defaults): for the 2nd, 3rd, ... (n_targets + 1)-th
+    most likely class of the clean logits in turn, fab_targeted_run on the examples still robust (correct, and not
+    yet fooled within eps). A result counts when it is misclassified and within eps; FAB minimises the distance
+    and does not project, so a farther one is dropped. Returns x_adv in C: the fooling point, else x."""
+    with torch.no_grad():
+        logits = model(x)
+    robust = logits.argmax(1) == y
+    by_likelihood = logits.sort(dim=-1)[1]  # classes in increasing logit order
+    x_adv = x.detach().clone()
+    for rank in range(2, n_targets + 2):
+        todo = robust.nonzero().squeeze(1)
+        if todo.numel() == 0:
+            break
+        cand = fab_targeted_run(model, x[todo], y[todo], by_likelihood[todo, -rank], n_iter, alpha_max, eta, beta)
+        with torch.no_grad():
+            wrong = model(cand).argmax(1) != y[todo]
+        fooled = wrong & ((cand - x[todo]).reshape(len(todo), -1).abs().max(1)[0] <= eps)
+        x_adv[todo[fooled]] = cand[fooled]
+        robust[todo[fooled]] = False
+    return x_adv
+
+
+def square_p(it: int, p_init: float = 0.8) -> float:
+    """Square Attack's schedule of p, the fraction of the image a square covers (square.py, p_selection with
+    AutoAttack's resc_schedule=False): p_init halved after iterations 10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000."""
+    for bound, div in ((8000, 512), (6000, 256), (4000, 128), (2000, 64), (1000, 32), (500, 16), (200, 8), (50, 4),
+                       (10, 2)):
+        if it > bound:
+            return p_init / div
+    return p_init
+
+
+def square_linf(model, x, y, eps, n_queries=5000, p_init=0.8, generator=None):
+    """Square Attack under l_inf (Andriushchenko, Croce, Flammarion, Hein, ECCV 2020, Algorithm 1 with the l_inf
+    square distribution of Sec. 3.1), as AutoAttack's standard version runs it (auto-attack square.py,
+    attack_single_run and perturb: margin loss, one restart, 5000 queries, p_init 0.8). Score-based: only the
+    model's logits are used, so masked gradients do not stop it. On the correctly classified examples:
+      x_best = clip(x + eps s), s in {-1, 1} per example, channel and image column (vertical stripes);
+      at iteration i, side h_i = max(round(sqrt(p_i D / c)), 1) with p_i = square_p(i); one window position and one
+      sign per channel, drawn once for the whole batch; x_new = x_best with that window set to x +- eps (clipped to
+      [0,1]); x_best = x_new where the margin z_y - max_{j != y} z_j falls or turns <= 0;
+    until every example is misclassified or the queries are spent. The random numbers come from `generator` (the
+    default CPU generator when None), as square.py draws them. Returns x_adv in C: the fooling point, else x."""
+    rand = lambda shape: torch.rand(shape, generator=generator).to(x.device)
+    sign = lambda shape: torch.sign(2 * rand(shape) - 1)
+
+    def margin(z, labels):
+        with torch.no_grad():
+            logits = model(z)
+        z_y = logits.gather(1, labels[:, None]).squeeze(1)
+        return z_y - logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), float("-inf")).amax(1)
+
+    x_adv = x.detach().clone()
+    with torch.no_grad():
+        todo = (model(x).argmax(1) == y).nonzero().squeeze(1)
+    if todo.numel() == 0:
+        return x_adv
+    xs, ys = x[todo], y[todo]
+    c, h, w = xs.shape[1:]
+    view = (-1,) + (1,) * (xs.dim() - 1)
+    x_best = torch.clamp(xs + eps * sign([xs.shape[0], c, 1, w]), 0.0, 1.0)
+    margin_min = margin(x_best, ys)
+    loss_min = margin_min.clone()
+    if not (margin_min < 0.0).all():
+        for i in range(n_queries):
+            active = (margin_min > 0.0).nonzero().squeeze(1)
+            if active.numel() == 0:  # only margins of exactly 0 are left: nothing to improve
+                break
+            x_c, best_c, y_c = xs[active], x_best[active], ys[active]
+            side = min(max(int(round(math.sqrt(square_p(i, p_init) * (c * h * w) / c))), 1), min(h, w))
+            top = int((h - side) * rand([1]))
+            left = int((w - side) * rand([1]))
+            delta = torch.zeros([c, h, w], device=x.device)
+            delta[:, top:top + side, left:left + side] = 2.0 * eps * sign([c, 1, 1])
+            x_new = torch.clamp(torch.min(torch.max(best_c + delta, x_c - eps), x_c + eps), 0.0, 1.0)
+            m = margin(x_new, y_c)
+            lower = m < loss_min[active]
+            loss_min[active] = torch.where(lower, m, loss_min[active])
+            take = lower | (m <= 0.0)
+            margin_min[active] = torch.where(take, m, margin_min[active])
+            x_best[active] = torch.where(take.view(view), x_new, best_c)
+            if (margin_min <= 0.0).all():
+                break
+    with torch.no_grad():
+        fooled = model(x_best).argmax(1) != ys
+    x_adv[todo[fooled]] = x_best[fooled]
+    return x_adv
+
+
+# AutoAttack's standard version under l_inf, in its order (autoattack.py, set_version('standard')).
+AUTOATTACK_STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
+
+
+def autoattack(model, x, y, eps, attacks=AUTOATTACK_STANDARD, batch_size=250, seed=0, n_iter=100, n_targets=9,
+               fab_iter=100, fab_targets=9, n_queries=5000, on_batch=None):
+    """AutoAttack (Croce & Hein, ICML 2020), standard version, l_inf, as auto-attack autoattack.py
+    (run_standard_evaluation) runs it: the clean predictions, then each attack in `attacks` in turn on the examples
+    still robust, in chunks of `batch_size`, the random generators seeded with `seed` before every chunk (as each
+    attack's perturb seeds them); an example fooled by one attack is not attacked again and keeps that attack's point.
+    Defaults are the standard version's: APGD-CE (100 iterations, 1 run), APGD-T (9 targets x 100), FAB-T
+    (9 targets x 100), Square (5000 queries, p_init 0.8). Note that it reseeds torch's global generators.
+    on_batch(name), when given, is called after every chunk (progress).
+    Returns (x_adv, robust): x_adv in C; robust[name] the examples still robust after that attack ('clean' first)."""
+    run = {"apgd-ce": lambda xb, yb: apgd_ce(model, xb, yb, eps, n_iter),
+           "apgd-t": lambda xb, yb: apgd_targeted(model, xb, yb, eps, n_iter, n_targets),
+           "fab-t": lambda xb, yb: fab_targeted(model, xb, yb, eps, fab_iter, fab_targets),
+           "square": lambda xb, yb: square_linf(model, xb, yb, eps, n_queries)}
+    x_adv = x.detach().clone()
+    with torch.no_grad():
+        still = torch.cat([model(xb).argmax(1) == yb for xb, yb in zip(x.split(batch_size), y.split(batch_size))])
+    robust = {"clean": still.clone()}
+    for name in attacks:
+        if not still.any():  # nothing left to attack (autoattack.py stops here)
+            robust[name] = still.clone()
+            continue
+        for chunk in still.nonzero().squeeze(1).split(batch_size):
+            torch.manual_seed(seed)
+            cand = run[name](x[chunk], y[chunk])
+            with torch.no_grad():
+                fooled = model(cand).argmax(1) != y[chunk]
+            x_adv[chunk[fooled]] = cand[fooled]
+            still[chunk[fooled]] = False
+            if on_batch is not None:
+                on_batch(name)
+        robust[name] = still.clone()
+    return x_adv, robust
+
+
+def inner_loss(model, x_adv, y, logp_clean=None) -> torch.Tensor:
+    """Per-example inner loss: CE (PGD-AT, RNN-Adv), or KL(f(x) || f(x')) when the clean log-probabilities are
+    given (TRADES, RNN-TRADES)."""
+    logits = model(x_adv)
+    if logp_clean is None:
+        return F.cross_entropy(logits, y, reduction="none")
+    return F.kl_div(F.log_softmax(logits, 1), logp_clean, reduction="none", log_target=True).sum(1)
+
+
+def inner_grad(model, x_adv, y, logp_clean=None) -> torch.Tensor:
+    """grad_x' of the summed inner loss at x' (each example its own gradient); no graph is kept."""
+    x_adv = x_adv.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (g,) = torch.autograd.grad(inner_loss(model, x_adv, y, logp_clean).sum(), x_adv)
+    return g
+
+
+def trades_attack(model, x, eps, step_size, steps, start="normal"):
+    """The TRADES inner maximisation (Zhang et al. 2019, Algorithm 1, and trades.py): from x + 0.001 N(0, I)
+    (unprojected, as trades.py; --attack-start), sign steps on sum KL(f(x) || f(x')), projected onto C. The
+    clean distribution is a constant."""
+    with torch.no_grad():
+        logp_clean = F.log_softmax(model(x), dim=1)
+    x_adv = start_point(x, eps, start)
+    for _ in range(steps):
+        x_adv = project(x_adv + step_size * inner_grad(model, x_adv, None, logp_clean).sign(), x, eps)
+    return project(x_adv, x, eps).detach()
+
+
+def pgd_bls(model, x, y, eps, steps, init_step, shrink=0.5, c=1e-4, tries=8, start="uniform"):
+    """PGD with a backtracking line search per example and step (AdvTrain+BLS of Xiong & Hsieh, Table 1; the
+    rule is the projected Armijo condition of Nocedal & Wright, a reconstruction: no official code exists).
+    At x_t with g = grad_x L(x_t) and direction sign(g): try s = init_step, s * shrink, ... (`tries` sizes);
+    accept the first x_s = Pi_C(x_t + s sign(g)) with L(x_s) >= L(x_t) + c <g, x_s - x_t>. An example with no
+    acceptable size stays at x_t, so no accepted step ever lowers its loss. Start as PGD (--attack-start)."""
+    x_adv = project(start_point(x, eps, start), x, eps)
+    for _ in range(steps):
+        x_adv = x_adv.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = F.cross_entropy(model(x_adv), y, reduction="none")
+            (g,) = torch.autograd.grad(loss.sum(), x_adv)
+        x_adv, loss = x_adv.detach(), loss.detach()
+        s = torch.full_like(loss, init_step)
+        new, done = x_adv.clone(), torch.zeros_like(y, dtype=torch.bool)
+        for _ in range(tries):
+            cand = project(x_adv + s[:, None, None, None] * g.sign(), x, eps)
+            with torch.no_grad():
+                cand_loss = F.cross_entropy(model(cand), y, reduction="none")
+            ok = ~done & (cand_loss >= loss + c * (g * (cand - x_adv)).flatten(1).sum(1))
+            new = torch.where(ok[:, None, None, None], cand, new)
+            done, s = done | ok, s * shrink
+        x_adv = new
+    return x_adv.detach()
+
+
+class ModelMode:
+    """Context manager: put a model in train or eval mode and restore every module's previous mode on exit.
+    With dropout=False (attack_mode) dropout layers stay in eval mode whatever `mode` says."""
+
+    def __init__(self, model: nn.Module, mode: str, dropout: bool = True):
+        self.model, self.mode, self.dropout = model, mode, dropout
+
+    def __enter__(self):
+        self.was_training = [(m, m.training) for m in self.model.modules()]
+        self.model.train(self.mode == "train")
+        if not self.dropout:
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.dropout._DropoutNd):
+                    m.eval()
+        return self.model
+
+    def __exit__(self, *exc):
+        for m, training in self.was_training:
+            m.training = training
+
+
+def attack_mode(model: nn.Module, bn: str) -> ModelMode:
+    """The classifier's mode while a training-time attack runs: BatchNorm in `bn` mode (--attack-bn: batch
+    statistics and running-statistics updates in 'train', as fast_adversarial and Fast-BAT; running statistics in
+    'eval', as TRADES), dropout always off. BN mode and dropout are different things: an attack that sampled a
+    dropout mask at every forward pass would ascend a different network at each step (and a line search would
+    compare losses of different networks)."""
+    return ModelMode(model, bn, dropout=False)
+
+
+def cw_linf(model, x, y, eps, lr=5e-3, max_iterations=50, initial_const=1e-5, largest_const=1e2, const_factor=10.0,
+            decrease_factor=0.9, min_tau=1 / 256, abort_early=True):
+    """The Carlini-Wagner l_inf attack (Carlini & Wagner 2017, Sec. V-C) as the official L2L cw.py runs it for the
+    "CW" column of the L2L tables, every example independently (batched here; each example keeps its own state):
+      only correctly classified examples are attacked; tau = 1, c = initial_const, start s = x;
+      repeat (while tau > min_tau):
+        minimise  c * relu(z_y - max_{j != y} z_j) + sum_i relu(|x'_i - x_i| - tau)  over w, x' = tanh(w + w_s)/2 + 1/2,
+        w_s = artanh(0.9999 (2 s - 1)), w from 0 with Adam (lr 5e-3), up to max_iterations steps per c, c x10 while
+        c < largest_const (Adam and w carry over when c grows; c carries over to the next tau);
+        a step whose image (read before the update) is misclassified with ||x' - x||_inf < eps ends the attack:
+        success; one misclassified with loss < 1e-4 c (abort_early) ends the descent: tau = 0.9 min(tau,
+        ||x' - x||_inf), s = x', and the descent restarts from w = 0 with a fresh Adam;
+      a descent that exhausts c, or tau falling to min_tau, is a failure: the example keeps its clean image.
+    Returns x_adv with ||x_adv - x||_inf < eps (strictly) and x_adv in [0,1]."""
+    n, view = x.shape[0], (-1,) + (1,) * (x.dim() - 1)
+    with torch.no_grad():
+        active = model(x).argmax(1) == y
+    x_adv = x.detach().clone()
+    tau = torch.ones(n, dtype=torch.float64, device=x.device)
+    const = torch.full((n,), initial_const, dtype=torch.float64, device=x.device)
+    w_start = torch.atanh(0.9999 * (2 * x - 1))
+    w = torch.zeros_like(x)  # the modifier and its Adam state (torch.optim.Adam's defaults), per example
+    adam_m, adam_v = torch.zeros_like(x), torch.zeros_like(x)
+    adam_t = torch.zeros(n, dtype=torch.long, device=x.device)
+    steps_at_const = torch.zeros(n, dtype=torch.long, device=x.device)
+    beta1, beta2, adam_eps = 0.9, 0.999, 1e-8
+    while active.any():
+        i = active.nonzero().squeeze(1)
+        wi = w[i].requires_grad_(True)
+        with torch.enable_grad():
+            new = torch.tanh(wi + w_start[i]) / 2 + 0.5
+            logits = model(new)
+            real = logits.gather(1, y[i, None]).squeeze(1)
+            other = logits.masked_fill(F.one_hot(y[i], logits.shape[1]).bool(), float("-inf")).amax(1)
+            distance = (new - x[i]).abs()
+            loss = const[i].to(logits.dtype) * F.relu(real - other) \
+                + F.relu(distance - tau[i].to(distance.dtype).view(view)).flatten(1).sum(1)
+            (g,) = torch.autograd.grad(loss.sum(), wi)
+        with torch.no_grad():  # Adam step on every active example (cw.py steps before it checks)
+            adam_t[i] += 1
+            t = adam_t[i].to(x.dtype).view(view)
+            adam_m[i] = beta1 * adam_m[i] + (1 - beta1) * g
+            adam_v[i] = beta2 * adam_v[i] + (1 - beta2) * g * g
+            denom = adam_v[i].sqrt() / (1 - beta2 ** t).sqrt() + adam_eps
+            w[i] = w[i] - lr / (1 - beta1 ** t) * adam_m[i] / denom
+            new, wrong, linf = new.detach(), logits.argmax(1) != y[i], distance.flatten(1).amax(1)
+            success = wrong & (linf < eps)
+            x_adv[i[success]] = new[success]
+            aborted = ~success & wrong & abort_early & (loss < 1e-4 * const[i])
+            # an aborted descent restarts at its image with a smaller tau, or fails when tau gets too small
+            new_tau = torch.minimum(tau[i], linf.double()) * decrease_factor
+            restart = aborted & (new_tau > min_tau)
+            r = i[restart]
+            tau[r], w_start[r] = new_tau[restart], torch.atanh(0.9999 * (2 * new[restart] - 1))
+            w[r], adam_m[r], adam_v[r], adam_t[r], steps_at_const[r] = 0.0, 0.0, 0.0, 0, 0
+            # otherwise one more step at this c; after max_iterations, c grows, and past largest_const the descent fails
+            going = ~success & ~aborted
+            g_i = i[going]
+            steps_at_const[g_i] += 1
+            grow = g_i[steps_at_const[g_i] == max_iterations]
+            const[grow] *= const_factor
+            steps_at_const[grow] = 0
+            failed = i[aborted & ~restart]
+            active[i[success]] = False
+            active[failed] = False
+            active[grow[const[grow] >= largest_const]] = False
+    return x_adv
+
+
+# ================================================================================================
+# Learned attackers. Each registers its trainers in METHODS (with a `setup` that builds the attacker
+# and its optimiser, saved in checkpoints as extras) and its evaluation attack in EVAL_ATTACKS.
+#
+# L2L (Jiang et al., "Learning to Defend by Learning to Attack"): a CNN g(A; phi) maps the attacker
+# input A to a perturbation eps * tanh(.), so ||delta||_inf <= eps holds by construction.
+#   naive:  A = x
+#   grad:   A = [x, grad_x CE(f(x), y) / max|grad|]   (one scalar max over the whole batch; detached)
+#   K-step: the grad attacker applied K times with shared phi, total projected onto the eps-ball.
+# Architectures and details follow the poster and the official code (attacker.py, adv_loss.py).
+# ================================================================================================
+
+
+class GenBlock(nn.Module):
+    """The official code's SNGAN-style residual block: BN(no affine)-PReLU-conv3x3-BN(no affine)-PReLU-
+    conv3x3, plus a learnable 1x1 shortcut when the width changes. Xavier-uniform init, gain sqrt 2
+    on the 3x3 convs and 1 on the shortcut (as attacker.py)."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.body = nn.Sequential(nn.BatchNorm2d(c_in, affine=False), nn.PReLU(), nn.Conv2d(c_in, c_out, 3, 1, 1),
+                                  nn.BatchNorm2d(c_out, affine=False), nn.PReLU(), nn.Conv2d(c_out, c_out, 3, 1, 1))
+        self.shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        for conv in (self.body[2], self.body[5]):
+            nn.init.xavier_uniform_(conv.weight, math.sqrt(2))
+        if c_in != c_out:
+            nn.init.xavier_uniform_(self.shortcut.weight, 1.0)
+
+    def forward(self, x):
+        return self.body(x) + self.shortcut(x)
+
+
+class SlimAttacker(nn.Module):
+    """The poster's "Attacker Architectures" table (attacker.py's SlimAttacker): conv3x3/128 stride 2
+    (BN eps 1e-3, ReLU); GenBlocks 128->256->128; BN; deconv 4x4/16 stride 2 (BN, ReLU); conv3x3 on
+    [deconv output, attacker input] to the image channels; delta = eps * tanh(s * out), s learnable
+    from 5. Stride 2 in the first conv is the only reading under which 32x32 stays 32x32 (the poster gives no
+    strides; a choice, README).
+    `width` (128 in the paper) sets the channels: width, 2 width, width."""
+
+    def __init__(self, in_ch, out_ch, eps, width=128):
+        super().__init__()
+        self.eps = eps
+        w = width
+        self.down = nn.Sequential(nn.Conv2d(in_ch, w, 3, 2, 1, bias=False), nn.BatchNorm2d(w, eps=1e-3), nn.ReLU())
+        self.blocks = nn.Sequential(GenBlock(w, 2 * w), GenBlock(2 * w, w), nn.BatchNorm2d(w, affine=False))
+        self.up = nn.Sequential(nn.ConvTranspose2d(w, 16, 4, 2, 1, bias=False), nn.BatchNorm2d(16, eps=1e-3), nn.ReLU())
+        self.out = nn.Conv2d(16 + in_ch, out_ch, 3, 1, 1, bias=False)
+        self.scale = nn.Parameter(torch.tensor(5.0))
+
+    def forward(self, attacker_input):
+        h = self.up(self.blocks(self.down(attacker_input)))
+        # tanh and the eps scale in fp32: under bf16 autocast, eps * tanh(.) rounded to bf16 exceeds eps
+        return self.eps * torch.tanh(self.scale * self.out(torch.cat([h, attacker_input], 1)).float())
+
+
+class WideAttacker(nn.Module):
+    """The released training scripts' attacker (attacker.py's WideAttacker), no down/up-sampling:
+    conv3x3/64 (BN, ReLU); GenBlocks 64->128->256->128->64; BN; conv3x3 to the image channels;
+    delta = eps * tanh(out). `width` 128 gives the released channels (64, 128, 256, 128, 64)."""
+
+    def __init__(self, in_ch, out_ch, eps, width=128):
+        super().__init__()
+        self.eps = eps
+        b = max(1, width // 2)
+        self.net = nn.Sequential(
+            nn.Conv2d(in_ch, b, 3, 1, 1, bias=False), nn.BatchNorm2d(b, eps=1e-3), nn.ReLU(),
+            GenBlock(b, 2 * b), GenBlock(2 * b, 4 * b), GenBlock(4 * b, 2 * b), GenBlock(2 * b, b),
+            nn.BatchNorm2d(b, affine=False), nn.Conv2d(b, out_ch, 3, 1, 1))
+
+    def forward(self, attacker_input):
+        return self.eps * torch.tanh(self.net(attacker_input).float())  # fp32, as SlimAttacker
+
+
+def scaled_input_grad(model, x, y, batch_max=None) -> torch.Tensor:
+    """g / max|g| with g = grad_x CE(f(x), y) and one max over the whole batch (adv_loss.py); no graph.
+    batch_max, when given, maps this batch's max to the one to divide by (data parallelism passes the max over
+    every process's shard, as the batch is the global one)."""
+    g = input_grad(model, x, y)
+    scale = g.abs().amax()
+    if batch_max is not None:
+        scale = batch_max(scale)
+    return g / scale.clamp_min(1e-12)
+
+
+def l2l_perturb(attacker, model, x, y, eps, variant: str, steps: int = 1, step_size=None, batch_max=None):
+    """x_adv from the L2L attacker (Jiang et al., poster table "L2L variants"; adv_loss.py):
+      naive:  x_adv = clamp(x + g(x; phi), 0, 1)                                   (adv_loss_l2l_0)
+      grad:   x_adv = clamp(x + g([x, g_hat(x)]; phi), 0, 1)                       (adv_loss_l2l_1)
+      multi, step_size None (the poster's 2-step L2L, adv_loss_l2l_2, for K = --l2l-steps):
+              delta^1 = g([x, g_hat(x)]);  for k = 2..K:  x^k = clamp(x + delta^{k-1}, 0, 1),
+              delta^k = Pi_eps(delta^{k-1} + g([x^k, g_hat(x^k)]));  x_adv = clamp(x + delta^K, 0, 1)
+              x^k keeps its graph, so phi's gradient also flows through the earlier steps (as adv_loss.py);
+      multi, step_size s (adv_loss_l2l_k, K steps):
+              x^0 = x;  x^{k+1} = clamp(x^k + (s / eps) g([x^k, g_hat(x^k)].detach()), 0, 1);
+              x_adv = clamp(x + Pi_eps(x^K - x), 0, 1): each step clamped to the image, projected once at the end,
+              the attacker's input detached (phi's gradient reaches it through the sum of steps only).
+    Each normalised gradient g_hat is a constant (scaled_input_grad)."""
+    if variant == "naive":
+        return (x + attacker(x)).clamp(0, 1)
+    if variant == "multi" and step_size is not None:  # adv_loss_l2l_k
+        x_k = x
+        for _ in range(steps):
+            attacker_input = torch.cat([x_k, scaled_input_grad(model, x_k, y, batch_max)], 1).detach()
+            x_k = (x_k + attacker(attacker_input) * (step_size / eps)).clamp(0, 1)
+        return (x + (x_k - x).clamp(-eps, eps)).clamp(0, 1)
+    delta = attacker(torch.cat([x, scaled_input_grad(model, x, y, batch_max)], 1).detach())
+    for _ in range(steps - 1 if variant == "multi" else 0):
+        x_k = (x + delta).clamp(0, 1)
+        attacker_input = torch.cat([x_k, scaled_input_grad(model, x_k, y, batch_max)], 1)  # x_k keeps its graph
+        delta = (delta + attacker(attacker_input)).clamp(-eps, eps)  # Pi_B(eps)
+    return (x + delta).clamp(0, 1)
+
+
+# RNN learned optimiser (Xiong & Hsieh, "Improved Adversarial Training via Learned Optimizer"). No official
+# code exists and the full text was not available: the design is this project's, within the paper's words (a
+# recurrent network applied coordinate-wise, fed gradient information, emitting update directions and step sizes,
+# trained on the inner loss over the intermediate iterates, co-trained with theta). Every choice is a flag; the
+# variants tried, and why 'sign-step' is the default, are in README (Methods, "RNN-Adv / RNN-TRADES").
+
+
+def preprocess_gradient(g: torch.Tensor, p: float = 10.0) -> torch.Tensor:
+    """Andrychowicz et al. (2016), appendix A: each coordinate g becomes (log|g| / p, sign g) when |g| >= e^-p,
+    else (-1, e^p g). Makes the LSTM's input independent of the gradient's scale. Shape (..., 2)."""
+    big = g.abs() >= math.exp(-p)
+    first = torch.where(big, g.abs().clamp_min(1e-38).log() / p, torch.full_like(g, -1.0))
+    second = torch.where(big, g.sign(), g * math.exp(p))
+    return torch.stack([first, second], -1)
+
+
+class LSTMOptimizer(nn.Module):
+    """--rnn-design lstm: Andrychowicz et al.'s coordinate-wise LSTM (one tiny LSTM shared by every input
+    coordinate, batched over all pixels of all images), fed the preprocessed input gradient alone, emitting a
+    bounded update per coordinate:  (u_t, h_{t+1}) = m_phi(g_t, h_t),  u_t = scale * tanh(W h_{t+1} + b),
+    scale = --rnn-max-step (eps). Sizes are flags (--rnn-layers, --rnn-hidden: 2 x 20 as Andrychowicz et al.)."""
+
+    def __init__(self, hidden=20, layers=2, preprocess=True):
+        super().__init__()
+        self.preprocess = preprocess
+        sizes = [2 if preprocess else 1] + [hidden] * layers
+        self.cells = nn.ModuleList(nn.LSTMCell(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.out = nn.Linear(hidden, 1)
+        nn.init.normal_(self.out.weight, std=0.01)  # small first updates (a choice)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, g, state, scale, **_):
+        shape = g.shape
+        h = preprocess_gradient(g.reshape(-1)) if self.preprocess else g.reshape(-1, 1)
+        new_state = []
+        for i, cell in enumerate(self.cells):
+            hc = cell(h, None if state is None else state[i])
+            new_state.append(hc)
+            h = hc[0]
+        return scale * torch.tanh(self.out(h).float()).reshape(shape), new_state  # fp32 under autocast
+
+
+def relative_to_mean(g: torch.Tensor) -> torch.Tensor:
+    """g divided by its example's mean |g| (an all-zero gradient stays zero)."""
+    return g / g.abs().flatten(1).mean(1).clamp_min(1e-30).view(-1, *[1] * (g.dim() - 1))
+
+
+class SignStepRNN(nn.Module):
+    """--rnn-design sign-step (default): a coordinate-wise GRU that adapts PGD's step instead of replacing it.
+    Per coordinate i of x'_t it reads (all constants for phi, first-order L2O)
+        f = [sign g_i, g_i / mean_j |g_j| (per example, clipped to +-5, / 5), (x'_i - x_i) / eps,
+             u_{t-1,i} / alpha, t / T]
+    and, with h = GRU(f, h) and (o1, o2) = W h + b, steps
+        u_i = alpha * (4 ** tanh(o1_i) * sign(g_i) + tanh(o2_i)),
+    alpha = --step-size: a step size between alpha/4 and 4 alpha per coordinate and step, and a direction
+    correction of up to alpha, both learned. W and b start at zero, so an untrained m_phi takes exactly PGD's
+    steps (alpha sign g) and training can only move it away from PGD where that raises the inner loss. Hidden
+    size --rnn-hidden (8 by default for this design: 378 parameters)."""
+
+    FEATURES = 5
+
+    def __init__(self, hidden=8):
+        super().__init__()
+        self.cell = nn.GRUCell(self.FEATURES, hidden)
+        self.out = nn.Linear(hidden, 2)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, g, state, scale, x_adv, x, u_prev, progress, eps):
+        feats = torch.stack([g.sign(), relative_to_mean(g).clamp(-5, 5) / 5, (x_adv - x) / eps, u_prev / scale,
+                             torch.full_like(g, progress)], -1).reshape(-1, self.FEATURES).detach()
+        h = self.cell(feats, state)
+        o = self.out(h).float().reshape(*g.shape, 2)
+        return scale * (4.0 ** torch.tanh(o[..., 0]) * g.sign() + torch.tanh(o[..., 1])), h
+
+
+def rnn_attack(rnn, model, x, y, eps, steps, scale, init="uniform", logp_clean=None, weights="uniform",
+               learn=True, horizon=None, per_example=False):
+    """The learned inner maximisation (Algorithm 1 of Xiong & Hsieh as this project reconstructs it; README, Methods,
+    "RNN-Adv / RNN-TRADES"):
+      1. x'_0 = start_point(x, eps, init): Pi_C(x + U(-eps, eps)) ("uniform") or x + 0.001 N(0, I) ("normal", as TRADES)
+      2. for t = 0..T-1:  g_t = grad_x' L_inner(x'_t)  (a constant for phi: first-order L2O)
+                          (u_t, h) = m_phi(g_t, h);   x'_{t+1} = Pi_C(x'_t + u_t)
+      3. L(phi) = sum_{t=1..T} w_t mean_i L_inner(x'_t)   (the intermediate iterates; w: 'uniform' w_t = 1,
+         'last' only t = T, 'linear' w_t = t / T)
+    Step 3 without the classifier's graph: phi reaches L_inner(x'_t) only through x'_t, and grad_x' L_inner(x'_t)
+    is g_t, which step 2 computes anyway (at t = T one more pass). So
+        grad_phi L(phi) = sum_t w_t g_t . dx'_t/dphi = grad_phi sum_t w_t <sg(g_t), x'_t> / B    (exactly)
+    and the returned objective is that surrogate: backpropagating it touches only m_phi and the projections, not
+    T copies of the classifier (same gradient, a fraction of the time and memory).
+    With per_example (--rnn-objective per-example, a choice) each example's g_t is divided by its mean |g_t| (a
+    constant) before the sum: every example then pulls on phi equally, where the plain loss lets the examples
+    that are already misclassified (large CE gradients) outweigh the confidently correct ones (CE gradients
+    ~ 1 - p_y), which are the ones a stronger attack has to fool.
+    Returns (x'_T, surrogate) with learn=True; (x'_T, None) in evaluation, where nothing is kept. The step
+    feature is t / horizon: horizon = steps (the default, --rnn-progress attack) stretches the learned schedule
+    over a longer evaluation; horizon = the training T (--rnn-progress training) replays it and runs past its end.
+    `scale` is alpha (sign-step) or the update bound (lstm)."""
+    horizon = horizon or steps
+    w = {"uniform": [1.0] * steps, "last": [0.0] * (steps - 1) + [1.0],
+         "linear": [(t + 1) / steps for t in range(steps)]}[weights]
+    x_adv = start_point(x, eps, init)  # step 1
+    state, u_prev, total = None, torch.zeros_like(x), 0.0
+    for t in range(steps + (1 if learn else 0)):  # step 2 (learning: and the gradient at x'_T for step 3)
+        g = inner_grad(model, x_adv, y, logp_clean)
+        if learn and t > 0:
+            pull = relative_to_mean(g) if per_example else g
+            total = total + w[t - 1] * (pull * x_adv).sum() / x.shape[0]  # step 3, surrogate of w_t L_inner(x'_t)
+        if t == steps:
+            break
+        with torch.set_grad_enabled(learn):
+            u, state = rnn(g, state, scale, x_adv=x_adv, x=x, u_prev=u_prev, progress=t / horizon, eps=eps)
+            x_adv = project(x_adv + u, x, eps)
+        u_prev = u.detach()
+    return x_adv.detach(), (total if learn else None)
+
+
+# ================================================================================================
+# Training steps: one function per method, one minibatch update each. A step takes the networks, their
+# optimisers, the batch (x in [0,1], y) and the method's hyperparameters as keywords, and returns
+# (loss, number correct) as device tensors (no host sync inside the epoch). The classifier arrives in
+# train mode; every attack inside runs with dropout off and BatchNorm in the `attack_bn` mode.
+# ================================================================================================
+
+
+def sgd_update(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def plain_step(model, optimizer, x, y):
+    """Standard training: one SGD step on CE(f(x), y)."""
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    sgd_update(optimizer, loss)
+    return loss.detach(), (logits.argmax(1) == y).sum()
+
+
+def pgd_at_step(model, optimizer, x, y, *, eps, step_size, steps, start="uniform", attack_bn="train"):
+    """PGD adversarial training (Madry et al. 2018, eq. 2.1): min_theta E max_{delta in S} L(theta, x + delta, y).
+    1. inner max: PGD-K (`steps` steps of `step_size`) from `start`, BN in `attack_bn` mode, dropout off;
+    2. outer min: one SGD step on CE(f(x_adv), y), model in train mode."""
+    with attack_mode(model, attack_bn):
+        x_adv = pgd(model, x, y, eps, step_size, steps, start=start)  # step 1
+    logits = model(x_adv)  # step 2
+    loss = F.cross_entropy(logits, y)
+    sgd_update(optimizer, loss)
+    return loss.detach(), (logits.argmax(1) == y).sum()
+
+
+def trades_loss(logits_clean, logits_adv, y, beta):
+    """TRADES' outer objective CE(f(x), y) + beta sum KL(f(x) || f(x')) / B. The KL is taken from
+    log-probabilities: the value of trades.py's KLDivLoss(softmax(f(x))), but its gradient stays finite where a
+    clean probability underflows to 0 (p log p has an infinite slope there)."""
+    kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.log_softmax(logits_clean, dim=1), reduction="batchmean",
+                  log_target=True)
+    return F.cross_entropy(logits_clean, y) + beta * kl
+
+
+def trades_step(model, optimizer, x, y, *, eps, step_size, steps, beta, start="normal", attack_bn="eval"):
+    """TRADES (Zhang et al. 2019, Algorithm 1; objective CE(f(x), y) + beta max KL(f(x) || f(x'))).
+    1. x' by trades_attack (K sign steps on the KL from x + 0.001 N(0, I), BN in eval mode as in trades.py);
+    2. loss = CE(f(x), y) + beta * sum KL(f(x) || f(x')) / B  (KL summed, divided by the batch: 'batchmean');
+    3. one SGD step. The clean distribution is not detached in the outer loss (as in trades.py). trades.py runs
+       f(x) twice in train mode (once for the CE, once for the KL); here one pass serves both: the same value
+       without dropout, one BN-statistics update instead of two (a deliberate difference, README)."""
+    with attack_mode(model, attack_bn):
+        x_adv = trades_attack(model, x, eps, step_size, steps, start)  # step 1
+    logits_clean, logits_adv = model(x), model(x_adv)  # step 2
+    loss = trades_loss(logits_clean, logits_adv, y, beta)
+    sgd_update(optimizer, loss)  # step 3
+    return loss.detach(), (logits_adv.argmax(1) == y).sum()
+
+
+def fast_at_step(model, optimizer, x, y, *, eps, step_size, attack_bn="train"):
+    """Fast-AT (Wong et al. 2020, Algorithm 3, "FGSM adversarial training with random initialization"):
+    1. delta ~ U(-eps, eps), clamped to the image box;
+    2. delta <- Pi_C(delta + alpha sign(grad_delta L)), alpha = `step_size` (1.25 eps in the paper);
+    3. one SGD step on CE(f(x + delta), y). BN stays in train mode during the attack (official code)."""
+    with attack_mode(model, attack_bn):
+        x_adv = fgsm(model, x, y, eps, step_size, rand_init=True)  # steps 1-2
+    logits = model(x_adv)  # step 3
+    loss = F.cross_entropy(logits, y)
+    sgd_update(optimizer, loss)
+    return loss.detach(), (logits.argmax(1) == y).sum()
+
+
+def fast_bat_step_size(eps: float) -> float:
+    """The lower-level step a of the official train.py: 5000/255 for eps <= 8/255, else 2000/255."""
+    return 5000 / 255 if eps <= 8 / 255 + 1e-9 else 2000 / 255
+
+
+def box_bounds(x: torch.Tensor, eps: float):
+    """C in coordinates: p <= delta <= q with p = max(-eps, -x), q = min(eps, 1 - x)."""
+    return torch.clamp(-x, min=-eps), torch.clamp(1 - x, max=eps)
+
+
+def fast_bat_backward(model, x, y, eps, step_size, lam, ig_ratio=1.0, tol=1e-7, attack_bn="train") -> dict:
+    """Fast-BAT (Zhang et al. 2022), the gradient of one upper-level step, left in the parameters' .grad:
+        g_theta = grad_theta l_tr(theta, delta*) + ig_ratio * (1/lam) grad_theta < grad_delta l(theta; z), sg(H_C grad_delta l_tr(delta*)) >
+    i.e. eq. (14) with the implicit gradient of eq. (13) under l_atk = -l_tr, ig_ratio = alpha2 / alpha1.
+    Steps, as the official trainer.py (mode fast_bat) numbers them, with a = `step_size`:
+      1. delta0 = Pi_C(U(-eps, eps))                              (random start)
+      2. z = Pi_C(delta0 + a grad_delta sum CE(x + delta0)), detached (linearisation point; non-sign step)
+      3. delta* = Pi_C(z + a sg(grad_delta sum CE(x + z)))       (eq. 9, lower-level closed form, lambda_low = 1/a)
+         the gradient at z is built with create_graph for step 7
+      4. a = 5000/255 (eps <= 8/255) else 2000/255               (fast_bat_step_size)
+      5. H = 1 where p + tol < delta* < q - tol                   (the inactive constraints of C)
+      6. v = H * grad_delta sum CE(x + delta*) / lam, theta frozen (outer gradient w.r.t. delta)
+      7. implicit term: backprop sum_i <grad_delta CE_i(z), v_i> / B to theta (double backprop, no Hessian)
+      8. standard term: backprop sum CE(x + delta*) / B; .grad holds both terms.
+    Losses are sum-reduced wherever a per-example input gradient is taken (the code's reduction), so a
+    and lam mean the same at every batch size. The mixed derivative is taken at z, where the closed form
+    of step 3 is differentiated: the official code does the same (trainer.py builds the graph of the gradient at z,
+    not at delta*). Steps 1-3 are the lower level (the attack): BN in `attack_bn` mode (train in the code), dropout
+    off (attack_mode); steps 6 and 8 evaluate the training loss l_tr in the caller's mode."""
+    p, q = box_bounds(x, eps)
+    with attack_mode(model, attack_bn):
+        delta0 = (torch.empty_like(x).uniform_(-eps, eps)).clamp(p, q)  # step 1
+        # clamp(p, q) is the code's clamp to [-eps, eps] followed by the clamp to the image box, in one
+        z = (delta0 + step_size * input_grad(model, x + delta0, y)).clamp(p, q).detach()  # step 2
+        z_var = z.clone().requires_grad_(True)
+        grad_z = torch.autograd.grad(F.cross_entropy(model(x + z_var), y, reduction="sum"), z_var,
+                                     create_graph=True)[0]  # step 3: kept for the double backprop of step 7
+    delta = (z + step_size * grad_z.detach()).clamp(p, q)
+    mask = ((delta > p + tol) & (delta < q - tol)).to(x.dtype)  # step 5
+    v = mask * input_grad(model, x + delta, y) / lam  # step 6 (input_grad leaves theta's .grad alone)
+    n = x.shape[0]
+    for param in model.parameters():
+        param.grad = None
+    ((grad_z * v).sum() * (ig_ratio / n)).backward()  # step 7
+    logits = model(x + delta)
+    loss = F.cross_entropy(logits, y, reduction="sum") / n  # step 8
+    loss.backward()  # accumulates onto the implicit term, before the optimiser applies momentum and decay
+    return {"loss": loss.detach(), "logits": logits.detach(), "z": z, "delta": delta, "mask": mask}
+
+
+def fast_bat_step(model, optimizer, x, y, *, eps, step_size, lam, ig_ratio=1.0, attack_bn="train"):
+    """Fast-BAT (Zhang et al. 2022, eq. 14): one SGD step on the gradient of fast_bat_backward, model in train
+    mode, its lower level (step `step_size` = a) with BN in `attack_bn` mode (train, as the official code) and
+    dropout off; the optimiser's lr is alpha1, and alpha2 = ig_ratio * alpha1."""
+    out = fast_bat_backward(model, x, y, eps, step_size, lam, ig_ratio, attack_bn=attack_bn)
+    optimizer.step()
+    return out["loss"], (out["logits"].argmax(1) == y).sum()
+
+
+# GradAlign's gamma by eps (in /255), from the GradAlign README as the Fast-BAT code copies it.
+GRADALIGN_GAMMA = {2: 0.036, 4: 0.063, 6: 0.112, 8: 0.200, 10: 0.356, 12: 0.632, 14: 1.124, 16: 2.000}
+
+
+def gradalign_gamma(eps: float) -> float:
+    """gamma for eps: the table's value, log-linear between its entries; outside 2/255..16/255 the nearest
+    end (a choice: MNIST's 0.3 gets 2.0; set --ga-gamma to choose)."""
+    k = min(max(eps * 255, 2.0), 16.0)
+    lo = max(e for e in GRADALIGN_GAMMA if e <= k)
+    hi = min(e for e in GRADALIGN_GAMMA if e >= k)
+    if lo == hi:
+        return GRADALIGN_GAMMA[lo]
+    t = (k - lo) / (hi - lo)
+    return math.exp((1 - t) * math.log(GRADALIGN_GAMMA[lo]) + t * math.log(GRADALIGN_GAMMA[hi]))
+
+
+def gradalign_penalty(g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
+    """GradAlign's 1 - mean_i cos(g1_i, g2_i) over the examples whose two gradients are both non-zero (the
+    official code drops the others from the mean: their cosine is undefined); 0 when none is left."""
+    g1, g2 = g1.flatten(1), g2.flatten(1)
+    keep = (g1.norm(dim=1) != 0) & (g2.norm(dim=1) != 0)
+    if not keep.any():
+        return g2.sum() * 0.0
+    cos = (g1[keep] / g1[keep].norm(dim=1, keepdim=True) * g2[keep] / g2[keep].norm(dim=1, keepdim=True)).sum(1)
+    return 1 - cos.mean()
+
+
+def fast_at_ga_step(model, optimizer, x, y, *, eps, step_size, gamma, attack_bn="train"):
+    """Fast-AT with GradAlign (Andriushchenko & Flammarion, NeurIPS 2020), as the Fast-BAT code's fast_at_ga:
+    1. x_adv = FGSM from x (zero init), step `step_size` (1.25 eps), BN in train mode, dropout off;
+    2. g1 = grad_x CE(f(x), y), a constant; g2 = grad_x CE(f(x + eta), y), eta ~ U(-eps, eps), with its graph
+       (the probe x + eta is not clamped to [0,1], as in the GradAlign code: it is a gradient probe, not an attack);
+    3. loss = CE(f(x_adv), y) + gamma (1 - mean_i cos(g1_i, g2_i)) (gradalign_penalty: examples with a zero
+       gradient left out); one SGD step (double backprop through g2). g1 and g2 belong to the training loss and
+       run in the model's training mode."""
+    with attack_mode(model, attack_bn):
+        x_adv = fgsm(model, x, y, eps, step_size)  # step 1
+    g1 = input_grad(model, x, y)  # step 2
+    probe = (x + torch.empty_like(x).uniform_(-eps, eps)).requires_grad_(True)
+    g2 = torch.autograd.grad(F.cross_entropy(model(probe), y, reduction="sum"), probe, create_graph=True)[0]
+    logits = model(x_adv)  # step 3
+    loss = F.cross_entropy(logits, y) + gamma * gradalign_penalty(g1, g2)
+    sgd_update(optimizer, loss)
+    return loss.detach(), (logits.argmax(1) == y).sum()
+
+
+def pgd_at_bls_step(model, optimizer, x, y, *, eps, steps, init_step, shrink=0.5, c=1e-4, tries=8, start="uniform",
+                    attack_bn="train"):
+    """AdvTrain+BLS (Xiong & Hsieh, Table 1): PGD-AT whose inner steps choose a per-example step size by
+    backtracking line search (pgd_bls, BN in `attack_bn` mode), then one SGD step on CE(f(x_adv), y)."""
+    with attack_mode(model, attack_bn):
+        x_adv = pgd_bls(model, x, y, eps, steps, init_step, shrink, c, tries, start)
+    logits = model(x_adv)
+    loss = F.cross_entropy(logits, y)
+    sgd_update(optimizer, loss)
+    return loss.detach(), (logits.argmax(1) == y).sum()
+
+
+def l2l_attacker_step(model, attacker, attacker_optimizer, x, y, *, eps, variant, steps=1, step_size=None,
+                      attacker_steps=1, batch_max=None):
+    """L2L's attacker update (Jiang et al.; step 2 of l2l_step): `attacker_steps` times, f in eval mode and fixed,
+    the attacker in train mode, x_adv recomputed from phi; one Adam step on phi ascending CE(f(x_adv), y). The
+    gradient is taken w.r.t. phi only, so theta's .grad is never touched (the official code zeroes it instead).
+    Leaves f in train mode."""
+    model.eval()
+    attacker.train()
+    params = list(attacker.parameters())
+    for _ in range(attacker_steps):
+        x_adv = l2l_perturb(attacker, model, x, y, eps, variant, steps, step_size, batch_max)
+        attacker_loss = -F.cross_entropy(model(x_adv), y)
+        for p, g in zip(params, torch.autograd.grad(attacker_loss, params)):
+            p.grad = g
+        attacker_optimizer.step()
+    model.train()
+
+
+def l2l_step(model, optimizer, attacker, attacker_optimizer, x, y, *, eps, variant, steps=1, step_size=None,
+             attacker_steps=1, batch_max=None):
+    """L2L (Jiang et al.: min_theta max_phi sum_i CE(f(x_i + g(A(x_i, y_i, theta); phi); theta), y_i)), one
+    minibatch in the order of train_l2l_{1,2}_cifar10.py; `variant` naive / grad / multi and `steps`, `step_size`
+    as l2l_perturb:
+    1. classifier step: f in train mode, attacker in eval mode; x_adv from the attacker (its gradient
+       feature computed with BN in train mode, updating BN statistics, as the official code does, and dropout
+       off as in every attack); one SGD step on CE(f(x_adv), y), batch mean, no clean term;
+    2. l2l_attacker_step: `attacker_steps` Adam ascent steps on phi against the updated theta.
+    batch_max: see scaled_input_grad (data parallelism passes a max over every process's shard)."""
+    model.train()  # step 1
+    attacker.eval()
+    with torch.no_grad(), attack_mode(model, "train"):  # phi gets nothing here
+        x_adv = l2l_perturb(attacker, model, x, y, eps, variant, steps, step_size, batch_max)
+    logits = model(x_adv)
+    loss = F.cross_entropy(logits, y)
+    sgd_update(optimizer, loss)
+    l2l_attacker_step(model, attacker, attacker_optimizer, x, y, eps=eps, variant=variant, steps=steps,
+                      step_size=step_size, attacker_steps=attacker_steps, batch_max=batch_max)  # step 2
+    return loss.detach(), (logits.argmax(1) == y).sum()
+
+
+def rnn_optimizer_step(model, rnn, rnn_optimizer, x, y, *, eps, steps, scale, trades=False, start="uniform",
+                       weights="uniform", per_example=False, attack_bn="eval"):
+    """Steps 1-2 of rnn_adv_step / rnn_trades_step (Xiong & Hsieh, Algorithm 1): unroll m_phi for T = `steps` inner
+    steps on the inner loss (CE, or with `trades` the KL to the clean output) with the classifier in `attack_bn`
+    mode and dropout off, then one Adam ascent step on phi (the gradient w.r.t. phi only; theta's .grad untouched).
+    Returns x'_T, detached."""
+    with attack_mode(model, attack_bn):
+        logp_clean = None
+        if trades:
+            with torch.no_grad():
+                logp_clean = F.log_softmax(model(x), 1)
+        x_adv, rnn_objective = rnn_attack(rnn, model, x, y, eps, steps, scale, start, logp_clean, weights,
+                                          learn=True, horizon=steps, per_example=per_example)  # step 1
+        params = list(rnn.parameters())
+        for p, g in zip(params, torch.autograd.grad(-rnn_objective, params)):  # step 2 (ascent)
+            p.grad = g
+        rnn_optimizer.step()
+    return x_adv
+
+
+def rnn_adv_step(model, optimizer, rnn, rnn_optimizer, x, y, *, eps, steps, scale, start="uniform",
+                 weights="uniform", per_example=False, attack_bn="eval"):
+    """RNN-Adv (Xiong & Hsieh, Algorithm 1 "RNN-based adversarial training" with PGD-AT's loss; a reconstruction:
+    no official code exists), per minibatch M (Algorithm 1, step 5):
+    1. unroll m_phi for T = `steps` inner steps on CE (rnn_optimizer_step, rnn_attack);
+    2. phi <- phi + alpha2 grad_phi L(phi): one Adam ascent step on the intermediate-iterate loss;
+    3. theta <- theta - alpha1 grad_theta CE(f(x'_T), y) with x'_T detached: one SGD step.
+    The same unrolled pass serves both updates, so phi and theta see the same adversarial examples. `scale` is
+    alpha of the sign-step design or the lstm design's update bound."""
+    x_adv = rnn_optimizer_step(model, rnn, rnn_optimizer, x, y, eps=eps, steps=steps, scale=scale, start=start,
+                               weights=weights, per_example=per_example, attack_bn=attack_bn)  # steps 1-2
+    logits = model(x_adv)  # step 3
+    loss = F.cross_entropy(logits, y)
+    sgd_update(optimizer, loss)
+    return loss.detach(), (logits.argmax(1) == y).sum()
+
+
+def rnn_trades_step(model, optimizer, rnn, rnn_optimizer, x, y, *, eps, steps, scale, beta, start="normal",
+                    weights="uniform", per_example=False, attack_bn="eval"):
+    """RNN-TRADES (Xiong & Hsieh, Algorithm 1 with TRADES' loss; a reconstruction): as rnn_adv_step, with the inner
+    loss KL(f(x) || f(x')) and step 3 one SGD step on CE(f(x), y) + beta KL(f(x) || f(x'_T)) (trades_loss)."""
+    x_adv = rnn_optimizer_step(model, rnn, rnn_optimizer, x, y, eps=eps, steps=steps, scale=scale, trades=True,
+                               start=start, weights=weights, per_example=per_example,
+                               attack_bn=attack_bn)  # steps 1-2
+    logits_clean, logits = model(x), model(x_adv)  # step 3
+    loss = trades_loss(logits_clean, logits, y, beta)
+    sgd_update(optimizer, loss)
+    return loss.detach(), (logits.argmax(1) == y).sum()
+
+
+# ================================================================================================
+# ================================================================================================
+# PART II: THE HARNESS. Recipes and flags, data, checkpoints, the method table that binds flags to
+# the steps of Part I, precision and data parallelism, progress, evaluation, the training loop,
+# benchmark, report, main. Part I never calls anything below this line.
+# ================================================================================================
+# ================================================================================================
+
 
 # ================================================================================================
 # Configuration
@@ -759,8 +2030,8 @@ def load_data(args, device: torch.device, test_only: bool = False) -> Data:
     """Split: validation = the last --val-size training examples (Fast-BAT's choice of the last 10%),
     train = the first --train-size of the rest, test = the first --test-size test examples.
     Checkpoints are chosen on validation only; the test set is touched only by the final evaluation."""
-    a = load_arrays(args.dataset, args.data_dir)
-    n = a["x_train"].shape[0]
+    arrays = load_arrays(args.dataset, args.data_dir)
+    n = arrays["x_train"].shape[0]
     val_size = 0 if test_only else args.val_size  # --eval-only uses no part of the training set
     if not test_only and val_size >= n:
         raise UsageError(f"--val-size {args.val_size} leaves no training data ({n} examples); use fewer")
@@ -768,7 +2039,7 @@ def load_data(args, device: torch.device, test_only: bool = False) -> Data:
     if n_train + val_size > n:
         raise UsageError(f"--train-size {n_train} plus --val-size {args.val_size} exceed the {n} training "
                          f"examples of {args.dataset}; lower one of them")
-    n_test = a["x_test"].shape[0]
+    n_test = arrays["x_test"].shape[0]
     if n_test == 0:
         raise UsageError(f"the test split of {args.dataset} in --data-dir {args.data_dir} is empty; "
                          f"the cache needs x_test and y_test with at least one example")
@@ -782,9 +2053,9 @@ def load_data(args, device: torch.device, test_only: bool = False) -> Data:
     def dev(x):  # N x H x W x C uint8 on the host -> N x C x H x W uint8 on the device
         return x.permute(0, 3, 1, 2).contiguous().to(device)
 
-    return Data(dev(a["x_train"][:n_train]), a["y_train"][:n_train].to(device),
-                dev(a["x_train"][n - val_size:]), a["y_train"][n - val_size:].to(device),
-                dev(a["x_test"][:n_test]), a["y_test"][:n_test].to(device))
+    return Data(dev(arrays["x_train"][:n_train]), arrays["y_train"][:n_train].to(device),
+                dev(arrays["x_train"][n - val_size:]), arrays["y_train"][n - val_size:].to(device),
+                dev(arrays["x_test"][:n_test]), arrays["y_test"][:n_test].to(device))
 
 
 def to_float(x_uint8: torch.Tensor, fmt: torch.memory_format = torch.preserve_format) -> torch.Tensor:
@@ -831,151 +2102,11 @@ def train_batches(data: Data, batch_size: int, mode: str, gen: torch.Generator):
         yield augment(to_float(data.x_train[idx]), mode, gen), data.y_train[idx]
 
 
+
+
 # ================================================================================================
-# Models. Inputs in [0,1]; per-channel normalisation is the first layer of every network.
+# Models by name, and checkpoints.
 # ================================================================================================
-
-
-class Normalize(nn.Module):
-    """(x - mean) / std per channel, as a layer, so that attacks and eps live in pixel space."""
-
-    def __init__(self, mean, std):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
-
-    def forward(self, x):
-        return (x - self.mean) / self.std
-
-
-class SmallCNN(nn.Module):
-    """The 4-conv MNIST network of TRADES (small_cnn.py) and Madry et al.: conv32-conv32-pool-
-    conv64-conv64-pool-fc200-dropout0.5-fc200-fc. Initialised as small_cnn.py: convolutions Kaiming-normal
-    with zero biases, the last layer all zero, the two hidden linear layers PyTorch's default."""
-
-    def __init__(self, in_ch=1, classes=10, hw=28):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(in_ch, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.ReLU(), nn.MaxPool2d(2))
-        side = ((hw - 4) // 2 - 4) // 2
-        self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(64 * side * side, 200), nn.ReLU(), nn.Dropout(0.5),
-            nn.Linear(200, 200), nn.ReLU(), nn.Linear(200, classes))
-        for m in self.modules():  # TRADES' initialisation
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight)
-                nn.init.zeros_(m.bias)
-        nn.init.zeros_(self.classifier[-1].weight)
-        nn.init.zeros_(self.classifier[-1].bias)
-
-    def forward(self, x):
-        return self.classifier(self.features(x))
-
-
-class VGG16(nn.Module):
-    """VGG-16 with batch norm (the CIFAR variant: 13 convs, one linear layer). Max-pools use ceil
-    mode so 28x28 MNIST inputs survive the five poolings as 32x32 inputs do."""
-
-    CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
-
-    def __init__(self, in_ch=3, classes=10):
-        super().__init__()
-        layers, c = [], in_ch
-        for v in self.CFG:
-            if v == "M":
-                layers.append(nn.MaxPool2d(2, ceil_mode=True))
-            else:
-                layers += [nn.Conv2d(c, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
-                c = v
-        self.features = nn.Sequential(*layers)
-        self.classifier = nn.Linear(512, classes)
-
-    def forward(self, x):
-        return self.classifier(self.features(x).flatten(1))
-
-
-class PreActBlock(nn.Module):
-    """Pre-activation residual block (He et al. 2016) as fast_adversarial (CIFAR10/preact_resnet.py) and Fast-BAT
-    (model_zoo.py) wire it: the 1x1 projection shortcut takes the block's raw input x, not relu(bn1(x)) (the
-    variant of kuangliu's pytorch-cifar, a different network)."""
-
-    def __init__(self, c_in, c_out, stride):
-        super().__init__()
-        self.bn1, self.conv1 = nn.BatchNorm2d(c_in), nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn2, self.conv2 = nn.BatchNorm2d(c_out), nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.shortcut = None
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, bias=False)
-
-    def forward(self, x):
-        out = F.relu(self.bn1(x))
-        skip = self.shortcut(x) if self.shortcut is not None else x
-        out = self.conv1(out)
-        out = self.conv2(F.relu(self.bn2(out)))
-        return out + skip
-
-
-class PreActResNet18(nn.Module):
-    """PreActResNet-18: 3x3 stem, stages [2,2,2,2] of widths 64-128-256-512, BN-ReLU, global pool."""
-
-    def __init__(self, in_ch=3, classes=10):
-        super().__init__()
-        self.stem = nn.Conv2d(in_ch, 64, 3, 1, 1, bias=False)
-        blocks, c = [], 64
-        for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            blocks += [PreActBlock(c, width, stride), PreActBlock(width, width, 1)]
-            c = width
-        self.blocks = nn.Sequential(*blocks)
-        self.bn = nn.BatchNorm2d(512)
-        self.linear = nn.Linear(512, classes)
-
-    def forward(self, x):
-        out = F.relu(self.bn(self.blocks(self.stem(x))))
-        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
-
-
-class WideBlock(nn.Module):
-    """WideResNet basic block (Zagoruyko & Komodakis; TRADES' wideresnet.py, which L2L uses, dropout 0). Unlike
-    PreActBlock, the projection shortcut takes relu(bn1(x)), as wideresnet.py wires it."""
-
-    def __init__(self, c_in, c_out, stride):
-        super().__init__()
-        self.bn1, self.conv1 = nn.BatchNorm2d(c_in), nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn2, self.conv2 = nn.BatchNorm2d(c_out), nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.shortcut = None if c_in == c_out else nn.Conv2d(c_in, c_out, 1, stride, bias=False)
-
-    def forward(self, x):
-        out = F.relu(self.bn1(x))
-        skip = x if self.shortcut is None else self.shortcut(out)
-        return self.conv2(F.relu(self.bn2(self.conv1(out)))) + skip
-
-
-class WideResNet(nn.Module):
-    """WRN-depth-width: (depth - 4) / 6 blocks per stage, widths 16k, 32k, 64k. WRN-34-10 by default."""
-
-    def __init__(self, in_ch=3, classes=10, depth=34, width=10):
-        super().__init__()
-        n = (depth - 4) // 6
-        widths = (16, 16 * width, 32 * width, 64 * width)
-        self.stem = nn.Conv2d(in_ch, widths[0], 3, 1, 1, bias=False)
-        blocks, c = [], widths[0]
-        for stage, stride in zip(widths[1:], (1, 2, 2)):
-            for i in range(n):
-                blocks.append(WideBlock(c, stage, stride if i == 0 else 1))
-                c = stage
-        self.blocks = nn.Sequential(*blocks)
-        self.bn = nn.BatchNorm2d(c)
-        self.linear = nn.Linear(c, classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
-
-    def forward(self, x):
-        out = F.relu(self.bn(self.blocks(self.stem(x))))
-        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
 def build_model(name: str, dataset: str, depth: int = 34, width: int = 10) -> nn.Module:
@@ -1033,826 +2164,8 @@ def model_from_checkpoint(ckpt: dict, device="cpu") -> nn.Module:
 
 
 # ================================================================================================
-# Hand-designed attacks: pure functions in pixel space. Each returns x_adv in C = {||x_adv - x||_inf
-# <= eps} n [0,1]. They take the model in whatever mode the caller set (trainers choose the BN mode,
-# evaluation uses eval mode) and compute gradients w.r.t. the input only: parameter .grad untouched.
-# ================================================================================================
-
-
-def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Pi_C: clamp to the eps-ball around x, then to [0,1]. Exact for l_inf, as x itself is in [0,1]."""
-    return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
-
-
-def random_start(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x + U(-eps, eps), projected onto C (Madry et al.; Wong et al.)."""
-    return project(x + torch.empty_like(x).uniform_(-eps, eps), x, eps)
-
-
-def start_point(x: torch.Tensor, eps: float, kind: str) -> torch.Tensor:
-    """The first iterate of an iterative attack (--attack-start):
-      'uniform': x + U(-eps, eps), projected onto C (Madry et al.'s PGD);
-      'normal':  x + 0.001 N(0, I), not projected: trades.py and L2L's adv_loss.py take their first gradient
-                 there, and every later iterate is projected."""
-    if kind == "uniform":
-        return random_start(x, eps)
-    return x + 0.001 * torch.randn_like(x)
-
-
-def cw_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-example Carlini-Wagner margin max_{j != y} z_j - z_y (>0 iff misclassified). Maximising it
-    with PGD under l_inf is what TRADES- and Fast-BAT-era tables call "CW" (the 'cw' attack here); the
-    optimisation-based CW-l_inf of the L2L tables is cw_linf below."""
-    z_y = logits.gather(1, y[:, None]).squeeze(1)
-    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
-    return other.amax(1) - z_y
-
-
-def attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
-    """Per-example loss an attack ascends: 'ce' cross-entropy or 'cw' margin."""
-    return F.cross_entropy(logits, y, reduction="none") if loss == "ce" else cw_margin(logits, y)
-
-
-def input_grad_and_logits(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss: str = "ce"):
-    """(grad_x of the summed per-example loss, the logits of that forward pass). Every example gets its own,
-    unscaled gradient. Only the input's gradient is computed: autograd runs no weight-gradient kernels for it
-    and leaves every .grad alone."""
-    x_adv = x_adv.detach().requires_grad_(True)
-    with torch.enable_grad():
-        logits = model(x_adv)
-        (grad,) = torch.autograd.grad(attack_loss(logits, y, loss).sum(), x_adv)
-    return grad, logits.detach()
-
-
-def input_grad(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss: str = "ce") -> torch.Tensor:
-    """grad_x of the summed per-example loss (see input_grad_and_logits)."""
-    return input_grad_and_logits(model, x_adv, y, loss)[0]
-
-
-def fgsm(model, x, y, eps, step_size=None, rand_init=False):
-    """FGSM (Goodfellow et al. 2015): x' = Pi_C(x0 + a sign(grad_x L(x0))), x0 = x or a uniform random
-    start (Wong et al. 2020). a defaults to eps."""
-    step_size = eps if step_size is None else step_size
-    x0 = random_start(x, eps) if rand_init else x
-    return project(x0 + step_size * input_grad(model, x0, y).sign(), x, eps).detach()
-
-
-def pgd(model, x, y, eps, step_size, steps, restarts=1, loss="ce", start="uniform", keep_fooling=False):
-    """l_inf PGD (Madry et al. 2018): x_{t+1} = Pi_C(x_t + a sign(grad_x L(x_t))) from start_point(x, eps, start),
-    `loss` 'ce' or 'cw'. Training uses the final iterate. With restarts > 1 each example keeps its worst restart:
-    misclassified beats correct, then the larger loss wins.
-    keep_fooling (evaluation): an example keeps the first iterate of any step or restart that the model
-    misclassifies (read from the logits each step computes anyway, and from one pass at each final iterate).
-    Never weaker than the final iterate; fast_adversarial's attack_pgd stops an example at its first misclassified
-    iterate within a restart but then keeps the restart of highest loss, which can drop it."""
-    view = (-1,) + (1,) * (x.dim() - 1)
-    best = x.detach().clone()
-    best_wrong = torch.zeros_like(y, dtype=torch.bool)
-    best_loss = torch.full(y.shape, float("-inf"), device=x.device)
-    for _ in range(restarts):
-        x_adv = start_point(x, eps, start)
-        for _ in range(steps):
-            grad, logits = input_grad_and_logits(model, x_adv, y, loss)
-            if keep_fooling:
-                fooled = (logits.argmax(1) != y) & ~best_wrong
-                best = torch.where(fooled.view(view), project(x_adv, x, eps), best)
-                best_wrong = best_wrong | fooled
-            x_adv = project(x_adv + step_size * grad.sign(), x, eps)
-        x_adv = project(x_adv, x, eps)  # a no-op after a step; projects an unprojected start when steps = 0
-        if restarts == 1 and not keep_fooling:
-            return x_adv.detach()
-        with torch.no_grad():
-            logits = model(x_adv)
-            wrong, value = logits.argmax(1) != y, attack_loss(logits, y, loss)
-            better = (wrong & ~best_wrong) | ((wrong == best_wrong) & (value > best_loss))
-            best = torch.where(better.view(view), x_adv, best)
-            best_wrong, best_loss = best_wrong | wrong, torch.where(better, value, best_loss)
-    return best.detach()
-
-
-def dlr_loss(logits: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Difference of Logits Ratio (Croce & Hein 2020, eq. 6 and the targeted form of Sec. 4), per example,
-    with z sorted decreasingly as z_pi1 >= z_pi2 >= ...:
-      untargeted: -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12)
-      targeted:   -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)
-    Shift- and scale-invariant in the logits, so logit rescaling cannot hide the attack's progress."""
-    z = logits.sort(1, descending=True)[0]
-    z_y = logits.gather(1, y[:, None]).squeeze(1)
-    if target is None:
-        other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
-        return -(z_y - other) / (z[:, 0] - z[:, 2] + 1e-12)
-    z_t = logits.gather(1, target[:, None]).squeeze(1)
-    return -(z_y - z_t) / (z[:, 0] - (z[:, 2] + z[:, 3]) / 2 + 1e-12)
-
-
-def apgd_checkpoints(n_iter: int) -> list:
-    """The iterations where APGD may halve its step (Croce & Hein 2020, Sec. 3.2): p_0 = 0, p_1 = 0.22,
-    p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06), in whole iterations (intervals 0.22 N, shrinking by
-    0.03 N down to 0.06 N), which avoids rounding drift: N = 100 gives 22, 41, 57, 70, 80, 87, 93, 99."""
-    step, shrink, least = max(int(0.22 * n_iter), 1), max(int(0.03 * n_iter), 1), max(int(0.06 * n_iter), 1)
-    points, w = [], step
-    while w <= n_iter:
-        points.append(w)
-        step = max(step - shrink, least)
-        w += step
-    return points
-
-
-def apgd(model, x, y, eps, n_iter=100, loss="ce", target=None, rho=0.75):
-    """Auto-PGD under l_inf (Croce & Hein, ICML 2020, Algorithm 1), per example, as auto-attack's
-    autopgd_base.py (attack_single_run) runs it:
-      x0 = clamp(x + eps t / ||t||_inf, 0, 1), t ~ U(-1, 1)^d; eta = 2 eps;
-      z = P(x_k + eta sign(grad f(x_k)));  x_{k+1} = P(x_k + a (z - x_k) + (1 - a)(x_k - x_{k-1})), a = 1 at the
-      first step and 0.75 after;
-      at each checkpoint w_j (apgd_checkpoints) eta is halved, and the example restarts from its best point with
-      that point's gradient, when (1) the loss rose in at most rho (w_j - w_{j-1}) of the window's steps, each
-      step compared with the one before (the first window's first step with 0, as autopgd_base.py compares it
-      with a loss row not yet written), or (2) eta was not halved at w_{j-1} and the best loss has not risen
-      since; condition (2) is off at w_1 (the code's reduced_last_check starts at ones). An example that restarts
-      keeps its last iterate as the previous one, so its first step after the restart has the momentum of
-      x_best - x_{k-1}.
-    `loss`: 'ce' or 'dlr' (with `target`: the targeted DLR of APGD-T). Returns, per example, a misclassified
-    iterate when one was found, else the highest-loss one."""
-    def f_and_grad(z):
-        z = z.detach().requires_grad_(True)
-        with torch.enable_grad():
-            logits = model(z)
-            value = F.cross_entropy(logits, y, reduction="none") if loss == "ce" else dlr_loss(logits, y, target)
-            (g,) = torch.autograd.grad(value.sum(), z)
-        return value.detach(), g, logits.detach().argmax(1) != y
-
-    view = (-1,) + (1,) * (x.dim() - 1)
-    t = torch.empty_like(x).uniform_(-1, 1)
-    x_k = (x + eps * t / (t.flatten(1).abs().amax(1).view(view) + 1e-12)).clamp(0, 1)
-    f_k, g, wrong = f_and_grad(x_k)
-    x_best, f_best, g_best = x_k.clone(), f_k.clone(), g.clone()
-    x_fool, found = x_k.clone(), wrong.clone()  # the first misclassified iterate of each example
-    eta = torch.full_like(f_k, 2 * eps)
-    checkpoints = set(apgd_checkpoints(n_iter))
-    last_w, f_best_at_last, halved_at_last = 0, f_best.clone(), torch.ones_like(found)
-    window = [torch.zeros_like(f_k)]  # losses of the iterates since the last checkpoint, after the one before it
-    x_prev = x_k.clone()
-    for k in range(n_iter):
-        z = project(x_k + eta.view(view) * g.sign(), x, eps)
-        a = 1.0 if k == 0 else 0.75
-        x_new = project(x_k + a * (z - x_k) + (1 - a) * (x_k - x_prev), x, eps)
-        x_prev = x_k
-        x_k = x_new
-        f_k, g, wrong = f_and_grad(x_k)
-        x_fool = torch.where((wrong & ~found).view(view), x_k, x_fool)
-        found |= wrong
-        window.append(f_k)
-        better = f_k > f_best
-        x_best = torch.where(better.view(view), x_k, x_best)
-        g_best = torch.where(better.view(view), g, g_best)
-        f_best = torch.where(better, f_k, f_best)
-        if k + 1 in checkpoints:
-            increases = sum((b > a_).float() for a_, b in zip(window[:-1], window[1:]))
-            cond1 = increases <= rho * (k + 1 - last_w)
-            cond2 = ~halved_at_last & (f_best_at_last >= f_best)
-            halve = cond1 | cond2
-            eta = torch.where(halve, eta / 2, eta)
-            x_k = torch.where(halve.view(view), x_best, x_k)
-            g = torch.where(halve.view(view), g_best, g)
-            last_w, f_best_at_last, halved_at_last = k + 1, f_best.clone(), halve
-            window = window[-1:]
-    return torch.where(found.view(view), x_fool, x_best).detach()
-
-
-def apgd_ce(model, x, y, eps, n_iter=100):
-    """APGD-CE as AutoAttack runs it (autopgd_base.py, perturb): only on the examples the model classifies
-    correctly; the others are adversarial already and are returned as they are."""
-    with torch.no_grad():
-        todo = (model(x).argmax(1) == y).nonzero().squeeze(1)
-    x_adv = x.detach().clone()
-    if todo.numel():
-        x_adv[todo] = apgd(model, x[todo], y[todo], eps, n_iter, "ce")
-    return x_adv
-
-
-def apgd_targeted(model, x, y, eps, n_iter=100, n_targets=9):
-    """APGD-T (Croce & Hein 2020) as autopgd_base.py runs it: APGD on the targeted DLR loss, once for each of the
-    `n_targets` classes ranked highest by the clean logits (the true class left out), each time only on the
-    examples not misclassified yet (clean or by an earlier target); an example keeps the iterate that fooled the
-    model, else the last target's result."""
-    with torch.no_grad():
-        logits = model(x)
-    order = logits.sort(1, descending=True)[1]
-    targets = order[order != y[:, None]].view(len(y), -1)  # candidate classes, most likely first
-    x_adv, fooled = x.detach().clone(), logits.argmax(1) != y
-    for i in range(min(n_targets, targets.shape[1])):
-        todo = (~fooled).nonzero().squeeze(1)
-        if todo.numel() == 0:
-            break
-        cand = apgd(model, x[todo], y[todo], eps, n_iter, "dlr", targets[todo, i])
-        x_adv[todo] = cand
-        with torch.no_grad():
-            fooled[todo] = model(cand).argmax(1) != y[todo]
-    return x_adv
-
-
-def fab_linf_projection(points: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """FAB's projection (Croce & Hein, ICML 2020, "Minimally distorted adversarial examples with a fast adaptive
-    boundary attack", Sec. 3.1; auto-attack fab_projections.py, projection_linf), per row of the N x D inputs:
-    the smallest l_inf step d with <w, t + d> = b and t + d in the box [0,1]^D, t = points[i].
-    Each coordinate moves towards the hyperplane by min(r, room_i), room_i being its distance to the box face it moves
-    to; the radius r is found by bisection over the sorted rooms. A row whose hyperplane the box cannot reach gets the
-    full step to the box corner nearest to it."""
-    t, w, b = points, w.clone(), b.clone()
-    side = 2 * ((w * t).sum(1) - b >= 0) - 1  # orient every hyperplane so that the step has to lower <w, z>
-    w, b = w * side.unsqueeze(1), b * side
-    up = (w < 0).float()  # coordinates that move up, towards 1 (the others move down, towards 0)
-    d = (up - t) * (w != 0).float()  # the full step to the box corner
-    room = up - t * (2 * up - 1)  # how far each coordinate can move: 1 - t going up, t going down
-    order = torch.argsort(room, dim=1)  # rooms increasing
-    need = b - (w * t).sum(1)  # the change of <w, z> the step must make
-    at_corner = (w * d).sum(1)  # the change the full corner step makes
-    desc = order.flip((1,))  # rooms decreasing
-    w_desc = w.gather(1, desc)
-    # With radius r = room of the k-th largest, the k+1 roomiest coordinates move by r and the rest go to the corner:
-    # the change is change_at[k] - clipped_weight[k] r.
-    clipped_weight = torch.cumsum(w_desc.abs(), dim=1)
-    change_at = torch.cumsum(-w_desc * d.gather(1, desc), dim=1) + at_corner.unsqueeze(1)
-    all_clipped = change_at[:, -1] - clipped_weight[:, -1] * room.gather(1, order[:, 0:1]).squeeze(1)
-    below_least_room = need - all_clipped > 0  # reached with every coordinate moving less than its room
-    bisect = (need - at_corner > 0) & ~below_least_room  # reachable, with some coordinates at their box face
-    lo = torch.zeros(int(bisect.sum()), device=t.device)
-    hi = torch.full_like(lo, w.shape[1] - 1)
-    order_b, change_b, weight_b, room_b, need_b = order[bisect], change_at[bisect], clipped_weight[bisect], \
-        room[bisect], need[bisect]
-    for _ in range(math.ceil(math.log2(w.shape[1]))):
-        mid = torch.floor((lo + hi) / 2)
-        k = mid.long().unsqueeze(1)
-        kth = order_b.gather(1, order_b.size(1) - 1 - k)  # the coordinate with the k-th largest room
-        change = (change_b.gather(1, k) - weight_b.gather(1, k) * room_b.gather(1, kth)).squeeze(1)
-        further = need_b - change > 0
-        lo = torch.where(further, mid, lo)
-        hi = torch.where(further, hi, mid)
-    lo = lo.long()
-    if below_least_room.any():
-        r = torch.clamp_min((need[below_least_room] - change_at[below_least_room, -1])
-                            / (-clipped_weight[below_least_room, -1]), min=0).unsqueeze(-1)
-        d[below_least_room] = (2 * up[below_least_room] - 1) * r
-    r = torch.clamp_min((need[bisect] - change_at[bisect, lo]) / (-clipped_weight[bisect, lo]), min=0).unsqueeze(-1)
-    d[bisect] = torch.min(r, d[bisect]) * up[bisect] + torch.max(-r, d[bisect]) * (1 - up[bisect])
-    return d * (w != 0).float()
-
-
-def fab_targeted_run(model, x, y, target, n_iter=100, alpha_max=0.1, eta=1.05, beta=0.9):
-    """One run of targeted FAB under l_inf from the clean point (Croce & Hein 2020, Algorithm 1; auto-attack
-    fab_base.py, attack_single_run with is_targeted and no random start; the gradient of fab_pt.py's
-    get_diff_logits_grads_batch_targeted). Every example is assumed correctly classified. Per iteration:
-      linearise f(z) = z_target - z_y at x_k: the hyperplane {z : f(x_k) + <grad f(x_k), z - x_k> = 0};
-      d_k, d_0 = the minimal l_inf steps from x_k and from x onto it, in [0,1]^D (fab_linf_projection);
-      alpha = min(||d_k|| / (||d_k|| + ||d_0||), alpha_max);
-      x_{k+1} = clip_[0,1]((1 - alpha)(x_k + eta d_k) + alpha (x + eta d_0))   (eta: overshoot);
-      if x_{k+1} is misclassified: keep it when it is the closest to x so far, then x_{k+1} = x + beta (x_{k+1} - x).
-    Returns, per example, the closest misclassified point found (of any l_inf size), else x."""
-    n, view = x.shape[0], (-1,) + (1,) * (x.dim() - 1)
-    rows = torch.arange(n, device=x.device)
-    x_flat = x.reshape(n, -1)
-    x_k = x.clone()
-    best, best_dist = x.clone(), torch.full((n,), 1e10, device=x.device)
-    for _ in range(n_iter):
-        z = x_k.clone().requires_grad_(True)
-        with torch.enable_grad():
-            logits = model(z)
-            f = -(logits[rows, y] - logits[rows, target])
-            (g,) = torch.autograd.grad(f.sum(), z)
-        with torch.no_grad():
-            f, w = f.detach(), g.reshape(n, -1)
-            b = -f + (g * x_k).reshape(n, -1).sum(-1)  # the hyperplane <w, z> = b
-            d = fab_linf_projection(torch.cat((x_k.reshape(n, -1), x_flat), 0), torch.cat((w, w), 0),
-                                    torch.cat((b, b), 0))
-            d_k, d_0 = d[:n].reshape(x.shape), d[n:].reshape(x.shape)
-            size = torch.clamp_min(d.abs().max(dim=1, keepdim=True)[0], 1e-8).view(-1, *view[1:])
-            alpha = (size[:n] / (size[:n] + size[n:])).clamp(min=0).clamp(max=alpha_max)
-            x_k = ((x_k + eta * d_k) * (1 - alpha) + (x + d_0 * eta) * alpha).clamp(0.0, 1.0)
-            fooled = model(x_k).argmax(1) != y
-            dist = (x_k - x).reshape(n, -1).abs().max(dim=1)[0]
-            closer = fooled & (dist < best_dist)
-            best = torch.where(closer.view(view), x_k, best)
-            best_dist = torch.where(closer, dist, best_dist)
-            x_k = torch.where(fooled.view(view), x + (x_k - x) * beta, x_k)  # step back towards x
-    return torch.where((best_dist < 1e10).view(view), best, x).detach()
-
-
-def fab_targeted(model, x, y, eps, n_iter=100, n_targets=9, alpha_max=0.1, eta=1.05, beta=0.9):
-    """FAB-T under l_inf as AutoAttack's standard version runs it (auto-attack fab_base.py, perturb with targeted=True
-    and n_restarts=1; alpha_max 0.1, eta 1.05, beta 0.9 are its defaults): for the 2nd, 3rd, ... (n_targets + 1)-th
-    most likely class of the clean logits in turn, fab_targeted_run on the examples still robust (correct, and not
-    yet fooled within eps). A result counts when it is misclassified and within eps; FAB minimises the distance
-    and does not project, so a farther one is dropped. Returns x_adv in C: the fooling point, else x."""
-    with torch.no_grad():
-        logits = model(x)
-    robust = logits.argmax(1) == y
-    by_likelihood = logits.sort(dim=-1)[1]  # classes in increasing logit order
-    x_adv = x.detach().clone()
-    for rank in range(2, n_targets + 2):
-        todo = robust.nonzero().squeeze(1)
-        if todo.numel() == 0:
-            break
-        cand = fab_targeted_run(model, x[todo], y[todo], by_likelihood[todo, -rank], n_iter, alpha_max, eta, beta)
-        with torch.no_grad():
-            wrong = model(cand).argmax(1) != y[todo]
-        fooled = wrong & ((cand - x[todo]).reshape(len(todo), -1).abs().max(1)[0] <= eps)
-        x_adv[todo[fooled]] = cand[fooled]
-        robust[todo[fooled]] = False
-    return x_adv
-
-
-def square_p(it: int, p_init: float = 0.8) -> float:
-    """Square Attack's schedule of p, the fraction of the image a square covers (square.py, p_selection with
-    AutoAttack's resc_schedule=False): p_init halved after iterations 10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000."""
-    for bound, div in ((8000, 512), (6000, 256), (4000, 128), (2000, 64), (1000, 32), (500, 16), (200, 8), (50, 4),
-                       (10, 2)):
-        if it > bound:
-            return p_init / div
-    return p_init
-
-
-def square_linf(model, x, y, eps, n_queries=5000, p_init=0.8, generator=None):
-    """Square Attack under l_inf (Andriushchenko, Croce, Flammarion, Hein, ECCV 2020, Algorithm 1 with the l_inf
-    square distribution of Sec. 3.1), as AutoAttack's standard version runs it (auto-attack square.py,
-    attack_single_run and perturb: margin loss, one restart, 5000 queries, p_init 0.8). Score-based: only the
-    model's logits are used, so masked gradients do not stop it. On the correctly classified examples:
-      x_best = clip(x + eps s), s in {-1, 1} per example, channel and image column (vertical stripes);
-      at iteration i, side h_i = max(round(sqrt(p_i D / c)), 1) with p_i = square_p(i); one window position and one
-      sign per channel, drawn once for the whole batch; x_new = x_best with that window set to x +- eps (clipped to
-      [0,1]); x_best = x_new where the margin z_y - max_{j != y} z_j falls or turns <= 0;
-    until every example is misclassified or the queries are spent. The random numbers come from `generator` (the
-    default CPU generator when None), as square.py draws them. Returns x_adv in C: the fooling point, else x."""
-    rand = lambda shape: torch.rand(shape, generator=generator).to(x.device)
-    sign = lambda shape: torch.sign(2 * rand(shape) - 1)
-
-    def margin(z, labels):
-        with torch.no_grad():
-            logits = model(z)
-        z_y = logits.gather(1, labels[:, None]).squeeze(1)
-        return z_y - logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), float("-inf")).amax(1)
-
-    x_adv = x.detach().clone()
-    with torch.no_grad():
-        todo = (model(x).argmax(1) == y).nonzero().squeeze(1)
-    if todo.numel() == 0:
-        return x_adv
-    xs, ys = x[todo], y[todo]
-    c, h, w = xs.shape[1:]
-    view = (-1,) + (1,) * (xs.dim() - 1)
-    x_best = torch.clamp(xs + eps * sign([xs.shape[0], c, 1, w]), 0.0, 1.0)
-    margin_min = margin(x_best, ys)
-    loss_min = margin_min.clone()
-    if not (margin_min < 0.0).all():
-        for i in range(n_queries):
-            active = (margin_min > 0.0).nonzero().squeeze(1)
-            if active.numel() == 0:  # only margins of exactly 0 are left: nothing to improve
-                break
-            x_c, best_c, y_c = xs[active], x_best[active], ys[active]
-            side = min(max(int(round(math.sqrt(square_p(i, p_init) * (c * h * w) / c))), 1), min(h, w))
-            top = int((h - side) * rand([1]))
-            left = int((w - side) * rand([1]))
-            delta = torch.zeros([c, h, w], device=x.device)
-            delta[:, top:top + side, left:left + side] = 2.0 * eps * sign([c, 1, 1])
-            x_new = torch.clamp(torch.min(torch.max(best_c + delta, x_c - eps), x_c + eps), 0.0, 1.0)
-            m = margin(x_new, y_c)
-            lower = m < loss_min[active]
-            loss_min[active] = torch.where(lower, m, loss_min[active])
-            take = lower | (m <= 0.0)
-            margin_min[active] = torch.where(take, m, margin_min[active])
-            x_best[active] = torch.where(take.view(view), x_new, best_c)
-            if (margin_min <= 0.0).all():
-                break
-    with torch.no_grad():
-        fooled = model(x_best).argmax(1) != ys
-    x_adv[todo[fooled]] = x_best[fooled]
-    return x_adv
-
-
-# AutoAttack's standard version under l_inf, in its order (autoattack.py, set_version('standard')).
-AUTOATTACK_STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
-
-
-def autoattack(model, x, y, eps, attacks=AUTOATTACK_STANDARD, batch_size=250, seed=0, n_iter=100, n_targets=9,
-               fab_iter=100, fab_targets=9, n_queries=5000, on_batch=None):
-    """AutoAttack (Croce & Hein, ICML 2020), standard version, l_inf, as auto-attack autoattack.py
-    (run_standard_evaluation) runs it: the clean predictions, then each attack in `attacks` in turn on the examples
-    still robust, in chunks of `batch_size`, the random generators seeded with `seed` before every chunk (as each
-    attack's perturb seeds them); an example fooled by one attack is not attacked again and keeps that attack's point.
-    Defaults are the standard version's: APGD-CE (100 iterations, 1 run), APGD-T (9 targets x 100), FAB-T
-    (9 targets x 100), Square (5000 queries, p_init 0.8). Note that it reseeds torch's global generators.
-    on_batch(name), when given, is called after every chunk (progress).
-    Returns (x_adv, robust): x_adv in C; robust[name] the examples still robust after that attack ('clean' first)."""
-    run = {"apgd-ce": lambda xb, yb: apgd_ce(model, xb, yb, eps, n_iter),
-           "apgd-t": lambda xb, yb: apgd_targeted(model, xb, yb, eps, n_iter, n_targets),
-           "fab-t": lambda xb, yb: fab_targeted(model, xb, yb, eps, fab_iter, fab_targets),
-           "square": lambda xb, yb: square_linf(model, xb, yb, eps, n_queries)}
-    x_adv = x.detach().clone()
-    with torch.no_grad():
-        still = torch.cat([model(xb).argmax(1) == yb for xb, yb in zip(x.split(batch_size), y.split(batch_size))])
-    robust = {"clean": still.clone()}
-    for name in attacks:
-        if not still.any():  # nothing left to attack (autoattack.py stops here)
-            robust[name] = still.clone()
-            continue
-        for chunk in still.nonzero().squeeze(1).split(batch_size):
-            torch.manual_seed(seed)
-            cand = run[name](x[chunk], y[chunk])
-            with torch.no_grad():
-                fooled = model(cand).argmax(1) != y[chunk]
-            x_adv[chunk[fooled]] = cand[fooled]
-            still[chunk[fooled]] = False
-            if on_batch is not None:
-                on_batch(name)
-        robust[name] = still.clone()
-    return x_adv, robust
-
-
-def inner_loss(model, x_adv, y, logp_clean=None) -> torch.Tensor:
-    """Per-example inner loss: CE (PGD-AT, RNN-Adv), or KL(f(x) || f(x')) when the clean log-probabilities are
-    given (TRADES, RNN-TRADES)."""
-    logits = model(x_adv)
-    if logp_clean is None:
-        return F.cross_entropy(logits, y, reduction="none")
-    return F.kl_div(F.log_softmax(logits, 1), logp_clean, reduction="none", log_target=True).sum(1)
-
-
-def inner_grad(model, x_adv, y, logp_clean=None) -> torch.Tensor:
-    """grad_x' of the summed inner loss at x' (each example its own gradient); no graph is kept."""
-    x_adv = x_adv.detach().requires_grad_(True)
-    with torch.enable_grad():
-        (g,) = torch.autograd.grad(inner_loss(model, x_adv, y, logp_clean).sum(), x_adv)
-    return g
-
-
-def trades_attack(model, x, eps, step_size, steps, start="normal"):
-    """The TRADES inner maximisation (Zhang et al. 2019, Algorithm 1, and trades.py): from x + 0.001 N(0, I)
-    (unprojected, as trades.py; --attack-start), sign steps on sum KL(f(x) || f(x')), projected onto C. The
-    clean distribution is a constant."""
-    with torch.no_grad():
-        logp_clean = F.log_softmax(model(x), dim=1)
-    x_adv = start_point(x, eps, start)
-    for _ in range(steps):
-        x_adv = project(x_adv + step_size * inner_grad(model, x_adv, None, logp_clean).sign(), x, eps)
-    return project(x_adv, x, eps).detach()
-
-
-def pgd_bls(model, x, y, eps, steps, init_step, shrink=0.5, c=1e-4, tries=8, start="uniform"):
-    """PGD with a backtracking line search per example and step (AdvTrain+BLS of Xiong & Hsieh, Table 1; the
-    rule is the projected Armijo condition of Nocedal & Wright, a reconstruction: PAPERS.md 2.2).
-    At x_t with g = grad_x L(x_t) and direction sign(g): try s = init_step, s * shrink, ... (`tries` sizes);
-    accept the first x_s = Pi_C(x_t + s sign(g)) with L(x_s) >= L(x_t) + c <g, x_s - x_t>. An example with no
-    acceptable size stays at x_t, so no accepted step ever lowers its loss. Start as PGD (--attack-start)."""
-    x_adv = project(start_point(x, eps, start), x, eps)
-    for _ in range(steps):
-        x_adv = x_adv.detach().requires_grad_(True)
-        with torch.enable_grad():
-            loss = F.cross_entropy(model(x_adv), y, reduction="none")
-            (g,) = torch.autograd.grad(loss.sum(), x_adv)
-        x_adv, loss = x_adv.detach(), loss.detach()
-        s = torch.full_like(loss, init_step)
-        new, done = x_adv.clone(), torch.zeros_like(y, dtype=torch.bool)
-        for _ in range(tries):
-            cand = project(x_adv + s[:, None, None, None] * g.sign(), x, eps)
-            with torch.no_grad():
-                cand_loss = F.cross_entropy(model(cand), y, reduction="none")
-            ok = ~done & (cand_loss >= loss + c * (g * (cand - x_adv)).flatten(1).sum(1))
-            new = torch.where(ok[:, None, None, None], cand, new)
-            done, s = done | ok, s * shrink
-        x_adv = new
-    return x_adv.detach()
-
-
-class model_mode:
-    """Context manager: put a model in train or eval mode and restore every module's previous mode on exit.
-    With dropout=False (attack_mode) dropout layers stay in eval mode whatever `mode` says."""
-
-    def __init__(self, model: nn.Module, mode: str, dropout: bool = True):
-        self.model, self.mode, self.dropout = model, mode, dropout
-
-    def __enter__(self):
-        self.was_training = [(m, m.training) for m in self.model.modules()]
-        self.model.train(self.mode == "train")
-        if not self.dropout:
-            for m in self.model.modules():
-                if isinstance(m, nn.modules.dropout._DropoutNd):
-                    m.eval()
-        return self.model
-
-    def __exit__(self, *exc):
-        for m, training in self.was_training:
-            m.training = training
-
-
-def attack_mode(model: nn.Module, bn: str) -> model_mode:
-    """The classifier's mode while a training-time attack runs: BatchNorm in `bn` mode (--attack-bn: batch
-    statistics and running-statistics updates in 'train', as fast_adversarial and Fast-BAT; running statistics in
-    'eval', as TRADES), dropout always off. BN mode and dropout are different things: an attack that sampled a
-    dropout mask at every forward pass would ascend a different network at each step (and a line search would
-    compare losses of different networks)."""
-    return model_mode(model, bn, dropout=False)
-
-
-def cw_linf(model, x, y, eps, lr=5e-3, max_iterations=50, initial_const=1e-5, largest_const=1e2, const_factor=10.0,
-            decrease_factor=0.9, min_tau=1 / 256, abort_early=True):
-    """The Carlini-Wagner l_inf attack (Carlini & Wagner 2017, Sec. V-C) as the official L2L cw.py runs it for the
-    "CW" column of the L2L tables, every example independently (batched here; each example keeps its own state):
-      only correctly classified examples are attacked; tau = 1, c = initial_const, start s = x;
-      repeat (while tau > min_tau):
-        minimise  c * relu(z_y - max_{j != y} z_j) + sum_i relu(|x'_i - x_i| - tau)  over w, x' = tanh(w + w_s)/2 + 1/2,
-        w_s = artanh(0.9999 (2 s - 1)), w from 0 with Adam (lr 5e-3), up to max_iterations steps per c, c x10 while
-        c < largest_const (Adam and w carry over when c grows; c carries over to the next tau);
-        a step whose image (read before the update) is misclassified with ||x' - x||_inf < eps ends the attack:
-        success; one misclassified with loss < 1e-4 c (abort_early) ends the descent: tau = 0.9 min(tau,
-        ||x' - x||_inf), s = x', and the descent restarts from w = 0 with a fresh Adam;
-      a descent that exhausts c, or tau falling to min_tau, is a failure: the example keeps its clean image.
-    Returns x_adv with ||x_adv - x||_inf < eps (strictly) and x_adv in [0,1]."""
-    n, view = x.shape[0], (-1,) + (1,) * (x.dim() - 1)
-    with torch.no_grad():
-        active = model(x).argmax(1) == y
-    x_adv = x.detach().clone()
-    tau = torch.ones(n, dtype=torch.float64, device=x.device)
-    const = torch.full((n,), initial_const, dtype=torch.float64, device=x.device)
-    w_start = torch.atanh(0.9999 * (2 * x - 1))
-    w = torch.zeros_like(x)  # the modifier and its Adam state (torch.optim.Adam's defaults), per example
-    adam_m, adam_v = torch.zeros_like(x), torch.zeros_like(x)
-    adam_t = torch.zeros(n, dtype=torch.long, device=x.device)
-    steps_at_const = torch.zeros(n, dtype=torch.long, device=x.device)
-    beta1, beta2, adam_eps = 0.9, 0.999, 1e-8
-    while active.any():
-        i = active.nonzero().squeeze(1)
-        wi = w[i].requires_grad_(True)
-        with torch.enable_grad():
-            new = torch.tanh(wi + w_start[i]) / 2 + 0.5
-            logits = model(new)
-            real = logits.gather(1, y[i, None]).squeeze(1)
-            other = logits.masked_fill(F.one_hot(y[i], logits.shape[1]).bool(), float("-inf")).amax(1)
-            dist = (new - x[i]).abs()
-            loss = const[i].to(logits.dtype) * F.relu(real - other) \
-                + F.relu(dist - tau[i].to(dist.dtype).view(view)).flatten(1).sum(1)
-            (g,) = torch.autograd.grad(loss.sum(), wi)
-        with torch.no_grad():  # Adam step on every active example (cw.py steps before it checks)
-            adam_t[i] += 1
-            t = adam_t[i].to(x.dtype).view(view)
-            adam_m[i] = beta1 * adam_m[i] + (1 - beta1) * g
-            adam_v[i] = beta2 * adam_v[i] + (1 - beta2) * g * g
-            denom = adam_v[i].sqrt() / (1 - beta2 ** t).sqrt() + adam_eps
-            w[i] = w[i] - lr / (1 - beta1 ** t) * adam_m[i] / denom
-            new, wrong, linf = new.detach(), logits.argmax(1) != y[i], dist.flatten(1).amax(1)
-            success = wrong & (linf < eps)
-            x_adv[i[success]] = new[success]
-            aborted = ~success & wrong & abort_early & (loss < 1e-4 * const[i])
-            # an aborted descent restarts at its image with a smaller tau, or fails when tau gets too small
-            new_tau = torch.minimum(tau[i], linf.double()) * decrease_factor
-            restart = aborted & (new_tau > min_tau)
-            r = i[restart]
-            tau[r], w_start[r] = new_tau[restart], torch.atanh(0.9999 * (2 * new[restart] - 1))
-            w[r], adam_m[r], adam_v[r], adam_t[r], steps_at_const[r] = 0.0, 0.0, 0.0, 0, 0
-            # otherwise one more step at this c; after max_iterations, c grows, and past largest_const the descent fails
-            going = ~success & ~aborted
-            g_i = i[going]
-            steps_at_const[g_i] += 1
-            grow = g_i[steps_at_const[g_i] == max_iterations]
-            const[grow] *= const_factor
-            steps_at_const[grow] = 0
-            failed = i[aborted & ~restart]
-            active[i[success]] = False
-            active[failed] = False
-            active[grow[const[grow] >= largest_const]] = False
-    return x_adv
-
-
-# ================================================================================================
-# Learned attackers. Each registers its trainers in METHODS (with a `setup` that builds the attacker
-# and its optimiser, saved in checkpoints as extras) and its evaluation attack in EVAL_ATTACKS.
-#
-# L2L (Jiang et al., "Learning to Defend by Learning to Attack"): a CNN g(A; phi) maps the attacker
-# input A to a perturbation eps * tanh(.), so ||delta||_inf <= eps holds by construction.
-#   naive:  A = x
-#   grad:   A = [x, grad_x CE(f(x), y) / max|grad|]   (one scalar max over the whole batch; detached)
-#   K-step: the grad attacker applied K times with shared phi, total projected onto the eps-ball.
-# Architectures and details follow the poster and the official code (attacker.py, adv_loss.py).
-# ================================================================================================
-
-
-class GenBlock(nn.Module):
-    """The official code's SNGAN-style residual block: BN(no affine)-PReLU-conv3x3-BN(no affine)-PReLU-
-    conv3x3, plus a learnable 1x1 shortcut when the width changes. Xavier-uniform init, gain sqrt 2
-    on the 3x3 convs and 1 on the shortcut (as attacker.py)."""
-
-    def __init__(self, c_in, c_out):
-        super().__init__()
-        self.body = nn.Sequential(nn.BatchNorm2d(c_in, affine=False), nn.PReLU(), nn.Conv2d(c_in, c_out, 3, 1, 1),
-                                  nn.BatchNorm2d(c_out, affine=False), nn.PReLU(), nn.Conv2d(c_out, c_out, 3, 1, 1))
-        self.shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-        for conv in (self.body[2], self.body[5]):
-            nn.init.xavier_uniform_(conv.weight, math.sqrt(2))
-        if c_in != c_out:
-            nn.init.xavier_uniform_(self.shortcut.weight, 1.0)
-
-    def forward(self, x):
-        return self.body(x) + self.shortcut(x)
-
-
-class SlimAttacker(nn.Module):
-    """The poster's "Attacker Architectures" table (attacker.py's SlimAttacker): conv3x3/128 stride 2
-    (BN eps 1e-3, ReLU); GenBlocks 128->256->128; BN; deconv 4x4/16 stride 2 (BN, ReLU); conv3x3 on
-    [deconv output, attacker input] to the image channels; delta = eps * tanh(s * out), s learnable
-    from 5. Stride 2 in the first conv is the only reading under which 32x32 stays 32x32 (PAPERS.md).
-    `width` (128 in the paper) sets the channels: width, 2 width, width."""
-
-    def __init__(self, in_ch, out_ch, eps, width=128):
-        super().__init__()
-        self.eps = eps
-        w = width
-        self.down = nn.Sequential(nn.Conv2d(in_ch, w, 3, 2, 1, bias=False), nn.BatchNorm2d(w, eps=1e-3), nn.ReLU())
-        self.blocks = nn.Sequential(GenBlock(w, 2 * w), GenBlock(2 * w, w), nn.BatchNorm2d(w, affine=False))
-        self.up = nn.Sequential(nn.ConvTranspose2d(w, 16, 4, 2, 1, bias=False), nn.BatchNorm2d(16, eps=1e-3), nn.ReLU())
-        self.out = nn.Conv2d(16 + in_ch, out_ch, 3, 1, 1, bias=False)
-        self.scale = nn.Parameter(torch.tensor(5.0))
-
-    def forward(self, a):
-        h = self.up(self.blocks(self.down(a)))
-        # tanh and the eps scale in fp32: under bf16 autocast, eps * tanh(.) rounded to bf16 exceeds eps
-        return self.eps * torch.tanh(self.scale * self.out(torch.cat([h, a], 1)).float())
-
-
-class WideAttacker(nn.Module):
-    """The released training scripts' attacker (attacker.py's WideAttacker), no down/up-sampling:
-    conv3x3/64 (BN, ReLU); GenBlocks 64->128->256->128->64; BN; conv3x3 to the image channels;
-    delta = eps * tanh(out). `width` 128 gives the released channels (64, 128, 256, 128, 64)."""
-
-    def __init__(self, in_ch, out_ch, eps, width=128):
-        super().__init__()
-        self.eps = eps
-        b = max(1, width // 2)
-        self.net = nn.Sequential(
-            nn.Conv2d(in_ch, b, 3, 1, 1, bias=False), nn.BatchNorm2d(b, eps=1e-3), nn.ReLU(),
-            GenBlock(b, 2 * b), GenBlock(2 * b, 4 * b), GenBlock(4 * b, 2 * b), GenBlock(2 * b, b),
-            nn.BatchNorm2d(b, affine=False), nn.Conv2d(b, out_ch, 3, 1, 1))
-
-    def forward(self, a):
-        return self.eps * torch.tanh(self.net(a).float())  # fp32, as SlimAttacker
-
-
-def scaled_input_grad(model, x, y, across_ranks: bool = True) -> torch.Tensor:
-    """g / max|g| with g = grad_x CE(f(x), y) and one max over the whole batch (adv_loss.py); no graph.
-    Under torchrun a training batch is the global one: with across_ranks the max is taken over every rank's shard."""
-    g = input_grad(model, x, y)
-    scale = g.abs().amax()
-    if across_ranks and dist_world()[1] > 1:
-        dist.all_reduce(scale, op=dist.ReduceOp.MAX)
-    return g / scale.clamp_min(1e-12)
-
-
-def l2l_perturb(attacker, model, x, y, eps, variant: str, steps: int = 1, step_size: Optional[float] = None,
-                across_ranks: bool = True):
-    """x_adv from the L2L attacker (Jiang et al., poster table "L2L variants"; adv_loss.py):
-      naive:  x_adv = clamp(x + g(x; phi), 0, 1)                                   (adv_loss_l2l_0)
-      grad:   x_adv = clamp(x + g([x, g_hat(x)]; phi), 0, 1)                       (adv_loss_l2l_1)
-      multi, step_size None (the poster's 2-step L2L, adv_loss_l2l_2, for K = --l2l-steps):
-              delta^1 = g([x, g_hat(x)]);  for k = 2..K:  x^k = clamp(x + delta^{k-1}, 0, 1),
-              delta^k = Pi_eps(delta^{k-1} + g([x^k, g_hat(x^k)]));  x_adv = clamp(x + delta^K, 0, 1)
-              x^k keeps its graph, so phi's gradient also flows through the earlier steps (as adv_loss.py);
-      multi, step_size s (adv_loss_l2l_k, K steps):
-              x^0 = x;  x^{k+1} = clamp(x^k + (s / eps) g([x^k, g_hat(x^k)].detach()), 0, 1);
-              x_adv = clamp(x + Pi_eps(x^K - x), 0, 1): each step clamped to the image, projected once at the end,
-              the attacker's input detached (phi's gradient reaches it through the sum of steps only).
-    Each normalised gradient g_hat is a constant (scaled_input_grad)."""
-    if variant == "naive":
-        return (x + attacker(x)).clamp(0, 1)
-    if variant == "multi" and step_size is not None:  # adv_loss_l2l_k
-        x_k = x
-        for _ in range(steps):
-            a = torch.cat([x_k, scaled_input_grad(model, x_k, y, across_ranks)], 1).detach()
-            x_k = (x_k + attacker(a) * (step_size / eps)).clamp(0, 1)
-        return (x + (x_k - x).clamp(-eps, eps)).clamp(0, 1)
-    delta = attacker(torch.cat([x, scaled_input_grad(model, x, y, across_ranks)], 1).detach())
-    for _ in range(steps - 1 if variant == "multi" else 0):
-        x_k = (x + delta).clamp(0, 1)
-        a = torch.cat([x_k, scaled_input_grad(model, x_k, y, across_ranks)], 1)  # x_k keeps its graph, g_hat does not
-        delta = (delta + attacker(a)).clamp(-eps, eps)  # Pi_B(eps)
-    return (x + delta).clamp(0, 1)
-
-
-# RNN learned optimiser (Xiong & Hsieh, "Improved Adversarial Training via Learned Optimizer"). No official
-# code exists and the full text was not available: the design is this project's, within the paper's words (a
-# recurrent network applied coordinate-wise, fed gradient information, emitting update directions and step sizes,
-# trained on the inner loss over the intermediate iterates, co-trained with theta). Every choice is a flag; the
-# variants tried, and why 'sign-step' is the default, are in README ("RNN-Adv: the learned optimiser").
-
-
-def preprocess_gradient(g: torch.Tensor, p: float = 10.0) -> torch.Tensor:
-    """Andrychowicz et al. (2016), appendix A: each coordinate g becomes (log|g| / p, sign g) when |g| >= e^-p,
-    else (-1, e^p g). Makes the LSTM's input independent of the gradient's scale. Shape (..., 2)."""
-    big = g.abs() >= math.exp(-p)
-    first = torch.where(big, g.abs().clamp_min(1e-38).log() / p, torch.full_like(g, -1.0))
-    second = torch.where(big, g.sign(), g * math.exp(p))
-    return torch.stack([first, second], -1)
-
-
-class LSTMOptimizer(nn.Module):
-    """--rnn-design lstm: Andrychowicz et al.'s coordinate-wise LSTM (one tiny LSTM shared by every input
-    coordinate, batched over all pixels of all images), fed the preprocessed input gradient alone, emitting a
-    bounded update per coordinate:  (u_t, h_{t+1}) = m_phi(g_t, h_t),  u_t = scale * tanh(W h_{t+1} + b),
-    scale = --rnn-max-step (eps). Sizes are flags (--rnn-layers, --rnn-hidden: 2 x 20 as Andrychowicz et al.)."""
-
-    def __init__(self, hidden=20, layers=2, preprocess=True):
-        super().__init__()
-        self.preprocess = preprocess
-        sizes = [2 if preprocess else 1] + [hidden] * layers
-        self.cells = nn.ModuleList(nn.LSTMCell(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
-        self.out = nn.Linear(hidden, 1)
-        nn.init.normal_(self.out.weight, std=0.01)  # small first updates (a choice)
-        nn.init.zeros_(self.out.bias)
-
-    def forward(self, g, state, scale, **_):
-        shape = g.shape
-        h = preprocess_gradient(g.reshape(-1)) if self.preprocess else g.reshape(-1, 1)
-        new_state = []
-        for i, cell in enumerate(self.cells):
-            hc = cell(h, None if state is None else state[i])
-            new_state.append(hc)
-            h = hc[0]
-        return scale * torch.tanh(self.out(h).float()).reshape(shape), new_state  # fp32 under autocast
-
-
-def relative_to_mean(g: torch.Tensor) -> torch.Tensor:
-    """g divided by its example's mean |g| (an all-zero gradient stays zero)."""
-    return g / g.abs().flatten(1).mean(1).clamp_min(1e-30).view(-1, *[1] * (g.dim() - 1))
-
-
-class SignStepRNN(nn.Module):
-    """--rnn-design sign-step (default): a coordinate-wise GRU that adapts PGD's step instead of replacing it.
-    Per coordinate i of x'_t it reads (all constants for phi, first-order L2O)
-        f = [sign g_i, g_i / mean_j |g_j| (per example, clipped to +-5, / 5), (x'_i - x_i) / eps,
-             u_{t-1,i} / alpha, t / T]
-    and, with h = GRU(f, h) and (o1, o2) = W h + b, steps
-        u_i = alpha * (4 ** tanh(o1_i) * sign(g_i) + tanh(o2_i)),
-    alpha = --step-size: a step size between alpha/4 and 4 alpha per coordinate and step, and a direction
-    correction of up to alpha, both learned. W and b start at zero, so an untrained m_phi takes exactly PGD's
-    steps (alpha sign g) and training can only move it away from PGD where that raises the inner loss. Hidden
-    size --rnn-hidden (8 by default for this design: 378 parameters)."""
-
-    FEATURES = 5
-
-    def __init__(self, hidden=8):
-        super().__init__()
-        self.cell = nn.GRUCell(self.FEATURES, hidden)
-        self.out = nn.Linear(hidden, 2)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
-
-    def forward(self, g, state, scale, x_adv, x, u_prev, progress, eps):
-        feats = torch.stack([g.sign(), relative_to_mean(g).clamp(-5, 5) / 5, (x_adv - x) / eps, u_prev / scale,
-                             torch.full_like(g, progress)], -1).reshape(-1, self.FEATURES).detach()
-        h = self.cell(feats, state)
-        o = self.out(h).float().reshape(*g.shape, 2)
-        return scale * (4.0 ** torch.tanh(o[..., 0]) * g.sign() + torch.tanh(o[..., 1])), h
-
-
-def rnn_attack(rnn, model, x, y, eps, steps, scale, init="uniform", logp_clean=None, weights="uniform",
-               train=True, horizon=None, per_example=False):
-    """The learned inner maximisation (Algorithm 1 of Xiong & Hsieh, steps numbered as in PAPERS.md 2.2):
-      1. x'_0 = start_point(x, eps, init): Pi_C(x + U(-eps, eps)) ("uniform") or x + 0.001 N(0, I) ("normal", as TRADES)
-      2. for t = 0..T-1:  g_t = grad_x' L_inner(x'_t)  (a constant for phi: first-order L2O)
-                          (u_t, h) = m_phi(g_t, h);   x'_{t+1} = Pi_C(x'_t + u_t)
-      3. L(phi) = sum_{t=1..T} w_t mean_i L_inner(x'_t)   (the intermediate iterates; w: 'uniform' w_t = 1,
-         'last' only t = T, 'linear' w_t = t / T)
-    Step 3 without the classifier's graph: phi reaches L_inner(x'_t) only through x'_t, and grad_x' L_inner(x'_t)
-    is g_t, which step 2 computes anyway (at t = T one more pass). So
-        grad_phi L(phi) = sum_t w_t g_t . dx'_t/dphi = grad_phi sum_t w_t <sg(g_t), x'_t> / B    (exactly)
-    and the returned objective is that surrogate: backpropagating it touches only m_phi and the projections, not
-    T copies of the classifier (same gradient, a fraction of the time and memory).
-    With per_example (--rnn-objective per-example, a choice) each example's g_t is divided by its mean |g_t| (a
-    constant) before the sum: every example then pulls on phi equally, where the plain loss lets the examples
-    that are already misclassified (large CE gradients) outweigh the confidently correct ones (CE gradients
-    ~ 1 - p_y), which are the ones a stronger attack has to fool.
-    Returns (x'_T, surrogate) with train=True; (x'_T, None) in evaluation, where nothing is kept. The step
-    feature is t / horizon: horizon = steps (the default, --rnn-progress attack) stretches the learned schedule
-    over a longer evaluation; horizon = the training T (--rnn-progress training) replays it and runs past its end.
-    `scale` is alpha (sign-step) or the update bound (lstm)."""
-    horizon = horizon or steps
-    w = {"uniform": [1.0] * steps, "last": [0.0] * (steps - 1) + [1.0],
-         "linear": [(t + 1) / steps for t in range(steps)]}[weights]
-    x_adv = start_point(x, eps, init)  # step 1
-    state, u_prev, total = None, torch.zeros_like(x), 0.0
-    for t in range(steps + (1 if train else 0)):  # step 2 (training: and the gradient at x'_T for step 3)
-        g = inner_grad(model, x_adv, y, logp_clean)
-        if train and t > 0:
-            pull = relative_to_mean(g) if per_example else g
-            total = total + w[t - 1] * (pull * x_adv).sum() / x.shape[0]  # step 3, surrogate of w_t L_inner(x'_t)
-        if t == steps:
-            break
-        with torch.set_grad_enabled(train):
-            u, state = rnn(g, state, scale, x_adv=x_adv, x=x, u_prev=u_prev, progress=t / horizon, eps=eps)
-            x_adv = project(x_adv + u, x, eps)
-        u_prev = u.detach()
-    return x_adv.detach(), (total if train else None)
-
-
-# ================================================================================================
-# Trainers: one function per method, one minibatch update each. Signature: step(run, x, y) ->
-# (loss, number correct) as device tensors (no host sync inside the epoch).
+# Methods: each training step of Part I with the flags bound to its keywords (the one place where a
+# flag meets an algorithm), the learned networks it takes, and how they are built.
 # ================================================================================================
 
 
@@ -1870,179 +2183,6 @@ class Run:
         return [self.model] + [v for v in self.extras.values() if isinstance(v, nn.Module)]
 
 
-def sgd_update(run: Run, loss: torch.Tensor) -> None:
-    run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    run.optimizer.step()
-
-
-def train_plain(run: Run, x, y):
-    """Standard training: one SGD step on CE(f(x), y)."""
-    logits = run.model(x)
-    loss = F.cross_entropy(logits, y)
-    sgd_update(run, loss)
-    return loss.detach(), (logits.argmax(1) == y).sum()
-
-
-def train_pgd_at(run: Run, x, y):
-    """PGD adversarial training (Madry et al. 2018, eq. 2.1): min_theta E max_{delta in S} L(theta, x + delta, y).
-    1. inner max: PGD-K from --attack-start (--steps, --step-size), BN mode --attack-bn, dropout off;
-    2. outer min: one SGD step on CE(f(x_adv), y), model in train mode."""
-    a = run.args
-    with attack_mode(run.model, a.attack_bn):
-        x_adv = pgd(run.model, x, y, a.eps, a.step_size, a.steps, start=a.attack_start)  # step 1
-    logits = run.model(x_adv)  # step 2
-    loss = F.cross_entropy(logits, y)
-    sgd_update(run, loss)
-    return loss.detach(), (logits.argmax(1) == y).sum()
-
-
-def trades_loss(logits_clean, logits_adv, y, beta):
-    """TRADES' outer objective CE(f(x), y) + beta sum KL(f(x) || f(x')) / B. The KL is taken from
-    log-probabilities: the value of trades.py's KLDivLoss(softmax(f(x))), but its gradient stays finite where a
-    clean probability underflows to 0 (p log p has an infinite slope there)."""
-    kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.log_softmax(logits_clean, dim=1), reduction="batchmean",
-                  log_target=True)
-    return F.cross_entropy(logits_clean, y) + beta * kl
-
-
-def train_trades(run: Run, x, y):
-    """TRADES (Zhang et al. 2019, Algorithm 1; objective CE(f(x), y) + beta max KL(f(x) || f(x'))).
-    1. x' by trades_attack (K sign steps on the KL from x + 0.001 N(0, I), BN in eval mode as in trades.py);
-    2. loss = CE(f(x), y) + beta * sum KL(f(x) || f(x')) / B  (KL summed, divided by the batch: 'batchmean');
-    3. one SGD step. The clean distribution is not detached in the outer loss (as in trades.py). trades.py runs
-       f(x) twice in train mode (once for the CE, once for the KL); here one pass serves both: the same value
-       without dropout, one BN-statistics update instead of two (a deliberate difference, README)."""
-    a = run.args
-    with attack_mode(run.model, a.attack_bn):
-        x_adv = trades_attack(run.model, x, a.eps, a.step_size, a.steps, a.attack_start)  # step 1
-    logits_clean, logits_adv = run.model(x), run.model(x_adv)  # step 2
-    loss = trades_loss(logits_clean, logits_adv, y, a.beta)
-    sgd_update(run, loss)  # step 3
-    return loss.detach(), (logits_adv.argmax(1) == y).sum()
-
-
-def train_fast_at(run: Run, x, y):
-    """Fast-AT (Wong et al. 2020, Algorithm 3, "FGSM adversarial training with random initialization"):
-    1. delta ~ U(-eps, eps), clamped to the image box;
-    2. delta <- Pi_C(delta + alpha sign(grad_delta L)), alpha = 1.25 eps by default;
-    3. one SGD step on CE(f(x + delta), y). BN stays in train mode during the attack (official code)."""
-    a = run.args
-    with attack_mode(run.model, a.attack_bn):
-        x_adv = fgsm(run.model, x, y, a.eps, a.step_size, rand_init=True)  # steps 1-2
-    logits = run.model(x_adv)  # step 3
-    loss = F.cross_entropy(logits, y)
-    sgd_update(run, loss)
-    return loss.detach(), (logits.argmax(1) == y).sum()
-
-
-def fast_bat_step_size(eps: float) -> float:
-    """The lower-level step a of the official train.py: 5000/255 for eps <= 8/255, else 2000/255."""
-    return 5000 / 255 if eps <= 8 / 255 + 1e-9 else 2000 / 255
-
-
-def box_bounds(x: torch.Tensor, eps: float):
-    """C in coordinates: p <= delta <= q with p = max(-eps, -x), q = min(eps, 1 - x)."""
-    return torch.clamp(-x, min=-eps), torch.clamp(1 - x, max=eps)
-
-
-def fast_bat_backward(model, x, y, eps, a, lam, ig_ratio=1.0, tol=1e-7, attack_bn="train") -> dict:
-    """Fast-BAT (Zhang et al. 2022), the gradient of one upper-level step, left in the parameters' .grad:
-        g_theta = grad_theta l_tr(theta, delta*) + ig_ratio * (1/lam) grad_theta < grad_delta l(theta; z), sg(H_C grad_delta l_tr(delta*)) >
-    i.e. eq. (14) with the implicit gradient of eq. (13) under l_atk = -l_tr, ig_ratio = alpha2 / alpha1.
-    Steps, as the official trainer.py (mode fast_bat) numbers them:
-      1. delta0 = Pi_C(U(-eps, eps))                              (random start)
-      2. z = Pi_C(delta0 + a grad_delta sum CE(x + delta0)), detached (linearisation point; non-sign step)
-      3. delta* = Pi_C(z + a sg(grad_delta sum CE(x + z)))       (eq. 9, lower-level closed form, lambda_low = 1/a)
-         the gradient at z is built with create_graph for step 7
-      4. a = 5000/255 (eps <= 8/255) else 2000/255               (fast_bat_step_size; a flag)
-      5. H = 1 where p + tol < delta* < q - tol                   (the inactive constraints of C)
-      6. v = H * grad_delta sum CE(x + delta*) / lam, theta frozen (outer gradient w.r.t. delta)
-      7. implicit term: backprop sum_i <grad_delta CE_i(z), v_i> / B to theta (double backprop, no Hessian)
-      8. standard term: backprop sum CE(x + delta*) / B; .grad holds both terms.
-    Losses are sum-reduced wherever a per-example input gradient is taken (the code's reduction), so a
-    and lam mean the same at every batch size. The mixed derivative is taken at z, where the closed form
-    of step 3 is differentiated (PAPERS.md 3.3). Steps 1-3 are the lower level (the attack): BN in
-    `attack_bn` mode (train in the code), dropout off (attack_mode); steps 6 and 8 evaluate the training loss
-    l_tr in the caller's mode."""
-    p, q = box_bounds(x, eps)
-    with attack_mode(model, attack_bn):
-        delta0 = (torch.empty_like(x).uniform_(-eps, eps)).clamp(p, q)  # step 1
-        # clamp(p, q) is the code's clamp to [-eps, eps] followed by the clamp to the image box, in one
-        z = (delta0 + a * input_grad(model, x + delta0, y)).clamp(p, q).detach()  # step 2
-        z_var = z.clone().requires_grad_(True)
-        grad_z = torch.autograd.grad(F.cross_entropy(model(x + z_var), y, reduction="sum"), z_var,
-                                     create_graph=True)[0]  # step 3: kept for the double backprop of step 7
-    delta = (z + a * grad_z.detach()).clamp(p, q)
-    mask = ((delta > p + tol) & (delta < q - tol)).to(x.dtype)  # step 5
-    v = mask * input_grad(model, x + delta, y) / lam  # step 6 (input_grad leaves theta's .grad alone)
-    n = x.shape[0]
-    for param in model.parameters():
-        param.grad = None
-    ((grad_z * v).sum() * (ig_ratio / n)).backward()  # step 7
-    logits = model(x + delta)
-    loss = F.cross_entropy(logits, y, reduction="sum") / n  # step 8
-    loss.backward()  # accumulates onto the implicit term, before the optimiser applies momentum and decay
-    return {"loss": loss.detach(), "logits": logits.detach(), "z": z, "delta": delta, "mask": mask}
-
-
-def train_fast_bat(run: Run, x, y):
-    """Fast-BAT (Zhang et al. 2022, eq. 14): one SGD step on the gradient of fast_bat_backward, model in train
-    mode, its lower level with BN in --attack-bn mode (train, as the official code) and dropout off;
-    lr = alpha1, alpha2 = --bat-ig-ratio * alpha1."""
-    a = run.args
-    out = fast_bat_backward(run.model, x, y, a.eps, a.bat_a, a.bat_lambda, a.bat_ig_ratio, attack_bn=a.attack_bn)
-    run.optimizer.step()
-    return out["loss"], (out["logits"].argmax(1) == y).sum()
-
-
-# GradAlign's gamma by eps (in /255), from the GradAlign README as the Fast-BAT code copies it.
-GRADALIGN_GAMMA = {2: 0.036, 4: 0.063, 6: 0.112, 8: 0.200, 10: 0.356, 12: 0.632, 14: 1.124, 16: 2.000}
-
-
-def gradalign_gamma(eps: float) -> float:
-    """gamma for eps: the table's value, log-linear between its entries; outside 2/255..16/255 the nearest
-    end (a choice: MNIST's 0.3 gets 2.0; set --ga-gamma to choose)."""
-    k = min(max(eps * 255, 2.0), 16.0)
-    lo = max(e for e in GRADALIGN_GAMMA if e <= k)
-    hi = min(e for e in GRADALIGN_GAMMA if e >= k)
-    if lo == hi:
-        return GRADALIGN_GAMMA[lo]
-    t = (k - lo) / (hi - lo)
-    return math.exp((1 - t) * math.log(GRADALIGN_GAMMA[lo]) + t * math.log(GRADALIGN_GAMMA[hi]))
-
-
-def gradalign_penalty(g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
-    """GradAlign's 1 - mean_i cos(g1_i, g2_i) over the examples whose two gradients are both non-zero (the
-    official code drops the others from the mean: their cosine is undefined); 0 when none is left."""
-    g1, g2 = g1.flatten(1), g2.flatten(1)
-    keep = (g1.norm(dim=1) != 0) & (g2.norm(dim=1) != 0)
-    if not keep.any():
-        return g2.sum() * 0.0
-    cos = (g1[keep] / g1[keep].norm(dim=1, keepdim=True) * g2[keep] / g2[keep].norm(dim=1, keepdim=True)).sum(1)
-    return 1 - cos.mean()
-
-
-def train_fast_at_ga(run: Run, x, y):
-    """Fast-AT with GradAlign (Andriushchenko & Flammarion, NeurIPS 2020), as the Fast-BAT code's fast_at_ga:
-    1. x_adv = FGSM from x (zero init), step --step-size (1.25 eps), BN in train mode, dropout off;
-    2. g1 = grad_x CE(f(x), y), a constant; g2 = grad_x CE(f(x + eta), y), eta ~ U(-eps, eps), with its graph
-       (the probe x + eta is not clamped to [0,1], as in the GradAlign code: it is a gradient probe, not an attack);
-    3. loss = CE(f(x_adv), y) + gamma (1 - mean_i cos(g1_i, g2_i)) (gradalign_penalty: examples with a zero
-       gradient left out); one SGD step (double backprop through g2). g1 and g2 belong to the training loss and
-       run in the model's training mode."""
-    a, model = run.args, run.model
-    with attack_mode(model, a.attack_bn):
-        x_adv = fgsm(model, x, y, a.eps, a.step_size)  # step 1
-    g1 = input_grad(model, x, y)  # step 2
-    probe = (x + torch.empty_like(x).uniform_(-a.eps, a.eps)).requires_grad_(True)
-    g2 = torch.autograd.grad(F.cross_entropy(model(probe), y, reduction="sum"), probe, create_graph=True)[0]
-    logits = model(x_adv)  # step 3
-    loss = F.cross_entropy(logits, y) + a.ga_gamma * gradalign_penalty(g1, g2)
-    sgd_update(run, loss)
-    return loss.detach(), (logits.argmax(1) == y).sum()
-
-
 L2L_VARIANTS = {"l2l-naive": "naive", "l2l-grad": "grad", "l2l-2step": "multi"}
 
 
@@ -2057,58 +2197,6 @@ def setup_l2l(args, model, device) -> dict:
     return {"attacker": attacker, "attacker_opt": optimizer}
 
 
-def l2l_attack(run_args, attacker, model, x, y, across_ranks=True):
-    return l2l_perturb(attacker, model, x, y, run_args.eps, L2L_VARIANTS[run_args.method], run_args.l2l_steps,
-                       run_args.l2l_step_size, across_ranks)
-
-
-def train_l2l(run: Run, x, y):
-    """L2L (Jiang et al.: min_theta max_phi sum_i CE(f(x_i + g(A(x_i, y_i, theta); phi); theta), y_i)), one
-    minibatch in the order of train_l2l_{1,2}_cifar10.py:
-    1. classifier step: f in train mode, attacker in eval mode; x_adv from the attacker (its gradient
-       feature computed with BN in train mode, updating BN statistics, as the official code does, and dropout
-       off as in every attack); one SGD step on CE(f(x_adv), y), batch mean, no clean term;
-    2. --attacker-steps times: f in eval mode and frozen, attacker in train mode; x_adv recomputed with the
-       updated theta; one Adam step on phi ascending CE(f(x_adv), y). The gradient is taken w.r.t. phi
-       only, so theta's .grad is never touched (the code zeroes it instead).
-    With --freeze-classifier step 1 only reports the loss (classifier in eval mode, no update): phi learns to
-    attack a fixed classifier (start it from a checkpoint with --init)."""
-    a, model = run.args, run.model
-    attacker, attacker_opt = run.extras["attacker"], run.extras["attacker_opt"]
-    model.train(not a.freeze_classifier)  # step 1
-    attacker.eval()
-    with torch.no_grad(), attack_mode(model, "eval" if a.freeze_classifier else "train"):  # phi gets nothing here
-        x_adv = l2l_attack(a, attacker, model, x, y)
-    with torch.set_grad_enabled(not a.freeze_classifier):
-        logits = model(x_adv)
-        loss = F.cross_entropy(logits, y)
-    if not a.freeze_classifier:
-        sgd_update(run, loss)
-    model.eval()  # step 2
-    attacker.train()
-    params = list(attacker.parameters())
-    for _ in range(a.attacker_steps):
-        attacker_loss = -F.cross_entropy(model(l2l_attack(a, attacker, model, x, y)), y)
-        for p, g in zip(params, torch.autograd.grad(attacker_loss, params)):
-            p.grad = g
-        attacker_opt.step()
-    model.train()
-    return loss.detach(), (logits.argmax(1) == y).sum()
-
-
-def train_pgd_at_bls(run: Run, x, y):
-    """AdvTrain+BLS (Xiong & Hsieh, Table 1): PGD-AT whose inner steps choose a per-example step size by
-    backtracking line search (pgd_bls), then one SGD step on CE(f(x_adv), y)."""
-    a = run.args
-    with attack_mode(run.model, a.attack_bn):
-        x_adv = pgd_bls(run.model, x, y, a.eps, a.steps, a.bls_init_step, a.bls_shrink, a.bls_c, a.bls_tries,
-                        a.attack_start)
-    logits = run.model(x_adv)
-    loss = F.cross_entropy(logits, y)
-    sgd_update(run, loss)
-    return loss.detach(), (logits.argmax(1) == y).sum()
-
-
 def setup_rnn(args, model, device) -> dict:
     """m_phi (--rnn-design) and its optimiser: Adam (Andrychowicz et al.'s choice) with lr --rnn-lr (alpha2 of
     Algorithm 1; which of alpha1/alpha2 belongs to phi is not stated in what could be read: here alpha1 = --lr is
@@ -2121,76 +2209,118 @@ def setup_rnn(args, model, device) -> dict:
     return {"rnn": rnn, "rnn_opt": torch.optim.Adam(rnn.parameters(), lr=args.rnn_lr)}
 
 
+def max_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """L2L's batch max under torchrun: a training batch is the global one, so the max is over every rank's shard."""
+    if dist_world()[1] > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def l2l_attack(args, attacker, model, x, y, batch_max=None):
+    """l2l_perturb with the run's flags (variant by --method, --l2l-steps, --l2l-step-size)."""
+    return l2l_perturb(attacker, model, x, y, args.eps, L2L_VARIANTS[args.method], args.l2l_steps,
+                       args.l2l_step_size, batch_max)
+
+
 def rnn_scale(args) -> float:
     """alpha of the sign-step design (--step-size), or the lstm design's update bound (--rnn-max-step)."""
     return args.rnn_max_step if args.rnn_design == "lstm" else args.step_size
 
 
-def rnn_run_attack(args, rnn, model, x, y, steps, train):
-    """m_phi's attack with the method's inner loss (RNN-Adv: CE; RNN-TRADES: KL to the clean output)."""
+def rnn_run_attack(args, rnn, model, x, y, steps, learn):
+    """m_phi's attack with the run's flags and the method's inner loss (RNN-Adv: CE; RNN-TRADES: KL to the clean
+    output), for `steps` steps (evaluation: --rnn-eval-steps, with --rnn-progress choosing the step feature)."""
     logp_clean = None
     if args.method == "rnn-trades":
         with torch.no_grad():
             logp_clean = F.log_softmax(model(x), 1)
     return rnn_attack(rnn, model, x, y, args.eps, steps, rnn_scale(args), args.attack_start, logp_clean,
-                      args.rnn_weights, train, horizon=steps if args.rnn_progress == "attack" else args.steps,
+                      args.rnn_weights, learn, horizon=steps if args.rnn_progress == "attack" else args.steps,
                       per_example=args.rnn_objective == "per-example")
 
 
-def train_rnn(run: Run, x, y):
-    """RNN-Adv / RNN-TRADES (Xiong & Hsieh, Algorithm 1 "RNN-based adversarial training"; reconstruction, PAPERS.md 2.2):
-    per minibatch M (Algorithm 1, step 5),
-    1. unroll m_phi for T = --steps inner steps on the inner loss (classifier in --attack-bn mode, default eval,
-       dropout off);
-    2. phi <- phi + alpha2 grad_phi L(phi): one Adam ascent step on the intermediate-iterate loss (rnn_attack);
-       the gradient is taken w.r.t. phi only, theta's .grad is untouched;
-    3. theta <- theta - alpha1 grad_theta Outer(theta; x'_T) with x'_T detached: CE(f(x'_T), y) for RNN-Adv,
-       CE(f(x), y) + beta KL(f(x) || f(x'_T)) (batch mean) for RNN-TRADES; one SGD step.
-    The same unrolled pass serves both updates, so phi and theta see the same adversarial examples. With
-    --freeze-classifier step 3 is skipped (the loss is only reported, in eval mode): phi learns to attack a fixed
-    classifier (start it from a checkpoint with --init)."""
-    a, model = run.args, run.model
-    rnn, rnn_opt = run.extras["rnn"], run.extras["rnn_opt"]
-    with attack_mode(model, a.attack_bn):
-        x_adv, rnn_objective = rnn_run_attack(a, rnn, model, x, y, a.steps, train=True)  # step 1
-        params = list(rnn.parameters())
-        for p, g in zip(params, torch.autograd.grad(-rnn_objective, params)):  # step 2 (ascent)
-            p.grad = g
-        rnn_opt.step()
-    with model_mode(model, "eval" if a.freeze_classifier else "train"), torch.set_grad_enabled(not a.freeze_classifier):
-        if a.method == "rnn-adv":  # step 3
+def frozen_l2l_step(model, optimizer, attacker, attacker_optimizer, x, y, **keywords):
+    """--freeze-classifier for L2L: step 1 only reports the loss (classifier and attacker in eval mode, no update),
+    then l2l_attacker_step: phi learns to attack a fixed classifier (start it from a checkpoint with --init)."""
+    model.eval()
+    attacker.eval()
+    with torch.no_grad(), attack_mode(model, "eval"):
+        x_adv = l2l_perturb(attacker, model, x, y, keywords["eps"], keywords["variant"], keywords["steps"],
+                            keywords["step_size"], keywords["batch_max"])
+        logits = model(x_adv)
+        loss = F.cross_entropy(logits, y)
+    l2l_attacker_step(model, attacker, attacker_optimizer, x, y, **keywords)
+    return loss, (logits.argmax(1) == y).sum()
+
+
+def frozen_rnn_step(model, optimizer, rnn, rnn_optimizer, x, y, beta=None, **keywords):
+    """--freeze-classifier for RNN-Adv / RNN-TRADES: steps 1-2 (phi learns), step 3 only reports the loss in eval
+    mode: phi learns to attack a fixed classifier (start it from a checkpoint with --init)."""
+    x_adv = rnn_optimizer_step(model, rnn, rnn_optimizer, x, y, trades=beta is not None, **keywords)
+    with ModelMode(model, "eval"), torch.no_grad():
+        if beta is None:
             logits = model(x_adv)
             loss = F.cross_entropy(logits, y)
         else:
             logits_clean, logits = model(x), model(x_adv)
-            loss = trades_loss(logits_clean, logits, y, a.beta)
-    if not a.freeze_classifier:
-        sgd_update(run, loss)
-    return loss.detach(), (logits.argmax(1) == y).sum()
+            loss = trades_loss(logits_clean, logits, y, beta)
+    return loss, (logits.argmax(1) == y).sum()
+
+
+def attack_keywords(a) -> dict:
+    return dict(eps=a.eps, step_size=a.step_size, steps=a.steps, start=a.attack_start, attack_bn=a.attack_bn)
+
+
+def rnn_keywords(a) -> dict:
+    return dict(eps=a.eps, steps=a.steps, scale=rnn_scale(a), start=a.attack_start, weights=a.rnn_weights,
+                per_example=a.rnn_objective == "per-example", attack_bn=a.attack_bn)
+
+
+def l2l_keywords(a) -> dict:
+    return dict(eps=a.eps, variant=L2L_VARIANTS[a.method], steps=a.l2l_steps, step_size=a.l2l_step_size,
+                attacker_steps=a.attacker_steps, batch_max=max_over_ranks)
 
 
 @dataclass
 class Method:
-    train_step: Callable
+    step: Callable  # the training step of Part I
     paper: str
-    # setup(args, model, device) -> extras (learned attackers and their optimisers), or None.
-    setup: Optional[Callable] = None
+    keywords: Callable = lambda a: {}  # flags -> the step's keyword arguments
+    networks: tuple = ()  # the learned networks and optimisers (keys of Run.extras) the step takes before x, y
+    setup: Optional[Callable] = None  # setup(args, model, device) -> those extras
+    frozen_step: Optional[Callable] = None  # the step under --freeze-classifier
 
 
 METHODS: Dict[str, Method] = {
-    "plain": Method(train_plain, "standard training"),
-    "pgd-at": Method(train_pgd_at, "Madry et al. 2018, eq. 2.1"),
-    "trades": Method(train_trades, "Zhang et al. 2019, Algorithm 1"),
-    "fast-at": Method(train_fast_at, "Wong et al. 2020, Algorithm 3"),
-    "fast-at-ga": Method(train_fast_at_ga, "Andriushchenko & Flammarion 2020, GradAlign"),
-    "fast-bat": Method(train_fast_bat, "Zhang et al. 2022, eq. 9, 13, 14"),
-    "pgd-at-bls": Method(train_pgd_at_bls, "Xiong & Hsieh 2020, Table 1 AdvTrain+BLS"),
-    "rnn-adv": Method(train_rnn, "Xiong & Hsieh 2020, Algorithm 1 with PGD-AT's loss", setup_rnn),
-    "rnn-trades": Method(train_rnn, "Xiong & Hsieh 2020, Algorithm 1 with TRADES' loss", setup_rnn),
-    "l2l-naive": Method(train_l2l, "Jiang et al. 2021, naive L2L", setup_l2l),
-    "l2l-grad": Method(train_l2l, "Jiang et al. 2021, gradient L2L", setup_l2l),
-    "l2l-2step": Method(train_l2l, "Jiang et al. 2021, multi-step gradient L2L", setup_l2l),
+    "plain": Method(plain_step, "standard training"),
+    "pgd-at": Method(pgd_at_step, "Madry et al. 2018, eq. 2.1", attack_keywords),
+    "trades": Method(trades_step, "Zhang et al. 2019, Algorithm 1", lambda a: dict(attack_keywords(a), beta=a.beta)),
+    "fast-at": Method(fast_at_step, "Wong et al. 2020, Algorithm 3",
+                      lambda a: dict(eps=a.eps, step_size=a.step_size, attack_bn=a.attack_bn)),
+    "fast-at-ga": Method(fast_at_ga_step, "Andriushchenko & Flammarion 2020, GradAlign",
+                         lambda a: dict(eps=a.eps, step_size=a.step_size, gamma=a.ga_gamma, attack_bn=a.attack_bn)),
+    "fast-bat": Method(fast_bat_step, "Zhang et al. 2022, eq. 9, 13, 14",
+                       lambda a: dict(eps=a.eps, step_size=a.bat_a, lam=a.bat_lambda, ig_ratio=a.bat_ig_ratio,
+                                      attack_bn=a.attack_bn)),
+    "pgd-at-bls": Method(pgd_at_bls_step, "Xiong & Hsieh 2020, Table 1 AdvTrain+BLS",
+                         lambda a: dict(eps=a.eps, steps=a.steps, init_step=a.bls_init_step, shrink=a.bls_shrink,
+                                        c=a.bls_c, tries=a.bls_tries, start=a.attack_start, attack_bn=a.attack_bn)),
+    "rnn-adv": Method(rnn_adv_step, "Xiong & Hsieh 2020, Algorithm 1 with PGD-AT's loss", rnn_keywords,
+                      ("rnn", "rnn_opt"), setup_rnn, frozen_rnn_step),
+    "rnn-trades": Method(rnn_trades_step, "Xiong & Hsieh 2020, Algorithm 1 with TRADES' loss",
+                         lambda a: dict(rnn_keywords(a), beta=a.beta), ("rnn", "rnn_opt"), setup_rnn, frozen_rnn_step),
 }
+for _name, _paper in (("l2l-naive", "naive L2L"), ("l2l-grad", "gradient L2L"),
+                      ("l2l-2step", "multi-step gradient L2L")):
+    METHODS[_name] = Method(l2l_step, f"Jiang et al. 2021, {_paper}", l2l_keywords, ("attacker", "attacker_opt"),
+                            setup_l2l, frozen_l2l_step)
+
+
+def method_step(run: Run, x, y):
+    """The method's training step on (x, y), its networks and flags taken from the run."""
+    method = METHODS[run.args.method]
+    step = method.frozen_step if run.args.freeze_classifier else method.step
+    return step(run.model, run.optimizer, *[run.extras[k] for k in method.networks], x, y, **method.keywords(run.args))
 
 
 # ================================================================================================
@@ -2221,7 +2351,7 @@ def training_step(run: Run, x, y):
         x, y = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
     x = x.contiguous(memory_format=memory_format(run.args))
     with autocast(x.device, run.args.precision):
-        return METHODS[run.args.method].train_step(run, x, y)
+        return method_step(run, x, y)
 
 
 def compile_networks(run: Run) -> None:
@@ -2496,7 +2626,7 @@ EVAL_ATTACKS: Dict[str, EvalAttack] = {
                                      if L2L_VARIANTS.get(a.method) == "multi" else 1,
                                      step_size=a.eps, restarts=1, random_start=False)),
     # The checkpoint's learned RNN optimiser, run for --rnn-eval-steps (Table 6: more steps than trained with).
-    "rnn": EvalAttack(lambda m, x, y, a, e: rnn_run_attack(a, e["rnn"], m, x, y, a.rnn_eval_steps, train=False)[0],
+    "rnn": EvalAttack(lambda m, x, y, a, e: rnn_run_attack(a, e["rnn"], m, x, y, a.rnn_eval_steps, learn=False)[0],
                       lambda a: dict(loss="kl (learned RNN optimiser)" if a.method == "rnn-trades"
                                      else "ce (learned RNN optimiser)", steps=a.rnn_eval_steps,
                                      step_size=rnn_scale(a), restarts=1, random_start=True)),
@@ -2535,8 +2665,8 @@ def eval_learned_l2l(model, x, y, args, extras):
     trained on. evaluate() runs it over the whole test shard, aligned to B, so chunks are cut by global example
     index and the result depends neither on --eval-batch-size nor on the number of processes."""
     attacker = extras["attacker"]
-    with model_mode(attacker, "eval"), torch.no_grad():
-        return torch.cat([l2l_attack(args, attacker, model, xc, yc, across_ranks=False)
+    with ModelMode(attacker, "eval"), torch.no_grad():
+        return torch.cat([l2l_attack(args, attacker, model, xc, yc)
                           for xc, yc in zip(x.split(args.batch_size), y.split(args.batch_size))])
 
 
@@ -3423,7 +3553,7 @@ def report_table(runs: list) -> str:
     """Markdown: one row per run (its best.pt evaluation), accuracies in %; for a run.sh recipe the paper's number
     in brackets beside each measured one. The protocol column gives eps, examples and each attack's steps x
     restarts @ step size."""
-    attacks = [a for a in REPORT_ATTACKS if any(a in res for _, res in runs)]
+    attacks = [name for name in REPORT_ATTACKS if any(name in res for _, res in runs)]
     head = ["run", "method", "dataset", "model", "epochs", "clean", *attacks, "worst case", "s/epoch", "device",
             "protocol"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -193,10 +193,10 @@ def test_evaluation_attacks_leave_bn_statistics_alone(toy):
     assert res["pgd"]["max_perturbation"] <= EPS + 1e-6 and res["pgd"]["restarts"] == 2
 
 
-def test_model_mode_restores_previous_mode(toy):
+def test_modelmode_restores_previous_mode(toy):
     model = toy[0]
     model.eval()
-    with l2l.model_mode(model, "train"):
+    with l2l.ModelMode(model, "train"):
         assert model.training
     assert not model.training
 
@@ -207,7 +207,8 @@ def test_model_mode_restores_previous_mode(toy):
 
 
 # Cheaper settings where a method's inner loop is costly on a CPU (the loss must still fall by half).
-CHEAP = {"pgd-at-bls": ["--steps", "2", "--bls-tries", "3"], "rnn-adv": ["--steps", "2"], "rnn-trades": ["--steps", "2"]}
+CHEAP = {"pgd-at-bls": ["--steps", "2", "--bls-tries", "3"], "rnn-adv": ["--steps", "2"], "rnn-trades": ["--steps", "2"],
+         "fast-at-ga": ["--ga-gamma", "0.2"]}  # eps 0.1 is 25/255, past GradAlign's table: its end value 2.0 stalls
 
 
 @pytest.mark.parametrize("method", list(l2l.METHODS))
@@ -222,7 +223,7 @@ def test_each_trainer_lowers_its_loss(method):
     n, steps = (48, 50) if method == "fast-at-ga" else (32, 40)  # GradAlign's penalty needs the longer run
     x, y = synthetic_batch(n, seed=4)
     run.model.train()
-    losses = torch.tensor([float(l2l.METHODS[method].train_step(run, x, y)[0]) for _ in range(steps)])
+    losses = torch.tensor([float(l2l.method_step(run, x, y)[0]) for _ in range(steps)])
     # single-step methods spike now and then on one fixed batch: compare the median of the last ten
     first, last = losses[:5].mean().item(), losses[-10:].median().item()
     assert last < 0.5 * first, f"{method}: loss {first:.3f} -> {last:.3f}"
@@ -618,7 +619,7 @@ def test_l2l_attacker_output_obeys_the_constraints(toy, method, arch, step):
     run = l2l_run(method, arch, step, steps=3)
     attacker = run.extras["attacker"]
     for mode in ("train", "eval"):
-        with l2l.model_mode(attacker, mode):
+        with l2l.ModelMode(attacker, mode):
             x_adv = l2l.l2l_attack(run.args, attacker, model, x, y)
         assert (x_adv - x).abs().max() <= 0.1 + 1e-6
         assert x_adv.min() >= 0 and x_adv.max() <= 1 and (x_adv != x).any()
@@ -691,7 +692,7 @@ def test_l2l_gradients_reach_phi_in_its_step_and_theta_in_its_own(toy):
     spy("theta", run.optimizer, theta, phi)
     spy("phi", run.extras["attacker_opt"], phi, theta)
     run.model.train()
-    l2l.train_l2l(run, x[:32], y[:32])
+    l2l.method_step(run, x[:32], y[:32])
     own, other = seen["theta"]
     assert all(g is not None for g in own) and any(g.abs().sum() > 0 for g in own)
     assert all(g is None for g in other), "the classifier step must leave phi without gradient"
@@ -715,11 +716,11 @@ def test_one_attacker_step_raises_the_classifier_loss(toy):
         attacker = run.extras["attacker"]
 
         def loss():
-            with l2l.model_mode(attacker, "train"), torch.no_grad():
+            with l2l.ModelMode(attacker, "train"), torch.no_grad():
                 return F.cross_entropy(model(l2l.l2l_attack(run.args, attacker, model, x, y)), y).item()
 
         before = loss()
-        l2l.train_l2l(run, x, y)
+        l2l.method_step(run, x, y)
         after = loss()
         assert after > before, f"{variant}: attacker step lowered the loss {before:.4f} -> {after:.4f}"
 
@@ -924,14 +925,14 @@ def test_rnn_gradient_reaches_phi_and_the_classifier_step_leaves_phi_alone(toy):
 
     run.extras["rnn_opt"].step = spy
     run.model.train()
-    l2l.train_rnn(run, x[:32], y[:32])
+    l2l.method_step(run, x[:32], y[:32])
     assert all(g is None for g in theta_grads_at_phi_step["grads"]), "the RNN step must not touch theta's .grad"
     after_rnn = [p.detach().clone() for p in rnn.parameters()]
     assert any(not torch.equal(a, b) for a, b in zip(before, after_rnn))
     # the classifier's SGD step changes theta, not phi: phi is what the RNN step left
     run.extras["rnn_opt"].step = lambda *a, **k: None
     theta = [p.detach().clone() for p in run.model.parameters()]
-    l2l.train_rnn(run, x[:32], y[:32])
+    l2l.method_step(run, x[:32], y[:32])
     assert all(torch.equal(a, b) for a, b in zip(after_rnn, rnn.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(theta, run.model.parameters()))
 
@@ -945,13 +946,13 @@ def test_training_phi_on_a_fixed_classifier_strengthens_its_attack(toy, design, 
 
     def attack_loss():
         torch.manual_seed(7)
-        x_adv, _ = l2l.rnn_run_attack(run.args, run.extras["rnn"], model, x, y, 4, train=False)
+        x_adv, _ = l2l.rnn_run_attack(run.args, run.extras["rnn"], model, x, y, 4, learn=False)
         with torch.no_grad():
             return F.cross_entropy(model(x_adv), y).item()
 
     before = attack_loss()
     for _ in range(10):
-        l2l.train_rnn(run, x, y)  # only phi learns
+        l2l.method_step(run, x, y)  # only phi learns
     after = attack_loss()
     assert after > 2 * before, f"T-step attack loss {before:.5f} -> {after:.5f}"
 
@@ -1479,7 +1480,8 @@ def data_parallel_steps(directory):
     xt, yt = synthetic_images(45, 1, 28, 28, seed=6)  # 45: the shards are unequal, the last is padded
     states["eval"] = l2l.evaluate(model, xt.permute(0, 3, 1, 2), yt, args, ["fgsm"])
     x, rank, world = l2l.to_float(xt[:44].permute(0, 3, 1, 2)), *l2l.dist_world()
-    states["scaled_grad"] = l2l.scaled_input_grad(model, x.tensor_split(world)[rank], yt[:44].tensor_split(world)[rank])
+    states["scaled_grad"] = l2l.scaled_input_grad(model, x.tensor_split(world)[rank], yt[:44].tensor_split(world)[rank],
+                                                 l2l.max_over_ranks)
     return states
 
 
@@ -1727,7 +1729,7 @@ def test_learned_l2l_attackers_stay_in_the_ball_under_bf16(toy, method, arch, st
     with torch.autocast(DEV, dtype=torch.bfloat16):
         outs = []
         for mode in ("train", "eval"):
-            with l2l.model_mode(attacker, mode):
+            with l2l.ModelMode(attacker, mode):
                 outs.append(l2l.l2l_attack(run.args, attacker, model, x[:64], y[:64]))
         outs.append(l2l.EVAL_ATTACKS["l2l"].run(model, x[:64], y[:64], run.args, run.extras))
     for x_adv in outs:
@@ -2598,3 +2600,161 @@ def test_the_learned_l2l_evaluation_does_not_depend_on_the_evaluation_batch(toy)
     assert not torch.equal(cut, l2l.EVAL_ATTACKS["l2l"].run(model, x, y, args(150), run.extras))
     for size in (50, 100, 128):
         assert l2l.evaluate(model, xu, y, args(size), ["l2l"], run.extras)["l2l"] == ref, size
+
+
+# ------------------------------------------------------------------------------------------------
+# Copy an algorithm: each list of definitions, taken out of l2l.py's source and run in a namespace
+# that holds only torch, nn, F and math, performs its step or attack (README's "Copy an algorithm").
+# ------------------------------------------------------------------------------------------------
+
+ATTACK_HELPERS = ["project", "random_start", "start_point", "cw_margin", "attack_loss", "input_grad_and_logits",
+                  "input_grad"]
+STEP_HELPERS = ["ModelMode", "attack_mode", "sgd_update"]
+INNER = ["project", "random_start", "start_point", "inner_loss", "inner_grad"]
+APGD = ["project", "dlr_loss", "apgd_checkpoints", "apgd"]
+FAB = ["fab_linf_projection", "fab_targeted_run", "fab_targeted"]
+SQUARE = ["square_p", "square_linf"]
+L2L_DEFS = ATTACK_HELPERS[3:] + STEP_HELPERS + ["GenBlock", "SlimAttacker", "WideAttacker", "scaled_input_grad",
+                                                "l2l_perturb", "l2l_attacker_step", "l2l_step"]
+RNN_DEFS = INNER + STEP_HELPERS + ["relative_to_mean", "SignStepRNN", "rnn_attack", "rnn_optimizer_step"]
+COPYABLE = {  # algorithm -> (the definitions to copy, how the test calls them)
+    "PGD-AT": (ATTACK_HELPERS + ["pgd"] + STEP_HELPERS + ["pgd_at_step"], "step"),
+    "TRADES": (INNER + ["trades_attack"] + STEP_HELPERS + ["trades_loss", "trades_step"], "step"),
+    "Fast-AT": (ATTACK_HELPERS + ["fgsm"] + STEP_HELPERS + ["fast_at_step"], "step"),
+    "GradAlign (Fast-AT-GA)": (ATTACK_HELPERS + ["fgsm"] + STEP_HELPERS + ["GRADALIGN_GAMMA", "gradalign_gamma",
+                                                                          "gradalign_penalty", "fast_at_ga_step"], "step"),
+    "Fast-BAT": (ATTACK_HELPERS[3:] + STEP_HELPERS[:2] + ["fast_bat_step_size", "box_bounds", "fast_bat_backward",
+                                                          "fast_bat_step"], "step"),
+    "AdvTrain+BLS": (INNER[:3] + ["pgd_bls"] + STEP_HELPERS + ["pgd_at_bls_step"], "step"),
+    "L2L naive": (L2L_DEFS, "l2l naive"),
+    "L2L grad": (L2L_DEFS, "l2l grad"),
+    "L2L 2-step": (L2L_DEFS, "l2l multi"),
+    "RNN-Adv": (RNN_DEFS + ["rnn_adv_step"], "rnn"),
+    "RNN-TRADES": (RNN_DEFS + ["trades_loss", "rnn_trades_step"], "rnn"),
+    "APGD-CE": (APGD + ["apgd_ce"], "attack"),
+    "APGD-T": (APGD + ["apgd_targeted"], "attack"),
+    "CW-l_inf": (["cw_linf"], "attack"),
+    "FAB-T": (FAB, "attack"),
+    "Square": (SQUARE, "attack"),
+    "AutoAttack (standard)": (APGD + ["apgd_ce", "apgd_targeted"] + FAB + SQUARE + ["AUTOATTACK_STANDARD", "autoattack"],
+                              "attack"),
+}
+
+
+def l2l_definitions() -> dict:
+    """Every top-level definition of l2l.py (function, class, constant) -> its source lines, decorators included."""
+    import ast
+    with open(os.path.join(HERE, "l2l.py")) as f:
+        text = f.read()
+    lines = text.split("\n")
+    found = {}
+    for node in ast.parse(text).body:
+        names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
+            [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+        first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+        for name in names:
+            found[name] = lines[first - 1:node.end_lineno]
+    return found
+
+
+def copy_out(names: list) -> dict:
+    """The namespace after executing the named definitions' source, and nothing else of l2l.py, in order."""
+    defs = l2l_definitions()
+    namespace = {"torch": torch, "nn": nn, "F": F, "math": math}
+    exec(compile("\n\n\n".join("\n".join(defs[n]) for n in names), "<copied from l2l.py>", "exec"), namespace)
+    return namespace
+
+
+def copy_table() -> list:
+    """README's rows: | algorithm | definitions | lines |."""
+    defs = l2l_definitions()
+    return [f"| {name} | {', '.join(f'`{n}`' for n in names)} | {sum(len(defs[n]) for n in names)} |"
+            for name, (names, _) in COPYABLE.items()]
+
+
+@pytest.mark.parametrize("algorithm", list(COPYABLE))
+def test_each_algorithm_copies_out_with_its_definitions(algorithm):
+    names, kind = COPYABLE[algorithm]
+    ns = copy_out(names)
+    assert not any(k in ns for k in ("l2l", "args", "dist", "DATASETS", "Run")), "only torch, nn, F and math"
+    torch.manual_seed(0)
+    x, y = synthetic_batch(16, seed=11)
+    eps = 0.1
+    model = tiny_cnn()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    if kind == "step":
+        entry = ns[names[-1]]
+        keywords = {"PGD-AT": lambda: dict(eps=eps, step_size=0.04, steps=3),
+                    "Fast-AT": lambda: dict(eps=eps, step_size=0.125),
+                    "TRADES": lambda: dict(eps=eps, step_size=0.04, steps=3, beta=6.0),
+                    "GradAlign (Fast-AT-GA)": lambda: dict(eps=eps, step_size=0.125, gamma=ns["gradalign_gamma"](eps)),
+                    "Fast-BAT": lambda: dict(eps=eps, step_size=ns["fast_bat_step_size"](eps), lam=10.0),
+                    "AdvTrain+BLS": lambda: dict(eps=eps, steps=2, init_step=eps, tries=3)}[algorithm]()
+        model.train()
+        loss, correct = entry(model, optimizer, x, y, **keywords)
+    elif kind.startswith("l2l"):
+        variant = kind.split()[1]
+        attacker = ns["SlimAttacker"](1 if variant == "naive" else 2, 1, eps, width=8).to(DEVICE)
+        attacker_before = [p.detach().clone() for p in attacker.parameters()]
+        attacker_optimizer = torch.optim.Adam(attacker.parameters(), lr=1e-3)
+        model.train()
+        loss, correct = ns["l2l_step"](model, optimizer, attacker, attacker_optimizer, x, y, eps=eps, variant=variant,
+                                       steps=2)
+        assert any(not torch.equal(a, b) for a, b in zip(attacker_before, attacker.parameters())), "phi learned"
+        with torch.no_grad():
+            x_adv = ns["l2l_perturb"](attacker.eval(), model.eval(), x, y, eps, variant, 2)
+        assert (x_adv - x).abs().max() <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    elif kind == "rnn":
+        rnn = ns["SignStepRNN"](8).to(DEVICE)
+        rnn_before = [p.detach().clone() for p in rnn.parameters()]
+        rnn_optimizer = torch.optim.Adam(rnn.parameters(), lr=1e-2)
+        extra = {"beta": 6.0} if algorithm == "RNN-TRADES" else {}
+        model.train()
+        loss, correct = ns[names[-1]](model, optimizer, rnn, rnn_optimizer, x, y, eps=eps, steps=3, scale=0.04, **extra)
+        assert any(not torch.equal(a, b) for a, b in zip(rnn_before, rnn.parameters())), "phi learned"
+    else:
+        trained, xt, yt = None, x, y
+        model.eval()
+        entry = {"APGD-CE": lambda: ns["apgd_ce"](model, x, y, eps, 10),
+                 "APGD-T": lambda: ns["apgd_targeted"](model, x, y, eps, 10, 2),
+                 "CW-l_inf": lambda: ns["cw_linf"](model, x, y, eps, max_iterations=5),
+                 "FAB-T": lambda: ns["fab_targeted"](model, x, y, eps, 5, 2),
+                 "Square": lambda: ns["square_linf"](model, x, y, eps, 20),
+                 "AutoAttack (standard)": lambda: ns["autoattack"](model, x, y, eps, batch_size=8, n_iter=5, n_targets=2,
+                                                                   fab_iter=5, fab_targets=2, n_queries=20)[0]}[algorithm]
+        x_adv = entry()
+        assert x_adv.shape == x.shape and (x_adv - x).abs().max() <= eps + 1e-6
+        assert x_adv.min() >= 0 and x_adv.max() <= 1
+        return
+    assert torch.isfinite(loss) and 0 <= int(correct) <= len(y)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters())), "theta learned"
+
+
+def test_readme_copy_table_matches_the_source():
+    with open(os.path.join(HERE, "README.md")) as f:
+        readme = f.read()
+    missing = [row for row in copy_table() if row not in readme]
+    assert not missing, "README's 'Copy an algorithm' table is out of date; its rows are:\n" + "\n".join(copy_table())
+
+
+def test_part_one_needs_no_harness():
+    """Part I (before the harness banner) names nothing that Part II defines, and no torch.distributed."""
+    import ast
+    with open(os.path.join(HERE, "l2l.py")) as f:
+        text = f.read()
+    cut = text.index("# PART II: THE HARNESS")
+    part1_end_line = text[:cut].count("\n")
+    tree = ast.parse(text)
+    part2_names = set()
+    part1_nodes = []
+    for node in tree.body:
+        names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
+            [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+        if node.lineno > part1_end_line:
+            part2_names.update(names)
+        elif names:
+            part1_nodes.append(node)
+    used = {n.id for node in part1_nodes for n in ast.walk(node) if isinstance(n, ast.Name)}
+    harness = part2_names | {"dist", "args", "Optional", "Dict", "Callable", "dataclass", "field", "sys", "os"}
+    assert not used & harness, f"Part I uses {sorted(used & harness)}"
