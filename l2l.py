@@ -1492,166 +1492,184 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"l2l.py: error: {message} (see python l2l.py --help)\n")
 
 
+# Every flag, once: its group in --help, where it counts ("t": a training setting, checked against last.pt by --resume
+# and stored in checkpoints; "e": taken from the command line by --eval-only, the rest coming from the checkpoint),
+# and its add_argument keywords. build_parser, TRAINING_KEYS and EVAL_KEYS are derived from this table. A default
+# of None means "per method and dataset" (METHOD_DEFAULTS, filled in by resolve_args) unless the help says otherwise.
+FLAG_GROUPS = {"run": "run", "data": "data", "opt": "optimisation (defaults: per method and dataset)",
+               "attack": "training-time attack (defaults: per method and dataset)", "bat": "Fast-BAT and GradAlign",
+               "rnn": "RNN learned optimiser (rnn-adv, rnn-trades) and BLS (pgd-at-bls)",
+               "l2l": "L2L learned attacker (l2l-naive, l2l-grad, l2l-2step)", "eval": "evaluation",
+               "speed": "speed and scale (none changes an algorithm; torchrun --nproc_per_node N for GPUs)"}
+FLAGS = (
+    ("run", "--method", "t", dict(default="pgd-at", help="one of: {methods}")),
+    ("run", "--dataset", "t", dict(default="cifar10", help="one of: {datasets}")),
+    ("run", "--model", "t", dict(default=None, help="one of: {models} (default: per method)")),
+    ("run", "--depth", "t", dict(type=int, default=34, help="WideResNet depth (6n+4)")),
+    ("run", "--width", "t", dict(type=int, default=10, help="WideResNet widen factor")),
+    ("run", "--data-dir", "e", dict(default="./data", help="where <dataset>.npz or torchvision's files live")),
+    ("run", "--out", "e", dict(default=None, help="output directory (default: runs/<method>_<dataset>)")),
+    ("run", "--overwrite", "e", dict(action="store_true", help="allow replacing an earlier run in --out")),
+    ("run", "--resume", "", dict(action="store_true", help="continue the run in --out from last.pt")),
+    ("run", "--eval-only", "", dict(default=None, metavar="CKPT", help="evaluate a checkpoint, no training")),
+    ("run", "--device", "e", dict(default="auto", choices=("auto", "cpu", "cuda"), help="where to train and "
+            "evaluate (auto: cuda when available)")),
+    ("run", "--seed", "te", dict(type=int, default=0, help="seed of the initialisation, the batch order, the "
+            "attacks' random starts and AutoAttack")),
+    ("run", "--quiet", "e", dict(action="store_true", help="no progress lines (they come at most every 10 s during "
+            "epochs and long evaluations)")),
+    ("run", "--report", "", dict(default=None, metavar="RUN", nargs="+", help="print a markdown table of these "
+            "runs' results.json (directories or files) and write each run's curves.svg; trains nothing")),
+    ("run", "--recipe", "", dict(default=None, help="the run.sh recipe this run reproduces (run.sh sets it)")),
+    ("run", "--paper", "", dict(default=None, metavar="NUMBERS", help="the paper's numbers for the report, e.g. "
+            "'clean': 86.06,'pgd': 46.06 (run.sh sets them)")),
+    ("run", "--init", "t", dict(default=None, metavar="CKPT", help="start from a checkpoint's classifier (and "
+            "learned attacker, if it has the same one)")),
+    ("data", "--train-size", "t", dict(type=int, default=None, help="use the first N training examples")),
+    ("data", "--val-size", "t", dict(type=int, default=1000, help="training examples held out (the last N) to "
+            "choose the best checkpoint")),
+    ("data", "--test-size", "e", dict(type=int, default=None, help="evaluate on the first N test examples")),
+    ("data", "--augment", "t", dict(default=None, choices=("none", "crop", "crop-flip", "crop-flip-rotate"), help="on-device "
+            "augmentation (default: per dataset); crop-flip-rotate adds a random rotation within +-15 degrees, as "
+            "Fast-BAT's CIFAR-100 loader")),
+    ("opt", "--epochs", "t", dict(type=int, default=None, help="training epochs (default: per method)")),
+    ("opt", "--batch-size", "t", dict(type=int, default=None, help="training batch, the global one under torchrun "
+            "(default: per method, 128)")),
+    ("opt", "--lr", "t", dict(type=float, default=None, help="peak learning rate")),
+    ("opt", "--momentum", "t", dict(type=float, default=None, help="SGD momentum (default: 0.9; the cyclic "
+            "schedule's value at lr 0)")),
+    ("opt", "--weight-decay", "t", dict(type=float, default=None, help="SGD weight decay (default: per method)")),
+    ("opt", "--lr-schedule", "t", dict(default=None, help="one of: {schedules} (default: per method)")),
+    ("opt", "--lr-milestones", "t", dict(default=None, help="multistep: epochs where lr is multiplied by 0.1")),
+    ("opt", "--lr-milestone-base", "t", dict(type=int, default=None, choices=(0, 1), help="how the milestones count "
+            "epochs, as the method's official script does: 1 = from 1, lr drops during epoch m (TRADES, L2L: 'if "
+            "epoch >= m'); 0 = from 0, lr drops after m full epochs (Rice et al., Fast-BAT's MultiStepLR)")),
+    ("opt", "--lr-peak-epoch", "t", dict(type=float, default=None, help="cyclic: epoch where lr peaks (default: "
+            "half-way, as fast_adversarial; Fast-BAT's train.py peaks at its --cyclic_milestone 10)")),
+    ("opt", "--cycle-momentum", "t", dict(action=argparse.BooleanOptionalAction, default=True, help="cyclic: cycle "
+            "SGD momentum inversely to lr, --momentum at lr 0 down to 0.8 at the peak (torch's CyclicLR defaults, "
+            "which fast_adversarial and Fast-BAT use)")),
+    ("attack", "--eps", "te", dict(type=parse_number, default=None, help="l_inf budget in [0,1] pixels, e.g. 8/255")),
+    ("attack", "--step-size", "t", dict(type=parse_number, default=None, help="attack step size, e.g. 2/255")),
+    ("attack", "--steps", "t", dict(type=int, default=None, help="attack iterations")),
+    ("attack", "--beta", "t", dict(type=float, default=None, help="TRADES robustness weight")),
+    ("attack", "--attack-bn", "t", dict(default=None, choices=("eval", "train"), help="BN mode while the training "
+            "attack runs (default: as the method's official code); dropout is off in every attack whatever the BN "
+            "mode")),
+    ("attack", "--attack-start", "t", dict(default=None, choices=("uniform", "normal"), help="first iterate of "
+            "pgd-at, pgd-at-bls, trades and the rnn-* optimiser: x + U(-eps, eps) projected (Madry et al.) or x + "
+            "0.001 N(0, I) unprojected (TRADES, L2L's adv_loss.py); default: normal for trades and rnn-trades, "
+            "uniform for the others")),
+    ("bat", "--bat-a", "t", dict(type=parse_number, default=None, help="Fast-BAT lower-level step a (default: "
+            "5000/255 for eps <= 8/255, else 2000/255)")),
+    ("bat", "--bat-lambda", "t", dict(type=float, default=10.0, help="Fast-BAT lambda of the implicit gradient")),
+    ("bat", "--bat-ig-ratio", "t", dict(type=float, default=1.0, help="alpha2 / alpha1 of eq. 14 (1 = one learning "
+            "rate, as the code)")),
+    ("bat", "--ga-gamma", "t", dict(type=float, default=None, help="GradAlign weight (default: by eps, GradAlign's "
+            "table)")),
+    ("rnn", "--rnn-design", "t", dict(default="sign-step", choices=("sign-step", "lstm"), help="sign-step: a GRU "
+            "that scales and corrects PGD's sign step per coordinate (starts as PGD); lstm: Andrychowicz et al.'s "
+            "LSTM emitting a bounded update (README compares them)")),
+    ("rnn", "--rnn-hidden", "t", dict(type=int, default=None, help="units per coordinate (default: sign-step 8, "
+            "lstm 20)")),
+    ("rnn", "--rnn-layers", "t", dict(type=int, default=2, help="LSTM layers (lstm design)")),
+    ("rnn", "--rnn-lr", "t", dict(type=float, default=None, help="Adam lr of the RNN, alpha2 (default: sign-step "
+            "1e-2, lstm 1e-3; README compares them)")),
+    ("rnn", "--rnn-max-step", "t", dict(type=parse_number, default=None, help="lstm design: bound of one update "
+            "(default: eps); sign-step uses --step-size as alpha")),
+    ("rnn", "--rnn-weights", "t", dict(default="uniform", choices=("uniform", "last", "linear"), help="weights of "
+            "the intermediate iterates in the RNN's loss")),
+    ("rnn", "--rnn-objective", "t", dict(default="loss", choices=("loss", "per-example"), help="phi ascends the "
+            "inner loss (loss) or every example's loss scaled by its gradient's mean magnitude, so that each "
+            "example counts equally (per-example)")),
+    ("rnn", "--rnn-no-preprocess", "t", dict(action="store_true", help="lstm design: feed raw gradients, not "
+            "log-magnitude/sign")),
+    ("rnn", "--freeze-classifier", "t", dict(action="store_true", help="rnn-* and l2l-*: train only the learned "
+            "optimiser or attacker against a fixed classifier (from --init); its BatchNorm statistics stay as they "
+            "are")),
+    ("rnn", "--rnn-eval-steps", "e", dict(type=int, default=None, help="steps of the 'rnn' eval attack (default: T)")),
+    ("rnn", "--rnn-progress", "e", dict(default="attack", choices=("attack", "training"), help="the optimiser's "
+            "step feature t/T counts T as the running attack's steps (attack: a longer evaluation stretches the "
+            "learned schedule) or the training --steps (training); the two differ only when --rnn-eval-steps "
+            "differs from --steps")),
+    ("rnn", "--bls-init-step", "t", dict(type=parse_number, default=None, help="first BLS trial step (default: eps)")),
+    ("rnn", "--bls-shrink", "t", dict(type=float, default=0.5, help="BLS step factor per trial")),
+    ("rnn", "--bls-c", "t", dict(type=float, default=0.0001, help="BLS sufficient-increase constant")),
+    ("rnn", "--bls-tries", "t", dict(type=int, default=8, help="BLS trial step sizes per inner step")),
+    ("l2l", "--l2l-attacker", "t", dict(default="slim", choices=("slim", "wide"), help="slim: the poster's "
+            "architecture; wide: the released scripts' WideAttacker")),
+    ("l2l", "--l2l-width", "t", dict(type=int, default=128, help="attacker channels (slim: W, 2W, W; wide: W/2 .. "
+            "2W); 128 is the paper's")),
+    ("l2l", "--l2l-steps", "t", dict(type=int, default=2, help="l2l-2step: attacker applications K")),
+    ("l2l", "--l2l-step-size", "t", dict(type=parse_number, default=None, help="l2l-2step: scale each step by "
+            "STEP/eps (adv_loss.py's k-step variant, 0.007); default: unscaled steps (the poster's 2-step L2L)")),
+    ("l2l", "--attacker-steps", "t", dict(type=int, default=1, help="attacker updates per classifier update")),
+    ("l2l", "--attacker-lr", "t", dict(type=float, default=0.001, help="Adam learning rate of the attacker")),
+    ("l2l", "--attacker-wd", "t", dict(type=float, default=0.0002, help="Adam weight decay of the attacker")),
+    ("eval", "--eval-attacks", "e", dict(default="fgsm,pgd,cw,aa", help="comma list from: {attacks}; aa = "
+            "AutoAttack's standard version (apgd-ce, apgd-t, fab-t, square on the examples still robust), the "
+            "yardstick for robust accuracy")),
+    ("eval", "--eval-steps", "e", dict(type=int, default=None, help="PGD/CW steps (default: 20, MNIST 40)")),
+    ("eval", "--eval-step-size", "e", dict(type=parse_number, default=None, help="PGD/CW step (default: eps/4, "
+            "MNIST 0.01)")),
+    ("eval", "--eval-restarts", "e", dict(type=int, default=1, help="random restarts of PGD/CW")),
+    ("eval", "--eval-batch-size", "e", dict(type=int, default=500, help="batch of the validation and test attacks, "
+            "and of AutoAttack's chunks")),
+    ("eval", "--transfer-from", "e", dict(default=None, metavar="CKPT", help="source checkpoint of the 'transfer' "
+            "evaluation attack")),
+    ("eval", "--apgd-steps", "e", dict(type=int, default=100, help="iterations of apgd-ce and apgd-t (AutoAttack: "
+            "100)")),
+    ("eval", "--apgd-targets", "e", dict(type=int, default=9, help="target classes of apgd-t (AutoAttack: 9)")),
+    ("eval", "--fab-steps", "e", dict(type=int, default=100, help="iterations of fab-t per target (AutoAttack: 100)")),
+    ("eval", "--fab-targets", "e", dict(type=int, default=9, help="target classes of fab-t (AutoAttack: 9)")),
+    ("eval", "--square-queries", "e", dict(type=int, default=5000, help="queries of square (AutoAttack: 5000)")),
+    ("eval", "--eval-checks", "e", dict(action="store_true", help="run the gradient-masking sanity checks on the "
+            "evaluated checkpoint")),
+    ("eval", "--val-steps", "t", dict(type=int, default=10, help="PGD steps of the per-epoch validation attack")),
+    ("eval", "--val-step-size", "t", dict(type=parse_number, default=None, help="its step (default: 2.5 eps / "
+            "--val-steps, Madry et al.'s rule)")),
+    ("eval", "--val-restarts", "t", dict(type=int, default=1, help="its random restarts (Fast-BAT selects on "
+            "PGD-50-10, step eps/4)")),
+    ("speed", "--precision", "", dict(default="fp32", choices=("fp32", "bf16"), help="training and its attacks "
+            "under bf16 autocast (meant for CUDA; no loss scaling)")),
+    ("speed", "--eval-precision", "e", dict(default="fp32", choices=("fp32", "bf16"), help="validation and test "
+            "attacks (fp32 unless asked)")),
+    ("speed", "--channels-last", "e", dict(action="store_true", help="NHWC memory format for the networks and "
+            "batches")),
+    ("speed", "--compile", "e", dict(action="store_true", help="torch.compile the networks, static shapes "
+            "(fast-bat, fast-at-ga stay eager)")),
+    ("speed", "--sync-bn", "", dict(action="store_true", help="under torchrun: BatchNorm statistics over all ranks")),
+    ("speed", "--benchmark", "", dict(action="store_true", help="time --bench-steps training steps on synthetic "
+            "data and print img/s, s/epoch, memory, TFLOP/s; trains nothing, writes nothing")),
+    ("speed", "--bench-steps", "", dict(type=int, default=20, help="timed steps of --benchmark")),
+    ("speed", "--bench-warmup", "", dict(type=int, default=5, help="untimed steps first (compilation and cudnn "
+            "autotuning happen here; keep >= 2 with --compile)")),
+    ("speed", "--peak-tflops", "", dict(type=float, default=None, help="the device's dense bf16 peak for "
+            "--benchmark's fraction (None: looked up for known GPUs)")),
+)
+TRAINING_KEYS = tuple(flag[2:].replace("-", "_") for _, flag, where, _ in FLAGS if "t" in where)
+EVAL_KEYS = tuple(flag[2:].replace("-", "_") for _, flag, where, _ in FLAGS if "e" in where)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """--help shows each default once: appended to the help unless the help already states it, or there is none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description="Adversarial training with hand-designed and learned attackers.", allow_abbrev=False,
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    run = p.add_argument_group("run")
-    run.add_argument("--method", default="pgd-at", help=f"one of: {', '.join(METHODS)}")
-    run.add_argument("--dataset", default="cifar10", help=f"one of: {', '.join(DATASETS)}")
-    run.add_argument("--model", default=None, help=f"one of: {', '.join(MODELS)} (default: per method)")
-    run.add_argument("--depth", type=int, default=34, help="WideResNet depth (6n+4)")
-    run.add_argument("--width", type=int, default=10, help="WideResNet widen factor")
-    run.add_argument("--data-dir", default="./data", help="where <dataset>.npz or torchvision's files live")
-    run.add_argument("--out", default=None, help="output directory (default: runs/<method>_<dataset>)")
-    run.add_argument("--overwrite", action="store_true", help="allow replacing an earlier run in --out")
-    run.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
-    run.add_argument("--eval-only", default=None, metavar="CKPT", help="evaluate a checkpoint, no training")
-    run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--quiet", action="store_true",
-                     help="no progress lines (they come at most every 10 s during epochs and long evaluations)")
-    run.add_argument("--report", nargs="+", default=None, metavar="RUN",
-                     help="print a markdown table of these runs' results.json (directories or files) and write each "
-                          "run's curves.svg; trains nothing")
-    run.add_argument("--recipe", default=None, help="the run.sh recipe this run reproduces (run.sh sets it)")
-    run.add_argument("--paper", default=None, metavar="NUMBERS",
-                     help="the paper's numbers for the report, e.g. clean=86.06,pgd=46.06 (run.sh sets them)")
-
-    data = p.add_argument_group("data")
-    data.add_argument("--train-size", type=int, default=None, help="use the first N training examples")
-    data.add_argument("--val-size", type=int, default=1000,
-                      help="training examples held out (the last N) to choose the best checkpoint")
-    data.add_argument("--test-size", type=int, default=None, help="evaluate on the first N test examples")
-    data.add_argument("--augment", default=None, choices=("none", "crop", "crop-flip", "crop-flip-rotate"),
-                      help="on-device augmentation (default: per dataset); crop-flip-rotate adds a random rotation "
-                           "within +-15 degrees, as Fast-BAT's CIFAR-100 loader")
-
-    opt = p.add_argument_group("optimisation (defaults: per method and dataset)")
-    opt.add_argument("--epochs", type=int, default=None)
-    opt.add_argument("--batch-size", type=int, default=None)
-    opt.add_argument("--lr", type=float, default=None, help="peak learning rate")
-    opt.add_argument("--momentum", type=float, default=None)
-    opt.add_argument("--weight-decay", type=float, default=None)
-    opt.add_argument("--lr-schedule", default=None, help=f"one of: {', '.join(LR_SCHEDULES)}")
-    opt.add_argument("--lr-milestones", default=None, help="multistep: epochs where lr is multiplied by 0.1")
-    opt.add_argument("--lr-milestone-base", type=int, default=None, choices=(0, 1),
-                     help="how the milestones count epochs, as the method's official script does: 1 = from 1, lr "
-                          "drops during epoch m (TRADES, L2L: 'if epoch >= m'); 0 = from 0, lr drops after m full "
-                          "epochs (Rice et al., Fast-BAT's MultiStepLR)")
-    opt.add_argument("--lr-peak-epoch", type=float, default=None,
-                     help="cyclic: epoch where lr peaks (default: half-way, as fast_adversarial; Fast-BAT's train.py "
-                          "peaks at its --cyclic_milestone 10)")
-    opt.add_argument("--cycle-momentum", action=argparse.BooleanOptionalAction, default=True,
-                     help="cyclic: cycle SGD momentum inversely to lr, --momentum at lr 0 down to 0.8 at the peak "
-                          "(torch's CyclicLR defaults, which fast_adversarial and Fast-BAT use)")
-
-    atk = p.add_argument_group("training-time attack (defaults: per method and dataset)")
-    atk.add_argument("--eps", type=parse_number, default=None, help="l_inf budget in [0,1] pixels, e.g. 8/255")
-    atk.add_argument("--step-size", type=parse_number, default=None, help="attack step size, e.g. 2/255")
-    atk.add_argument("--steps", type=int, default=None, help="attack iterations")
-    atk.add_argument("--beta", type=float, default=None, help="TRADES robustness weight")
-    atk.add_argument("--attack-bn", default=None, choices=("eval", "train"),
-                     help="BN mode while the training attack runs (default: as the method's official code); "
-                          "dropout is off in every attack whatever the BN mode")
-    atk.add_argument("--attack-start", default=None, choices=("uniform", "normal"),
-                     help="first iterate of pgd-at, pgd-at-bls, trades and the rnn-* optimiser: x + U(-eps, eps) "
-                          "projected (Madry et al.) or x + 0.001 N(0, I) unprojected (TRADES, L2L's adv_loss.py); "
-                          "default: normal for trades and rnn-trades, uniform for the others")
-
-    bat = p.add_argument_group("Fast-BAT and GradAlign")
-    bat.add_argument("--bat-a", type=parse_number, default=None,
-                     help="Fast-BAT lower-level step a (default: 5000/255 for eps <= 8/255, else 2000/255)")
-    bat.add_argument("--bat-lambda", type=float, default=10.0, help="Fast-BAT lambda of the implicit gradient")
-    bat.add_argument("--bat-ig-ratio", type=float, default=1.0,
-                     help="alpha2 / alpha1 of eq. 14 (1 = one learning rate, as the code)")
-    bat.add_argument("--ga-gamma", type=float, default=None, help="GradAlign weight (default: by eps, GradAlign's table)")
-
-    rnn = p.add_argument_group("RNN learned optimiser (rnn-adv, rnn-trades) and BLS (pgd-at-bls)")
-    rnn.add_argument("--rnn-design", default="sign-step", choices=("sign-step", "lstm"),
-                     help="sign-step: a GRU that scales and corrects PGD's sign step per coordinate (starts as "
-                          "PGD); lstm: Andrychowicz et al.'s LSTM emitting a bounded update (README compares them)")
-    rnn.add_argument("--rnn-hidden", type=int, default=None, help="units per coordinate (default: sign-step 8, lstm 20)")
-    rnn.add_argument("--rnn-layers", type=int, default=2, help="LSTM layers (lstm design)")
-    rnn.add_argument("--rnn-lr", type=float, default=None,
-                     help="Adam lr of the RNN, alpha2 (default: sign-step 1e-2, lstm 1e-3; README compares them)")
-    rnn.add_argument("--rnn-max-step", type=parse_number, default=None,
-                     help="lstm design: bound of one update (default: eps); sign-step uses --step-size as alpha")
-    rnn.add_argument("--rnn-weights", default="uniform", choices=("uniform", "last", "linear"),
-                     help="weights of the intermediate iterates in the RNN's loss")
-    rnn.add_argument("--rnn-objective", default="loss", choices=("loss", "per-example"),
-                     help="phi ascends the inner loss (loss) or every example's loss scaled by its gradient's mean "
-                          "magnitude, so that each example counts equally (per-example)")
-    rnn.add_argument("--rnn-no-preprocess", action="store_true",
-                     help="lstm design: feed raw gradients, not log-magnitude/sign")
-    rnn.add_argument("--freeze-classifier", action="store_true",
-                     help="rnn-* and l2l-*: train only the learned optimiser or attacker against a fixed classifier "
-                          "(from --init); its BatchNorm statistics stay as they are")
-    rnn.add_argument("--rnn-eval-steps", type=int, default=None, help="steps of the 'rnn' eval attack (default: T)")
-    rnn.add_argument("--rnn-progress", default="attack", choices=("attack", "training"),
-                     help="the optimiser's step feature t/T counts T as the running attack's steps (attack: a longer "
-                          "evaluation stretches the learned schedule) or the training --steps (training); the two "
-                          "differ only when --rnn-eval-steps differs from --steps")
-    rnn.add_argument("--bls-init-step", type=parse_number, default=None, help="first BLS trial step (default: eps)")
-    rnn.add_argument("--bls-shrink", type=float, default=0.5, help="BLS step factor per trial")
-    rnn.add_argument("--bls-c", type=float, default=1e-4, help="BLS sufficient-increase constant")
-    rnn.add_argument("--bls-tries", type=int, default=8, help="BLS trial step sizes per inner step")
-    run.add_argument("--init", default=None, metavar="CKPT",
-                     help="start from a checkpoint's classifier (and learned attacker, if it has the same one)")
-    ev_transfer_help = "source checkpoint of the 'transfer' evaluation attack"
-
-    l2l = p.add_argument_group("L2L learned attacker (l2l-naive, l2l-grad, l2l-2step)")
-    l2l.add_argument("--l2l-attacker", default="slim", choices=("slim", "wide"),
-                     help="slim: the poster's architecture; wide: the released scripts' WideAttacker")
-    l2l.add_argument("--l2l-width", type=int, default=128,
-                     help="attacker channels (slim: W, 2W, W; wide: W/2 .. 2W); 128 is the paper's")
-    l2l.add_argument("--l2l-steps", type=int, default=2, help="l2l-2step: attacker applications K")
-    l2l.add_argument("--l2l-step-size", type=parse_number, default=None,
-                     help="l2l-2step: scale each step by STEP/eps (adv_loss.py's k-step variant, 0.007); "
-                          "default: unscaled steps (the poster's 2-step L2L)")
-    l2l.add_argument("--attacker-steps", type=int, default=1, help="attacker updates per classifier update")
-    l2l.add_argument("--attacker-lr", type=float, default=1e-3, help="Adam learning rate of the attacker")
-    l2l.add_argument("--attacker-wd", type=float, default=2e-4, help="Adam weight decay of the attacker")
-
-    ev = p.add_argument_group("evaluation")
-    ev.add_argument("--eval-attacks", default="fgsm,pgd,cw,aa",
-                    help=f"comma list from: {', '.join(EVAL_ATTACKS)}; aa = AutoAttack's standard version (apgd-ce, "
-                         f"apgd-t, fab-t, square on the examples still robust), the yardstick for robust accuracy")
-    ev.add_argument("--eval-steps", type=int, default=None, help="PGD/CW steps (default: 20, MNIST 40)")
-    ev.add_argument("--eval-step-size", type=parse_number, default=None,
-                    help="PGD/CW step (default: eps/4, MNIST 0.01)")
-    ev.add_argument("--eval-restarts", type=int, default=1, help="random restarts of PGD/CW")
-    ev.add_argument("--eval-batch-size", type=int, default=500)
-    ev.add_argument("--transfer-from", default=None, metavar="CKPT", help=ev_transfer_help)
-    ev.add_argument("--apgd-steps", type=int, default=100, help="iterations of apgd-ce and apgd-t (AutoAttack: 100)")
-    ev.add_argument("--apgd-targets", type=int, default=9, help="target classes of apgd-t (AutoAttack: 9)")
-    ev.add_argument("--fab-steps", type=int, default=100, help="iterations of fab-t per target (AutoAttack: 100)")
-    ev.add_argument("--fab-targets", type=int, default=9, help="target classes of fab-t (AutoAttack: 9)")
-    ev.add_argument("--square-queries", type=int, default=5000, help="queries of square (AutoAttack: 5000)")
-    ev.add_argument("--eval-checks", action="store_true",
-                    help="run the gradient-masking sanity checks on the evaluated checkpoint")
-    ev.add_argument("--val-steps", type=int, default=10, help="PGD steps of the per-epoch validation attack")
-    ev.add_argument("--val-step-size", type=parse_number, default=None,
-                    help="its step (default: 2.5 eps / --val-steps, Madry et al.'s rule)")
-    ev.add_argument("--val-restarts", type=int, default=1,
-                    help="its random restarts (Fast-BAT selects on PGD-50-10, step eps/4)")
-
-    fast = p.add_argument_group("speed and scale (none changes an algorithm; torchrun --nproc_per_node N for GPUs)")
-    fast.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
-                      help="training and its attacks under bf16 autocast (meant for CUDA; no loss scaling)")
-    fast.add_argument("--eval-precision", default="fp32", choices=("fp32", "bf16"),
-                      help="validation and test attacks (fp32 unless asked)")
-    fast.add_argument("--channels-last", action="store_true", help="NHWC memory format for the networks and batches")
-    fast.add_argument("--compile", action="store_true",
-                      help="torch.compile the networks, static shapes (fast-bat, fast-at-ga stay eager)")
-    fast.add_argument("--sync-bn", action="store_true", help="under torchrun: BatchNorm statistics over all ranks")
-    fast.add_argument("--benchmark", action="store_true",
-                      help="time --bench-steps training steps on synthetic data and print img/s, s/epoch, memory, "
-                           "TFLOP/s; trains nothing, writes nothing")
-    fast.add_argument("--bench-steps", type=int, default=20, help="timed steps of --benchmark")
-    fast.add_argument("--bench-warmup", type=int, default=5,
-                      help="untimed steps first (compilation and cudnn autotuning happen here; keep >= 2 with --compile)")
-    fast.add_argument("--peak-tflops", type=float, default=None,
-                      help="the device's dense bf16 peak for --benchmark's fraction (None: looked up for known GPUs)")
+                      formatter_class=HelpFormatter)
+    groups = {key: p.add_argument_group(title) for key, title in FLAG_GROUPS.items()}
+    names = dict(methods=", ".join(METHODS), datasets=", ".join(DATASETS), models=", ".join(MODELS),
+                 schedules=", ".join(LR_SCHEDULES), attacks=", ".join(EVAL_ATTACKS))
+    for group, flag, _, keywords in FLAGS:
+        keywords = dict(keywords, help=keywords["help"].format(**names))
+        groups[group].add_argument(flag, **keywords)
     return p
 
 
@@ -3003,15 +3021,6 @@ def catastrophic_overfitting(history: list) -> Optional[str]:
 
 
 # Flags that define a training run: --resume refuses a checkpoint whose values differ.
-TRAINING_KEYS = ("method", "dataset", "model", "depth", "width", "train_size", "val_size", "augment", "epochs",
-                 "batch_size", "lr", "momentum", "weight_decay", "lr_schedule", "lr_milestones", "lr_milestone_base",
-                 "lr_peak_epoch", "cycle_momentum", "eps", "step_size", "steps", "beta", "attack_bn", "attack_start",
-                 "seed", "val_steps", "val_step_size", "val_restarts", "bat_a", "bat_lambda", "bat_ig_ratio",
-                 "ga_gamma", "rnn_design", "rnn_hidden", "rnn_layers", "rnn_lr", "rnn_max_step", "rnn_weights", "rnn_objective",
-                 "rnn_no_preprocess", "freeze_classifier",
-                 "bls_init_step", "bls_shrink", "bls_c", "bls_tries", "init", "l2l_attacker", "l2l_width", "l2l_steps",
-                 "l2l_step_size", "attacker_steps", "attacker_lr", "attacker_wd")
-
 
 def atomic_save(obj, path: str) -> None:
     """torch.save through atomic_write; a failed write (a full disk: torch.save raises RuntimeError, not OSError)
@@ -3682,12 +3691,6 @@ def report(paths: list) -> str:
 # ================================================================================================
 # Main
 # ================================================================================================
-
-# Flags an --eval-only run takes from the command line; everything else comes from the checkpoint.
-EVAL_KEYS = ("eps", "eval_attacks", "eval_steps", "eval_step_size", "eval_restarts", "eval_batch_size",
-             "test_size", "data_dir", "device", "seed", "out", "overwrite", "transfer_from", "rnn_eval_steps",
-             "rnn_progress", "apgd_steps", "apgd_targets", "fab_steps", "fab_targets", "square_queries", "eval_checks",
-             "eval_precision", "channels_last", "compile", "quiet")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -2758,3 +2758,18 @@ def test_part_one_needs_no_harness():
     used = {n.id for node in part1_nodes for n in ast.walk(node) if isinstance(n, ast.Name)}
     harness = part2_names | {"dist", "args", "Optional", "Dict", "Callable", "dataclass", "field", "sys", "os"}
     assert not used & harness, f"Part I uses {sorted(used & harness)}"
+
+
+def test_help_describes_every_flag_and_shows_each_default_once():
+    parser = l2l.build_parser()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        text = formatter._get_help_string(action)
+        assert action.help and len(action.help) > 10, f"{action.option_strings[0]} is not described"
+        assert text.replace("%(default)s", "").count("default") <= 1, f"{action.option_strings[0]}: {text}"
+    flags = [flag for _, flag, _, _ in l2l.FLAGS]
+    assert len(flags) == len(set(flags)) == len(parser._actions) - 1  # every flag stated once, in the one table
+    assert set(l2l.TRAINING_KEYS) <= {a.dest for a in parser._actions} >= set(l2l.EVAL_KEYS)
+    assert "seed" in l2l.TRAINING_KEYS and "seed" in l2l.EVAL_KEYS and "eval_attacks" not in l2l.TRAINING_KEYS
