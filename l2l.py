@@ -18,7 +18,7 @@ Run (defaults follow each method's paper; every default is a flag):
   python l2l.py --method trades --dataset mnist --data-dir ./data --epochs 2 --train-size 10000
   python l2l.py --eval-only runs/pgd-at_cifar10/best.pt --eval-attacks fgsm,pgd,cw --eval-restarts 10
   python l2l.py --benchmark --method fast-bat --dataset cifar10 --precision bf16 --channels-last
-  torchrun --nproc_per_node 8 l2l.py --method trades --dataset cifar10 --precision bf16   # data parallel
+  python l2l.py --nproc-per-node 8 --method trades --dataset cifar10 --precision bf16   # data parallel
   python l2l.py --help
 
 Paper index: each algorithm or equation, every function on its path (a training step calls the attack named
@@ -1638,6 +1638,9 @@ FLAGS = (
             "batches")),
     ("speed", "--compile", "e", dict(action="store_true", help="torch.compile the networks, static shapes "
             "(fast-bat, fast-at-ga stay eager)")),
+    ("speed", "--nproc-per-node", "", dict(type=int, default=1, metavar="N", help="train data-parallel in N "
+            "processes on this machine (as torchrun --nproc_per_node N, which this starts once every flag has been "
+            "checked; a failure ends with one error line)")),
     ("speed", "--sync-bn", "", dict(action="store_true", help="under torchrun: BatchNorm statistics over all ranks")),
     ("speed", "--benchmark", "", dict(action="store_true", help="time --bench-steps training steps on synthetic "
             "data and print img/s, s/epoch, memory, TFLOP/s; trains nothing, writes nothing")),
@@ -1675,6 +1678,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Check every flag and fill the per-method, per-dataset defaults. Raises UsageError."""
+    if args.nproc_per_node < 1:
+        raise UsageError(f"--nproc-per-node {args.nproc_per_node} must be at least 1")
     if args.method not in METHODS:
         raise UsageError(f"unknown --method '{args.method}'; choose one of: {', '.join(METHODS)}")
     if not 0 <= args.seed < 2 ** 32:
@@ -2339,6 +2344,26 @@ def method_step(run: Run, x, y):
     method = METHODS[run.args.method]
     step = method.frozen_step if run.args.freeze_classifier else method.step
     return step(run.model, run.optimizer, *[run.extras[k] for k in method.networks], x, y, **method.keywords(run.args))
+
+# Flags that only some methods read (the prefix of the flag's name -> those methods); results.json records a flag
+# only for a method that reads it (checkpoints keep every flag, for --resume and --eval-only).
+METHOD_FLAGS = {"bat_": ("fast-bat",), "ga_gamma": ("fast-at-ga",), "bls_": ("pgd-at-bls",),
+                "rnn_": ("rnn-adv", "rnn-trades"), "freeze_classifier": ("rnn-adv", "rnn-trades", *L2L_VARIANTS),
+                "l2l_": tuple(L2L_VARIANTS), "attacker_": tuple(L2L_VARIANTS), "beta": ("trades", "rnn-trades"),
+                "steps": tuple(m for m in METHODS if m != "plain" and m not in L2L_VARIANTS),
+                "step_size": tuple(m for m in METHODS if m not in ("plain", "fast-bat", "pgd-at-bls", *L2L_VARIANTS)),
+                "attack_bn": tuple(m for m in METHODS if m != "plain" and m not in L2L_VARIANTS),
+                "attack_start": ("pgd-at", "pgd-at-bls", "trades", "rnn-adv", "rnn-trades")}
+
+
+def used_flags(args) -> dict:
+    """The run's flags without those its method does not read (METHOD_FLAGS), for results.json."""
+    def used(key):
+        owners = [methods for prefix, methods in METHOD_FLAGS.items()
+                  if key == prefix or (prefix.endswith("_") and key.startswith(prefix))]
+        return not owners or args.method in owners[0]
+    return {k: v for k, v in vars(args).items() if used(k)}
+
 
 
 # ================================================================================================
@@ -3322,7 +3347,7 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
         say(f"  all {world} processes hold identical weights")
 
     attacks = args.eval_attacks.split(",")
-    results = {"method": args.method, "dataset": args.dataset, "model": args.model, "args": vars(args),
+    results = {"method": args.method, "dataset": args.dataset, "model": args.model, "args": used_flags(args),
                "device": device_name(device) + (f" x {world}" if world > 1 else ""),
                "checkpoint": "best.pt", "best_epoch": best["epoch"], "history": history}
     restore(run, read_checkpoint(best_path, "checkpoint"))
@@ -3386,7 +3411,7 @@ def evaluate_checkpoint(args) -> dict:
               f"eps {fmt_eps(args.eps)}, attacks {args.eval_attacks}", flush=True)
     if args.compile:
         compile_networks(run)
-    results = {"method": args.method, "dataset": args.dataset, "model": args.model, "args": vars(args),
+    results = {"method": args.method, "dataset": args.dataset, "model": args.model, "args": used_flags(args),
                "device": device_name(device), "checkpoint": os.path.abspath(args.eval_only), "epoch": ckpt["epoch"]}
     extras = evaluation_extras(args, run, device)
     gallery = {}
@@ -3747,13 +3772,97 @@ def interrupted_state(args, before) -> str:
     return "before the first epoch finished; nothing of this run was saved, rerun the command to start again"
 
 
+def launch_processes(args, argv) -> int:
+    """--nproc-per-node N: start N processes of this command through torchrun's launcher (standalone rendezvous on
+    this machine), after this process has checked every flag, so that a bad flag stops here with one line. A
+    process that stops on a UsageError leaves its message in L2L_ERROR_FILE; it is printed last, in place of
+    torchrun's ChildFailedError traceback, and the exit status is 2."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run as torchrun
+    n = args.nproc_per_node
+    if args.batch_size % n:
+        raise UsageError(f"--batch-size {args.batch_size} does not split over {n} processes; use a multiple of {n}")
+    if args.report:
+        raise UsageError("--report reads results and starts no processes; drop --nproc-per-node")
+    if pick_device(args.device).type == "cuda" and n > torch.cuda.device_count():
+        raise UsageError(f"--nproc-per-node {n} but this machine has {torch.cuda.device_count()} GPUs; lower it")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    handle, error_file = tempfile.mkstemp(prefix="l2l-error-", suffix=".txt")
+    os.close(handle)
+    os.environ["L2L_ERROR_FILE"] = error_file
+    launcher = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(n), os.path.abspath(__file__),
+                                             *argv])
+    try:
+        torchrun(launcher)
+        return 0
+    except ChildFailedError as e:
+        failure = e.get_first_failure()[1]
+        with open(error_file) as f:
+            message = f.read().strip()
+        print(f"l2l.py: error: {message}" if message else f"l2l.py: error: a process failed (exit status "
+              f"{failure.exitcode}); its output is above", file=sys.stderr)
+        return 2 if message else (failure.exitcode if isinstance(failure.exitcode, int) and failure.exitcode > 0 else 1)
+    finally:
+        os.environ.pop("L2L_ERROR_FILE", None)
+        try:
+            os.unlink(error_file)
+        except OSError:
+            pass
+
+
+class GuardedStdout:
+    """sys.stdout for main(): when a write fails for want of space or a broken device (a full disk, /dev/full),
+    say so once on stderr, send the rest to /dev/null and let the run go on (its results and checkpoints are
+    files of their own). A closed pipe (| head) still raises BrokenPipeError, which main() ends quietly."""
+
+    def __init__(self, stream):
+        self.stream, self.failure, self.note = stream, None, True
+
+    def _guard(self, call, *args):
+        if self.failure is not None:
+            return None
+        try:
+            return call(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            self.failure = e
+            if self.note:
+                print(f"note: cannot write to stdout ({e.strerror or e}); the run goes on, its output lines are lost",
+                      file=sys.stderr)
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())  # what is still buffered goes too
+            except (OSError, ValueError):
+                pass
+            return None
+
+    def write(self, text):
+        self._guard(self.stream.write, text)
+        return len(text)
+
+    def flush(self):
+        self._guard(self.stream.flush)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def main(argv=None) -> int:
     rank = int(os.environ.get("RANK", "0"))  # under torchrun, only rank 0 speaks
     args = before = None
+    stdout = sys.stdout
+    sys.stdout = guarded = GuardedStdout(stdout)
     try:
         args = parse_args(argv)
+        if args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
+            return launch_processes(args, argv)
         if args.report:
+            guarded.note = False  # the table is the whole output: its loss is an error, below
             report(args.report)
+            sys.stdout.flush()
+            if guarded.failure is not None:
+                raise UsageError(f"the report table could not be written to stdout ({guarded.failure.strerror}); "
+                                 f"free some space or redirect it elsewhere")
         elif args.benchmark:
             benchmark(args)
         elif args.eval_only:
@@ -3765,6 +3874,12 @@ def main(argv=None) -> int:
     except UsageError as e:
         if rank == 0:
             print(f"l2l.py: error: {e}", file=sys.stderr)
+            if os.environ.get("L2L_ERROR_FILE"):  # started by --nproc-per-node: the launcher prints it last
+                try:
+                    with open(os.environ["L2L_ERROR_FILE"], "w") as f:
+                        f.write(str(e))
+                except OSError:
+                    pass
         return 2
     except TrainingDiverged as e:
         if rank == 0:
@@ -3781,6 +3896,11 @@ def main(argv=None) -> int:
             pass
         return 0
     finally:
+        try:
+            sys.stdout.flush()
+        except OSError:
+            pass
+        sys.stdout = stdout
         release_out_locks()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -2773,3 +2773,54 @@ def test_help_describes_every_flag_and_shows_each_default_once():
     assert len(flags) == len(set(flags)) == len(parser._actions) - 1  # every flag stated once, in the one table
     assert set(l2l.TRAINING_KEYS) <= {a.dest for a in parser._actions} >= set(l2l.EVAL_KEYS)
     assert "seed" in l2l.TRAINING_KEYS and "seed" in l2l.EVAL_KEYS and "eval_attacks" not in l2l.TRAINING_KEYS
+
+
+@cpu_only
+def test_nproc_per_node_checks_flags_first_and_ends_with_one_error_line(tmp_path, mnist_dir):
+    """--nproc-per-node N: a bad flag stops before any process starts; an error inside the processes (here a missing
+    dataset, seen only when they load data) is the last line printed, exit 2, no torchrun traceback."""
+    r = cli("--nproc-per-node", "2", "--batch-size", "33", "--dataset", "mnist")
+    assert r.returncode == 2 and r.stderr.strip() == ("l2l.py: error: --batch-size 33 does not split over 2 processes; "
+                                                      "use a multiple of 2") and "Traceback" not in r.stderr
+    r = cli("--nproc-per-node", "2", "--method", "pgd-at", "--dataset", "mnist", "--data-dir", str(tmp_path / "none"),
+            "--epochs", "1", "--out", str(tmp_path / "run"), "--quiet", "--device", "cpu")
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and last.startswith("l2l.py: error: dataset 'mnist' is not in --data-dir"), r.stderr
+    assert "Traceback" not in r.stderr and "ChildFailedError" not in r.stderr
+    r = cli("--nproc-per-node", "2", "--method", "pgd-at", "--dataset", "mnist", "--data-dir", mnist_dir, *TINY,
+            "--steps", "1", "--eval-attacks", "fgsm", "--out", str(tmp_path / "ok"), "--quiet", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    res = json.load(open(tmp_path / "ok" / "results.json"))
+    assert res["protocol"]["processes"] == 2
+
+
+def test_results_record_only_the_flags_the_method_reads(tmp_path, mnist_dir):
+    r = cli("--method", "fast-at", "--dataset", "mnist", "--data-dir", mnist_dir, *TINY, "--eval-attacks", "fgsm",
+            "--out", str(tmp_path / "run"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    recorded = json.load(open(tmp_path / "run" / "results.json"))["args"]
+    assert recorded["method"] == "fast-at" and recorded["eps"] == 0.3 and "step_size" in recorded
+    unused = [k for k in recorded if k.startswith(("bat_", "rnn_", "bls_", "l2l_", "attacker_"))
+              or k in ("beta", "ga_gamma", "freeze_classifier", "attack_start")]
+    assert not unused, unused
+    assert "bat_lambda" in l2l.used_flags(l2l.parse_args(["--method", "fast-bat"]))
+    assert "rnn_design" in l2l.read_checkpoint(str(tmp_path / "run" / "last.pt"), "x")["args"]  # resume needs all
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_stdout_on_a_full_device(tmp_path, mnist_dir):
+    """Training goes on with a note when stdout cannot be written; --report, whose table is its output, stops with
+    one error line and exit 2."""
+    def run_to_full(*argv):
+        with open("/dev/full", "w") as full:
+            return subprocess.run([sys.executable, os.path.join(HERE, "l2l.py"), *argv], stdout=full,
+                                  stderr=subprocess.PIPE, text=True, timeout=600)
+    r = run_to_full("--method", "pgd-at", "--dataset", "mnist", "--data-dir", mnist_dir, *TINY, "--eval-attacks",
+                    "fgsm", "--out", str(tmp_path / "run"))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "note: cannot write to stdout (No space left on device)" in r.stderr
+    assert os.path.exists(tmp_path / "run" / "results.json") and os.path.exists(tmp_path / "run" / "best.pt")
+    r = run_to_full("--report", str(tmp_path / "run"))
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(
+        "l2l.py: error: the report table could not be written to stdout"), r.stderr
+    assert "Traceback" not in r.stderr
