@@ -103,7 +103,8 @@ import torch.nn.functional as F
 
 
 class Normalize(nn.Module):
-    """(x - mean) / std per channel, as a layer, so that attacks and eps live in pixel space."""
+    """(x - mean) / std per channel, as a layer, so that attacks and eps live in pixel space. Mean 0 and std 1 leave
+    x exactly as it is (the official TRADES and L2L networks see raw [0,1] inputs)."""
 
     def __init__(self, mean, std):
         super().__init__()
@@ -162,12 +163,14 @@ class VGG16(nn.Module):
 
 
 class PreActBlock(nn.Module):
-    """Pre-activation residual block (He et al. 2016) as fast_adversarial (CIFAR10/preact_resnet.py) and Fast-BAT
-    (model_zoo.py) wire it: the 1x1 projection shortcut takes the block's raw input x, not relu(bn1(x)) (the
-    variant of kuangliu's pytorch-cifar, a different network)."""
+    """Pre-activation residual block (He et al. 2016). shortcut="input": the 1x1 projection shortcut takes the block's
+    raw input x, as fast_adversarial (CIFAR10/preact_resnet.py) and Fast-BAT (model_zoo.py) wire it;
+    shortcut="activation": it takes relu(bn1(x)), as Rice et al.'s robust_overfitting (preactresnet.py) and
+    kuangliu's pytorch-cifar do. The two are different networks with the same parameters."""
 
-    def __init__(self, c_in, c_out, stride):
+    def __init__(self, c_in, c_out, stride, shortcut="input"):
         super().__init__()
+        self.shortcut_input = shortcut
         self.bn1, self.conv1 = nn.BatchNorm2d(c_in), nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
         self.bn2, self.conv2 = nn.BatchNorm2d(c_out), nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
         self.shortcut = None
@@ -176,21 +179,25 @@ class PreActBlock(nn.Module):
 
     def forward(self, x):
         out = F.relu(self.bn1(x))
-        skip = self.shortcut(x) if self.shortcut is not None else x
+        if self.shortcut is None:
+            skip = x
+        else:
+            skip = self.shortcut(x if self.shortcut_input == "input" else out)
         out = self.conv1(out)
         out = self.conv2(F.relu(self.bn2(out)))
         return out + skip
 
 
 class PreActResNet18(nn.Module):
-    """PreActResNet-18: 3x3 stem, stages [2,2,2,2] of widths 64-128-256-512, BN-ReLU, global pool."""
+    """PreActResNet-18: 3x3 stem, stages [2,2,2,2] of widths 64-128-256-512, BN-ReLU, global pool; `shortcut` as
+    PreActBlock."""
 
-    def __init__(self, in_ch=3, classes=10):
+    def __init__(self, in_ch=3, classes=10, shortcut="input"):
         super().__init__()
         self.stem = nn.Conv2d(in_ch, 64, 3, 1, 1, bias=False)
         blocks, c = [], 64
         for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            blocks += [PreActBlock(c, width, stride), PreActBlock(width, width, 1)]
+            blocks += [PreActBlock(c, width, stride, shortcut), PreActBlock(width, width, 1, shortcut)]
             c = width
         self.blocks = nn.Sequential(*blocks)
         self.bn = nn.BatchNorm2d(512)
@@ -1382,13 +1389,21 @@ DATASETS = {
                  eval_step_frac=1 / 4, eval_steps=20),
 }
 
-# Per-method training recipes. "cifar" covers cifar10, cifar100 and svhn; "mnist" is MNIST.
+# Rice et al.'s CIFAR-10 PGD-AT code (robust_overfitting: train_cifar.py, preactresnet.py, utils.py): the inputs
+# normalised with std 0.2471, the 1x1 shortcut applied to relu(bn1(x)), the crop padded by reflection.
+RICE_CIFAR = dict(normalize="mean-std", cifar10_std=(0.2471, 0.2435, 0.2616), preact_shortcut="activation",
+                  crop_pad="reflect")
+
+# Per-method training recipes. "cifar" covers cifar10, cifar100 and svhn; "mnist" is MNIST. Inputs reach the
+# network as the official code feeds it: normalised by the dataset's mean and std where its model does so
+# (normalize "mean-std": fast_adversarial, Rice et al., Fast-BAT), raw [0,1] where it does not ("none": TRADES,
+# L2L, and every MNIST recipe, whose official MNIST code uses ToTensor() alone).
 # Each value can be overridden on the command line; the sources are named beside each entry.
 METHOD_DEFAULTS = {
     # Standard training: the PGD-AT schedule with no attack.
     "plain": {
         "cifar": dict(model="preactresnet18", epochs=200, lr=0.1, weight_decay=5e-4, lr_schedule="multistep",
-                      lr_milestones="100,150", lr_milestone_base=0, steps=0, step_size=0.0),
+                      lr_milestones="100,150", lr_milestone_base=0, steps=0, step_size=0.0, **RICE_CIFAR),
         "mnist": dict(model="smallcnn", epochs=100, lr=0.01, weight_decay=0.0, lr_schedule="multistep",
                       lr_milestones="55,75,90", lr_milestone_base=1, steps=0, step_size=0.0),
     },
@@ -1398,7 +1413,8 @@ METHOD_DEFAULTS = {
     # eval is the other common choice.
     "pgd-at": {
         "cifar": dict(model="preactresnet18", epochs=200, lr=0.1, weight_decay=5e-4, lr_schedule="multistep",
-                      lr_milestones="100,150", lr_milestone_base=0, steps=10, step_size=2 / 255, attack_bn="train"),
+                      lr_milestones="100,150", lr_milestone_base=0, steps=10, step_size=2 / 255, attack_bn="train",
+                      **RICE_CIFAR),
         # MNIST: eps 0.3, step 0.01, 40 steps on SmallCNN with the TRADES MNIST optimiser (train_trades_mnist.py:
         # lr 0.01, x0.1 when epoch >= 55, 75, 90 with epochs counted from 1).
         "mnist": dict(model="smallcnn", epochs=100, lr=0.01, weight_decay=0.0, lr_schedule="multistep",
@@ -1422,7 +1438,8 @@ METHOD_DEFAULTS = {
     # MNIST: the paper used Adam with a cyclic lr; SGD with a cyclic lr is this project's choice.
     "fast-at": {
         "cifar": dict(model="preactresnet18", epochs=15, lr=0.2, weight_decay=5e-4, lr_schedule="cyclic",
-                      steps=1, step_size=1.25 * 8 / 255, attack_bn="train"),
+                      steps=1, step_size=1.25 * 8 / 255, attack_bn="train", normalize="mean-std",
+                      cifar10_std=(0.2471, 0.2435, 0.2616)),  # fast_adversarial CIFAR10/utils.py
         "mnist": dict(model="smallcnn", epochs=10, lr=0.05, weight_decay=0.0, lr_schedule="cyclic",
                       steps=1, step_size=0.375, attack_bn="train"),
     },
@@ -1433,7 +1450,7 @@ METHOD_DEFAULTS = {
 for _name in ("fast-bat", "fast-at-ga"):
     METHOD_DEFAULTS[_name] = {
         "cifar": dict(model="preactresnet18", epochs=20, lr=0.2, weight_decay=5e-4, lr_schedule="cyclic",
-                      lr_peak_epoch=10.0, steps=1, step_size=0.0, attack_bn="train"),
+                      lr_peak_epoch=10.0, steps=1, step_size=0.0, attack_bn="train", normalize="mean-std"),
         "mnist": dict(model="smallcnn", epochs=10, lr=0.05, weight_decay=0.0, lr_schedule="cyclic",
                       steps=1, step_size=0.0, attack_bn="train"),
     }
@@ -1452,7 +1469,7 @@ for _name in ("l2l-naive", "l2l-grad", "l2l-2step"):
 # Xiong & Hsieh: AdvTrain+BLS, RNN-Adv and RNN-TRADES share the baseline they modify (PGD-AT / TRADES recipes
 # above; T = --steps). MNIST uses T = 10 for the RNN methods, a choice: 40 unrolled LSTM steps over every pixel
 # are costly, and the paper stresses few iterations. BLS starts each line search at eps (a choice).
-METHOD_DEFAULTS["pgd-at-bls"] = {k: dict(v) for k, v in METHOD_DEFAULTS["pgd-at"].items()}
+METHOD_DEFAULTS["pgd-at-bls"] = {k: dict(v, attack_bn="eval") for k, v in METHOD_DEFAULTS["pgd-at"].items()}
 METHOD_DEFAULTS["rnn-adv"] = {k: dict(v, attack_bn="eval") for k, v in METHOD_DEFAULTS["pgd-at"].items()}
 METHOD_DEFAULTS["rnn-trades"] = {k: dict(v) for k, v in METHOD_DEFAULTS["trades"].items()}
 for _name in ("rnn-adv", "rnn-trades"):
@@ -1460,7 +1477,9 @@ for _name in ("rnn-adv", "rnn-trades"):
 
 # Defaults shared by every method unless its table above says otherwise.
 COMMON_DEFAULTS = dict(batch_size=128, momentum=0.9, beta=6.0, attack_bn="eval", lr_milestones="", lr_milestone_base=0,
-                       attack_start="uniform")
+                       attack_start="uniform", normalize="none", preact_shortcut="input", crop_pad="zero")
+# What a checkpoint written before these flags existed was trained with (--resume and --eval-only read it).
+LEGACY_DEFAULTS = dict(normalize="mean-std", preact_shortcut="input", crop_pad="zero", drop_last=True)
 
 MODELS = ("smallcnn", "vgg16", "preactresnet18", "wrn")
 LR_SCHEDULES = ("multistep", "cyclic", "constant")
@@ -1507,6 +1526,9 @@ FLAGS = (
     ("run", "--model", "t", dict(default=None, help="one of: {models} (default: per method)")),
     ("run", "--depth", "t", dict(type=int, default=34, help="WideResNet depth (6n+4)")),
     ("run", "--width", "t", dict(type=int, default=10, help="WideResNet widen factor")),
+    ("run", "--preact-shortcut", "t", dict(default=None, choices=("input", "activation"), help="PreActResNet-18's "
+            "1x1 projection shortcut reads the block input (fast_adversarial, Fast-BAT) or relu(bn1(x)) (Rice et al.) "
+            "(default: per method)")),
     ("run", "--data-dir", "e", dict(default="./data", help="where <dataset>.npz or torchvision's files live")),
     ("run", "--out", "e", dict(default=None, help="output directory (default: runs/<method>_<dataset>)")),
     ("run", "--overwrite", "e", dict(action="store_true", help="allow replacing an earlier run in --out")),
@@ -1529,6 +1551,16 @@ FLAGS = (
     ("data", "--val-size", "t", dict(type=int, default=1000, help="training examples held out (the last N) to "
             "choose the best checkpoint")),
     ("data", "--test-size", "e", dict(type=int, default=None, help="evaluate on the first N test examples")),
+    ("data", "--normalize", "t", dict(default=None, choices=("none", "mean-std"), help="what the network's first "
+            "layer does to the [0,1] input: nothing, or subtract the dataset's mean and divide by its std (default: as "
+            "the method's official code; README)")),
+    ("data", "--input-std", "t", dict(default=None, metavar="S1,S2,S3", help="the std of --normalize mean-std "
+            "(default: the recipe's; CIFAR-10 0.2471,0.2435,0.2616 for fast_adversarial's and Rice's recipes, "
+            "0.2470,... for Fast-BAT's)")),
+    ("data", "--crop-pad", "t", dict(default=None, choices=("zero", "reflect"), help="padding of the random crop "
+            "(default: zero as torchvision's RandomCrop; reflect for Rice et al.'s PGD-AT recipe)")),
+    ("data", "--drop-last", "t", dict(action="store_true", help="drop each epoch's last partial batch (official "
+            "DataLoaders keep it; so does l2l.py unless this is given)")),
     ("data", "--augment", "t", dict(default=None, choices=("none", "crop", "crop-flip", "crop-flip-rotate"), help="on-device "
             "augmentation (default: per dataset); crop-flip-rotate adds a random rotation within +-15 degrees, as "
             "Fast-BAT's CIFAR-100 loader")),
@@ -1708,6 +1740,27 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.step_size = step
     if args.augment is None:
         args.augment = spec["augment"]
+    for name in ("normalize", "preact_shortcut", "crop_pad"):
+        if getattr(args, name) is None:
+            setattr(args, name, recipe[name])
+    if args.normalize == "none":
+        if args.input_std is not None:
+            raise UsageError("--input-std sets the std of --normalize mean-std; add --normalize mean-std or drop it")
+        args.input_mean = args.input_std = None
+    else:
+        c = spec["shape"][0]
+        if args.input_std is None:
+            std = recipe.get("cifar10_std") if args.dataset == "cifar10" else None
+            args.input_std = list(std or spec["std"])
+        elif isinstance(args.input_std, str):
+            try:
+                args.input_std = [float(v) for v in args.input_std.split(",")]
+            except ValueError:
+                raise UsageError(f"--input-std {args.input_std} is not a comma list of numbers, e.g. 0.2471,0.2435,0.2616")
+        if len(args.input_std) != c or not all(v > 0 and math.isfinite(v) for v in args.input_std):
+            raise UsageError(f"--input-std needs {c} positive numbers for {args.dataset} (one per channel), "
+                             f"got {args.input_std}")
+        args.input_mean = list(spec["mean"])
     if args.rnn_max_step is None:
         args.rnn_max_step = args.eps
     if args.rnn_hidden is None:
@@ -2086,15 +2139,15 @@ def to_float(x_uint8: torch.Tensor, fmt: torch.memory_format = torch.preserve_fo
     return x_uint8.to(torch.float32, memory_format=fmt).div_(255)
 
 
-def augment(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
-    """Random crop with zero padding 4, then (for 'crop-flip' and 'crop-flip-rotate') horizontal flip, then (for
+def augment(x: torch.Tensor, mode: str, gen: torch.Generator, pad: str = "zero") -> torch.Tensor:
+    """Random crop with padding 4 (zeros, or with pad="reflect" the mirrored border as Rice et al.'s utils.pad), then (for 'crop-flip' and 'crop-flip-rotate') horizontal flip, then (for
     'crop-flip-rotate') rotation by an angle drawn uniformly from [-15, 15] degrees about the centre, nearest
     pixel, zero fill: torchvision's RandomCrop(32, 4), RandomHorizontalFlip(), RandomRotation(15) in that order,
     as Fast-BAT's CIFAR-100 loader. On the device, per image."""
     if mode == "none":
         return x
     n, c, h, w = x.shape
-    padded = F.pad(x, (4, 4, 4, 4))
+    padded = F.pad(x, (4, 4, 4, 4), mode="reflect") if pad == "reflect" else F.pad(x, (4, 4, 4, 4))
     dy = torch.randint(0, 9, (n,), device=x.device, generator=gen)
     dx = torch.randint(0, 9, (n,), device=x.device, generator=gen)
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # n x 1 x h x 1
@@ -2114,15 +2167,24 @@ def augment(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
     return x
 
 
-def train_batches(data: Data, batch_size: int, mode: str, gen: torch.Generator):
-    """One epoch of (x, y) float batches in [0,1]: a fresh randperm, the last partial batch dropped
-    (static shapes), augmentation on the device."""
+def batches_per_epoch(n: int, batch_size: int, drop_last: bool = False, min_last: int = 2) -> int:
+    """Batches of an epoch of n examples: the full ones, and the last partial one unless drop_last, or unless it
+    has fewer than min_last examples (one example gives BatchNorm no batch statistics; under data parallelism every
+    process needs a share)."""
+    bs = min(batch_size, n)
+    return n // bs + (0 if drop_last or n % bs < max(min_last, 1) else 1)
+
+
+def train_batches(data: Data, batch_size: int, mode: str, gen: torch.Generator, drop_last: bool = False,
+                  pad: str = "zero", min_last: int = 2):
+    """One epoch of (x, y) float batches in [0,1]: a fresh randperm, the last partial batch kept as the official
+    DataLoaders keep it (batches_per_epoch), augmentation on the device."""
     n = data.x_train.shape[0]
     bs = min(batch_size, n)
     perm = torch.randperm(n, device=data.x_train.device, generator=gen)
-    for i in range(n // bs):
+    for i in range(batches_per_epoch(n, batch_size, drop_last, min_last)):
         idx = perm[i * bs:(i + 1) * bs]
-        yield augment(to_float(data.x_train[idx]), mode, gen), data.y_train[idx]
+        yield augment(to_float(data.x_train[idx]), mode, gen, pad), data.y_train[idx]
 
 
 
@@ -2132,15 +2194,17 @@ def train_batches(data: Data, batch_size: int, mode: str, gen: torch.Generator):
 # ================================================================================================
 
 
-def build_model(name: str, dataset: str, depth: int = 34, width: int = 10) -> nn.Module:
-    """Normalize followed by the named network, sized for the dataset's channels and classes."""
+def build_model(name: str, dataset: str, depth: int = 34, width: int = 10, mean=None, std=None,
+                preact_shortcut: str = "input") -> nn.Module:
+    """Normalize(mean, std) followed by the named network, sized for the dataset's channels and classes; without mean
+    and std the first layer is the identity (mean 0, std 1). Checkpoints carry the layer's mean and std."""
     spec = DATASETS[dataset]
     c, h, _ = spec["shape"]
     k = spec["classes"]
     net = {"smallcnn": lambda: SmallCNN(c, k, h), "vgg16": lambda: VGG16(c, k),
-           "preactresnet18": lambda: PreActResNet18(c, k),
+           "preactresnet18": lambda: PreActResNet18(c, k, preact_shortcut),
            "wrn": lambda: WideResNet(c, k, depth, width)}[name]()
-    return nn.Sequential(Normalize(spec["mean"], spec["std"]), net)
+    return nn.Sequential(Normalize(mean or (0.0,) * c, std or (1.0,) * c), net)
 
 
 # Format 2: PreActResNet-18's shortcut reads the block input (format-1 PreActResNet weights were trained on the
@@ -2181,7 +2245,9 @@ def load_model(path: str, device="cpu") -> nn.Module:
 
 def model_from_checkpoint(ckpt: dict, device="cpu") -> nn.Module:
     a = ckpt["args"]
-    model = build_model(a["model"], a["dataset"], a["depth"], a["width"])
+    spec = DATASETS[a["dataset"]]  # the first layer's mean and std come from the checkpoint's weights
+    model = build_model(a["model"], a["dataset"], a["depth"], a["width"], spec["mean"], spec["std"],
+                        a.get("preact_shortcut", LEGACY_DEFAULTS["preact_shortcut"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()
 
@@ -3151,7 +3217,8 @@ def build_run(args, device) -> Run:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net) if sync_bn else net
         return net.to(device, memory_format=memory_format(args))
 
-    model = place(build_model(args.model, args.dataset, args.depth, args.width))
+    model = place(build_model(args.model, args.dataset, args.depth, args.width, args.input_mean, args.input_std,
+                              args.preact_shortcut))
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     method = METHODS[args.method]
@@ -3233,10 +3300,13 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
     last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "best.pt")
     if args.resume:
         ckpt = read_checkpoint(last_path, "--resume: checkpoint")
-        diff = [k for k in TRAINING_KEYS if ckpt["args"].get(k) != getattr(args, k)]
+        saved = dict(LEGACY_DEFAULTS, **ckpt["args"])  # keys a checkpoint from before them lacks
+        if "normalize" not in ckpt["args"]:
+            saved["input_std"] = list(DATASETS[args.dataset]["std"])
+        diff = [k for k in TRAINING_KEYS if saved.get(k) != getattr(args, k)]
         if diff:
             k = diff[0]
-            raise UsageError(f"--resume: {last_path} was trained with --{k.replace('_', '-')} {ckpt['args'].get(k)}, "
+            raise UsageError(f"--resume: {last_path} was trained with --{k.replace('_', '-')} {saved.get(k)}, "
                              f"this command gives {getattr(args, k)}; repeat the original flags")
         restore(run, ckpt)
         start_epoch, best, history = ckpt["epoch"], ckpt["best"], ckpt["history"]
@@ -3273,7 +3343,8 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
     for name, extra in run.extras.items():
         if isinstance(extra, nn.Module):
             say(f"  {name}: {type(extra).__name__}, {sum(p.numel() for p in extra.parameters()):,} parameters")
-    iters = max(1, data.x_train.shape[0] // min(args.batch_size, data.x_train.shape[0]))
+    min_last = max(2, world)
+    iters = max(1, batches_per_epoch(data.x_train.shape[0], args.batch_size, args.drop_last, min_last))
     batch = min(args.batch_size, data.x_train.shape[0])
     val_seconds = None  # the last validation's duration, for the run's time estimate
     for epoch in range(start_epoch, args.epochs):
@@ -3294,7 +3365,8 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
                     f"run left ~{fmt_duration(run_left)} (training{' and validation' if val_seconds else ''})")
 
         with Progress(describe, iters, enabled=rank == 0 and not args.quiet) as progress:
-            for i, (x, y) in enumerate(train_batches(data, args.batch_size, args.augment, gen)):
+            for i, (x, y) in enumerate(train_batches(data, args.batch_size, args.augment, gen, args.drop_last,
+                                                     args.crop_pad, min_last)):
                 lr, momentum = schedule_at(args, epoch * iters + i, iters)
                 for group in run.optimizer.param_groups:
                     group["lr"], group["momentum"] = lr, momentum
@@ -3478,7 +3550,7 @@ def benchmark(args) -> dict:
     run = build_run(args, device)
     make_data_parallel(run)
     run.model.train()
-    batches = train_batches(data, bs, args.augment, gen)
+    batches = train_batches(data, bs, args.augment, gen, True, args.crop_pad)
     counter = FlopCounterMode(display=False)
     counter.mod_tracker = _NoModuleTracking()
     with counter:  # one step, untimed
@@ -3518,7 +3590,7 @@ def benchmark(args) -> dict:
                "precision": args.precision, "channels_last": args.channels_last, "compile": args.compile,
                "processes": world, "device": name, "steps": steps, "warmup": warmup,
                "images_per_second": bs * steps / seconds, "seconds_per_step": step_s,
-               "seconds_per_epoch": (n_train // bs) * step_s, "epoch_examples": n_train, "memory": memory,
+               "seconds_per_epoch": batches_per_epoch(n_train, bs, args.drop_last) * step_s, "epoch_examples": n_train, "memory": memory,
                "flops_per_step": flops, "tflops_per_second": tflops,
                "fraction_of_peak": tflops / peak if peak else None, "peak_tflops": peak}
     if rank == 0:
@@ -3528,7 +3600,7 @@ def benchmark(args) -> dict:
               f"steps {args.steps}, {fast}, {name}" + (f" x {world} processes" if world > 1 else ""))
         frac = f" = {100 * tflops / peak:.1f}% of the {peak:g} TFLOP/s bf16 peak" if peak else ""
         print(f"  {bs * steps / seconds:,.0f} img/s  {step_s * 1000:.1f} ms/step  "
-              f"{figures['seconds_per_epoch']:.1f} s/epoch ({n_train // bs} steps of {bs}, {n_train} examples)  "
+              f"{figures['seconds_per_epoch']:.1f} s/epoch ({batches_per_epoch(n_train, bs, args.drop_last)} steps of {bs}, {n_train} examples)  "
               f"{memory}  {flops / 1e12:.3f} TFLOP/step  {tflops:.2f} TFLOP/s{frac}  "
               f"({steps} timed steps after {warmup} warm-up)", flush=True)
     return figures
@@ -3731,6 +3803,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         merged = build_parser().parse_args([])  # defaults for flags newer than the checkpoint
         if "rnn_design" not in ckpt["args"]:
             merged.rnn_design = "lstm"  # the only design before --rnn-design existed
+        if "normalize" not in ckpt["args"]:  # trained before --normalize existed: every model normalised
+            merged.normalize, merged.input_std = "mean-std", list(DATASETS[ckpt["args"]["dataset"]]["std"])
+        for k, v in LEGACY_DEFAULTS.items():
+            if k not in ckpt["args"]:
+                setattr(merged, k, v)
         vars(merged).update(ckpt["args"])
         defaults = build_parser().parse_args([])
         ignored = [k for k in TRAINING_KEYS if k not in EVAL_KEYS and getattr(args, k, None) != getattr(defaults, k, None)
