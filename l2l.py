@@ -58,8 +58,9 @@ AA = fra31/auto-attack, RO = locuslab/robust_overfitting).
 Differences kept on purpose are listed in README ("Deliberate differences from the official code").
 
 Conventions that hold everywhere below:
-  * Images are float tensors in [0,1], N x C x H x W. Every model normalises inside its first layer, so
-    eps, step sizes and clamps are in pixel space and checkpoints can be attacked by outside tools.
+  * Images are float tensors in [0,1], N x C x H x W. A model's first layer normalises them where the official
+    code does (Normalize; the identity where it feeds the raw image), so eps, step sizes and clamps are in pixel
+    space and checkpoints can be attacked by outside tools.
   * An attack returns x_adv with ||x_adv - x||_inf <= eps and x_adv in [0,1] (the set C of Fast-BAT).
   * Evaluation attacks run with the model in eval mode and never update BN statistics.
 
@@ -98,7 +99,7 @@ import torch.nn.functional as F
 
 
 # ================================================================================================
-# Models. Inputs in [0,1]; per-channel normalisation is the first layer of every network.
+# Models. Inputs in [0,1]; per-channel normalisation (or the identity) is the first layer of every network.
 # ================================================================================================
 
 
@@ -841,8 +842,8 @@ def cw_linf(model, x, y, eps, lr=5e-3, max_iterations=50, initial_const=1e-5, la
 
 
 # ================================================================================================
-# Learned attackers. Each registers its trainers in METHODS (with a `setup` that builds the attacker
-# and its optimiser, saved in checkpoints as extras) and its evaluation attack in EVAL_ATTACKS.
+# Learned attackers and optimisers: the networks and the attacks they run. Their training steps are
+# below (l2l_step, rnn_adv_step, rnn_trades_step); the harness builds them (setup_l2l, setup_rnn).
 #
 # L2L (Jiang et al., "Learning to Defend by Learning to Attack"): a CNN g(A; phi) maps the attacker
 # input A to a perturbation eps * tanh(.), so ||delta||_inf <= eps holds by construction.
