@@ -1520,7 +1520,7 @@ FLAG_GROUPS = {"run": "run", "data": "data", "opt": "optimisation (defaults: per
                "attack": "training-time attack (defaults: per method and dataset)", "bat": "Fast-BAT and GradAlign",
                "rnn": "RNN learned optimiser (rnn-adv, rnn-trades) and BLS (pgd-at-bls)",
                "l2l": "L2L learned attacker (l2l-naive, l2l-grad, l2l-2step)", "eval": "evaluation",
-               "speed": "speed and scale (none changes an algorithm; torchrun --nproc_per_node N for GPUs)"}
+               "speed": "speed and scale (none changes an algorithm; --nproc-per-node N for several GPUs)"}
 FLAGS = (
     ("run", "--method", "t", dict(default="pgd-at", help="one of: {methods}")),
     ("run", "--dataset", "t", dict(default="cifar10", help="one of: {datasets}")),
@@ -1665,8 +1665,8 @@ FLAGS = (
             "PGD-50-10, step eps/4)")),
     ("speed", "--precision", "", dict(default="fp32", choices=("fp32", "bf16"), help="training and its attacks "
             "under bf16 autocast (meant for CUDA; no loss scaling)")),
-    ("speed", "--eval-precision", "e", dict(default="fp32", choices=("fp32", "bf16"), help="validation and test "
-            "attacks (fp32 unless asked)")),
+    ("speed", "--eval-precision", "e", dict(default="fp32", choices=("fp32", "bf16"), help="precision of the "
+            "validation and test attacks")),
     ("speed", "--channels-last", "e", dict(action="store_true", help="NHWC memory format for the networks and "
             "batches")),
     ("speed", "--compile", "e", dict(action="store_true", help="torch.compile the networks, static shapes "
