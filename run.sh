@@ -15,6 +15,11 @@
 #                                 MNIST run per method), speed (the benchmark table), a paper row under AutoAttack;
 #                                 time-boxed phases, each appending to OUT/gpu.md and OUT/gpu.json as it goes
 #                                 (README, "Measured on GPU"); --dry-run: the same on the CPU at tiny sizes
+#   bash run.sh same-checkpoints OTHER_L2L_PY [METHOD ...]
+#                                 a refactor's check: every method (or those named) trained briefly on synthetic
+#                                 MNIST- and CIFAR-shaped data by this l2l.py and by OTHER_L2L_PY (e.g. the previous
+#                                 commit's), same seed, CPU; exit 1 unless every checkpoint tensor is bitwise equal
+#                                 (SHAPES=mnist for the MNIST-shaped runs only)
 # Each recipe writes to runs/NAME unless --out is given, and records its name and the paper's numbers (the
 # table's last field: clean, an attack, aa = the paper's AutoAttack column) for the report. Every recipe ends with
 # AutoAttack's standard version (aa) beside the paper's own attacks: robust accuracy is only as good as the attack.
@@ -122,6 +127,77 @@ case "${1:-list}" in
     for name in $REPRO_FAST; do
       bash "$0" "$name" "$@"
     done
+    ;;
+  same-checkpoints)
+    shift
+    exec ${PYTHON:-python} - "$@" <<'SAME'
+"""Train every method (or the named ones) for one short epoch with this l2l.py and with another one, on the same
+synthetic data, seed and flags, on the CPU, and compare the two last.pt files tensor by tensor (weights, optimiser
+state, learned networks, random-generator state, the per-epoch history without its timings)."""
+import os, subprocess, sys, tempfile
+import torch
+sys.path.insert(0, os.getcwd())
+import l2l
+if not sys.argv[1:] or not os.path.isfile(sys.argv[1]):
+    sys.exit("run.sh: same-checkpoints needs the path of another l2l.py, e.g. one from git worktree add")
+other, methods = sys.argv[1], sys.argv[2:] or list(l2l.METHODS)
+work = tempfile.mkdtemp(prefix="same-checkpoints-")
+gen = torch.Generator().manual_seed(0)
+for name, n in (("mnist", 320), ("cifar10", 96)):
+    c, h, w = l2l.DATASETS[name]["shape"]
+    l2l.write_npz(os.path.join(work, f"{name}.npz"), {
+        "x_train": torch.randint(0, 256, (n, h, w, c), generator=gen, dtype=torch.uint8),
+        "y_train": torch.randint(0, 10, (n,), generator=gen), "x_test": torch.randint(0, 256, (16, h, w, c),
+        generator=gen, dtype=torch.uint8), "y_test": torch.randint(0, 10, (16,), generator=gen)})
+SHAPES = {"mnist": ["--dataset", "mnist", "--train-size", "256", "--val-size", "64", "--batch-size", "64"],
+          "cifar": ["--dataset", "cifar10", "--model", "wrn", "--depth", "10", "--width", "1", "--train-size", "64",
+                    "--val-size", "32", "--batch-size", "32", "--lr-peak-epoch", "0.5"]}
+SHAPES = {k: v for k, v in SHAPES.items() if k in os.environ.get("SHAPES", "mnist,cifar").split(",")}
+COMMON = ["--data-dir", work, "--epochs", "1", "--test-size", "8", "--steps", "2", "--eval-attacks", "fgsm",
+          "--val-steps", "2", "--l2l-width", "16", "--seed", "0", "--device", "cpu", "--quiet"]
+
+
+def tensors(obj, prefix=""):
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            if "seconds" not in str(k):
+                yield from tensors(obj[k], f"{prefix}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from tensors(v, f"{prefix}[{i}]")
+    else:
+        yield prefix, obj
+
+
+differ = 0
+for method in methods:
+    for shape, flags in SHAPES.items():
+        states = []
+        for i, script in enumerate((os.path.join(os.getcwd(), "l2l.py"), other)):
+            out = os.path.join(work, f"{method}-{shape}-{i}")
+            r = subprocess.run([sys.executable, script, "--method", method, *flags, *COMMON, "--out", out],
+                               capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+            if r.returncode:
+                states.append("failed: " + (r.stderr.strip().splitlines() or ["?"])[-1])
+                continue
+            ckpt = torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=False)
+            states.append(dict(tensors({k: v for k, v in ckpt.items() if k not in ("args", "format")})))
+        if any(isinstance(s, str) for s in states):
+            same, why = False, "; ".join(s for s in states if isinstance(s, str))
+        else:
+            a, b = states
+            bad = [k for k in a if k not in b or (torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor)
+                                                  and isinstance(b[k], torch.Tensor) else a[k] == b[k]) is False]
+            same, why = not bad and set(a) == set(b), ", ".join(bad[:3]) or "keys differ"
+        differ += not same
+        print(f"{method:12s} {shape:6s} {'bitwise equal' if same else 'DIFFERENT: ' + why}", flush=True)
+print(f"{differ} of {len(methods) * len(SHAPES)} runs differ")
+import shutil
+shutil.rmtree(work, ignore_errors=True)
+sys.exit(1 if differ else 0)
+SAME
     ;;
   gpu-check)
     shift

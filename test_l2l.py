@@ -2941,3 +2941,23 @@ def test_bls_trials_use_fixed_batchnorm_statistics():
                 losses.append(F.cross_entropy(model(x_adv), y, reduction="none"))
     for before, after in zip(losses, losses[1:]):
         assert (after >= before - 1e-6).all()
+
+
+@cpu_only
+def test_run_sh_same_checkpoints_tells_a_pure_move_from_a_change(tmp_path):
+    """bash run.sh same-checkpoints OTHER: an unchanged copy of l2l.py gives bitwise-equal checkpoints (exit 0); a copy
+    whose plain step scales its loss does not (exit 1)."""
+    src = open(os.path.join(HERE, "l2l.py")).read()
+    same, changed = tmp_path / "same.py", tmp_path / "changed.py"
+    same.write_text(src)
+    old = "    logits = model(x)\n    loss = F.cross_entropy(logits, y)\n    sgd_update(optimizer, loss)"
+    assert old in src
+    changed.write_text(src.replace(old, old.replace("F.cross_entropy(logits, y)", "2 * F.cross_entropy(logits, y)")))
+    for other, code in ((same, 0), (changed, 1)):
+        r = subprocess.run(["bash", os.path.join(HERE, "run.sh"), "same-checkpoints", str(other), "plain"],
+                           capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "PYTHON": sys.executable, "SHAPES": "mnist"})
+        assert r.returncode == code, r.stdout + r.stderr
+        assert ("bitwise equal" if code == 0 else "DIFFERENT") in r.stdout
+    r = subprocess.run(["bash", os.path.join(HERE, "run.sh"), "same-checkpoints"], capture_output=True, text=True)
+    assert r.returncode == 1 and "needs the path of another l2l.py" in r.stderr
