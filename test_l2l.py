@@ -2961,3 +2961,23 @@ def test_run_sh_same_checkpoints_tells_a_pure_move_from_a_change(tmp_path):
         assert ("bitwise equal" if code == 0 else "DIFFERENT") in r.stdout
     r = subprocess.run(["bash", os.path.join(HERE, "run.sh"), "same-checkpoints"], capture_output=True, text=True)
     assert r.returncode == 1 and "needs the path of another l2l.py" in r.stderr
+
+
+def test_rice_recipe_checkpoint_evaluates_as_it_was_trained(tmp_path):
+    """A PreActResNet-18 trained with Rice et al.'s wiring, reflect padding and std 0.2471: --eval-only rebuilds that
+    network (shortcut on relu(bn1(x)), its own normalisation) and gives the accuracies the training run printed."""
+    d = write_dataset(str(tmp_path / "data"), "cifar10", n_train=64, n_test=16)
+    out = tmp_path / "out"
+    r = cli("--method", "pgd-at", "--dataset", "cifar10", "--data-dir", d, "--out", str(out), "--epochs", "1",
+            "--train-size", "48", "--val-size", "16", "--test-size", "16", "--batch-size", "16", "--steps", "1",
+            "--eval-steps", "1", "--val-steps", "1", "--eval-attacks", "fgsm", "--device", DEV)
+    assert r.returncode == 0, r.stderr
+    trained = json.load(open(out / "results.json"))
+    assert (trained["args"]["preact_shortcut"], trained["args"]["crop_pad"]) == ("activation", "reflect")
+    model = l2l.load_model(str(out / "best.pt"))
+    assert model[1].blocks[2].shortcut_input == "activation" and float(model[0].std.flatten()[0]) == pytest.approx(0.2471)
+    r = cli("--eval-only", str(out / "best.pt"), "--data-dir", d, "--eval-attacks", "fgsm", "--test-size", "16",
+            "--device", DEV, "--out", str(tmp_path / "eval"))
+    assert r.returncode == 0, r.stderr
+    again = json.load(open(tmp_path / "eval" / "results.json"))
+    assert again["clean"]["accuracy"] == trained["clean"]["accuracy"] and again["fgsm"] == trained["fgsm"]
