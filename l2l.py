@@ -2455,7 +2455,8 @@ def memory_format(args) -> torch.memory_format:
 
 def training_step(run: Run, x, y):
     """One minibatch of the method: under torchrun this rank's shard of the global batch (x, y), in the
-    chosen memory format and precision. Returns the trainer's (loss, number correct) for the shard."""
+    chosen memory format and precision. Returns the trainer's (loss, number correct) for the shard. The shards of an
+    epoch's last partial batch can differ by one example; their gradients are still averaged with equal weights."""
     rank, world = dist_world()
     if world > 1:
         x, y = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
