@@ -1482,6 +1482,15 @@ COMMON_DEFAULTS = dict(batch_size=128, momentum=0.9, beta=6.0, attack_bn="eval",
 # What a checkpoint written before these flags existed was trained with (--resume and --eval-only read it).
 LEGACY_DEFAULTS = dict(normalize="mean-std", preact_shortcut="input", crop_pad="zero", drop_last=True)
 
+
+def with_legacy_defaults(saved: dict) -> dict:
+    """A checkpoint's flags, with those it predates set as it was trained (LEGACY_DEFAULTS; before --normalize every
+    model normalised by its dataset's std)."""
+    flags = dict(LEGACY_DEFAULTS, **saved)
+    if "normalize" not in saved:
+        flags["input_std"] = list(DATASETS[saved["dataset"]]["std"])
+    return flags
+
 MODELS = ("smallcnn", "vgg16", "preactresnet18", "wrn")
 LR_SCHEDULES = ("multistep", "cyclic", "constant")
 
@@ -3302,9 +3311,7 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
     last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "best.pt")
     if args.resume:
         ckpt = read_checkpoint(last_path, "--resume: checkpoint")
-        saved = dict(LEGACY_DEFAULTS, **ckpt["args"])  # keys a checkpoint from before them lacks
-        if "normalize" not in ckpt["args"]:
-            saved["input_std"] = list(DATASETS[args.dataset]["std"])
+        saved = with_legacy_defaults(ckpt["args"])
         diff = [k for k in TRAINING_KEYS if saved.get(k) != getattr(args, k)]
         if diff:
             k = diff[0]
@@ -3805,12 +3812,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         merged = build_parser().parse_args([])  # defaults for flags newer than the checkpoint
         if "rnn_design" not in ckpt["args"]:
             merged.rnn_design = "lstm"  # the only design before --rnn-design existed
-        if "normalize" not in ckpt["args"]:  # trained before --normalize existed: every model normalised
-            merged.normalize, merged.input_std = "mean-std", list(DATASETS[ckpt["args"]["dataset"]]["std"])
-        for k, v in LEGACY_DEFAULTS.items():
-            if k not in ckpt["args"]:
-                setattr(merged, k, v)
-        vars(merged).update(ckpt["args"])
+        vars(merged).update(with_legacy_defaults(ckpt["args"]))
         defaults = build_parser().parse_args([])
         ignored = [k for k in TRAINING_KEYS if k not in EVAL_KEYS and getattr(args, k, None) != getattr(defaults, k, None)
                    and getattr(args, k, None) != ckpt["args"].get(k)]
