@@ -3861,10 +3861,10 @@ def launch_processes(args, argv) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run as torchrun
     n = args.nproc_per_node
-    if args.batch_size % n:
-        raise UsageError(f"--batch-size {args.batch_size} does not split over {n} processes; use a multiple of {n}")
     if args.report:
         raise UsageError("--report reads results and starts no processes; drop --nproc-per-node")
+    if args.batch_size % n:
+        raise UsageError(f"--batch-size {args.batch_size} does not split over {n} processes; use a multiple of {n}")
     if pick_device(args.device).type == "cuda" and n > torch.cuda.device_count():
         raise UsageError(f"--nproc-per-node {n} but this machine has {torch.cuda.device_count()} GPUs; lower it")
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -2782,6 +2782,9 @@ def test_nproc_per_node_checks_flags_first_and_ends_with_one_error_line(tmp_path
     r = cli("--nproc-per-node", "2", "--batch-size", "33", "--dataset", "mnist")
     assert r.returncode == 2 and r.stderr.strip() == ("l2l.py: error: --batch-size 33 does not split over 2 processes; "
                                                       "use a multiple of 2") and "Traceback" not in r.stderr
+    r = cli("--nproc-per-node", "2", "--report", str(tmp_path))
+    assert r.returncode == 2 and r.stderr.strip() == ("l2l.py: error: --report reads results and starts no processes; "
+                                                      "drop --nproc-per-node")
     r = cli("--nproc-per-node", "2", "--method", "pgd-at", "--dataset", "mnist", "--data-dir", str(tmp_path / "none"),
             "--epochs", "1", "--out", str(tmp_path / "run"), "--quiet", "--device", "cpu")
     last = r.stderr.strip().splitlines()[-1]
