@@ -1514,11 +1514,37 @@ def fmt_eps(value: float) -> str:
     return f"{value:.4g}"
 
 
+def bounded(convert: Callable, low=None, high=None, low_open=False, high_open=False, why="") -> Callable:
+    """An argparse type: convert(text), refused (one line) unless finite and within its bounds, open where asked."""
+    show = lambda v: f"{v:g}" if isinstance(v, float) else str(v)
+    below = [f"{'above' if low_open else 'at least'} {show(low)}"] if low is not None else []
+    bounds = " and ".join(below + ([f"{'below' if high_open else 'at most'} {show(high)}"] if high is not None else []))
+
+    def parse(text):
+        value = convert(text)
+        if not (math.isfinite(value) and (low is None or value > low or (value == low and not low_open))
+                and (high is None or value < high or (value == high and not high_open))):
+            raise argparse.ArgumentTypeError(f"{text} must be {bounds}{why}")
+        return value
+
+    parse.__name__ = convert.__name__  # argparse's "invalid int value: 'x'" names the conversion
+    return parse
+
+
+# The types of the numeric flags: each value is checked as the command line is read.
+COUNT, NONNEGATIVE_INT = bounded(int, 1), bounded(int, 0)
+POSITIVE, NONNEGATIVE = bounded(float, 0, low_open=True), bounded(float, 0)
+POSITIVE_NUMBER, NONNEGATIVE_NUMBER = bounded(parse_number, 0, low_open=True), bounded(parse_number, 0)  # 8/255
+FRACTION = bounded(float, 0, 1, low_open=True, high_open=True)
+MOMENTUM = bounded(float, 0, 1, high_open=True, why=" (SGD diverges at 1 and above; the papers use 0.9)")
+SEED = bounded(int, 0, 2 ** 32, high_open=True)
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but an error is a single line (no usage block) and exits 2."""
+    """argparse, but an error is a UsageError: main() prints it as one line (no usage block) and exits 2."""
 
     def error(self, message):
-        self.exit(2, f"l2l.py: error: {message} (see python l2l.py --help)\n")
+        raise UsageError(f"{message} (see python l2l.py --help)")
 
 
 # Every flag, once: its group in --help, where it counts ("t": a training setting, checked against last.pt by --resume
@@ -1535,7 +1561,7 @@ FLAGS = (
     ("run", "--dataset", "t", dict(default="cifar10", help="one of: {datasets}")),
     ("run", "--model", "t", dict(default=None, help="one of: {models} (default: per method)")),
     ("run", "--depth", "t", dict(type=int, default=34, help="WideResNet depth (6n+4)")),
-    ("run", "--width", "t", dict(type=int, default=10, help="WideResNet widen factor")),
+    ("run", "--width", "t", dict(type=COUNT, default=10, help="WideResNet widen factor")),
     ("run", "--preact-shortcut", "t", dict(default=None, choices=("input", "activation"), help="PreActResNet-18's "
             "1x1 projection shortcut reads the block input (fast_adversarial, Fast-BAT) or relu(bn1(x)) (Rice et al.) "
             "(default: per method)")),
@@ -1546,7 +1572,7 @@ FLAGS = (
     ("run", "--eval-only", "", dict(default=None, metavar="CKPT", help="evaluate a checkpoint, no training")),
     ("run", "--device", "e", dict(default="auto", choices=("auto", "cpu", "cuda"), help="where to train and "
             "evaluate (auto: cuda when available)")),
-    ("run", "--seed", "te", dict(type=int, default=0, help="seed of the initialisation, the batch order, the "
+    ("run", "--seed", "te", dict(type=SEED, default=0, help="seed of the initialisation, the batch order, the "
             "attacks' random starts and AutoAttack")),
     ("run", "--quiet", "e", dict(action="store_true", help="no progress lines (they come at most every 10 s during "
             "epochs and long evaluations)")),
@@ -1557,10 +1583,10 @@ FLAGS = (
             "'clean': 86.06,'pgd': 46.06 (run.sh sets them)")),
     ("run", "--init", "t", dict(default=None, metavar="CKPT", help="start from a checkpoint's classifier (and "
             "learned attacker, if it has the same one)")),
-    ("data", "--train-size", "t", dict(type=int, default=None, help="use the first N training examples")),
-    ("data", "--val-size", "t", dict(type=int, default=1000, help="training examples held out (the last N) to "
+    ("data", "--train-size", "t", dict(type=COUNT, default=None, help="use the first N training examples")),
+    ("data", "--val-size", "t", dict(type=COUNT, default=1000, help="training examples held out (the last N) to "
             "choose the best checkpoint")),
-    ("data", "--test-size", "e", dict(type=int, default=None, help="evaluate on the first N test examples")),
+    ("data", "--test-size", "e", dict(type=COUNT, default=None, help="evaluate on the first N test examples")),
     ("data", "--normalize", "t", dict(default=None, choices=("none", "mean-std"), help="what the network's first "
             "layer does to the [0,1] input: nothing, or subtract the dataset's mean and divide by its std (default: as "
             "the method's official code; README)")),
@@ -1574,13 +1600,13 @@ FLAGS = (
     ("data", "--augment", "t", dict(default=None, choices=("none", "crop", "crop-flip", "crop-flip-rotate"), help="on-device "
             "augmentation (default: per dataset); crop-flip-rotate adds a random rotation within +-15 degrees, as "
             "Fast-BAT's CIFAR-100 loader")),
-    ("opt", "--epochs", "t", dict(type=int, default=None, help="training epochs (default: per method)")),
-    ("opt", "--batch-size", "t", dict(type=int, default=None, help="training batch, the global one under torchrun "
+    ("opt", "--epochs", "t", dict(type=COUNT, default=None, help="training epochs (default: per method)")),
+    ("opt", "--batch-size", "t", dict(type=COUNT, default=None, help="training batch, the global one under torchrun "
             "(default: per method, 128)")),
-    ("opt", "--lr", "t", dict(type=float, default=None, help="peak learning rate")),
-    ("opt", "--momentum", "t", dict(type=float, default=None, help="SGD momentum (default: 0.9; the cyclic "
+    ("opt", "--lr", "t", dict(type=POSITIVE, default=None, help="peak learning rate")),
+    ("opt", "--momentum", "t", dict(type=MOMENTUM, default=None, help="SGD momentum (default: 0.9; the cyclic "
             "schedule's value at lr 0)")),
-    ("opt", "--weight-decay", "t", dict(type=float, default=None, help="SGD weight decay (default: per method)")),
+    ("opt", "--weight-decay", "t", dict(type=NONNEGATIVE, default=None, help="SGD weight decay (default: per method)")),
     ("opt", "--lr-schedule", "t", dict(default=None, help="one of: {schedules} (default: per method)")),
     ("opt", "--lr-milestones", "t", dict(default=None, help="multistep: epochs where lr is multiplied by 0.1")),
     ("opt", "--lr-milestone-base", "t", dict(type=int, default=None, choices=(0, 1), help="how the milestones count "
@@ -1592,9 +1618,9 @@ FLAGS = (
             "SGD momentum inversely to lr, --momentum at lr 0 down to 0.8 at the peak (torch's CyclicLR defaults, "
             "which fast_adversarial and Fast-BAT use)")),
     ("attack", "--eps", "te", dict(type=parse_number, default=None, help="l_inf budget in [0,1] pixels, e.g. 8/255")),
-    ("attack", "--step-size", "t", dict(type=parse_number, default=None, help="attack step size, e.g. 2/255")),
-    ("attack", "--steps", "t", dict(type=int, default=None, help="attack iterations")),
-    ("attack", "--beta", "t", dict(type=float, default=None, help="TRADES robustness weight")),
+    ("attack", "--step-size", "t", dict(type=NONNEGATIVE_NUMBER, default=None, help="attack step size, e.g. 2/255")),
+    ("attack", "--steps", "t", dict(type=NONNEGATIVE_INT, default=None, help="attack iterations")),
+    ("attack", "--beta", "t", dict(type=NONNEGATIVE, default=None, help="TRADES robustness weight")),
     ("attack", "--attack-bn", "t", dict(default=None, choices=("eval", "train"), help="BN mode while the training "
             "attack runs (default: as the method's official code); dropout is off in every attack whatever the BN "
             "mode")),
@@ -1602,22 +1628,22 @@ FLAGS = (
             "pgd-at, pgd-at-bls, trades and the rnn-* optimiser: x + U(-eps, eps) projected (Madry et al.) or x + "
             "0.001 N(0, I) unprojected (TRADES, L2L's adv_loss.py); default: normal for trades and rnn-trades, "
             "uniform for the others")),
-    ("bat", "--bat-a", "t", dict(type=parse_number, default=None, help="Fast-BAT lower-level step a (default: "
+    ("bat", "--bat-a", "t", dict(type=POSITIVE_NUMBER, default=None, help="Fast-BAT lower-level step a (default: "
             "5000/255 for eps <= 8/255, else 2000/255)")),
-    ("bat", "--bat-lambda", "t", dict(type=float, default=10.0, help="Fast-BAT lambda of the implicit gradient")),
-    ("bat", "--bat-ig-ratio", "t", dict(type=float, default=1.0, help="alpha2 / alpha1 of eq. 14 (1 = one learning "
+    ("bat", "--bat-lambda", "t", dict(type=POSITIVE, default=10.0, help="Fast-BAT lambda of the implicit gradient")),
+    ("bat", "--bat-ig-ratio", "t", dict(type=NONNEGATIVE, default=1.0, help="alpha2 / alpha1 of eq. 14 (1 = one learning "
             "rate, as the code)")),
-    ("bat", "--ga-gamma", "t", dict(type=float, default=None, help="GradAlign weight (default: by eps, GradAlign's "
+    ("bat", "--ga-gamma", "t", dict(type=NONNEGATIVE, default=None, help="GradAlign weight (default: by eps, GradAlign's "
             "table)")),
     ("rnn", "--rnn-design", "t", dict(default="sign-step", choices=("sign-step", "lstm"), help="sign-step: a GRU "
             "that scales and corrects PGD's sign step per coordinate (starts as PGD); lstm: Andrychowicz et al.'s "
             "LSTM emitting a bounded update (README compares them)")),
-    ("rnn", "--rnn-hidden", "t", dict(type=int, default=None, help="units per coordinate (default: sign-step 8, "
+    ("rnn", "--rnn-hidden", "t", dict(type=COUNT, default=None, help="units per coordinate (default: sign-step 8, "
             "lstm 20)")),
-    ("rnn", "--rnn-layers", "t", dict(type=int, default=2, help="LSTM layers (lstm design)")),
-    ("rnn", "--rnn-lr", "t", dict(type=float, default=None, help="Adam lr of the RNN, alpha2 (default: sign-step "
+    ("rnn", "--rnn-layers", "t", dict(type=COUNT, default=2, help="LSTM layers (lstm design)")),
+    ("rnn", "--rnn-lr", "t", dict(type=POSITIVE, default=None, help="Adam lr of the RNN, alpha2 (default: sign-step "
             "1e-2, lstm 1e-3; README compares them)")),
-    ("rnn", "--rnn-max-step", "t", dict(type=parse_number, default=None, help="lstm design: bound of one update "
+    ("rnn", "--rnn-max-step", "t", dict(type=POSITIVE_NUMBER, default=None, help="lstm design: bound of one update "
             "(default: eps); sign-step uses --step-size as alpha")),
     ("rnn", "--rnn-weights", "t", dict(default="uniform", choices=("uniform", "last", "linear"), help="weights of "
             "the intermediate iterates in the RNN's loss")),
@@ -1629,48 +1655,48 @@ FLAGS = (
     ("rnn", "--freeze-classifier", "t", dict(action="store_true", help="rnn-* and l2l-*: train only the learned "
             "optimiser or attacker against a fixed classifier (from --init); its BatchNorm statistics stay as they "
             "are")),
-    ("rnn", "--rnn-eval-steps", "e", dict(type=int, default=None, help="steps of the 'rnn' eval attack (default: T)")),
+    ("rnn", "--rnn-eval-steps", "e", dict(type=COUNT, default=None, help="steps of the 'rnn' eval attack (default: T)")),
     ("rnn", "--rnn-progress", "e", dict(default="attack", choices=("attack", "training"), help="the optimiser's "
             "step feature t/T counts T as the running attack's steps (attack: a longer evaluation stretches the "
             "learned schedule) or the training --steps (training); the two differ only when --rnn-eval-steps "
             "differs from --steps")),
-    ("rnn", "--bls-init-step", "t", dict(type=parse_number, default=None, help="first BLS trial step (default: eps)")),
-    ("rnn", "--bls-shrink", "t", dict(type=float, default=0.5, help="BLS step factor per trial")),
-    ("rnn", "--bls-c", "t", dict(type=float, default=0.0001, help="BLS sufficient-increase constant")),
-    ("rnn", "--bls-tries", "t", dict(type=int, default=8, help="BLS trial step sizes per inner step")),
+    ("rnn", "--bls-init-step", "t", dict(type=POSITIVE_NUMBER, default=None, help="first BLS trial step (default: eps)")),
+    ("rnn", "--bls-shrink", "t", dict(type=FRACTION, default=0.5, help="BLS step factor per trial")),
+    ("rnn", "--bls-c", "t", dict(type=POSITIVE, default=0.0001, help="BLS sufficient-increase constant")),
+    ("rnn", "--bls-tries", "t", dict(type=COUNT, default=8, help="BLS trial step sizes per inner step")),
     ("l2l", "--l2l-attacker", "t", dict(default="slim", choices=("slim", "wide"), help="slim: the poster's "
             "architecture; wide: the released scripts' WideAttacker")),
-    ("l2l", "--l2l-width", "t", dict(type=int, default=128, help="attacker channels (slim: W, 2W, W; wide: W/2 .. "
+    ("l2l", "--l2l-width", "t", dict(type=COUNT, default=128, help="attacker channels (slim: W, 2W, W; wide: W/2 .. "
             "2W); 128 is the paper's")),
-    ("l2l", "--l2l-steps", "t", dict(type=int, default=2, help="l2l-2step: attacker applications K")),
-    ("l2l", "--l2l-step-size", "t", dict(type=parse_number, default=None, help="l2l-2step: scale each step by "
+    ("l2l", "--l2l-steps", "t", dict(type=COUNT, default=2, help="l2l-2step: attacker applications K")),
+    ("l2l", "--l2l-step-size", "t", dict(type=POSITIVE_NUMBER, default=None, help="l2l-2step: scale each step by "
             "STEP/eps (adv_loss.py's k-step variant, 0.007); default: unscaled steps (the poster's 2-step L2L)")),
-    ("l2l", "--attacker-steps", "t", dict(type=int, default=1, help="attacker updates per classifier update")),
-    ("l2l", "--attacker-lr", "t", dict(type=float, default=0.001, help="Adam learning rate of the attacker")),
-    ("l2l", "--attacker-wd", "t", dict(type=float, default=0.0002, help="Adam weight decay of the attacker")),
+    ("l2l", "--attacker-steps", "t", dict(type=COUNT, default=1, help="attacker updates per classifier update")),
+    ("l2l", "--attacker-lr", "t", dict(type=NONNEGATIVE, default=0.001, help="Adam learning rate of the attacker")),
+    ("l2l", "--attacker-wd", "t", dict(type=NONNEGATIVE, default=0.0002, help="Adam weight decay of the attacker")),
     ("eval", "--eval-attacks", "e", dict(default="fgsm,pgd,cw,aa", help="comma list from: {attacks}; aa = "
             "AutoAttack's standard version (apgd-ce, apgd-t, fab-t, square on the examples still robust), the "
             "yardstick for robust accuracy")),
-    ("eval", "--eval-steps", "e", dict(type=int, default=None, help="PGD/CW steps (default: 20, MNIST 40)")),
-    ("eval", "--eval-step-size", "e", dict(type=parse_number, default=None, help="PGD/CW step (default: eps/4, "
+    ("eval", "--eval-steps", "e", dict(type=NONNEGATIVE_INT, default=None, help="PGD/CW steps (default: 20, MNIST 40)")),
+    ("eval", "--eval-step-size", "e", dict(type=NONNEGATIVE_NUMBER, default=None, help="PGD/CW step (default: eps/4, "
             "MNIST 0.01)")),
-    ("eval", "--eval-restarts", "e", dict(type=int, default=1, help="random restarts of PGD/CW")),
-    ("eval", "--eval-batch-size", "e", dict(type=int, default=500, help="batch of the validation and test attacks, "
+    ("eval", "--eval-restarts", "e", dict(type=COUNT, default=1, help="random restarts of PGD/CW")),
+    ("eval", "--eval-batch-size", "e", dict(type=COUNT, default=500, help="batch of the validation and test attacks, "
             "and of AutoAttack's chunks")),
     ("eval", "--transfer-from", "e", dict(default=None, metavar="CKPT", help="source checkpoint of the 'transfer' "
             "evaluation attack")),
-    ("eval", "--apgd-steps", "e", dict(type=int, default=100, help="iterations of apgd-ce and apgd-t (AutoAttack: "
+    ("eval", "--apgd-steps", "e", dict(type=COUNT, default=100, help="iterations of apgd-ce and apgd-t (AutoAttack: "
             "100)")),
-    ("eval", "--apgd-targets", "e", dict(type=int, default=9, help="target classes of apgd-t (AutoAttack: 9)")),
-    ("eval", "--fab-steps", "e", dict(type=int, default=100, help="iterations of fab-t per target (AutoAttack: 100)")),
-    ("eval", "--fab-targets", "e", dict(type=int, default=9, help="target classes of fab-t (AutoAttack: 9)")),
-    ("eval", "--square-queries", "e", dict(type=int, default=5000, help="queries of square (AutoAttack: 5000)")),
+    ("eval", "--apgd-targets", "e", dict(type=COUNT, default=9, help="target classes of apgd-t (AutoAttack: 9)")),
+    ("eval", "--fab-steps", "e", dict(type=COUNT, default=100, help="iterations of fab-t per target (AutoAttack: 100)")),
+    ("eval", "--fab-targets", "e", dict(type=COUNT, default=9, help="target classes of fab-t (AutoAttack: 9)")),
+    ("eval", "--square-queries", "e", dict(type=COUNT, default=5000, help="queries of square (AutoAttack: 5000)")),
     ("eval", "--eval-checks", "e", dict(action="store_true", help="run the gradient-masking sanity checks on the "
             "evaluated checkpoint")),
-    ("eval", "--val-steps", "t", dict(type=int, default=10, help="PGD steps of the per-epoch validation attack")),
-    ("eval", "--val-step-size", "t", dict(type=parse_number, default=None, help="its step (default: 2.5 eps / "
+    ("eval", "--val-steps", "t", dict(type=NONNEGATIVE_INT, default=10, help="PGD steps of the per-epoch validation attack")),
+    ("eval", "--val-step-size", "t", dict(type=POSITIVE_NUMBER, default=None, help="its step (default: 2.5 eps / "
             "--val-steps, Madry et al.'s rule)")),
-    ("eval", "--val-restarts", "t", dict(type=int, default=1, help="its random restarts (Fast-BAT selects on "
+    ("eval", "--val-restarts", "t", dict(type=COUNT, default=1, help="its random restarts (Fast-BAT selects on "
             "PGD-50-10, step eps/4)")),
     ("speed", "--precision", "", dict(default="fp32", choices=("fp32", "bf16"), help="training and its attacks "
             "under bf16 autocast (meant for CUDA; no loss scaling)")),
@@ -1680,16 +1706,16 @@ FLAGS = (
             "batches")),
     ("speed", "--compile", "e", dict(action="store_true", help="torch.compile the networks, static shapes "
             "(fast-bat, fast-at-ga stay eager)")),
-    ("speed", "--nproc-per-node", "", dict(type=int, default=1, metavar="N", help="train data-parallel in N "
+    ("speed", "--nproc-per-node", "", dict(type=COUNT, default=1, metavar="N", help="train data-parallel in N "
             "processes on this machine (as torchrun --nproc_per_node N, which this starts once every flag has been "
             "checked; a failure ends with one error line)")),
     ("speed", "--sync-bn", "", dict(action="store_true", help="under torchrun: BatchNorm statistics over all ranks")),
     ("speed", "--benchmark", "", dict(action="store_true", help="time --bench-steps training steps on synthetic "
             "data and print img/s, s/epoch, memory, TFLOP/s; trains nothing, writes nothing")),
-    ("speed", "--bench-steps", "", dict(type=int, default=20, help="timed steps of --benchmark")),
-    ("speed", "--bench-warmup", "", dict(type=int, default=5, help="untimed steps first (compilation and cudnn "
+    ("speed", "--bench-steps", "", dict(type=COUNT, default=20, help="timed steps of --benchmark")),
+    ("speed", "--bench-warmup", "", dict(type=NONNEGATIVE_INT, default=5, help="untimed steps first (compilation and cudnn "
             "autotuning happen here; keep >= 2 with --compile)")),
-    ("speed", "--peak-tflops", "", dict(type=float, default=None, help="the device's dense bf16 peak for "
+    ("speed", "--peak-tflops", "", dict(type=POSITIVE, default=None, help="the device's dense bf16 peak for "
             "--benchmark's fraction (None: looked up for known GPUs)")),
 )
 TRAINING_KEYS = tuple(flag[2:].replace("-", "_") for _, flag, where, _ in FLAGS if "t" in where)
@@ -1719,13 +1745,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Check every flag and fill the per-method, per-dataset defaults. Raises UsageError."""
-    if args.nproc_per_node < 1:
-        raise UsageError(f"--nproc-per-node {args.nproc_per_node} must be at least 1")
+    """Fill the per-method, per-dataset defaults and check what no flag's type can check alone (the types in FLAGS
+    check each number's range as the command line is read). Raises UsageError."""
     if args.method not in METHODS:
         raise UsageError(f"unknown --method '{args.method}'; choose one of: {', '.join(METHODS)}")
-    if not 0 <= args.seed < 2 ** 32:
-        raise UsageError(f"--seed {args.seed} is outside [0, 2^32); use a smaller seed, e.g. --seed 0")
     if args.dataset not in DATASETS:
         raise UsageError(f"unknown --dataset '{args.dataset}'; choose one of: {', '.join(DATASETS)}")
     spec = DATASETS[args.dataset]
@@ -1787,26 +1810,12 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.bls_init_step = args.eps
     if args.rnn_eval_steps is None:
         args.rnn_eval_steps = max(args.steps, 1)
-    for name in ("rnn_hidden", "rnn_layers", "bls_tries", "rnn_eval_steps", "apgd_steps", "apgd_targets", "fab_steps",
-                 "fab_targets", "square_queries"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} is below 1; use 1 or more")
-    for name in ("rnn_lr", "rnn_max_step", "bls_init_step", "bls_c"):
-        if not (getattr(args, name) > 0 and math.isfinite(getattr(args, name))):
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} must be a positive number")
-    if not 0 < args.bls_shrink < 1:
-        raise UsageError(f"--bls-shrink {args.bls_shrink} must lie in (0, 1)")
     if args.method in ("rnn-adv", "rnn-trades") and args.steps < 1:
         raise UsageError(f"--steps {args.steps}: {args.method} needs at least one inner step")
     if args.bat_a is None:
         args.bat_a = fast_bat_step_size(args.eps)
     if args.ga_gamma is None:
         args.ga_gamma = gradalign_gamma(args.eps)
-    for name in ("bat_a", "bat_lambda", "ga_gamma", "bat_ig_ratio"):
-        value = getattr(args, name)
-        if not (value >= 0 and math.isfinite(value)) or (name in ("bat_a", "bat_lambda") and value == 0):
-            raise UsageError(f"--{name.replace('_', '-')} {value} must be a finite number"
-                             f"{' > 0' if name in ('bat_a', 'bat_lambda') else ' >= 0'}")
     if args.eval_steps is None:
         args.eval_steps = spec["eval_steps"]
     if args.eval_step_size is None:
@@ -1822,23 +1831,6 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.lr_milestones = [float(m) for m in milestones]
     except ValueError:
         raise UsageError(f"--lr-milestones '{args.lr_milestones}' is not a comma list of epochs, e.g. 100,150")
-    for name in ("steps", "eval_steps", "val_steps"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} is negative; use 0 or more")
-    for name in ("epochs", "batch_size", "eval_batch_size", "eval_restarts", "val_size"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} is below 1; use 1 or more")
-    for name in ("train_size", "test_size"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} is below 1; use 1 or more")
-    for name in ("step_size", "eval_step_size", "lr", "weight_decay", "momentum", "beta"):
-        value = getattr(args, name)
-        if value < 0 or not math.isfinite(value):
-            raise UsageError(f"--{name.replace('_', '-')} {value} must be a finite number >= 0")
-    if args.lr <= 0:
-        raise UsageError(f"--lr {args.lr} must be positive")
-    if args.momentum >= 1:
-        raise UsageError(f"--momentum {args.momentum:g} must be below 1 (SGD diverges at 1 and above); the papers use 0.9")
     if args.lr_schedule == "cyclic" and args.cycle_momentum and args.momentum < CYCLIC_PEAK_MOMENTUM:
         raise UsageError(f"--momentum {args.momentum:g} with the cyclic schedule: CyclicLR cycles momentum from "
                          f"--momentum at lr 0 to {CYCLIC_PEAK_MOMENTUM} at the peak, so it would rise with the lr; pass "
@@ -1861,9 +1853,6 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
                          "e.g. --eval-step-size 2/255")
     if args.val_step_size is None:
         args.val_step_size = 2.5 * args.eps / max(args.val_steps, 1)
-    if not (args.val_step_size > 0 and math.isfinite(args.val_step_size)) or args.val_restarts < 1:
-        raise UsageError(f"--val-step-size {args.val_step_size:g} / --val-restarts {args.val_restarts}: use a positive "
-                         f"step and at least 1 restart")
     per_process = min(args.batch_size, args.train_size or args.batch_size) // int(os.environ.get("WORLD_SIZE", "1"))
     has_batchnorm = args.model != "smallcnn" or args.method in L2L_VARIANTS  # (the L2L attackers have BatchNorm)
     if has_batchnorm and per_process < 2 and not args.eval_only:
@@ -1872,8 +1861,6 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
                          f"needs at least 2 to estimate its statistics; use --batch-size 2 or more (the papers use 128)")
     if args.model == "wrn" and (args.depth < 10 or (args.depth - 4) % 6 != 0):
         raise UsageError(f"--depth {args.depth} is not a WideResNet depth (6n+4, e.g. 16, 28, 34)")
-    if args.width < 1:
-        raise UsageError(f"--width {args.width} is below 1; use 1 or more")
     names = [a.strip() for a in args.eval_attacks.split(",") if a.strip()]
     unknown = [a for a in names if a not in EVAL_ATTACKS]
     if unknown or not names:
@@ -1897,19 +1884,6 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if "l2l" in names and args.method not in L2L_VARIANTS:
         raise UsageError(f"--eval-attacks l2l needs a learned L2L attacker, and --method {args.method} has none; "
                          f"drop it or evaluate an l2l-* checkpoint")
-    for name in ("l2l_steps", "attacker_steps", "l2l_width"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} is below 1; use 1 or more")
-    for name in ("attacker_lr", "attacker_wd"):
-        if not (getattr(args, name) >= 0 and math.isfinite(getattr(args, name))):
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} must be a finite number >= 0")
-    if args.l2l_step_size is not None and not args.l2l_step_size > 0:
-        raise UsageError(f"--l2l-step-size {args.l2l_step_size} must be positive")
-    if args.bench_steps < 1 or args.bench_warmup < 0:
-        raise UsageError(f"--bench-steps {args.bench_steps} / --bench-warmup {args.bench_warmup}: use at least 1 "
-                         f"timed step and 0 or more warm-up steps")
-    if args.peak_tflops is not None and not (args.peak_tflops > 0 and math.isfinite(args.peak_tflops)):
-        raise UsageError(f"--peak-tflops {args.peak_tflops} must be a positive number (TFLOP/s)")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but torch sees no CUDA device; use --device cpu or auto")
     args.paper = parse_paper_numbers(args.paper)

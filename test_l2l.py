@@ -457,7 +457,7 @@ BAD = {
     "l2l attacker with batch 1": (["--method", "l2l-grad", "--batch-size", "1"], "BatchNorm"),
     # accepted into nonsense before
     "freeze without init": (["--method", "rnn-adv", "--freeze-classifier"], "--init"),
-    "momentum above 1": (["--momentum", "1.5"], "--momentum 1.5 must be below 1"),
+    "momentum above 1": (["--momentum", "1.5"], "--momentum: 1.5 must be at least 0 and below 1"),
     "momentum 0 cycled": (["--momentum", "0", "--lr-schedule", "cyclic"], "--no-cycle-momentum"),
     "milestone nan": (["--lr-milestones", "nan"], "positive epoch"),
     "milestone negative": (["--lr-milestones", "-5"], "positive epoch"),
