@@ -2171,8 +2171,6 @@ def train_batches(data: Data, batch_size: int, mode: str, gen: torch.Generator, 
         yield augment(to_float(data.x_train[idx]), mode, gen, pad), data.y_train[idx]
 
 
-
-
 # ================================================================================================
 # Models by name, and checkpoints.
 # ================================================================================================
@@ -2413,7 +2411,6 @@ def used_flags(args) -> dict:
                   if key == prefix or (prefix.endswith("_") and key.startswith(prefix))]
         return not owners or args.method in owners[0]
     return {k: v for k, v in vars(args).items() if used(k)}
-
 
 
 # ================================================================================================
