@@ -2962,8 +2962,9 @@ def test_run_sh_same_checkpoints_tells_a_pure_move_from_a_change(tmp_path):
                            env={**os.environ, "PYTHON": sys.executable, "SHAPES": "mnist"})
         assert r.returncode == code, r.stdout + r.stderr
         assert ("bitwise equal" if code == 0 else "DIFFERENT") in r.stdout
-    r = subprocess.run(["bash", os.path.join(HERE, "run.sh"), "same-checkpoints"], capture_output=True, text=True)
-    assert r.returncode == 1 and "needs the path of another l2l.py" in r.stderr
+    r = subprocess.run(["bash", os.path.join(HERE, "run.sh"), "same-checkpoints"], capture_output=True, text=True,
+                       env={**os.environ, "PYTHON": sys.executable})
+    assert r.returncode == 1 and "needs the path of another l2l.py" in r.stderr, r.stderr
 
 
 def test_rice_recipe_checkpoint_evaluates_as_it_was_trained(tmp_path):
