@@ -1491,6 +1491,26 @@ def with_legacy_defaults(saved: dict) -> dict:
         flags["input_std"] = list(DATASETS[saved["dataset"]]["std"])
     return flags
 
+# The defaults that follow from other flags (a flag left unset takes its entry's value, in this order, once the
+# recipe's values are in): default(args, recipe, dataset spec).
+DERIVED_DEFAULTS = (
+    # Fast-AT's step is 1.25 eps, so it follows an overridden eps; the other recipes give theirs
+    ("step_size", lambda a, recipe, spec: 1.25 * a.eps if a.method in ("fast-at", "fast-at-ga")
+     else recipe.get("step_size", 0.0)),
+    ("augment", lambda a, recipe, spec: spec["augment"]),
+    ("rnn_max_step", lambda a, recipe, spec: a.eps),
+    ("rnn_hidden", lambda a, recipe, spec: 20 if a.rnn_design == "lstm" else 8),
+    # a choice: measured on a fixed MNIST classifier (README, RNN-Adv variants)
+    ("rnn_lr", lambda a, recipe, spec: 1e-3 if a.rnn_design == "lstm" else 1e-2),
+    ("rnn_eval_steps", lambda a, recipe, spec: max(a.steps, 1)),
+    ("bls_init_step", lambda a, recipe, spec: a.eps),
+    ("bat_a", lambda a, recipe, spec: fast_bat_step_size(a.eps)),
+    ("ga_gamma", lambda a, recipe, spec: gradalign_gamma(a.eps)),
+    ("eval_steps", lambda a, recipe, spec: spec["eval_steps"]),
+    ("eval_step_size", lambda a, recipe, spec: a.eps * spec["eval_step_frac"]),
+    ("lr_peak_epoch", lambda a, recipe, spec: a.epochs / 2),  # half-way, as fast_adversarial
+    ("val_step_size", lambda a, recipe, spec: 2.5 * a.eps / max(a.val_steps, 1)),  # Madry et al.'s rule
+)
 MODELS = ("smallcnn", "vgg16", "preactresnet18", "wrn")
 LR_SCHEDULES = ("multistep", "cyclic", "constant")
 
@@ -1765,14 +1785,9 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
                  "lr_milestones", "lr_milestone_base", "lr_peak_epoch", "steps", "beta", "attack_bn", "attack_start"):
         if getattr(args, name, None) is None:
             setattr(args, name, recipe.get(name))
-    if args.step_size is None:
-        # Step sizes of eps-relative recipes scale with eps (Fast-AT 1.25 eps) when eps is overridden.
-        step = recipe.get("step_size", 0.0)
-        if args.method in ("fast-at", "fast-at-ga"):
-            step = 1.25 * args.eps
-        args.step_size = step
-    if args.augment is None:
-        args.augment = spec["augment"]
+    for name, default in DERIVED_DEFAULTS:
+        if getattr(args, name) is None:
+            setattr(args, name, default(args, recipe, spec))
     for name in ("normalize", "preact_shortcut", "crop_pad"):
         if getattr(args, name) is None:
             setattr(args, name, recipe[name])
@@ -1794,32 +1809,14 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             raise UsageError(f"--input-std needs {c} positive numbers for {args.dataset} (one per channel), "
                              f"got {args.input_std}")
         args.input_mean = list(spec["mean"])
-    if args.rnn_max_step is None:
-        args.rnn_max_step = args.eps
-    if args.rnn_hidden is None:
-        args.rnn_hidden = 20 if args.rnn_design == "lstm" else 8
-    if args.rnn_lr is None:  # a choice: measured on a fixed MNIST classifier (README, RNN-Adv variants)
-        args.rnn_lr = 1e-3 if args.rnn_design == "lstm" else 1e-2
     if args.freeze_classifier and args.method not in ("rnn-adv", "rnn-trades", *L2L_VARIANTS):
         raise UsageError(f"--freeze-classifier trains only a learned optimiser or attacker, and --method {args.method} "
                          f"has none; use an rnn-* or l2l-* method")
     if args.freeze_classifier and not args.init and not args.resume and not args.eval_only:
         raise UsageError("--freeze-classifier keeps the classifier fixed, and without --init CKPT it would be a random "
                          "one; pass --init with a trained checkpoint")
-    if args.bls_init_step is None:
-        args.bls_init_step = args.eps
-    if args.rnn_eval_steps is None:
-        args.rnn_eval_steps = max(args.steps, 1)
     if args.method in ("rnn-adv", "rnn-trades") and args.steps < 1:
         raise UsageError(f"--steps {args.steps}: {args.method} needs at least one inner step")
-    if args.bat_a is None:
-        args.bat_a = fast_bat_step_size(args.eps)
-    if args.ga_gamma is None:
-        args.ga_gamma = gradalign_gamma(args.eps)
-    if args.eval_steps is None:
-        args.eval_steps = spec["eval_steps"]
-    if args.eval_step_size is None:
-        args.eval_step_size = args.eps * spec["eval_step_frac"]
     if args.model not in MODELS:
         raise UsageError(f"unknown --model '{args.model}'; choose one of: {', '.join(MODELS)}")
     if args.lr_schedule not in LR_SCHEDULES:
@@ -1839,8 +1836,6 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if bad:
         raise UsageError(f"--lr-milestones {','.join(f'{m:g}' for m in bad)}: each milestone must be a positive epoch, "
                          f"e.g. 100,150")
-    if args.lr_peak_epoch is None:
-        args.lr_peak_epoch = args.epochs / 2
     if not 0 < args.lr_peak_epoch <= args.epochs:
         raise UsageError(f"--lr-peak-epoch {args.lr_peak_epoch:g} is outside (0, --epochs {args.epochs}]; "
                          f"give the epoch where the cyclic lr peaks")
@@ -1851,8 +1846,6 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.eval_step_size == 0 and args.eval_steps > 0:
         raise UsageError("--eval-step-size 0: the pgd and cw evaluation attacks would not move; give a positive step, "
                          "e.g. --eval-step-size 2/255")
-    if args.val_step_size is None:
-        args.val_step_size = 2.5 * args.eps / max(args.val_steps, 1)
     per_process = min(args.batch_size, args.train_size or args.batch_size) // int(os.environ.get("WORLD_SIZE", "1"))
     has_batchnorm = args.model != "smallcnn" or args.method in L2L_VARIANTS  # (the L2L attackers have BatchNorm)
     if has_batchnorm and per_process < 2 and not args.eval_only:
