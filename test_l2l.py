@@ -466,6 +466,12 @@ BAD = {
     "step size zero": (["--method", "pgd-at", "--step-size", "0"], "--step-size 0"),
     "eval step size zero": (["--eval-step-size", "0"], "--eval-step-size 0"),
     "seed overflow": (["--seed", "99999999999999999999999"], "--seed"),
+    # each number's range is its flag's type
+    "bls shrink of 1": (["--bls-shrink", "1"], "--bls-shrink: 1 must be above 0 and below 1"),
+    "no rnn units": (["--rnn-hidden", "0"], "--rnn-hidden: 0 must be at least 1"),
+    "nan weight decay": (["--weight-decay", "nan"], "--weight-decay: nan must be at least 0"),
+    "zero l2l step": (["--l2l-step-size", "0"], "--l2l-step-size: 0 must be above 0"),
+    "step size not a number": (["--step-size", "2/0"], "--step-size"),
 }
 
 
