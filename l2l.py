@@ -1491,6 +1491,7 @@ def with_legacy_defaults(saved: dict) -> dict:
         flags["input_std"] = list(DATASETS[saved["dataset"]]["std"])
     return flags
 
+
 # The defaults that follow from other flags (a flag left unset takes its entry's value, in this order, once the
 # recipe's values are in): default(args, recipe, dataset spec).
 DERIVED_DEFAULTS = (
@@ -1511,6 +1512,7 @@ DERIVED_DEFAULTS = (
     ("lr_peak_epoch", lambda a, recipe, spec: a.epochs / 2),  # half-way, as fast_adversarial
     ("val_step_size", lambda a, recipe, spec: 2.5 * a.eps / max(a.val_steps, 1)),  # Madry et al.'s rule
 )
+
 MODELS = ("smallcnn", "vgg16", "preactresnet18", "wrn")
 LR_SCHEDULES = ("multistep", "cyclic", "constant")
 
@@ -1542,8 +1544,8 @@ def bounded(convert: Callable, low=None, high=None, low_open=False, high_open=Fa
 
     def parse(text):
         value = convert(text)
-        if not (math.isfinite(value) and (low is None or value > low or (value == low and not low_open))
-                and (high is None or value < high or (value == high and not high_open))):
+        if not (math.isfinite(value) and (low is None or (value > low if low_open else value >= low))
+                and (high is None or (value < high if high_open else value <= high))):
             raise argparse.ArgumentTypeError(f"{text} must be {bounds}{why}")
         return value
 
@@ -2117,14 +2119,14 @@ def to_float(x_uint8: torch.Tensor, fmt: torch.memory_format = torch.preserve_fo
 
 
 def augment(x: torch.Tensor, mode: str, gen: torch.Generator, pad: str = "zero") -> torch.Tensor:
-    """Random crop with padding 4 (zeros, or with pad="reflect" the mirrored border as Rice et al.'s utils.pad), then (for 'crop-flip' and 'crop-flip-rotate') horizontal flip, then (for
-    'crop-flip-rotate') rotation by an angle drawn uniformly from [-15, 15] degrees about the centre, nearest
+    """Random crop with padding 4 (zeros, or with pad="reflect" the mirrored border as Rice et al.'s utils.pad), then
+    (for 'crop-flip' and 'crop-flip-rotate') horizontal flip, then (for 'crop-flip-rotate') rotation by an angle drawn uniformly from [-15, 15] degrees about the centre, nearest
     pixel, zero fill: torchvision's RandomCrop(32, 4), RandomHorizontalFlip(), RandomRotation(15) in that order,
     as Fast-BAT's CIFAR-100 loader. On the device, per image."""
     if mode == "none":
         return x
     n, c, h, w = x.shape
-    padded = F.pad(x, (4, 4, 4, 4), mode="reflect") if pad == "reflect" else F.pad(x, (4, 4, 4, 4))
+    padded = F.pad(x, (4, 4, 4, 4), mode="reflect" if pad == "reflect" else "constant")
     dy = torch.randint(0, 9, (n,), device=x.device, generator=gen)
     dx = torch.randint(0, 9, (n,), device=x.device, generator=gen)
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # n x 1 x h x 1
@@ -2464,6 +2466,13 @@ def dist_world() -> tuple:
     return 0, 1
 
 
+def check_batch_splits(batch_size: int, processes: int) -> None:
+    """--batch-size is the global batch: each of the processes takes an equal share."""
+    if batch_size % processes:
+        raise UsageError(f"--batch-size {batch_size} does not split over {processes} processes; "
+                         f"use a multiple of {processes}")
+
+
 def setup_distributed(args) -> torch.device:
     """The device of this process. Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPUs, one
     GPU per rank by LOCAL_RANK; gloo on CPU). --batch-size stays the global batch and is split over ranks."""
@@ -2471,9 +2480,7 @@ def setup_distributed(args) -> torch.device:
     device = pick_device(args.device)
     if world == 1:
         return device
-    if args.batch_size % world:
-        raise UsageError(f"--batch-size {args.batch_size} does not split over {world} processes; "
-                         f"use a multiple of {world}")
+    check_batch_splits(args.batch_size, world)
     if device.type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if local >= torch.cuda.device_count():
@@ -3555,6 +3562,7 @@ def benchmark(args) -> dict:
         import resource
         memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB peak RSS (process)"
     n_train = args.train_size or spec["n_train"] - args.val_size
+    epoch_steps = batches_per_epoch(n_train, bs, args.drop_last)
     step_s = seconds / steps
     tflops = flops / step_s / 1e12
     peak = device_peak_tflops(device, args.peak_tflops)
@@ -3563,7 +3571,8 @@ def benchmark(args) -> dict:
                "precision": args.precision, "channels_last": args.channels_last, "compile": args.compile,
                "processes": world, "device": name, "steps": steps, "warmup": warmup,
                "images_per_second": bs * steps / seconds, "seconds_per_step": step_s,
-               "seconds_per_epoch": batches_per_epoch(n_train, bs, args.drop_last) * step_s, "epoch_examples": n_train, "memory": memory,
+               "seconds_per_epoch": epoch_steps * step_s, "epoch_examples": n_train,
+               "memory": memory,
                "flops_per_step": flops, "tflops_per_second": tflops,
                "fraction_of_peak": tflops / peak if peak else None, "peak_tflops": peak}
     if rank == 0:
@@ -3573,7 +3582,7 @@ def benchmark(args) -> dict:
               f"steps {args.steps}, {fast}, {name}" + (f" x {world} processes" if world > 1 else ""))
         frac = f" = {100 * tflops / peak:.1f}% of the {peak:g} TFLOP/s bf16 peak" if peak else ""
         print(f"  {bs * steps / seconds:,.0f} img/s  {step_s * 1000:.1f} ms/step  "
-              f"{figures['seconds_per_epoch']:.1f} s/epoch ({batches_per_epoch(n_train, bs, args.drop_last)} steps of {bs}, {n_train} examples)  "
+              f"{figures['seconds_per_epoch']:.1f} s/epoch ({epoch_steps} steps of {bs}, {n_train} examples)  "
               f"{memory}  {flops / 1e12:.3f} TFLOP/step  {tflops:.2f} TFLOP/s{frac}  "
               f"({steps} timed steps after {warmup} warm-up)", flush=True)
     return figures
@@ -3827,8 +3836,7 @@ def launch_processes(args, argv) -> int:
     n = args.nproc_per_node
     if args.report:
         raise UsageError("--report reads results and starts no processes; drop --nproc-per-node")
-    if args.batch_size % n:
-        raise UsageError(f"--batch-size {args.batch_size} does not split over {n} processes; use a multiple of {n}")
+    check_batch_splits(args.batch_size, n)
     if pick_device(args.device).type == "cuda" and n > torch.cuda.device_count():
         raise UsageError(f"--nproc-per-node {n} but this machine has {torch.cuda.device_count()} GPUs; lower it")
     argv = list(sys.argv[1:] if argv is None else argv)
