@@ -2195,8 +2195,15 @@ def read_checkpoint(path: str, what: str) -> dict:
         raise UsageError(f"{what} {path}: no such file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+    except Exception as e:  # torch's own messages name its internals (a bare "105", miniz), so say what the file is
+        try:
+            with open(path, "rb") as f:
+                archive = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
+        except OSError as read_error:
+            e, archive = read_error, None
+        reason = (e.strerror or str(e) if archive is None else "no torch.save archive" if not archive else
+                  "it holds objects beyond tensors and plain values, which are not loaded"
+                  if "weights only" in str(e).lower() else "a damaged or truncated torch.save archive")
         raise UsageError(f"{what} {path} is not a readable checkpoint ({reason}); pass a .pt written by l2l.py")
     if not isinstance(ckpt, dict) or ckpt.get("format") not in (CHECKPOINT_FORMAT, "l2l-checkpoint-1"):
         raise UsageError(f"{what} {path} is not an l2l.py checkpoint (no '{CHECKPOINT_FORMAT}' marker); "
@@ -3093,8 +3100,6 @@ def catastrophic_overfitting(history: list) -> Optional[str]:
     return None
 
 
-# Flags that define a training run: --resume refuses a checkpoint whose values differ.
-
 def atomic_save(obj, path: str) -> None:
     """torch.save through atomic_write; a failed write (a full disk: torch.save raises RuntimeError, not OSError)
     is a one-line UsageError, and the file under `path` stays as it was."""
@@ -3221,8 +3226,12 @@ def init_from(run: Run, path: str) -> None:
             if isinstance(extra, nn.Module) and name in ckpt["extras"]:
                 extra.load_state_dict(ckpt["extras"][name])
     except RuntimeError as e:
-        raise UsageError(f"--init {path} does not fit --model {run.args.model} on {run.args.dataset} "
-                         f"({str(e).splitlines()[0][:100]}); pass a checkpoint of the same model and dataset")
+        network = lambda a: (f"WRN-{a['depth']}-{a['width']}" if a["model"] == "wrn" else a["model"]) + \
+            f" for {a['dataset']}"
+        ours, saved = network(vars(run.args)), network(ckpt["args"])
+        found = f"it holds a {saved}" if saved != ours else str(e).splitlines()[-1].strip()[:100]
+        raise UsageError(f"--init {path} does not fit this run's {ours} ({found}); pass a checkpoint of the same "
+                         f"model and dataset")
 
 
 def evaluation_extras(args, run: Run, device) -> dict:

@@ -4,6 +4,7 @@ Run: python -m pytest -q test_l2l.py   (CPU, synthetic data, no download; a few 
 On a GPU: L2L_TEST_DEVICE=cuda python -m pytest -q test_l2l.py   (models, batches and command-line runs on that
 device; the few tests that only make sense on a CPU say so and skip)
 """
+import argparse
 import copy
 import json
 import math
@@ -553,11 +554,16 @@ def test_cache_with_wrong_shape_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flag", ["--eval-only", "--resume"])
-@pytest.mark.parametrize("kind", ["missing", "garbage", "foreign"])
-def test_bad_checkpoints_are_refused(flag, kind, mnist_dir, tmp_path, capsys):
+@pytest.mark.parametrize("kind", ["missing", "garbage", "truncated", "objects", "foreign"])
+def test_bad_checkpoints_are_refused(flag, kind, trained_run, mnist_dir, tmp_path, capsys):
+    """Each kind of bad file is named for what it is (torch's own messages say "105" or name miniz)."""
     path = tmp_path / "last.pt"
     if kind == "garbage":
         path.write_bytes(b"\x00" * 64)
+    elif kind == "truncated":  # a real checkpoint cut short, as an interrupted copy leaves it
+        path.write_bytes(open(os.path.join(trained_run, "best.pt"), "rb").read()[:4096])
+    elif kind == "objects":  # a pickled Python object, which a weights-only load refuses
+        torch.save({"format": l2l.CHECKPOINT_FORMAT, "args": argparse.Namespace(method="pgd-at")}, path)
     elif kind == "foreign":
         torch.save({"state_dict": {"w": torch.zeros(1)}}, path)
     before = snapshot(tmp_path)
@@ -565,7 +571,11 @@ def test_bad_checkpoints_are_refused(flag, kind, mnist_dir, tmp_path, capsys):
         code = l2l.main(["--eval-only", str(path), "--data-dir", mnist_dir])
     else:
         code = l2l.main(["--dataset", "mnist", "--data-dir", mnist_dir, *TINY, "--out", str(tmp_path), "--resume"])
-    check_one_line_error(code, capsys.readouterr().err, str(path))
+    says = {"missing": "no such file", "garbage": "(no torch.save archive)", "truncated": "damaged or truncated",
+            "objects": "objects beyond tensors", "foreign": "not an l2l.py checkpoint"}[kind]
+    err = capsys.readouterr().err
+    check_one_line_error(code, err, says)
+    assert str(path) in err
     assert snapshot(tmp_path) == before
 
 
@@ -1104,6 +1114,11 @@ def test_transfer_attack_and_init(trained_run, mnist_dir, tmp_path, capsys):
     code = l2l.main(["--method", "plain", "--dataset", "mnist", "--data-dir", mnist_dir, *TINY,
                      "--eval-attacks", "transfer", "--out", str(tmp_path / "u")])
     check_one_line_error(code, capsys.readouterr().err, "--transfer-from")
+    # --init of another network: the error names both networks (torch's first line names neither)
+    code = l2l.main(["--method", "plain", "--dataset", "mnist", "--data-dir", mnist_dir, *TINY, "--model", "wrn",
+                     "--depth", "10", "--width", "1", "--init", src, "--out", str(tmp_path / "w")])
+    check_one_line_error(code, capsys.readouterr().err, "does not fit this run's WRN-10-1 for mnist (it holds a "
+                                                        "smallcnn for mnist)")
 
 
 
