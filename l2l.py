@@ -981,7 +981,7 @@ class LSTMOptimizer(nn.Module):
         super().__init__()
         self.preprocess = preprocess
         sizes = [2 if preprocess else 1] + [hidden] * layers
-        self.cells = nn.ModuleList(nn.LSTMCell(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.cells = nn.ModuleList(nn.LSTMCell(n_in, n_out) for n_in, n_out in zip(sizes[:-1], sizes[1:]))
         self.out = nn.Linear(hidden, 1)
         nn.init.normal_(self.out.weight, std=0.01)  # small first updates (a choice)
         nn.init.zeros_(self.out.bias)
