@@ -2198,12 +2198,13 @@ def read_checkpoint(path: str, what: str) -> dict:
     except Exception as e:  # torch's own messages name its internals (a bare "105", miniz), so say what the file is
         try:
             with open(path, "rb") as f:
-                archive = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
+                zipped = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
         except OSError as read_error:
-            e, archive = read_error, None
-        reason = (e.strerror or str(e) if archive is None else "no torch.save archive" if not archive else
-                  "it holds objects beyond tensors and plain values, which are not loaded"
-                  if "weights only" in str(e).lower() else "a damaged or truncated torch.save archive")
+            reason = read_error.strerror or str(read_error)
+        else:
+            reason = ("no torch.save archive" if not zipped else
+                      "it holds objects beyond tensors and plain values, which are not loaded"
+                      if "weights only" in str(e).lower() else "a damaged or truncated torch.save archive")
         raise UsageError(f"{what} {path} is not a readable checkpoint ({reason}); pass a .pt written by l2l.py")
     if not isinstance(ckpt, dict) or ckpt.get("format") not in (CHECKPOINT_FORMAT, "l2l-checkpoint-1"):
         raise UsageError(f"{what} {path} is not an l2l.py checkpoint (no '{CHECKPOINT_FORMAT}' marker); "
