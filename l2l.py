@@ -18,7 +18,7 @@ Run (defaults follow each method's paper; every default is a flag):
   python l2l.py --method trades --dataset mnist --data-dir ./data --epochs 2 --train-size 10000
   python l2l.py --eval-only runs/pgd-at_cifar10/best.pt --eval-attacks fgsm,pgd,cw --eval-restarts 10
   python l2l.py --benchmark --method fast-bat --dataset cifar10 --precision bf16 --channels-last
-  python l2l.py --nproc-per-node 8 --method trades --dataset cifar10 --precision bf16   # data parallel
+  torchrun --nproc-per-node 8 l2l.py --method trades --dataset cifar10 --precision bf16   # data parallel
   python l2l.py --help
 
 Paper index: each algorithm or equation, every function on its path (a training step calls the attack named
@@ -72,19 +72,21 @@ progress; evaluation; training loop; benchmark; report; main.
 """
 
 import argparse
-import ast
+import datetime
+import fcntl
 import json
 import math
 import os
+import resource
+import shutil
 import sys
 import tempfile
-import threading
 import time
-import zipfile
-import zlib
+import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.distributed as dist
@@ -139,6 +141,21 @@ class SmallCNN(nn.Module):
 
     def forward(self, x):
         return self.classifier(self.features(x))
+
+
+class MNISTNet(nn.Module):
+    """The MNIST network of Wong et al.'s Fast-AT code (fast_adversarial MNIST/mnist_net.py): conv16 4x4/2 -
+    conv32 4x4/2 - fc100 - fc, ReLU between, PyTorch's default initialisation."""
+
+    def __init__(self, in_ch=1, classes=10, hw=28):
+        super().__init__()
+        side = hw // 4
+        self.layers = nn.Sequential(
+            nn.Conv2d(in_ch, 16, 4, stride=2, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 4, stride=2, padding=1),
+            nn.ReLU(), nn.Flatten(), nn.Linear(32 * side * side, 100), nn.ReLU(), nn.Linear(100, classes))
+
+    def forward(self, x):
+        return self.layers(x)
 
 
 class VGG16(nn.Module):
@@ -309,18 +326,31 @@ def input_grad(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss: str
     return input_grad_and_logits(model, x_adv, y, loss)[0]
 
 
-def fgsm(model, x, y, eps, step_size=None, rand_init=False):
+def fgsm(model, x, y, eps, step_size=None, rand_init=False, clamp_start=True):
     """FGSM (Goodfellow et al. 2015): x' = Pi_C(x0 + a sign(grad_x L(x0))), x0 = x or a uniform random
-    start (Wong et al. 2020). a defaults to eps."""
+    start (Wong et al. 2020), clamped to [0,1] unless clamp_start is False. a defaults to eps."""
     step_size = eps if step_size is None else step_size
-    x0 = random_start(x, eps) if rand_init else x
+    x0 = x
+    if rand_init:
+        x0 = random_start(x, eps) if clamp_start else x + torch.empty_like(x).uniform_(-eps, eps)
     return project(x0 + step_size * input_grad(model, x0, y).sign(), x, eps).detach()
 
 
+def pgd_path(model, x, y, eps, step_size, steps, loss="ce", start="uniform"):
+    """One run of l_inf PGD (Madry et al. 2018), `loss` 'ce' or 'cw':
+        x_0 = start_point(x, eps, start);   x_{t+1} = Pi_C(x_t + a sign(grad_x L(x_t))),   t = 0..T-1.
+    Yields each x_t (t < T) with the logits of the forward pass that took its gradient, then x_T with None."""
+    x_adv = start_point(x, eps, start)
+    for _ in range(steps):
+        grad, logits = input_grad_and_logits(model, x_adv, y, loss)
+        yield x_adv, logits
+        x_adv = project(x_adv + step_size * grad.sign(), x, eps)
+    yield project(x_adv, x, eps), None  # a no-op after a step; projects an unprojected start when steps = 0
+
+
 def pgd(model, x, y, eps, step_size, steps, restarts=1, loss="ce", start="uniform", keep_fooling=False):
-    """l_inf PGD (Madry et al. 2018): x_{t+1} = Pi_C(x_t + a sign(grad_x L(x_t))) from start_point(x, eps, start),
-    `loss` 'ce' or 'cw'. Training uses the final iterate. With restarts > 1 each example keeps its worst restart:
-    misclassified beats correct, then the larger loss wins.
+    """l_inf PGD (pgd_path). Training uses the final iterate of one run. With restarts > 1 each example keeps its
+    worst restart: misclassified beats correct, then the larger loss wins.
     keep_fooling (evaluation): an example keeps the first iterate of any step or restart that the model
     misclassifies (read from the logits each step computes anyway, and from one pass at each final iterate).
     Never weaker than the final iterate; fast_adversarial's attack_pgd stops an example at its first misclassified
@@ -330,18 +360,14 @@ def pgd(model, x, y, eps, step_size, steps, restarts=1, loss="ce", start="unifor
     best_wrong = torch.zeros_like(y, dtype=torch.bool)
     best_loss = torch.full(y.shape, float("-inf"), device=x.device)
     for _ in range(restarts):
-        x_adv = start_point(x, eps, start)
-        for _ in range(steps):
-            grad, logits = input_grad_and_logits(model, x_adv, y, loss)
-            if keep_fooling:
+        for x_adv, logits in pgd_path(model, x, y, eps, step_size, steps, loss, start):
+            if keep_fooling and logits is not None:
                 fooled = (logits.argmax(1) != y) & ~best_wrong
                 best = torch.where(fooled.view(view), project(x_adv, x, eps), best)
                 best_wrong = best_wrong | fooled
-            x_adv = project(x_adv + step_size * grad.sign(), x, eps)
-        x_adv = project(x_adv, x, eps)  # a no-op after a step; projects an unprojected start when steps = 0
         if restarts == 1 and not keep_fooling:
             return x_adv.detach()
-        with torch.no_grad():
+        with torch.no_grad():  # the restart bookkeeping
             logits = model(x_adv)
             wrong, value = logits.argmax(1) != y, attack_loss(logits, y, loss)
             better = (wrong & ~best_wrong) | ((wrong == best_wrong) & (value > best_loss))
@@ -605,11 +631,9 @@ def square_linf(model, x, y, eps, n_queries=5000, p_init=0.8, generator=None):
     rand = lambda shape: torch.rand(shape, generator=generator).to(x.device)
     sign = lambda shape: torch.sign(2 * rand(shape) - 1)
 
-    def margin(z, labels):
+    def margin(z, labels):  # z_y - max_{j != y} z_j: cw_margin's negative (a subtraction, exactly)
         with torch.no_grad():
-            logits = model(z)
-        z_y = logits.gather(1, labels[:, None]).squeeze(1)
-        return z_y - logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), float("-inf")).amax(1)
+            return -cw_margin(model(z), labels)
 
     x_adv = x.detach().clone()
     with torch.no_grad():
@@ -633,7 +657,7 @@ def square_linf(model, x, y, eps, n_queries=5000, p_init=0.8, generator=None):
             left = int((w - side) * rand([1]))
             delta = torch.zeros([c, h, w], device=x.device)
             delta[:, top:top + side, left:left + side] = 2.0 * eps * sign([c, 1, 1])
-            x_new = torch.clamp(torch.min(torch.max(best_c + delta, x_c - eps), x_c + eps), 0.0, 1.0)
+            x_new = project(best_c + delta, x_c, eps)
             m = margin(x_new, y_c)
             lower = m < loss_min[active]
             loss_min[active] = torch.where(lower, m, loss_min[active])
@@ -915,6 +939,11 @@ class WideAttacker(nn.Module):
         return self.eps * torch.tanh(self.net(attacker_input).float())  # fp32, as SlimAttacker
 
 
+def l2l_attacker_optimizer(attacker: nn.Module) -> torch.optim.Optimizer:
+    """The attacker's optimiser in the L2L code (train_l2l_{1,2}_cifar10.py): Adam, lr 1e-3, weight decay 2e-4."""
+    return torch.optim.Adam(attacker.parameters(), lr=1e-3, weight_decay=2e-4)
+
+
 def scaled_input_grad(model, x, y, batch_max=None) -> torch.Tensor:
     """g / max|g| with g = grad_x CE(f(x), y) and one max over the whole batch (adv_loss.py); no graph.
     batch_max, when given, maps this batch's max to the one to divide by (data parallelism passes the max over
@@ -927,28 +956,28 @@ def scaled_input_grad(model, x, y, batch_max=None) -> torch.Tensor:
 
 
 def l2l_perturb(attacker, model, x, y, eps, variant: str, steps: int = 1, step_size=None, batch_max=None):
-    """x_adv from the L2L attacker (Jiang et al., poster table "L2L variants"; adv_loss.py):
+    """x_adv from the L2L attacker (Jiang et al., poster table "L2L variants"; adv_loss.py), K = `steps`:
       naive:  x_adv = clamp(x + g(x; phi), 0, 1)                                   (adv_loss_l2l_0)
       grad:   x_adv = clamp(x + g([x, g_hat(x)]; phi), 0, 1)                       (adv_loss_l2l_1)
-      multi, step_size None (the poster's 2-step L2L, adv_loss_l2l_2, for K = --l2l-steps):
+      multi (the poster's 2-step L2L, adv_loss_l2l_2):
               delta^1 = g([x, g_hat(x)]);  for k = 2..K:  x^k = clamp(x + delta^{k-1}, 0, 1),
               delta^k = Pi_eps(delta^{k-1} + g([x^k, g_hat(x^k)]));  x_adv = clamp(x + delta^K, 0, 1)
               x^k keeps its graph, so phi's gradient also flows through the earlier steps (as adv_loss.py);
-      multi, step_size s (adv_loss_l2l_k, K steps):
+      k-step (adv_loss_l2l_k, step `step_size` = s):
               x^0 = x;  x^{k+1} = clamp(x^k + (s / eps) g([x^k, g_hat(x^k)].detach()), 0, 1);
               x_adv = clamp(x + Pi_eps(x^K - x), 0, 1): each step clamped to the image, projected once at the end,
               the attacker's input detached (phi's gradient reaches it through the sum of steps only).
     Each normalised gradient g_hat is a constant (scaled_input_grad)."""
     if variant == "naive":
         return (x + attacker(x)).clamp(0, 1)
-    if variant == "multi" and step_size is not None:  # adv_loss_l2l_k
+    if variant == "k-step":
         x_k = x
         for _ in range(steps):
             attacker_input = torch.cat([x_k, scaled_input_grad(model, x_k, y, batch_max)], 1).detach()
             x_k = (x_k + attacker(attacker_input) * (step_size / eps)).clamp(0, 1)
         return (x + (x_k - x).clamp(-eps, eps)).clamp(0, 1)
     delta = attacker(torch.cat([x, scaled_input_grad(model, x, y, batch_max)], 1).detach())
-    for _ in range(steps - 1 if variant == "multi" else 0):
+    for _ in range(steps - 1 if variant == "multi" else 0):  # grad: no further step
         x_k = (x + delta).clamp(0, 1)
         attacker_input = torch.cat([x_k, scaled_input_grad(model, x_k, y, batch_max)], 1)  # x_k keeps its graph
         delta = (delta + attacker(attacker_input)).clamp(-eps, eps)  # Pi_B(eps)
@@ -974,8 +1003,8 @@ def preprocess_gradient(g: torch.Tensor, p: float = 10.0) -> torch.Tensor:
 class LSTMOptimizer(nn.Module):
     """--rnn-design lstm: Andrychowicz et al.'s coordinate-wise LSTM (one tiny LSTM shared by every input
     coordinate, batched over all pixels of all images), fed the preprocessed input gradient alone, emitting a
-    bounded update per coordinate:  (u_t, h_{t+1}) = m_phi(g_t, h_t),  u_t = scale * tanh(W h_{t+1} + b),
-    scale = --rnn-max-step (eps). Sizes are flags (--rnn-layers, --rnn-hidden: 2 x 20 as Andrychowicz et al.)."""
+    bounded update per coordinate:  (u_t, h_{t+1}) = m_phi(g_t, h_t),  u_t = eps * tanh(W h_{t+1} + b)
+    (a choice: the largest step that stays in the ball). Two layers of 20 units, as Andrychowicz et al."""
 
     def __init__(self, hidden=20, layers=2, preprocess=True):
         super().__init__()
@@ -986,7 +1015,7 @@ class LSTMOptimizer(nn.Module):
         nn.init.normal_(self.out.weight, std=0.01)  # small first updates (a choice)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, g, state, scale, **_):
+    def forward(self, g, state, eps, **_):
         shape = g.shape
         h = preprocess_gradient(g.reshape(-1)) if self.preprocess else g.reshape(-1, 1)
         new_state = []
@@ -994,7 +1023,7 @@ class LSTMOptimizer(nn.Module):
             hc = cell(h, None if state is None else state[i])
             new_state.append(hc)
             h = hc[0]
-        return scale * torch.tanh(self.out(h).float()).reshape(shape), new_state  # fp32 under autocast
+        return eps * torch.tanh(self.out(h).float()).reshape(shape), new_state  # fp32 under autocast
 
 
 def relative_to_mean(g: torch.Tensor) -> torch.Tensor:
@@ -1011,8 +1040,8 @@ class SignStepRNN(nn.Module):
         u_i = alpha * (4 ** tanh(o1_i) * sign(g_i) + tanh(o2_i)),
     alpha = --step-size: a step size between alpha/4 and 4 alpha per coordinate and step, and a direction
     correction of up to alpha, both learned. W and b start at zero, so an untrained m_phi takes exactly PGD's
-    steps (alpha sign g) and training can only move it away from PGD where that raises the inner loss. Hidden
-    size --rnn-hidden (8 by default for this design: 378 parameters)."""
+    steps (alpha sign g) and training can only move it away from PGD where that raises the inner loss. 8 hidden
+    units: 378 parameters. This design is this project's (no official code exists; README, Methods)."""
 
     FEATURES = 5
 
@@ -1023,15 +1052,21 @@ class SignStepRNN(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, g, state, scale, x_adv, x, u_prev, progress, eps):
-        feats = torch.stack([g.sign(), relative_to_mean(g).clamp(-5, 5) / 5, (x_adv - x) / eps, u_prev / scale,
+    def forward(self, g, state, eps, alpha, x_adv, x, u_prev, progress):
+        feats = torch.stack([g.sign(), relative_to_mean(g).clamp(-5, 5) / 5, (x_adv - x) / eps, u_prev / alpha,
                              torch.full_like(g, progress)], -1).reshape(-1, self.FEATURES).detach()
         h = self.cell(feats, state)
         o = self.out(h).float().reshape(*g.shape, 2)
-        return scale * (4.0 ** torch.tanh(o[..., 0]) * g.sign() + torch.tanh(o[..., 1])), h
+        return alpha * (4.0 ** torch.tanh(o[..., 0]) * g.sign() + torch.tanh(o[..., 1])), h
 
 
-def rnn_attack(rnn, model, x, y, eps, steps, scale, init="uniform", logp_clean=None, weights="uniform",
+def rnn_optimizer_adam(rnn: nn.Module) -> torch.optim.Optimizer:
+    """Adam for m_phi (Andrychowicz et al.'s choice), its lr alpha2 of Algorithm 1: 1e-2 for SignStepRNN, 1e-3 for
+    LSTMOptimizer (a choice, measured on a fixed MNIST classifier: README, RNN-Adv variants)."""
+    return torch.optim.Adam(rnn.parameters(), lr=1e-3 if isinstance(rnn, LSTMOptimizer) else 1e-2)
+
+
+def rnn_attack(rnn, model, x, y, eps, steps, alpha, init="uniform", logp_clean=None, weights="uniform",
                learn=True, horizon=None, per_example=False):
     """The learned inner maximisation (Algorithm 1 of Xiong & Hsieh as this project reconstructs it; README, Methods,
     "RNN-Adv / RNN-TRADES"):
@@ -1040,6 +1075,7 @@ def rnn_attack(rnn, model, x, y, eps, steps, scale, init="uniform", logp_clean=N
                           (u_t, h) = m_phi(g_t, h);   x'_{t+1} = Pi_C(x'_t + u_t)
       3. L(phi) = sum_{t=1..T} w_t mean_i L_inner(x'_t)   (the intermediate iterates; w: 'uniform' w_t = 1,
          'last' only t = T, 'linear' w_t = t / T)
+    alpha is the sign-step design's step (--step-size); the lstm design bounds its update by eps instead.
     Step 3 without the classifier's graph: phi reaches L_inner(x'_t) only through x'_t, and grad_x' L_inner(x'_t)
     is g_t, which step 2 computes anyway (at t = T one more pass). So
         grad_phi L(phi) = sum_t w_t g_t . dx'_t/dphi = grad_phi sum_t w_t <sg(g_t), x'_t> / B    (exactly)
@@ -1047,29 +1083,31 @@ def rnn_attack(rnn, model, x, y, eps, steps, scale, init="uniform", logp_clean=N
     T copies of the classifier (same gradient, a fraction of the time and memory).
     With per_example (--rnn-objective per-example, a choice) each example's g_t is divided by its mean |g_t| (a
     constant) before the sum: every example then pulls on phi equally, where the plain loss lets the examples
-    that are already misclassified (large CE gradients) outweigh the confidently correct ones (CE gradients
-    ~ 1 - p_y), which are the ones a stronger attack has to fool.
+    that are already misclassified (large CE gradients) outweigh the confidently correct ones.
     Returns (x'_T, surrogate) with learn=True; (x'_T, None) in evaluation, where nothing is kept. The step
     feature is t / horizon: horizon = steps (the default, --rnn-progress attack) stretches the learned schedule
-    over a longer evaluation; horizon = the training T (--rnn-progress training) replays it and runs past its end.
-    `scale` is alpha (sign-step) or the update bound (lstm)."""
+    over a longer evaluation; horizon = the training T (--rnn-progress training) replays it and runs past its end."""
     horizon = horizon or steps
+    x_adv = start_point(x, eps, init)  # step 1
+    iterates, grads, state, u_prev = [], [], None, torch.zeros_like(x)
+    for t in range(steps):  # step 2
+        g = inner_grad(model, x_adv, y, logp_clean)
+        if t > 0:
+            grads.append(g)  # g_t at x'_t, t >= 1: step 3 needs it
+        with torch.set_grad_enabled(learn):
+            u, state = rnn(g, state, eps, alpha=alpha, x_adv=x_adv, x=x, u_prev=u_prev, progress=t / horizon)
+            x_adv = project(x_adv + u, x, eps)
+        iterates.append(x_adv)
+        u_prev = u.detach()
+    if not learn:
+        return x_adv.detach(), None
+    grads.append(inner_grad(model, x_adv, y, logp_clean))  # g_T
     w = {"uniform": [1.0] * steps, "last": [0.0] * (steps - 1) + [1.0],
          "linear": [(t + 1) / steps for t in range(steps)]}[weights]
-    x_adv = start_point(x, eps, init)  # step 1
-    state, u_prev, total = None, torch.zeros_like(x), 0.0
-    for t in range(steps + (1 if learn else 0)):  # step 2 (learning: and the gradient at x'_T for step 3)
-        g = inner_grad(model, x_adv, y, logp_clean)
-        if learn and t > 0:
-            pull = relative_to_mean(g) if per_example else g
-            total = total + w[t - 1] * (pull * x_adv).sum() / x.shape[0]  # step 3, surrogate of w_t L_inner(x'_t)
-        if t == steps:
-            break
-        with torch.set_grad_enabled(learn):
-            u, state = rnn(g, state, scale, x_adv=x_adv, x=x, u_prev=u_prev, progress=t / horizon, eps=eps)
-            x_adv = project(x_adv + u, x, eps)
-        u_prev = u.detach()
-    return x_adv.detach(), (total if learn else None)
+    total = 0.0  # step 3: the surrogate of sum_t w_t L_inner(x'_t)
+    for w_t, g_t, x_t in zip(w, grads, iterates):
+        total = total + w_t * ((relative_to_mean(g_t) if per_example else g_t) * x_t).sum() / x.shape[0]
+    return x_adv.detach(), total
 
 
 # ================================================================================================
@@ -1130,13 +1168,14 @@ def trades_step(model, optimizer, x, y, *, eps, step_size, steps, beta, start="n
     return loss.detach(), (logits_adv.argmax(1) == y).sum()
 
 
-def fast_at_step(model, optimizer, x, y, *, eps, step_size, attack_bn="train"):
+def fast_at_step(model, optimizer, x, y, *, eps, step_size, attack_bn="train", clamp_start=True):
     """Fast-AT (Wong et al. 2020, Algorithm 3, "FGSM adversarial training with random initialization"):
-    1. delta ~ U(-eps, eps), clamped to the image box;
+    1. delta ~ U(-eps, eps), clamped to the image box (CIFAR10/train_fgsm.py; MNIST/train_mnist.py takes its
+       gradient at the unclamped x + delta: clamp_start=False);
     2. delta <- Pi_C(delta + alpha sign(grad_delta L)), alpha = `step_size` (1.25 eps in the paper);
-    3. one SGD step on CE(f(x + delta), y). BN stays in train mode during the attack (official code)."""
+    3. one optimiser step on CE(f(x + delta), y). BN stays in train mode during the attack (official code)."""
     with attack_mode(model, attack_bn):
-        x_adv = fgsm(model, x, y, eps, step_size, rand_init=True)  # steps 1-2
+        x_adv = fgsm(model, x, y, eps, step_size, rand_init=True, clamp_start=clamp_start)  # steps 1-2
     logits = model(x_adv)  # step 3
     loss = F.cross_entropy(logits, y)
     sgd_update(optimizer, loss)
@@ -1157,16 +1196,16 @@ def fast_bat_backward(model, x, y, eps, step_size, lam, ig_ratio=1.0, tol=1e-7, 
     """Fast-BAT (Zhang et al. 2022), the gradient of one upper-level step, left in the parameters' .grad:
         g_theta = grad_theta l_tr(theta, delta*) + ig_ratio * (1/lam) grad_theta < grad_delta l(theta; z), sg(H_C grad_delta l_tr(delta*)) >
     i.e. eq. (14) with the implicit gradient of eq. (13) under l_atk = -l_tr, ig_ratio = alpha2 / alpha1.
-    Steps, as the official trainer.py (mode fast_bat) numbers them, with a = `step_size`:
+    Steps, in the order of the official trainer.py (mode fast_bat), with a = `step_size` (fast_bat_step_size: 5000/255
+    for eps <= 8/255, else 2000/255) and C = {p <= delta <= q} (box_bounds):
       1. delta0 = Pi_C(U(-eps, eps))                              (random start)
       2. z = Pi_C(delta0 + a grad_delta sum CE(x + delta0)), detached (linearisation point; non-sign step)
-      3. delta* = Pi_C(z + a sg(grad_delta sum CE(x + z)))       (eq. 9, lower-level closed form, lambda_low = 1/a)
-         the gradient at z is built with create_graph for step 7
-      4. a = 5000/255 (eps <= 8/255) else 2000/255               (fast_bat_step_size)
+      3. g_z = grad_delta sum CE(x + z), with its graph kept for step 7
+      4. delta* = Pi_C(z + a sg(g_z))                             (eq. 9, lower-level closed form, lambda_low = 1/a)
       5. H = 1 where p + tol < delta* < q - tol                   (the inactive constraints of C)
       6. v = H * grad_delta sum CE(x + delta*) / lam, theta frozen (outer gradient w.r.t. delta)
-      7. implicit term: backprop sum_i <grad_delta CE_i(z), v_i> / B to theta (double backprop, no Hessian)
-      8. standard term: backprop sum CE(x + delta*) / B; .grad holds both terms.
+      7. implicit term: backprop sum_i <g_z,i, v_i> / B to theta  (eq. 13; double backprop, no Hessian)
+      8. standard term: backprop sum CE(x + delta*) / B; .grad holds both terms (eq. 14).
     Losses are sum-reduced wherever a per-example input gradient is taken (the code's reduction), so a
     and lam mean the same at every batch size. The mixed derivative is taken at z, where the closed form
     of step 3 is differentiated: the official code does the same (trainer.py builds the graph of the gradient at z,
@@ -1180,7 +1219,7 @@ def fast_bat_backward(model, x, y, eps, step_size, lam, ig_ratio=1.0, tol=1e-7, 
         z_var = z.clone().requires_grad_(True)
         grad_z = torch.autograd.grad(F.cross_entropy(model(x + z_var), y, reduction="sum"), z_var,
                                      create_graph=True)[0]  # step 3: kept for the double backprop of step 7
-    delta = (z + step_size * grad_z.detach()).clamp(p, q)
+    delta = (z + step_size * grad_z.detach()).clamp(p, q)  # step 4
     mask = ((delta > p + tol) & (delta < q - tol)).to(x.dtype)  # step 5
     v = mask * input_grad(model, x + delta, y) / lam  # step 6 (input_grad leaves theta's .grad alone)
     n = x.shape[0]
@@ -1193,10 +1232,12 @@ def fast_bat_backward(model, x, y, eps, step_size, lam, ig_ratio=1.0, tol=1e-7, 
     return {"loss": loss.detach(), "logits": logits.detach(), "z": z, "delta": delta, "mask": mask}
 
 
-def fast_bat_step(model, optimizer, x, y, *, eps, step_size, lam, ig_ratio=1.0, attack_bn="train"):
+def fast_bat_step(model, optimizer, x, y, *, eps, step_size=None, lam=10.0, ig_ratio=1.0, attack_bn="train"):
     """Fast-BAT (Zhang et al. 2022, eq. 14): one SGD step on the gradient of fast_bat_backward, model in train
-    mode, its lower level (step `step_size` = a) with BN in `attack_bn` mode (train, as the official code) and
-    dropout off; the optimiser's lr is alpha1, and alpha2 = ig_ratio * alpha1."""
+    mode, its lower level (step `step_size` = a, default fast_bat_step_size(eps); lambda 10 as train.py) with BN in
+    `attack_bn` mode (train, as the official code) and dropout off; the optimiser's lr is alpha1, and alpha2 =
+    ig_ratio * alpha1 (1: one learning rate, as the code)."""
+    step_size = fast_bat_step_size(eps) if step_size is None else step_size
     out = fast_bat_backward(model, x, y, eps, step_size, lam, ig_ratio, attack_bn=attack_bn)
     optimizer.step()
     return out["loss"], (out["logits"].argmax(1) == y).sum()
@@ -1208,7 +1249,7 @@ GRADALIGN_GAMMA = {2: 0.036, 4: 0.063, 6: 0.112, 8: 0.200, 10: 0.356, 12: 0.632,
 
 def gradalign_gamma(eps: float) -> float:
     """gamma for eps: the table's value, log-linear between its entries; outside 2/255..16/255 the nearest
-    end (a choice: MNIST's 0.3 gets 2.0; set --ga-gamma to choose)."""
+    end (a choice: MNIST's 0.3 gets 2.0)."""
     k = min(max(eps * 255, 2.0), 16.0)
     lo = max(e for e in GRADALIGN_GAMMA if e <= k)
     hi = min(e for e in GRADALIGN_GAMMA if e >= k)
@@ -1229,14 +1270,15 @@ def gradalign_penalty(g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
     return 1 - cos.mean()
 
 
-def fast_at_ga_step(model, optimizer, x, y, *, eps, step_size, gamma, attack_bn="train"):
+def fast_at_ga_step(model, optimizer, x, y, *, eps, step_size, gamma=None, attack_bn="train"):
     """Fast-AT with GradAlign (Andriushchenko & Flammarion, NeurIPS 2020), as the Fast-BAT code's fast_at_ga:
     1. x_adv = FGSM from x (zero init), step `step_size` (1.25 eps), BN in train mode, dropout off;
     2. g1 = grad_x CE(f(x), y), a constant; g2 = grad_x CE(f(x + eta), y), eta ~ U(-eps, eps), with its graph
        (the probe x + eta is not clamped to [0,1], as in the GradAlign code: it is a gradient probe, not an attack);
     3. loss = CE(f(x_adv), y) + gamma (1 - mean_i cos(g1_i, g2_i)) (gradalign_penalty: examples with a zero
        gradient left out); one SGD step (double backprop through g2). g1 and g2 belong to the training loss and
-       run in the model's training mode."""
+       run in the model's training mode. gamma defaults to gradalign_gamma(eps)."""
+    gamma = gradalign_gamma(eps) if gamma is None else gamma
     with attack_mode(model, attack_bn):
         x_adv = fgsm(model, x, y, eps, step_size)  # step 1
     g1 = input_grad(model, x, y)  # step 2
@@ -1248,10 +1290,12 @@ def fast_at_ga_step(model, optimizer, x, y, *, eps, step_size, gamma, attack_bn=
     return loss.detach(), (logits.argmax(1) == y).sum()
 
 
-def pgd_at_bls_step(model, optimizer, x, y, *, eps, steps, init_step, shrink=0.5, c=1e-4, tries=8, start="uniform",
-                    attack_bn="train"):
+def pgd_at_bls_step(model, optimizer, x, y, *, eps, steps, init_step=None, shrink=0.5, c=1e-4, tries=8,
+                    start="uniform", attack_bn="train"):
     """AdvTrain+BLS (Xiong & Hsieh, Table 1): PGD-AT whose inner steps choose a per-example step size by
-    backtracking line search (pgd_bls, BN in `attack_bn` mode), then one SGD step on CE(f(x_adv), y)."""
+    backtracking line search (pgd_bls: first trial step `init_step`, default eps (a choice), x `shrink` per trial,
+    `tries` trials, sufficient-increase constant c; BN in `attack_bn` mode), then one SGD step on CE(f(x_adv), y)."""
+    init_step = eps if init_step is None else init_step
     with attack_mode(model, attack_bn):
         x_adv = pgd_bls(model, x, y, eps, steps, init_step, shrink, c, tries, start)
     logits = model(x_adv)
@@ -1265,17 +1309,15 @@ def l2l_attacker_step(model, attacker, attacker_optimizer, x, y, *, eps, variant
     """L2L's attacker update (Jiang et al.; step 2 of l2l_step): `attacker_steps` times, f in eval mode and fixed,
     the attacker in train mode, x_adv recomputed from phi; one Adam step on phi ascending CE(f(x_adv), y). The
     gradient is taken w.r.t. phi only, so theta's .grad is never touched (the official code zeroes it instead).
-    Leaves f in train mode."""
-    model.eval()
-    attacker.train()
+    Both networks leave in the modes they came in."""
     params = list(attacker.parameters())
-    for _ in range(attacker_steps):
-        x_adv = l2l_perturb(attacker, model, x, y, eps, variant, steps, step_size, batch_max)
-        attacker_loss = -F.cross_entropy(model(x_adv), y)
-        for p, g in zip(params, torch.autograd.grad(attacker_loss, params)):
-            p.grad = g
-        attacker_optimizer.step()
-    model.train()
+    with ModelMode(model, "eval"), ModelMode(attacker, "train"):
+        for _ in range(attacker_steps):
+            x_adv = l2l_perturb(attacker, model, x, y, eps, variant, steps, step_size, batch_max)
+            attacker_loss = -F.cross_entropy(model(x_adv), y)
+            for p, g in zip(params, torch.autograd.grad(attacker_loss, params)):
+                p.grad = g
+            attacker_optimizer.step()
 
 
 def l2l_step(model, optimizer, attacker, attacker_optimizer, x, y, *, eps, variant, steps=1, step_size=None,
@@ -1300,7 +1342,7 @@ def l2l_step(model, optimizer, attacker, attacker_optimizer, x, y, *, eps, varia
     return loss.detach(), (logits.argmax(1) == y).sum()
 
 
-def rnn_optimizer_step(model, rnn, rnn_optimizer, x, y, *, eps, steps, scale, trades=False, start="uniform",
+def rnn_optimizer_step(model, rnn, rnn_optimizer, x, y, *, eps, steps, alpha, trades=False, start="uniform",
                        weights="uniform", per_example=False, attack_bn="eval"):
     """Steps 1-2 of rnn_adv_step / rnn_trades_step (Xiong & Hsieh, Algorithm 1): unroll m_phi for T = `steps` inner
     steps on the inner loss (CE, or with `trades` the KL to the clean output) with the classifier in `attack_bn`
@@ -1311,7 +1353,7 @@ def rnn_optimizer_step(model, rnn, rnn_optimizer, x, y, *, eps, steps, scale, tr
         if trades:
             with torch.no_grad():
                 logp_clean = F.log_softmax(model(x), 1)
-        x_adv, rnn_objective = rnn_attack(rnn, model, x, y, eps, steps, scale, start, logp_clean, weights,
+        x_adv, rnn_objective = rnn_attack(rnn, model, x, y, eps, steps, alpha, start, logp_clean, weights,
                                           learn=True, horizon=steps, per_example=per_example)  # step 1
         params = list(rnn.parameters())
         for p, g in zip(params, torch.autograd.grad(-rnn_objective, params)):  # step 2 (ascent)
@@ -1320,16 +1362,16 @@ def rnn_optimizer_step(model, rnn, rnn_optimizer, x, y, *, eps, steps, scale, tr
     return x_adv
 
 
-def rnn_adv_step(model, optimizer, rnn, rnn_optimizer, x, y, *, eps, steps, scale, start="uniform",
+def rnn_adv_step(model, optimizer, rnn, rnn_optimizer, x, y, *, eps, steps, alpha, start="uniform",
                  weights="uniform", per_example=False, attack_bn="eval"):
     """RNN-Adv (Xiong & Hsieh, Algorithm 1 "RNN-based adversarial training" with PGD-AT's loss; a reconstruction:
     no official code exists), per minibatch M (Algorithm 1, step 5):
     1. unroll m_phi for T = `steps` inner steps on CE (rnn_optimizer_step, rnn_attack);
     2. phi <- phi + alpha2 grad_phi L(phi): one Adam ascent step on the intermediate-iterate loss;
     3. theta <- theta - alpha1 grad_theta CE(f(x'_T), y) with x'_T detached: one SGD step.
-    The same unrolled pass serves both updates, so phi and theta see the same adversarial examples. `scale` is
-    alpha of the sign-step design or the lstm design's update bound."""
-    x_adv = rnn_optimizer_step(model, rnn, rnn_optimizer, x, y, eps=eps, steps=steps, scale=scale, start=start,
+    The same unrolled pass serves both updates, so phi and theta see the same adversarial examples. alpha is the
+    sign-step design's step (the lstm design bounds its updates by eps)."""
+    x_adv = rnn_optimizer_step(model, rnn, rnn_optimizer, x, y, eps=eps, steps=steps, alpha=alpha, start=start,
                                weights=weights, per_example=per_example, attack_bn=attack_bn)  # steps 1-2
     logits = model(x_adv)  # step 3
     loss = F.cross_entropy(logits, y)
@@ -1337,11 +1379,11 @@ def rnn_adv_step(model, optimizer, rnn, rnn_optimizer, x, y, *, eps, steps, scal
     return loss.detach(), (logits.argmax(1) == y).sum()
 
 
-def rnn_trades_step(model, optimizer, rnn, rnn_optimizer, x, y, *, eps, steps, scale, beta, start="normal",
+def rnn_trades_step(model, optimizer, rnn, rnn_optimizer, x, y, *, eps, steps, alpha, beta, start="normal",
                     weights="uniform", per_example=False, attack_bn="eval"):
     """RNN-TRADES (Xiong & Hsieh, Algorithm 1 with TRADES' loss; a reconstruction): as rnn_adv_step, with the inner
     loss KL(f(x) || f(x')) and step 3 one SGD step on CE(f(x), y) + beta KL(f(x) || f(x'_T)) (trades_loss)."""
-    x_adv = rnn_optimizer_step(model, rnn, rnn_optimizer, x, y, eps=eps, steps=steps, scale=scale, trades=True,
+    x_adv = rnn_optimizer_step(model, rnn, rnn_optimizer, x, y, eps=eps, steps=steps, alpha=alpha, trades=True,
                                start=start, weights=weights, per_example=per_example,
                                attack_bn=attack_bn)  # steps 1-2
     logits_clean, logits = model(x), model(x_adv)  # step 3
@@ -1353,8 +1395,8 @@ def rnn_trades_step(model, optimizer, rnn, rnn_optimizer, x, y, *, eps, steps, s
 # ================================================================================================
 # ================================================================================================
 # PART II: THE HARNESS. Recipes and flags, data, checkpoints, the method table that binds flags to
-# the steps of Part I, precision and data parallelism, progress, evaluation, the training loop,
-# benchmark, report, main. Part I never calls anything below this line.
+# the steps of Part I, precision and data parallelism, evaluation, the training loop, benchmark,
+# report, main. Part I never calls anything below this line.
 # ================================================================================================
 # ================================================================================================
 
@@ -1373,9 +1415,6 @@ class TrainingDiverged(Exception):
     epoch is saved."""
 
 
-# Per-dataset facts and threat-model defaults (project decision: CIFAR/SVHN eps 8/255, MNIST 0.3).
-# `augment`: random crop with padding 4 ("crop") and horizontal flip ("flip") as the papers use them;
-# SVHN digits are not flipped (a choice: flipping changes digit identity), MNIST is not augmented.
 DATASETS = {
     "mnist": dict(shape=(1, 28, 28), classes=10, n_train=60000, mean=(0.1307,), std=(0.3081,), augment="none",
                   eps=0.3, eval_step_frac=1 / 30, eval_steps=40),  # TRADES/Madry: PGD-40, step 0.01
@@ -1436,13 +1475,15 @@ METHOD_DEFAULTS = {
     # Fast-AT (locuslab/fast_adversarial): FGSM from U(-eps, eps), step 1.25 eps, PreActResNet-18,
     # 15 epochs, cyclic lr 0 -> 0.2 -> 0 with SGD momentum cycled 0.9 -> 0.8 -> 0.9 (CyclicLR's defaults), wd 5e-4,
     # BN in train mode during the attack.
-    # MNIST: the paper used Adam with a cyclic lr; SGD with a cyclic lr is this project's choice.
+    # MNIST (MNIST/train_mnist.py, mnist_net.py): MNISTNet, Adam, lr 0 -> 5e-3 at epoch 10 * 2 // 5 = 4 -> 0,
+    # 10 epochs, batch 100, eps 0.3, step 0.375, the random start not clamped to the image box.
     "fast-at": {
         "cifar": dict(model="preactresnet18", epochs=15, lr=0.2, weight_decay=5e-4, lr_schedule="cyclic",
                       steps=1, step_size=1.25 * 8 / 255, attack_bn="train", normalize="mean-std",
                       cifar10_std=(0.2471, 0.2435, 0.2616)),  # fast_adversarial CIFAR10/utils.py
-        "mnist": dict(model="smallcnn", epochs=10, lr=0.05, weight_decay=0.0, lr_schedule="cyclic",
-                      steps=1, step_size=0.375, attack_bn="train"),
+        "mnist": dict(model="mnistnet", optimizer="adam", epochs=10, batch_size=100, lr=5e-3, weight_decay=0.0,
+                      lr_schedule="cyclic", steps=1, step_size=0.375, attack_bn="train",
+                      clamp_start=False),
     },
 }
 # Fast-BAT Table 1 (OPTML-Group/Fast-BAT): PreActResNet-18, 20 epochs, cyclic lr 0 -> 0.2 -> 0 peaking at epoch
@@ -1477,20 +1518,11 @@ for _name in ("rnn-adv", "rnn-trades"):
     METHOD_DEFAULTS[_name]["mnist"].update(steps=10, step_size=0.075)  # T = 10, Madry's rule 2.5 eps / T
 
 # Defaults shared by every method unless its table above says otherwise.
-COMMON_DEFAULTS = dict(batch_size=128, momentum=0.9, beta=6.0, attack_bn="eval", lr_milestones="", lr_milestone_base=0,
-                       attack_start="uniform", normalize="none", preact_shortcut="input", crop_pad="zero")
-# What a checkpoint written before these flags existed was trained with (--resume and --eval-only read it).
-LEGACY_DEFAULTS = dict(normalize="mean-std", preact_shortcut="input", crop_pad="zero", drop_last=True)
 
-
-def with_legacy_defaults(saved: dict) -> dict:
-    """A checkpoint's flags, with those it predates set as it was trained (LEGACY_DEFAULTS; before --normalize every
-    model normalised by its dataset's std)."""
-    flags = dict(LEGACY_DEFAULTS, **saved)
-    if "normalize" not in saved:
-        flags["input_std"] = list(DATASETS[saved["dataset"]]["std"])
-    return flags
-
+# Defaults shared by every method unless its table above says otherwise.
+COMMON_DEFAULTS = dict(batch_size=128, optimizer="sgd", momentum=0.9, beta=6.0, attack_bn="eval", lr_milestones="",
+                       lr_milestone_base=0, attack_start="uniform", clamp_start=True, normalize="none",
+                       preact_shortcut="input", crop_pad="zero")
 
 # The defaults that follow from other flags (a flag left unset takes its entry's value, in this order, once the
 # recipe's values are in): default(args, recipe, dataset spec).
@@ -1499,31 +1531,27 @@ DERIVED_DEFAULTS = (
     ("step_size", lambda a, recipe, spec: 1.25 * a.eps if a.method in ("fast-at", "fast-at-ga")
      else recipe.get("step_size", 0.0)),
     ("augment", lambda a, recipe, spec: spec["augment"]),
-    ("rnn_max_step", lambda a, recipe, spec: a.eps),
-    ("rnn_hidden", lambda a, recipe, spec: 20 if a.rnn_design == "lstm" else 8),
-    # a choice: measured on a fixed MNIST classifier (README, RNN-Adv variants)
-    ("rnn_lr", lambda a, recipe, spec: 1e-3 if a.rnn_design == "lstm" else 1e-2),
     ("rnn_eval_steps", lambda a, recipe, spec: max(a.steps, 1)),
-    ("bls_init_step", lambda a, recipe, spec: a.eps),
-    ("bat_a", lambda a, recipe, spec: fast_bat_step_size(a.eps)),
-    ("ga_gamma", lambda a, recipe, spec: gradalign_gamma(a.eps)),
     ("eval_steps", lambda a, recipe, spec: spec["eval_steps"]),
     ("eval_step_size", lambda a, recipe, spec: a.eps * spec["eval_step_frac"]),
-    ("lr_peak_epoch", lambda a, recipe, spec: a.epochs / 2),  # half-way, as fast_adversarial
+    # half-way, as fast_adversarial's CIFAR-10 script; its MNIST script peaks at epochs * 2 // 5
+    ("lr_peak_epoch", lambda a, recipe, spec: a.epochs * 2 // 5 or a.epochs / 2 if recipe["optimizer"] == "adam"
+     else a.epochs / 2),
     ("val_step_size", lambda a, recipe, spec: 2.5 * a.eps / max(a.val_steps, 1)),  # Madry et al.'s rule
 )
-
-MODELS = ("smallcnn", "vgg16", "preactresnet18", "wrn")
+RECIPE_KEYS = ("model", "epochs", "batch_size", "lr", "momentum", "weight_decay", "optimizer", "lr_schedule",
+               "lr_milestones", "lr_milestone_base", "lr_peak_epoch", "steps", "beta", "attack_bn", "attack_start",
+               "clamp_start", "normalize", "preact_shortcut", "crop_pad")
+MODELS = ("smallcnn", "mnistnet", "vgg16", "preactresnet18", "wrn")
 LR_SCHEDULES = ("multistep", "cyclic", "constant")
+L2L_VARIANTS = {"l2l-naive": "naive", "l2l-grad": "grad", "l2l-2step": "multi"}
 
 
 def parse_number(text: str) -> float:
     """'8/255' -> 0.03137..., '0.3' -> 0.3. Used by --eps and every step-size flag."""
     try:
-        if "/" in text:
-            num, den = text.split("/")
-            return float(num) / float(den)
-        return float(text)
+        num, _, den = text.partition("/")
+        return float(num) / float(den) if den else float(num)
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"'{text}' is not a number (write e.g. 0.3 or 8/255)")
 
@@ -1557,7 +1585,6 @@ def bounded(convert: Callable, low=None, high=None, low_open=False, high_open=Fa
 COUNT, NONNEGATIVE_INT = bounded(int, 1), bounded(int, 0)
 POSITIVE, NONNEGATIVE = bounded(float, 0, low_open=True), bounded(float, 0)
 POSITIVE_NUMBER, NONNEGATIVE_NUMBER = bounded(parse_number, 0, low_open=True), bounded(parse_number, 0)  # 8/255
-FRACTION = bounded(float, 0, 1, low_open=True, high_open=True)
 MOMENTUM = bounded(float, 0, 1, high_open=True, why=" (SGD diverges at 1 and above; the papers use 0.9)")
 SEED = bounded(int, 0, 2 ** 32, high_open=True)
 
@@ -1569,153 +1596,130 @@ class OneLineParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see python l2l.py --help)")
 
 
-# Every flag, once: its group in --help, where it counts ("t": a training setting, checked against last.pt by --resume
-# and stored in checkpoints; "e": taken from the command line by --eval-only, the rest coming from the checkpoint),
-# and its add_argument keywords. build_parser, TRAINING_KEYS and EVAL_KEYS are derived from this table. A default
-# of None means "per method and dataset" (METHOD_DEFAULTS, filled in by resolve_args) unless the help says otherwise.
+# Every flag, once: its group in --help, where it counts ("t": a training setting, checked against last.pt by
+# --resume; "m": what --eval-only takes from the checkpoint, the network and its learned attacker; "e": an
+# evaluation setting), and its add_argument keywords. A default of None means "per method and dataset"
+# (METHOD_DEFAULTS, filled in by resolve_args) unless the help says otherwise.
 FLAG_GROUPS = {"run": "run", "data": "data", "opt": "optimisation (defaults: per method and dataset)",
-               "attack": "training-time attack (defaults: per method and dataset)", "bat": "Fast-BAT and GradAlign",
-               "rnn": "RNN learned optimiser (rnn-adv, rnn-trades) and BLS (pgd-at-bls)",
-               "l2l": "L2L learned attacker (l2l-naive, l2l-grad, l2l-2step)", "eval": "evaluation",
-               "speed": "speed and scale (none changes an algorithm; --nproc-per-node N for several GPUs)"}
+               "attack": "training-time attack (defaults: per method and dataset)",
+               "learned": "learned attackers: the RNN optimiser (rnn-adv, rnn-trades) and L2L (l2l-*)",
+               "eval": "evaluation", "speed": "speed and scale (none changes an algorithm)"}
 FLAGS = (
-    ("run", "--method", "t", dict(default="pgd-at", help="one of: {methods}")),
-    ("run", "--dataset", "t", dict(default="cifar10", help="one of: {datasets}")),
-    ("run", "--model", "t", dict(default=None, help="one of: {models} (default: per method)")),
-    ("run", "--depth", "t", dict(type=int, default=34, help="WideResNet depth (6n+4)")),
-    ("run", "--width", "t", dict(type=COUNT, default=10, help="WideResNet widen factor")),
-    ("run", "--preact-shortcut", "t", dict(default=None, choices=("input", "activation"), help="PreActResNet-18's "
+    ("run", "--method", "tm", dict(default="pgd-at", help="one of: {methods}")),
+    ("run", "--dataset", "tm", dict(default="cifar10", help="one of: {datasets}")),
+    ("run", "--model", "tm", dict(default=None, help="one of: {models} (default: per method)")),
+    ("run", "--depth", "tm", dict(type=int, default=34, help="WideResNet depth (6n+4)")),
+    ("run", "--width", "tm", dict(type=COUNT, default=10, help="WideResNet widen factor")),
+    ("run", "--preact-shortcut", "tm", dict(default=None, choices=("input", "activation"), help="PreActResNet-18's "
             "1x1 projection shortcut reads the block input (fast_adversarial, Fast-BAT) or relu(bn1(x)) (Rice et al.) "
             "(default: per method)")),
     ("run", "--data-dir", "e", dict(default="./data", help="where <dataset>.npz or torchvision's files live")),
     ("run", "--out", "e", dict(default=None, help="output directory (default: runs/<method>_<dataset>)")),
-    ("run", "--overwrite", "e", dict(action="store_true", help="allow replacing an earlier run in --out")),
+    ("run", "--overwrite", "e", dict(action="store_true", help="replace an earlier run's files in --out")),
     ("run", "--resume", "", dict(action="store_true", help="continue the run in --out from last.pt")),
     ("run", "--eval-only", "", dict(default=None, metavar="CKPT", help="evaluate a checkpoint, no training")),
     ("run", "--device", "e", dict(default="auto", choices=("auto", "cpu", "cuda"), help="where to train and "
             "evaluate (auto: cuda when available)")),
     ("run", "--seed", "te", dict(type=SEED, default=0, help="seed of the initialisation, the batch order, the "
             "attacks' random starts and AutoAttack")),
-    ("run", "--quiet", "e", dict(action="store_true", help="no progress lines (they come at most every 10 s during "
-            "epochs and long evaluations)")),
+    ("run", "--quiet", "e", dict(action="store_true", help="no progress lines (they come at most every 10 s)")),
     ("run", "--report", "", dict(default=None, metavar="RUN", nargs="+", help="print a markdown table of these "
-            "runs' results.json (directories or files) and write each run's curves.svg; trains nothing")),
+            "runs' results.json (directories or files); trains nothing")),
     ("run", "--recipe", "", dict(default=None, help="the run.sh recipe this run reproduces (run.sh sets it)")),
     ("run", "--paper", "", dict(default=None, metavar="NUMBERS", help="the paper's numbers for the report, e.g. "
-            "'clean': 86.06,'pgd': 46.06 (run.sh sets them)")),
+            "clean=86.06,pgd=46.06 (run.sh sets them)")),
     ("run", "--init", "t", dict(default=None, metavar="CKPT", help="start from a checkpoint's classifier (and "
             "learned attacker, if it has the same one)")),
     ("data", "--train-size", "t", dict(type=COUNT, default=None, help="use the first N training examples")),
-    ("data", "--val-size", "t", dict(type=COUNT, default=1000, help="training examples held out (the last N) to "
-            "choose the best checkpoint")),
+    ("data", "--val-size", "t", dict(type=NONNEGATIVE_INT, default=1000, help="training examples held out (the "
+            "last N) to choose the best checkpoint; 0: train on all of them and evaluate the last epoch")),
     ("data", "--test-size", "e", dict(type=COUNT, default=None, help="evaluate on the first N test examples")),
-    ("data", "--normalize", "t", dict(default=None, choices=("none", "mean-std"), help="what the network's first "
+    ("data", "--normalize", "tm", dict(default=None, choices=("none", "mean-std"), help="what the network's first "
             "layer does to the [0,1] input: nothing, or subtract the dataset's mean and divide by its std (default: as "
             "the method's official code; README)")),
-    ("data", "--input-std", "t", dict(default=None, metavar="S1,S2,S3", help="the std of --normalize mean-std "
+    ("data", "--input-std", "tm", dict(default=None, metavar="S1,S2,S3", help="the std of --normalize mean-std "
             "(default: the recipe's; CIFAR-10 0.2471,0.2435,0.2616 for fast_adversarial's and Rice's recipes, "
             "0.2470,... for Fast-BAT's)")),
     ("data", "--crop-pad", "t", dict(default=None, choices=("zero", "reflect"), help="padding of the random crop "
             "(default: zero as torchvision's RandomCrop; reflect for Rice et al.'s PGD-AT recipe)")),
     ("data", "--drop-last", "t", dict(action="store_true", help="drop each epoch's last partial batch (official "
             "DataLoaders keep it; so does l2l.py unless this is given)")),
-    ("data", "--augment", "t", dict(default=None, choices=("none", "crop", "crop-flip", "crop-flip-rotate"), help="on-device "
-            "augmentation (default: per dataset); crop-flip-rotate adds a random rotation within +-15 degrees, as "
-            "Fast-BAT's CIFAR-100 loader")),
-    ("opt", "--epochs", "t", dict(type=COUNT, default=None, help="training epochs (default: per method)")),
-    ("opt", "--batch-size", "t", dict(type=COUNT, default=None, help="training batch, the global one under torchrun "
-            "(default: per method, 128)")),
+    ("data", "--augment", "t", dict(default=None, choices=("none", "crop", "crop-flip", "crop-flip-rotate"),
+            help="on-device augmentation (default: per dataset); crop-flip-rotate adds a random rotation within "
+            "+-15 degrees, as Fast-BAT's CIFAR-100 loader")),
+    ("opt", "--epochs", "t", dict(type=COUNT, default=None, help="training epochs")),
+    ("opt", "--batch-size", "tm", dict(type=COUNT, default=None, help="training batch, the global one under "
+            "torchrun (default: per method, 128)")),
     ("opt", "--lr", "t", dict(type=POSITIVE, default=None, help="peak learning rate")),
+    ("opt", "--optimizer", "t", dict(default=None, choices=("sgd", "adam"), help="the classifier's optimiser: SGD "
+            "with --momentum, or Adam (fast_adversarial's MNIST script)")),
     ("opt", "--momentum", "t", dict(type=MOMENTUM, default=None, help="SGD momentum (default: 0.9; the cyclic "
             "schedule's value at lr 0)")),
-    ("opt", "--weight-decay", "t", dict(type=NONNEGATIVE, default=None, help="SGD weight decay (default: per method)")),
-    ("opt", "--lr-schedule", "t", dict(default=None, help="one of: {schedules} (default: per method)")),
+    ("opt", "--weight-decay", "t", dict(type=NONNEGATIVE, default=None, help="weight decay")),
+    ("opt", "--lr-schedule", "t", dict(default=None, choices=LR_SCHEDULES, help="multistep, cyclic or constant")),
     ("opt", "--lr-milestones", "t", dict(default=None, help="multistep: epochs where lr is multiplied by 0.1")),
     ("opt", "--lr-milestone-base", "t", dict(type=int, default=None, choices=(0, 1), help="how the milestones count "
             "epochs, as the method's official script does: 1 = from 1, lr drops during epoch m (TRADES, L2L: 'if "
             "epoch >= m'); 0 = from 0, lr drops after m full epochs (Rice et al., Fast-BAT's MultiStepLR)")),
     ("opt", "--lr-peak-epoch", "t", dict(type=float, default=None, help="cyclic: epoch where lr peaks (default: "
-            "half-way, as fast_adversarial; Fast-BAT's train.py peaks at its --cyclic_milestone 10)")),
+            "half-way, as fast_adversarial's CIFAR-10 script; its MNIST script peaks at epochs*2//5; Fast-BAT's "
+            "train.py at its --cyclic_milestone 10)")),
     ("opt", "--cycle-momentum", "t", dict(action=argparse.BooleanOptionalAction, default=True, help="cyclic: cycle "
             "SGD momentum inversely to lr, --momentum at lr 0 down to 0.8 at the peak (torch's CyclicLR defaults, "
             "which fast_adversarial and Fast-BAT use)")),
-    ("attack", "--eps", "te", dict(type=parse_number, default=None, help="l_inf budget in [0,1] pixels, e.g. 8/255")),
-    ("attack", "--step-size", "t", dict(type=NONNEGATIVE_NUMBER, default=None, help="attack step size, e.g. 2/255")),
-    ("attack", "--steps", "t", dict(type=NONNEGATIVE_INT, default=None, help="attack iterations")),
+    ("attack", "--eps", "te", dict(type=parse_number, default=None, help="l_inf budget in [0,1] pixels, e.g. 8/255 "
+            "(default: 8/255; MNIST 0.3; --eval-only: the checkpoint's)")),
+    ("attack", "--step-size", "tm", dict(type=NONNEGATIVE_NUMBER, default=None, help="attack step size, e.g. 2/255 "
+            "(rnn-*: the sign-step optimiser's alpha)")),
+    ("attack", "--steps", "tm", dict(type=NONNEGATIVE_INT, default=None, help="attack iterations (rnn-*: T)")),
     ("attack", "--beta", "t", dict(type=NONNEGATIVE, default=None, help="TRADES robustness weight")),
     ("attack", "--attack-bn", "t", dict(default=None, choices=("eval", "train"), help="BN mode while the training "
-            "attack runs (default: as the method's official code); dropout is off in every attack whatever the BN "
-            "mode")),
-    ("attack", "--attack-start", "t", dict(default=None, choices=("uniform", "normal"), help="first iterate of "
+            "attack runs (default: as the method's official code); dropout is off in every attack")),
+    ("attack", "--attack-start", "tm", dict(default=None, choices=("uniform", "normal"), help="first iterate of "
             "pgd-at, pgd-at-bls, trades and the rnn-* optimiser: x + U(-eps, eps) projected (Madry et al.) or x + "
-            "0.001 N(0, I) unprojected (TRADES, L2L's adv_loss.py); default: normal for trades and rnn-trades, "
-            "uniform for the others")),
-    ("bat", "--bat-a", "t", dict(type=POSITIVE_NUMBER, default=None, help="Fast-BAT lower-level step a (default: "
-            "5000/255 for eps <= 8/255, else 2000/255)")),
-    ("bat", "--bat-lambda", "t", dict(type=POSITIVE, default=10.0, help="Fast-BAT lambda of the implicit gradient")),
-    ("bat", "--bat-ig-ratio", "t", dict(type=NONNEGATIVE, default=1.0, help="alpha2 / alpha1 of eq. 14 (1 = one learning "
-            "rate, as the code)")),
-    ("bat", "--ga-gamma", "t", dict(type=NONNEGATIVE, default=None, help="GradAlign weight (default: by eps, GradAlign's "
-            "table)")),
-    ("rnn", "--rnn-design", "t", dict(default="sign-step", choices=("sign-step", "lstm"), help="sign-step: a GRU "
-            "that scales and corrects PGD's sign step per coordinate (starts as PGD); lstm: Andrychowicz et al.'s "
-            "LSTM emitting a bounded update (README compares them)")),
-    ("rnn", "--rnn-hidden", "t", dict(type=COUNT, default=None, help="units per coordinate (default: sign-step 8, "
-            "lstm 20)")),
-    ("rnn", "--rnn-layers", "t", dict(type=COUNT, default=2, help="LSTM layers (lstm design)")),
-    ("rnn", "--rnn-lr", "t", dict(type=POSITIVE, default=None, help="Adam lr of the RNN, alpha2 (default: sign-step "
-            "1e-2, lstm 1e-3; README compares them)")),
-    ("rnn", "--rnn-max-step", "t", dict(type=POSITIVE_NUMBER, default=None, help="lstm design: bound of one update "
-            "(default: eps); sign-step uses --step-size as alpha")),
-    ("rnn", "--rnn-weights", "t", dict(default="uniform", choices=("uniform", "last", "linear"), help="weights of "
-            "the intermediate iterates in the RNN's loss")),
-    ("rnn", "--rnn-objective", "t", dict(default="loss", choices=("loss", "per-example"), help="phi ascends the "
-            "inner loss (loss) or every example's loss scaled by its gradient's mean magnitude, so that each "
-            "example counts equally (per-example)")),
-    ("rnn", "--rnn-no-preprocess", "t", dict(action="store_true", help="lstm design: feed raw gradients, not "
-            "log-magnitude/sign")),
-    ("rnn", "--freeze-classifier", "t", dict(action="store_true", help="rnn-* and l2l-*: train only the learned "
-            "optimiser or attacker against a fixed classifier (from --init); its BatchNorm statistics stay as they "
-            "are")),
-    ("rnn", "--rnn-eval-steps", "e", dict(type=COUNT, default=None, help="steps of the 'rnn' eval attack (default: T)")),
-    ("rnn", "--rnn-progress", "e", dict(default="attack", choices=("attack", "training"), help="the optimiser's "
-            "step feature t/T counts T as the running attack's steps (attack: a longer evaluation stretches the "
-            "learned schedule) or the training --steps (training); the two differ only when --rnn-eval-steps "
-            "differs from --steps")),
-    ("rnn", "--bls-init-step", "t", dict(type=POSITIVE_NUMBER, default=None, help="first BLS trial step (default: eps)")),
-    ("rnn", "--bls-shrink", "t", dict(type=FRACTION, default=0.5, help="BLS step factor per trial")),
-    ("rnn", "--bls-c", "t", dict(type=POSITIVE, default=0.0001, help="BLS sufficient-increase constant")),
-    ("rnn", "--bls-tries", "t", dict(type=COUNT, default=8, help="BLS trial step sizes per inner step")),
-    ("l2l", "--l2l-attacker", "t", dict(default="slim", choices=("slim", "wide"), help="slim: the poster's "
+            "0.001 N(0, I) unprojected (TRADES, L2L's adv_loss.py); default: normal for trades and rnn-trades")),
+    ("attack", "--clamp-start", "t", dict(action=argparse.BooleanOptionalAction, default=None, help="fast-at: "
+            "clamp the random start to [0,1] before its gradient (CIFAR10/train_fgsm.py) or not (MNIST/train_mnist.py) "
+            "(default: as the official script for the dataset)")),
+    ("learned", "--rnn-design", "tm", dict(default="sign-step", choices=("sign-step", "lstm"), help="sign-step: a "
+            "GRU that scales and corrects PGD's sign step per coordinate (starts as PGD); lstm: Andrychowicz et al.'s "
+            "LSTM emitting an update bounded by eps (README compares them)")),
+    ("learned", "--rnn-weights", "t", dict(default="uniform", choices=("uniform", "last", "linear"), help="weights "
+            "of the intermediate iterates in the RNN's loss")),
+    ("learned", "--rnn-objective", "t", dict(default="loss", choices=("loss", "per-example"), help="phi ascends the "
+            "inner loss (loss) or every example's loss scaled by its gradient's mean magnitude (per-example)")),
+    ("learned", "--freeze-classifier", "t", dict(action="store_true", help="rnn-* and l2l-*: train only the learned "
+            "optimiser or attacker against a fixed classifier (from --init)")),
+    ("learned", "--rnn-eval-steps", "e", dict(type=COUNT, default=None, help="steps of the 'rnn' eval attack "
+            "(default: T)")),
+    ("learned", "--rnn-progress", "e", dict(default="attack", choices=("attack", "training"), help="the optimiser's "
+            "step feature t/T counts T as the running attack's steps (attack) or the training --steps (training)")),
+    ("learned", "--l2l-attacker", "tm", dict(default="slim", choices=("slim", "wide"), help="slim: the poster's "
             "architecture; wide: the released scripts' WideAttacker")),
-    ("l2l", "--l2l-width", "t", dict(type=COUNT, default=128, help="attacker channels (slim: W, 2W, W; wide: W/2 .. "
-            "2W); 128 is the paper's")),
-    ("l2l", "--l2l-steps", "t", dict(type=COUNT, default=2, help="l2l-2step: attacker applications K")),
-    ("l2l", "--l2l-step-size", "t", dict(type=POSITIVE_NUMBER, default=None, help="l2l-2step: scale each step by "
-            "STEP/eps (adv_loss.py's k-step variant, 0.007); default: unscaled steps (the poster's 2-step L2L)")),
-    ("l2l", "--attacker-steps", "t", dict(type=COUNT, default=1, help="attacker updates per classifier update")),
-    ("l2l", "--attacker-lr", "t", dict(type=NONNEGATIVE, default=0.001, help="Adam learning rate of the attacker")),
-    ("l2l", "--attacker-wd", "t", dict(type=NONNEGATIVE, default=0.0002, help="Adam weight decay of the attacker")),
+    ("learned", "--l2l-width", "tm", dict(type=COUNT, default=128, help="attacker channels (slim: W, 2W, W; wide: "
+            "W/2 .. 2W); 128 is the paper's")),
+    ("learned", "--l2l-steps", "tm", dict(type=COUNT, default=2, help="l2l-2step: attacker applications K")),
+    ("learned", "--l2l-step-size", "tm", dict(type=POSITIVE_NUMBER, default=None, help="l2l-2step: scale each step "
+            "by STEP/eps (adv_loss.py's k-step variant, 0.007); default: unscaled steps (the poster's 2-step L2L)")),
+    ("learned", "--attacker-steps", "t", dict(type=COUNT, default=1, help="attacker updates per classifier update")),
     ("eval", "--eval-attacks", "e", dict(default="fgsm,pgd,cw,aa", help="comma list from: {attacks}; aa = "
-            "AutoAttack's standard version (apgd-ce, apgd-t, fab-t, square on the examples still robust), the "
-            "yardstick for robust accuracy")),
-    ("eval", "--eval-steps", "e", dict(type=NONNEGATIVE_INT, default=None, help="PGD/CW steps (default: 20, MNIST 40)")),
-    ("eval", "--eval-step-size", "e", dict(type=NONNEGATIVE_NUMBER, default=None, help="PGD/CW step (default: eps/4, "
-            "MNIST 0.01)")),
+            "AutoAttack's standard version, the yardstick for robust accuracy")),
+    ("eval", "--eval-steps", "e", dict(type=NONNEGATIVE_INT, default=None, help="PGD/CW steps (default: 20, MNIST "
+            "40)")),
+    ("eval", "--eval-step-size", "e", dict(type=NONNEGATIVE_NUMBER, default=None, help="PGD/CW step (default: "
+            "eps/4, MNIST 0.01)")),
     ("eval", "--eval-restarts", "e", dict(type=COUNT, default=1, help="random restarts of PGD/CW")),
-    ("eval", "--eval-batch-size", "e", dict(type=COUNT, default=500, help="batch of the validation and test attacks, "
-            "and of AutoAttack's chunks")),
+    ("eval", "--eval-batch-size", "e", dict(type=COUNT, default=500, help="batch of the validation and test "
+            "attacks, and of AutoAttack's chunks")),
     ("eval", "--transfer-from", "e", dict(default=None, metavar="CKPT", help="source checkpoint of the 'transfer' "
             "evaluation attack")),
-    ("eval", "--apgd-steps", "e", dict(type=COUNT, default=100, help="iterations of apgd-ce and apgd-t (AutoAttack: "
-            "100)")),
-    ("eval", "--apgd-targets", "e", dict(type=COUNT, default=9, help="target classes of apgd-t (AutoAttack: 9)")),
-    ("eval", "--fab-steps", "e", dict(type=COUNT, default=100, help="iterations of fab-t per target (AutoAttack: 100)")),
-    ("eval", "--fab-targets", "e", dict(type=COUNT, default=9, help="target classes of fab-t (AutoAttack: 9)")),
-    ("eval", "--square-queries", "e", dict(type=COUNT, default=5000, help="queries of square (AutoAttack: 5000)")),
-    ("eval", "--eval-checks", "e", dict(action="store_true", help="run the gradient-masking sanity checks on the "
-            "evaluated checkpoint")),
-    ("eval", "--val-steps", "t", dict(type=NONNEGATIVE_INT, default=10, help="PGD steps of the per-epoch validation attack")),
+    ("eval", "--apgd-steps", "e", dict(type=COUNT, default=100, help="iterations of apgd-ce and apgd-t")),
+    ("eval", "--apgd-targets", "e", dict(type=COUNT, default=9, help="target classes of apgd-t")),
+    ("eval", "--fab-steps", "e", dict(type=COUNT, default=100, help="iterations of fab-t per target")),
+    ("eval", "--fab-targets", "e", dict(type=COUNT, default=9, help="target classes of fab-t")),
+    ("eval", "--square-queries", "e", dict(type=COUNT, default=5000, help="queries of square")),
+    ("eval", "--val-steps", "t", dict(type=NONNEGATIVE_INT, default=10, help="PGD steps of the per-epoch "
+            "validation attack")),
     ("eval", "--val-step-size", "t", dict(type=POSITIVE_NUMBER, default=None, help="its step (default: 2.5 eps / "
             "--val-steps, Madry et al.'s rule)")),
     ("eval", "--val-restarts", "t", dict(type=COUNT, default=1, help="its random restarts (Fast-BAT selects on "
@@ -1724,24 +1728,17 @@ FLAGS = (
             "under bf16 autocast (meant for CUDA; no loss scaling)")),
     ("speed", "--eval-precision", "e", dict(default="fp32", choices=("fp32", "bf16"), help="precision of the "
             "validation and test attacks")),
-    ("speed", "--channels-last", "e", dict(action="store_true", help="NHWC memory format for the networks and "
-            "batches")),
+    ("speed", "--channels-last", "e", dict(action="store_true", help="NHWC memory format for networks and batches")),
     ("speed", "--compile", "e", dict(action="store_true", help="torch.compile the networks, static shapes "
             "(fast-bat, fast-at-ga stay eager)")),
-    ("speed", "--nproc-per-node", "", dict(type=COUNT, default=1, metavar="N", help="train data-parallel in N "
-            "processes on this machine (as torchrun --nproc_per_node N, which this starts once every flag has been "
-            "checked; a failure ends with one error line)")),
     ("speed", "--sync-bn", "", dict(action="store_true", help="under torchrun: BatchNorm statistics over all ranks")),
     ("speed", "--benchmark", "", dict(action="store_true", help="time --bench-steps training steps on synthetic "
-            "data and print img/s, s/epoch, memory, TFLOP/s; trains nothing, writes nothing")),
+            "data and print img/s, s/epoch and memory; trains nothing, writes nothing")),
     ("speed", "--bench-steps", "", dict(type=COUNT, default=20, help="timed steps of --benchmark")),
-    ("speed", "--bench-warmup", "", dict(type=NONNEGATIVE_INT, default=5, help="untimed steps first (compilation and cudnn "
-            "autotuning happen here; keep >= 2 with --compile)")),
-    ("speed", "--peak-tflops", "", dict(type=POSITIVE, default=None, help="the device's dense bf16 peak for "
-            "--benchmark's fraction (None: looked up for known GPUs)")),
+    ("speed", "--bench-warmup", "", dict(type=NONNEGATIVE_INT, default=5, help="untimed steps first (compilation "
+            "and cudnn autotuning happen here; keep >= 2 with --compile)")),
 )
-TRAINING_KEYS = tuple(flag[2:].replace("-", "_") for _, flag, where, _ in FLAGS if "t" in where)
-EVAL_KEYS = tuple(flag[2:].replace("-", "_") for _, flag, where, _ in FLAGS if "e" in where)
+KEYS = {where: tuple(flag[2:].replace("-", "_") for _, flag, w, _ in FLAGS if where in w) for where in "tme"}
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -1759,131 +1756,105 @@ def build_parser() -> argparse.ArgumentParser:
                       formatter_class=HelpFormatter)
     groups = {key: p.add_argument_group(title) for key, title in FLAG_GROUPS.items()}
     names = dict(methods=", ".join(METHODS), datasets=", ".join(DATASETS), models=", ".join(MODELS),
-                 schedules=", ".join(LR_SCHEDULES), attacks=", ".join(EVAL_ATTACKS))
+                 attacks=", ".join(EVAL_ATTACKS))
     for group, flag, _, keywords in FLAGS:
-        keywords = dict(keywords, help=keywords["help"].format(**names))
-        groups[group].add_argument(flag, **keywords)
+        groups[group].add_argument(flag, **dict(keywords, help=keywords["help"].format(**names)))
     return p
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the per-method, per-dataset defaults and check what no flag's type can check alone (the types in FLAGS
-    check each number's range as the command line is read). Raises UsageError."""
+    """Fill the per-method, per-dataset defaults and check what no flag's type can check alone. Raises UsageError."""
     if args.method not in METHODS:
         raise UsageError(f"unknown --method '{args.method}'; choose one of: {', '.join(METHODS)}")
     if args.dataset not in DATASETS:
         raise UsageError(f"unknown --dataset '{args.dataset}'; choose one of: {', '.join(DATASETS)}")
     spec = DATASETS[args.dataset]
-    recipe = dict(COMMON_DEFAULTS)
-    recipe.update(METHOD_DEFAULTS[args.method]["mnist" if args.dataset == "mnist" else "cifar"])
-    if args.eps is None:
-        args.eps = spec["eps"]
-    if not 0 < args.eps <= 1:
-        raise UsageError(f"--eps {args.eps:g} is outside (0, 1]; pixels are in [0,1], e.g. --eps 8/255")
-    if args.eps < 1e-4:
-        raise UsageError(f"--eps {args.eps:g} is below 1e-4, a 40th of one 8-bit grey level: no attack can change a "
-                         f"stored image by that; use e.g. --eps 1/255 or more")
-    for name in ("model", "epochs", "batch_size", "lr", "momentum", "weight_decay", "lr_schedule",
-                 "lr_milestones", "lr_milestone_base", "lr_peak_epoch", "steps", "beta", "attack_bn", "attack_start"):
-        if getattr(args, name, None) is None:
+    recipe = dict(COMMON_DEFAULTS, **METHOD_DEFAULTS[args.method]["mnist" if args.dataset == "mnist" else "cifar"])
+    args.eps = spec["eps"] if args.eps is None else args.eps
+    if not 1e-4 <= args.eps <= 1:
+        raise UsageError(f"--eps {args.eps:g} is outside [1e-4, 1]: pixels are in [0,1] and an 8-bit grey level is "
+                         f"1/255; use e.g. --eps 8/255")
+    for name in RECIPE_KEYS:
+        if getattr(args, name) is None:
             setattr(args, name, recipe.get(name))
     for name, default in DERIVED_DEFAULTS:
         if getattr(args, name) is None:
             setattr(args, name, default(args, recipe, spec))
-    for name in ("normalize", "preact_shortcut", "crop_pad"):
-        if getattr(args, name) is None:
-            setattr(args, name, recipe[name])
+    args.input_mean = None
     if args.normalize == "none":
         if args.input_std is not None:
             raise UsageError("--input-std sets the std of --normalize mean-std; add --normalize mean-std or drop it")
-        args.input_mean = args.input_std = None
     else:
-        c = spec["shape"][0]
         if args.input_std is None:
-            std = recipe.get("cifar10_std") if args.dataset == "cifar10" else None
-            args.input_std = list(std or spec["std"])
+            args.input_std = recipe.get("cifar10_std") if args.dataset == "cifar10" else None
+            args.input_std = list(args.input_std or spec["std"])
         elif isinstance(args.input_std, str):
             try:
                 args.input_std = [float(v) for v in args.input_std.split(",")]
             except ValueError:
                 raise UsageError(f"--input-std {args.input_std} is not a comma list of numbers, e.g. 0.2471,0.2435,0.2616")
-        if len(args.input_std) != c or not all(v > 0 and math.isfinite(v) for v in args.input_std):
-            raise UsageError(f"--input-std needs {c} positive numbers for {args.dataset} (one per channel), "
-                             f"got {args.input_std}")
+        if len(args.input_std) != spec["shape"][0] or not all(v > 0 and math.isfinite(v) for v in args.input_std):
+            raise UsageError(f"--input-std needs {spec['shape'][0]} positive numbers for {args.dataset} (one per "
+                             f"channel), got {args.input_std}")
         args.input_mean = list(spec["mean"])
-    if args.freeze_classifier and args.method not in ("rnn-adv", "rnn-trades", *L2L_VARIANTS):
+    learned = ("rnn-adv", "rnn-trades", *L2L_VARIANTS)
+    if args.freeze_classifier and args.method not in learned:
         raise UsageError(f"--freeze-classifier trains only a learned optimiser or attacker, and --method {args.method} "
                          f"has none; use an rnn-* or l2l-* method")
-    if args.freeze_classifier and not args.init and not args.resume and not args.eval_only:
+    if args.freeze_classifier and not (args.init or args.resume or args.eval_only):
         raise UsageError("--freeze-classifier keeps the classifier fixed, and without --init CKPT it would be a random "
                          "one; pass --init with a trained checkpoint")
     if args.method in ("rnn-adv", "rnn-trades") and args.steps < 1:
         raise UsageError(f"--steps {args.steps}: {args.method} needs at least one inner step")
     if args.model not in MODELS:
         raise UsageError(f"unknown --model '{args.model}'; choose one of: {', '.join(MODELS)}")
-    if args.lr_schedule not in LR_SCHEDULES:
-        raise UsageError(f"unknown --lr-schedule '{args.lr_schedule}'; choose one of: {', '.join(LR_SCHEDULES)}")
     try:
         milestones = args.lr_milestones
-        if isinstance(milestones, str):
-            milestones = [m for m in milestones.split(",") if m.strip()]
+        milestones = [m for m in milestones.split(",") if m.strip()] if isinstance(milestones, str) else milestones
         args.lr_milestones = [float(m) for m in milestones]
     except ValueError:
         raise UsageError(f"--lr-milestones '{args.lr_milestones}' is not a comma list of epochs, e.g. 100,150")
+    if not all(math.isfinite(m) and m > 0 for m in args.lr_milestones):
+        raise UsageError(f"--lr-milestones {args.lr_milestones}: each milestone must be a positive epoch, e.g. 100,150")
+    if args.optimizer == "adam":
+        args.cycle_momentum = False  # Adam has no SGD momentum to cycle
     if args.lr_schedule == "cyclic" and args.cycle_momentum and args.momentum < CYCLIC_PEAK_MOMENTUM:
         raise UsageError(f"--momentum {args.momentum:g} with the cyclic schedule: CyclicLR cycles momentum from "
                          f"--momentum at lr 0 to {CYCLIC_PEAK_MOMENTUM} at the peak, so it would rise with the lr; pass "
                          f"--no-cycle-momentum for a fixed momentum, or --momentum {CYCLIC_PEAK_MOMENTUM} or more")
-    bad = [m for m in args.lr_milestones if not (math.isfinite(m) and m > 0)]
-    if bad:
-        raise UsageError(f"--lr-milestones {','.join(f'{m:g}' for m in bad)}: each milestone must be a positive epoch, "
-                         f"e.g. 100,150")
     if not 0 < args.lr_peak_epoch <= args.epochs:
-        raise UsageError(f"--lr-peak-epoch {args.lr_peak_epoch:g} is outside (0, --epochs {args.epochs}]; "
-                         f"give the epoch where the cyclic lr peaks")
-    uses_step = {"pgd-at", "trades", "fast-at", "fast-at-ga", "rnn-adv", "rnn-trades"}
+        raise UsageError(f"--lr-peak-epoch {args.lr_peak_epoch:g} is outside (0, --epochs {args.epochs}]")
+    uses_step = ("pgd-at", "trades", "fast-at", "fast-at-ga", "rnn-adv", "rnn-trades")
     if args.method in uses_step and args.steps > 0 and args.step_size == 0 and not args.eval_only:
         raise UsageError(f"--step-size 0: {args.method}'s training attack would not move; give a positive step, e.g. "
                          f"--step-size 2/255 (or --steps 0 for no attack)")
     if args.eval_step_size == 0 and args.eval_steps > 0:
-        raise UsageError("--eval-step-size 0: the pgd and cw evaluation attacks would not move; give a positive step, "
-                         "e.g. --eval-step-size 2/255")
+        raise UsageError("--eval-step-size 0: the pgd and cw evaluation attacks would not move; give a positive step")
     per_process = min(args.batch_size, args.train_size or args.batch_size) // int(os.environ.get("WORLD_SIZE", "1"))
-    has_batchnorm = args.model != "smallcnn" or args.method in L2L_VARIANTS  # (the L2L attackers have BatchNorm)
-    if has_batchnorm and per_process < 2 and not args.eval_only:
+    if (args.model not in ("smallcnn", "mnistnet") or args.method in L2L_VARIANTS) and per_process < 2 \
+            and not args.eval_only:
         raise UsageError(f"--batch-size {args.batch_size} gives batches of {per_process} example per process, and "
-                         f"{args.model if args.model != 'smallcnn' else 'the L2L attacker'} has BatchNorm, which "
-                         f"needs at least 2 to estimate its statistics; use --batch-size 2 or more (the papers use 128)")
+                         f"BatchNorm (in the {'L2L attacker' if args.model in ('smallcnn', 'mnistnet') else args.model})"
+                         f" needs at least 2 to estimate its statistics; use --batch-size 2 or more")
     if args.model == "wrn" and (args.depth < 10 or (args.depth - 4) % 6 != 0):
         raise UsageError(f"--depth {args.depth} is not a WideResNet depth (6n+4, e.g. 16, 28, 34)")
     names = [a.strip() for a in args.eval_attacks.split(",") if a.strip()]
     unknown = [a for a in names if a not in EVAL_ATTACKS]
-    if unknown or not names:
-        raise UsageError(f"unknown --eval-attacks '{','.join(unknown)}'; choose from: {', '.join(EVAL_ATTACKS)}")
-    twice = sorted({a for a in names if names.count(a) > 1})
-    if twice:
-        raise UsageError(f"--eval-attacks names {', '.join(twice)} more than once; list each attack once")
+    if unknown or not names or len(set(names)) < len(names):
+        raise UsageError(f"--eval-attacks '{args.eval_attacks}': list each of {', '.join(EVAL_ATTACKS)} at most once")
     args.eval_attacks = ",".join(names)
-    most_targets = spec["classes"] - 1
-    for attack, name in (("apgd-t", "apgd_targets"), ("fab-t", "fab_targets")):
-        if getattr(args, name) > most_targets:
-            if (attack in names or "aa" in names) and int(os.environ.get("RANK", "0")) == 0:
-                print(f"note: {attack}: {most_targets} targets, the most a {spec['classes']}-class dataset has "
-                      f"(--{name.replace('_', '-')} {getattr(args, name)})", file=sys.stderr)
-            setattr(args, name, most_targets)
-    if "rnn" in names and args.method not in ("rnn-adv", "rnn-trades"):
-        raise UsageError(f"--eval-attacks rnn needs a learned RNN optimiser, and --method {args.method} has none; "
-                         f"drop it or evaluate an rnn-* checkpoint")
+    args.apgd_targets, args.fab_targets = (min(n, spec["classes"] - 1) for n in (args.apgd_targets, args.fab_targets))
+    needs = {"rnn": ("rnn-adv", "rnn-trades"), "l2l": tuple(L2L_VARIANTS)}
+    for attack, methods in needs.items():
+        if attack in names and args.method not in methods:
+            raise UsageError(f"--eval-attacks {attack} needs a learned {attack.upper()} attacker, and --method "
+                             f"{args.method} has none; drop it or evaluate an {attack}-* checkpoint")
     if ("transfer" in names) != (args.transfer_from is not None):
         raise UsageError("--eval-attacks transfer and --transfer-from CKPT go together; give both or neither")
-    if "l2l" in names and args.method not in L2L_VARIANTS:
-        raise UsageError(f"--eval-attacks l2l needs a learned L2L attacker, and --method {args.method} has none; "
-                         f"drop it or evaluate an l2l-* checkpoint")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but torch sees no CUDA device; use --device cpu or auto")
     args.paper = parse_paper_numbers(args.paper)
-    if args.out is None:
-        args.out = os.path.join("runs", f"{args.method}_{args.dataset}")
+    args.out = args.out or os.path.join("runs", f"{args.method}_{args.dataset}")
     return args
 
 
@@ -1903,17 +1874,9 @@ def parse_paper_numbers(text) -> Optional[dict]:
     return numbers
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def device_name(device: torch.device) -> str:
     """What results.json and the benchmark record as the machine: the GPU's name, or the CPU and its threads."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({torch.get_num_threads()} threads)"
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
 
 
 # ================================================================================================
@@ -1921,122 +1884,33 @@ def device_name(device: torch.device) -> str:
 # on the device (airbench-style), no DataLoader workers.
 # ================================================================================================
 
-# The cache format is numpy's .npz (a zip of .npy arrays). It is read and written here with the
-# standard library so the file needs nothing beyond torch and torchvision.
-_NPY_DTYPES = {"|u1": torch.uint8, "<i8": torch.int64, "<i4": torch.int32, "<f4": torch.float32,
-               "<f8": torch.float64}
-
-
-def read_npz(path: str) -> Dict[str, torch.Tensor]:
-    """Read a numpy .npz (compressed or not) into CPU tensors. Raises ValueError on a malformed file."""
-    arrays = {}
-    with zipfile.ZipFile(path) as zf:
-        for member in zf.namelist():
-            if not member.endswith(".npy"):
-                continue
-            with zf.open(member) as f:
-                if f.read(6) != b"\x93NUMPY":
-                    raise ValueError(f"{member} is not a .npy array")
-                major = f.read(2)[0]
-                header_len = int.from_bytes(f.read(2 if major == 1 else 4), "little")
-                header = ast.literal_eval(f.read(header_len).decode("latin1"))
-                if not (isinstance(header, dict) and {"descr", "fortran_order", "shape"} <= set(header)
-                        and isinstance(header["shape"], tuple) and all(isinstance(s, int) and s >= 0
-                                                                       for s in header["shape"])):
-                    raise ValueError(f"{member} has a malformed .npy header")
-                if header["descr"] not in _NPY_DTYPES:
-                    raise ValueError(f"{member} has dtype {header['descr']}; expected uint8 or int64")
-                data = bytearray(f.read())
-            dtype, shape = _NPY_DTYPES[header["descr"]], header["shape"]
-            if len(data) != math.prod(shape) * dtype.itemsize:
-                raise ValueError(f"{member} holds {len(data)} bytes of data, and its header's shape {shape} needs "
-                                 f"{math.prod(shape) * dtype.itemsize}")
-            tensor = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
-            if header["fortran_order"]:  # column-major: the reversed shape, transposed back
-                tensor = tensor.reshape(shape[::-1]).permute(*reversed(range(len(shape)))).contiguous()
-            arrays[member[:-4]] = tensor.reshape(shape)
-    return arrays
-
-
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """write(tmp) into a temporary file beside `path`, then rename it over `path`: a kill or an error never
-    leaves a half-written file under the real name (and the temporary file is removed on error)."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # the mode an ordinary open() would give, not mkstemp's 0600
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_npz(path: str, arrays: Dict[str, torch.Tensor]) -> None:
-    """Write tensors as a compressed .npz that numpy.load reads; atomic (temporary file, then rename)."""
-    descr = {v: k for k, v in _NPY_DTYPES.items()}
-
-    def write(tmp):
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            for name, t in arrays.items():
-                t = t.contiguous().cpu()
-                header = "{'descr': '%s', 'fortran_order': False, 'shape': %s, }" % (descr[t.dtype], tuple(t.shape))
-                header += " " * (63 - (10 + len(header)) % 64) + "\n"  # .npy v1: header padded to 64 bytes
-                preamble = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode("latin1")
-                # .numpy() needs numpy, which torchvision (the only writer of caches) always brings along.
-                zf.writestr(name + ".npy", preamble + t.numpy().tobytes())
-
-    atomic_write(path, write)
-
-
-def _torchvision_arrays(name: str, data_dir: str) -> Dict[str, torch.Tensor]:
-    """Load a dataset through torchvision (downloading when online) as uint8 N x H x W x C tensors."""
-    import torchvision.datasets as tvd
-
-    def nhwc(images) -> torch.Tensor:
-        t = torch.as_tensor(images, dtype=torch.uint8)
-        return t.unsqueeze(-1) if t.dim() == 3 else t
-
-    out = {}
-    for split, train in (("train", True), ("test", False)):
-        if name == "mnist":
-            ds = tvd.MNIST(data_dir, train=train, download=True)
-            x, y = nhwc(ds.data), torch.as_tensor(ds.targets)
-        elif name in ("cifar10", "cifar100"):
-            ds = (tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100)(data_dir, train=train, download=True)
-            x, y = nhwc(ds.data), torch.as_tensor(ds.targets)
-        else:  # svhn stores N x C x H x W
-            ds = tvd.SVHN(data_dir, split=split, download=True)
-            x, y = nhwc(ds.data).permute(0, 2, 3, 1), torch.as_tensor(ds.labels)
-        out[f"x_{split}"], out[f"y_{split}"] = x.contiguous(), y.long()
-    return out
-
 
 def load_arrays(name: str, data_dir: str) -> Dict[str, torch.Tensor]:
-    """The four arrays x_train, y_train, x_test, y_test of a dataset, uint8 N x H x W x C and int64.
-
-    Read from the cache <data_dir>/<name>.npz when present; otherwise through torchvision, after
-    which the cache is written so later runs skip torchvision entirely.
-    """
+    """x_train, y_train, x_test, y_test of a dataset: uint8 N x H x W x C and int64. Read from the cache
+    <data_dir>/<name>.npz (numpy's format) when present; otherwise through torchvision, then cached."""
     spec = DATASETS[name]
     cache = os.path.join(data_dir, f"{name}.npz")
-    if os.path.islink(cache) and not os.path.exists(cache):
-        raise UsageError(f"{cache} is a symbolic link to {os.readlink(cache)}, which does not exist; fix or remove "
-                         f"the link")
-    if os.path.exists(cache) and not os.path.isfile(cache):
-        raise UsageError(f"{cache} is not a regular file (a folder, pipe or device); put the .npz file there or "
-                         f"remove it")
     if os.path.exists(cache):
         try:
-            arrays = read_npz(cache)
-        except (OSError, ValueError, KeyError, SyntaxError, zipfile.BadZipFile, zlib.error, EOFError) as e:
-            raise UsageError(f"cannot read the dataset cache {cache} ({e}); delete it to rebuild it")
+            with np.load(cache) as f:
+                arrays = {k: torch.from_numpy(f[k]) for k in ("x_train", "y_train", "x_test", "y_test")}
+        except Exception as e:  # numpy's errors for a truncated, foreign or incomplete file
+            raise UsageError(f"cannot read the dataset cache {cache} ({str(e).splitlines()[0][:80]}); delete it and "
+                             f"rerun to rebuild it")
     else:
+        import torchvision.datasets as tvd
         try:
-            arrays = _torchvision_arrays(name, data_dir)
+            arrays = {}
+            for split, train in (("train", True), ("test", False)):
+                if name == "svhn":  # stores N x C x H x W
+                    ds = tvd.SVHN(data_dir, split=split, download=True)
+                    x, y = torch.as_tensor(ds.data).permute(0, 2, 3, 1), ds.labels
+                else:
+                    ds = {"mnist": tvd.MNIST, "cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}[name](
+                        data_dir, train=train, download=True)
+                    x, y = torch.as_tensor(ds.data), ds.targets
+                arrays[f"x_{split}"] = (x[..., None] if x.dim() == 3 else x).contiguous()
+                arrays[f"y_{split}"] = torch.as_tensor(y).long()
         except Exception as e:  # offline download, missing files, wrong checksums ...
             hint = {"mnist": f"{data_dir}/MNIST/raw/ (the four original .gz files)",
                     "cifar10": f"{cache} (arrays x_train, y_train, x_test, y_test)",
@@ -2046,26 +1920,17 @@ def load_arrays(name: str, data_dir: str) -> Dict[str, torch.Tensor]:
             raise UsageError(f"dataset '{name}' is not in --data-dir {data_dir} and could not be downloaded "
                              f"({reason}); put {hint} there" + ("" if hint.startswith(cache) else f", or {cache}"))
         try:
-            os.makedirs(data_dir, exist_ok=True)
-            write_npz(cache, arrays)
+            np.savez(cache, **{k: v.numpy() for k, v in arrays.items()})
         except OSError as e:
-            print(f"note: could not write the cache {cache} ({e}); continuing without it", file=sys.stderr)
+            print(f"note: could not write the cache {cache} ({e.strerror}); continuing without it", file=sys.stderr)
     c, h, w = spec["shape"]
     for split in ("train", "test"):
-        x, y = arrays.get(f"x_{split}"), arrays.get(f"y_{split}")
-        if x is None or y is None:
-            raise UsageError(f"{cache} lacks x_{split} or y_{split}; delete it to rebuild it")
-        if x.dtype != torch.uint8 or tuple(x.shape[1:]) != (h, w, c) or y.shape != x.shape[:1]:
-            raise UsageError(f"{cache}: x_{split} is {tuple(x.shape)} {x.dtype}, expected N x {h} x {w} x {c} "
-                             f"uint8 with as many labels; delete it to rebuild it")
-        if y.is_floating_point():
-            if not (torch.isfinite(y).all() and torch.equal(y, y.round())):
-                raise UsageError(f"{cache}: y_{split} holds labels that are not whole numbers (NaN, inf or "
-                                 f"fractions); store the class indices 0..{spec['classes'] - 1} as integers")
-            print(f"note: {cache}: y_{split} stores its labels as {y.dtype}; read as integer class indices",
-                  file=sys.stderr)
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= spec["classes"]):
-            raise UsageError(f"{cache}: y_{split} holds labels outside 0..{spec['classes'] - 1}")
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.dtype != torch.uint8 or tuple(x.shape[1:]) != (h, w, c) or y.shape != x.shape[:1] or \
+                y.is_floating_point() or (y.numel() and not 0 <= int(y.min()) <= int(y.max()) < spec["classes"]):
+            raise UsageError(f"{cache}: x_{split} is {tuple(x.shape)} {x.dtype} with labels {y.dtype}, expected "
+                             f"N x {h} x {w} x {c} uint8 and as many integer labels in 0..{spec['classes'] - 1}; "
+                             f"delete it and rerun to rebuild it")
         arrays[f"y_{split}"] = y.long()
     return arrays
 
@@ -2088,16 +1953,13 @@ def load_data(args, device: torch.device, test_only: bool = False) -> Data:
     arrays = load_arrays(args.dataset, args.data_dir)
     n = arrays["x_train"].shape[0]
     val_size = 0 if test_only else args.val_size  # --eval-only uses no part of the training set
-    if not test_only and val_size >= n:
-        raise UsageError(f"--val-size {args.val_size} leaves no training data ({n} examples); use fewer")
     n_train = 0 if test_only else n - val_size if args.train_size is None else args.train_size
-    if n_train + val_size > n:
+    if not test_only and (val_size >= n or n_train + val_size > n):
         raise UsageError(f"--train-size {n_train} plus --val-size {args.val_size} exceed the {n} training "
-                         f"examples of {args.dataset}; lower one of them")
+                         f"examples of {args.dataset} (or leave none to train on); lower one of them")
     n_test = arrays["x_test"].shape[0]
     if n_test == 0:
-        raise UsageError(f"the test split of {args.dataset} in --data-dir {args.data_dir} is empty; "
-                         f"the cache needs x_test and y_test with at least one example")
+        raise UsageError(f"the test split of {args.dataset} in --data-dir {args.data_dir} is empty")
     if args.test_size is not None and args.test_size > n_test:
         if dist_world()[0] == 0:
             print(f"note: --test-size {args.test_size} is more than the {n_test} test examples of {args.dataset}; "
@@ -2175,66 +2037,48 @@ def build_model(name: str, dataset: str, depth: int = 34, width: int = 10, mean=
                 preact_shortcut: str = "input") -> nn.Module:
     """Normalize(mean, std) followed by the named network, sized for the dataset's channels and classes; without mean
     and std the first layer is the identity (mean 0, std 1). Checkpoints carry the layer's mean and std."""
-    spec = DATASETS[dataset]
-    c, h, _ = spec["shape"]
-    k = spec["classes"]
-    net = {"smallcnn": lambda: SmallCNN(c, k, h), "vgg16": lambda: VGG16(c, k),
+    c, h, _ = DATASETS[dataset]["shape"]
+    k = DATASETS[dataset]["classes"]
+    net = {"smallcnn": lambda: SmallCNN(c, k, h), "mnistnet": lambda: MNISTNet(c, k, h), "vgg16": lambda: VGG16(c, k),
            "preactresnet18": lambda: PreActResNet18(c, k, preact_shortcut),
            "wrn": lambda: WideResNet(c, k, depth, width)}[name]()
     return nn.Sequential(Normalize(mean or (0.0,) * c, std or (1.0,) * c), net)
 
 
-# Format 2: PreActResNet-18's shortcut reads the block input (format-1 PreActResNet weights were trained on the
-# other wiring and are refused); other models load from either format.
-CHECKPOINT_FORMAT = "l2l-checkpoint-2"
+CHECKPOINT_FORMAT = "l2l-checkpoint-3"
 
 
 def read_checkpoint(path: str, what: str) -> dict:
-    """torch.load with a one-line UsageError for a missing, unreadable or foreign file."""
+    """torch.load (tensors and plain values only) with a one-line UsageError for a missing, unreadable or foreign
+    file."""
     if not os.path.isfile(path):
         raise UsageError(f"{what} {path}: no such file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch's own messages name its internals (a bare "105", miniz), so say what the file is
-        try:
-            with open(path, "rb") as f:
-                zipped = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
-        except OSError as read_error:
-            reason = read_error.strerror or str(read_error)
-        else:
-            reason = ("no torch.save archive" if not zipped else
-                      "it holds objects beyond tensors and plain values, which are not loaded"
-                      if "weights only" in str(e).lower() else "a damaged or truncated torch.save archive")
+    except Exception as e:  # torch's own messages name its internals (a bare "105", miniz): say what the file is
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
+        reason = ("no torch.save archive" if not zipped else "it holds objects beyond tensors and plain values, "
+                  "which are not loaded" if "weights only" in str(e).lower() else "a damaged or truncated archive")
         raise UsageError(f"{what} {path} is not a readable checkpoint ({reason}); pass a .pt written by l2l.py")
-    if not isinstance(ckpt, dict) or ckpt.get("format") not in (CHECKPOINT_FORMAT, "l2l-checkpoint-1"):
-        raise UsageError(f"{what} {path} is not an l2l.py checkpoint (no '{CHECKPOINT_FORMAT}' marker); "
-                         f"pass last.pt or best.pt from an l2l.py run")
-    a = ckpt.get("args")
-    if ckpt["format"] == "l2l-checkpoint-1" and isinstance(a, dict) and a.get("model") == "preactresnet18":
-        raise UsageError(f"{what} {path} holds a PreActResNet-18 from before the shortcut fix (its weights belong "
-                         f"to another wiring); retrain it with this l2l.py")
-    missing = [k for k in ("args", "model", "epoch") if k not in ckpt] or \
-        ([f"args.{k}" for k in ("method", "dataset", "model", "eps", "depth", "width") if k not in a]
-         if isinstance(a, dict) else ["args"])
-    if missing or not isinstance(ckpt["model"], dict):
-        raise UsageError(f"{what} {path} is an incomplete l2l.py checkpoint (no {', '.join(missing) or 'weights'}); "
-                         f"pass a last.pt or best.pt that a finished epoch wrote")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or \
+            not all(k in ckpt for k in ("args", "model", "epoch", "run_id")):
+        raise UsageError(f"{what} {path} is not a checkpoint of this l2l.py (no complete '{CHECKPOINT_FORMAT}'); "
+                         f"pass last.pt or best.pt of an l2l.py run")
     return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, device="cpu") -> nn.Module:
+    a = ckpt["args"]
+    model = build_model(a["model"], a["dataset"], a["depth"], a["width"], preact_shortcut=a["preact_shortcut"])
+    model.load_state_dict(ckpt["model"])  # the first layer's mean and std come from the weights
+    return model.to(device).eval()
 
 
 def load_model(path: str, device="cpu") -> nn.Module:
     """The classifier of an l2l.py checkpoint, in eval mode, taking [0,1] inputs: ready for AutoAttack,
     torchattacks or any attack in this file."""
     return model_from_checkpoint(read_checkpoint(path, "checkpoint"), device)
-
-
-def model_from_checkpoint(ckpt: dict, device="cpu") -> nn.Module:
-    a = ckpt["args"]
-    spec = DATASETS[a["dataset"]]  # the first layer's mean and std come from the checkpoint's weights
-    model = build_model(a["model"], a["dataset"], a["depth"], a["width"], spec["mean"], spec["std"],
-                        a.get("preact_shortcut", LEGACY_DEFAULTS["preact_shortcut"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval()
 
 
 # ================================================================================================
@@ -2257,30 +2101,21 @@ class Run:
         return [self.model] + [v for v in self.extras.values() if isinstance(v, nn.Module)]
 
 
-L2L_VARIANTS = {"l2l-naive": "naive", "l2l-grad": "grad", "l2l-2step": "multi"}
-
-
-def setup_l2l(args, model, device) -> dict:
-    """The L2L attacker g(.; phi) and its optimiser: Adam, lr 1e-3, weight decay 2e-4 (official code).
-    Input channels: the image's for naive L2L, twice that (image and gradient) for the others."""
+def setup_l2l(args, device) -> dict:
+    """The L2L attacker g(.; phi) and its optimiser. Input channels: the image's for naive L2L, twice that (image and
+    gradient) for the others."""
     c = DATASETS[args.dataset]["shape"][0]
     in_ch = c if L2L_VARIANTS[args.method] == "naive" else 2 * c
     attacker = {"slim": SlimAttacker, "wide": WideAttacker}[args.l2l_attacker](in_ch, c, args.eps, args.l2l_width)
     attacker = attacker.to(device)
-    optimizer = torch.optim.Adam(attacker.parameters(), lr=args.attacker_lr, weight_decay=args.attacker_wd)
-    return {"attacker": attacker, "attacker_opt": optimizer}
+    return {"attacker": attacker, "attacker_opt": l2l_attacker_optimizer(attacker)}
 
 
-def setup_rnn(args, model, device) -> dict:
-    """m_phi (--rnn-design) and its optimiser: Adam (Andrychowicz et al.'s choice) with lr --rnn-lr (alpha2 of
-    Algorithm 1; which of alpha1/alpha2 belongs to phi is not stated in what could be read: here alpha1 = --lr is
-    theta's)."""
-    if args.rnn_design == "lstm":
-        rnn = LSTMOptimizer(args.rnn_hidden, args.rnn_layers, not args.rnn_no_preprocess)
-    else:
-        rnn = SignStepRNN(args.rnn_hidden)
-    rnn = rnn.to(device)
-    return {"rnn": rnn, "rnn_opt": torch.optim.Adam(rnn.parameters(), lr=args.rnn_lr)}
+def setup_rnn(args, device) -> dict:
+    """m_phi (--rnn-design) and its Adam. Which of Algorithm 1's alpha1/alpha2 belongs to phi is not stated in what
+    could be read: here alpha1 = --lr is theta's, alpha2 phi's (rnn_optimizer_adam)."""
+    rnn = (LSTMOptimizer() if args.rnn_design == "lstm" else SignStepRNN()).to(device)
+    return {"rnn": rnn, "rnn_opt": rnn_optimizer_adam(rnn)}
 
 
 def max_over_ranks(t: torch.Tensor) -> torch.Tensor:
@@ -2291,14 +2126,14 @@ def max_over_ranks(t: torch.Tensor) -> torch.Tensor:
 
 
 def l2l_attack(args, attacker, model, x, y, batch_max=None):
-    """l2l_perturb with the run's flags (variant by --method, --l2l-steps, --l2l-step-size)."""
-    return l2l_perturb(attacker, model, x, y, args.eps, L2L_VARIANTS[args.method], args.l2l_steps,
-                       args.l2l_step_size, batch_max)
+    """l2l_perturb with the run's flags (variant by --method and --l2l-step-size, --l2l-steps)."""
+    return l2l_perturb(attacker, model, x, y, args.eps, l2l_variant(args), args.l2l_steps, args.l2l_step_size,
+                       batch_max)
 
 
-def rnn_scale(args) -> float:
-    """alpha of the sign-step design (--step-size), or the lstm design's update bound (--rnn-max-step)."""
-    return args.rnn_max_step if args.rnn_design == "lstm" else args.step_size
+def l2l_variant(a) -> str:
+    """naive, grad, multi, or (l2l-2step with --l2l-step-size) adv_loss.py's k-step variant."""
+    return "k-step" if L2L_VARIANTS[a.method] == "multi" and a.l2l_step_size is not None else L2L_VARIANTS[a.method]
 
 
 def rnn_run_attack(args, rnn, model, x, y, steps, learn):
@@ -2308,7 +2143,7 @@ def rnn_run_attack(args, rnn, model, x, y, steps, learn):
     if args.method == "rnn-trades":
         with torch.no_grad():
             logp_clean = F.log_softmax(model(x), 1)
-    return rnn_attack(rnn, model, x, y, args.eps, steps, rnn_scale(args), args.attack_start, logp_clean,
+    return rnn_attack(rnn, model, x, y, args.eps, steps, args.step_size, args.attack_start, logp_clean,
                       args.rnn_weights, learn, horizon=steps if args.rnn_progress == "attack" else args.steps,
                       per_example=args.rnn_objective == "per-example")
 
@@ -2316,9 +2151,7 @@ def rnn_run_attack(args, rnn, model, x, y, steps, learn):
 def frozen_l2l_step(model, optimizer, attacker, attacker_optimizer, x, y, **keywords):
     """--freeze-classifier for L2L: step 1 only reports the loss (classifier and attacker in eval mode, no update),
     then l2l_attacker_step: phi learns to attack a fixed classifier (start it from a checkpoint with --init)."""
-    model.eval()
-    attacker.eval()
-    with torch.no_grad(), attack_mode(model, "eval"):
+    with torch.no_grad(), ModelMode(model, "eval"), ModelMode(attacker, "eval"):
         x_adv = l2l_perturb(attacker, model, x, y, keywords["eps"], keywords["variant"], keywords["steps"],
                             keywords["step_size"], keywords["batch_max"])
         logits = model(x_adv)
@@ -2332,12 +2165,8 @@ def frozen_rnn_step(model, optimizer, rnn, rnn_optimizer, x, y, beta=None, **key
     mode: phi learns to attack a fixed classifier (start it from a checkpoint with --init)."""
     x_adv = rnn_optimizer_step(model, rnn, rnn_optimizer, x, y, trades=beta is not None, **keywords)
     with ModelMode(model, "eval"), torch.no_grad():
-        if beta is None:
-            logits = model(x_adv)
-            loss = F.cross_entropy(logits, y)
-        else:
-            logits_clean, logits = model(x), model(x_adv)
-            loss = trades_loss(logits_clean, logits, y, beta)
+        logits = model(x_adv)
+        loss = F.cross_entropy(logits, y) if beta is None else trades_loss(model(x), logits, y, beta)
     return loss, (logits.argmax(1) == y).sum()
 
 
@@ -2346,12 +2175,12 @@ def attack_keywords(a) -> dict:
 
 
 def rnn_keywords(a) -> dict:
-    return dict(eps=a.eps, steps=a.steps, scale=rnn_scale(a), start=a.attack_start, weights=a.rnn_weights,
+    return dict(eps=a.eps, steps=a.steps, alpha=a.step_size, start=a.attack_start, weights=a.rnn_weights,
                 per_example=a.rnn_objective == "per-example", attack_bn=a.attack_bn)
 
 
 def l2l_keywords(a) -> dict:
-    return dict(eps=a.eps, variant=L2L_VARIANTS[a.method], steps=a.l2l_steps, step_size=a.l2l_step_size,
+    return dict(eps=a.eps, variant=l2l_variant(a), steps=a.l2l_steps, step_size=a.l2l_step_size,
                 attacker_steps=a.attacker_steps, batch_max=max_over_ranks)
 
 
@@ -2361,7 +2190,7 @@ class Method:
     paper: str
     keywords: Callable = lambda a: {}  # flags -> the step's keyword arguments
     networks: tuple = ()  # the learned networks and optimisers (keys of Run.extras) the step takes before x, y
-    setup: Optional[Callable] = None  # setup(args, model, device) -> those extras
+    setup: Optional[Callable] = None  # setup(args, device) -> those extras
     frozen_step: Optional[Callable] = None  # the step under --freeze-classifier
 
 
@@ -2369,16 +2198,14 @@ METHODS: Dict[str, Method] = {
     "plain": Method(plain_step, "standard training"),
     "pgd-at": Method(pgd_at_step, "Madry et al. 2018, eq. 2.1", attack_keywords),
     "trades": Method(trades_step, "Zhang et al. 2019, Algorithm 1", lambda a: dict(attack_keywords(a), beta=a.beta)),
-    "fast-at": Method(fast_at_step, "Wong et al. 2020, Algorithm 3",
-                      lambda a: dict(eps=a.eps, step_size=a.step_size, attack_bn=a.attack_bn)),
+    "fast-at": Method(fast_at_step, "Wong et al. 2020, Algorithm 3", lambda a: dict(
+        eps=a.eps, step_size=a.step_size, attack_bn=a.attack_bn, clamp_start=a.clamp_start)),
     "fast-at-ga": Method(fast_at_ga_step, "Andriushchenko & Flammarion 2020, GradAlign",
-                         lambda a: dict(eps=a.eps, step_size=a.step_size, gamma=a.ga_gamma, attack_bn=a.attack_bn)),
+                         lambda a: dict(eps=a.eps, step_size=a.step_size, attack_bn=a.attack_bn)),
     "fast-bat": Method(fast_bat_step, "Zhang et al. 2022, eq. 9, 13, 14",
-                       lambda a: dict(eps=a.eps, step_size=a.bat_a, lam=a.bat_lambda, ig_ratio=a.bat_ig_ratio,
-                                      attack_bn=a.attack_bn)),
+                       lambda a: dict(eps=a.eps, attack_bn=a.attack_bn)),
     "pgd-at-bls": Method(pgd_at_bls_step, "Xiong & Hsieh 2020, Table 1 AdvTrain+BLS",
-                         lambda a: dict(eps=a.eps, steps=a.steps, init_step=a.bls_init_step, shrink=a.bls_shrink,
-                                        c=a.bls_c, tries=a.bls_tries, start=a.attack_start, attack_bn=a.attack_bn)),
+                         lambda a: dict(eps=a.eps, steps=a.steps, start=a.attack_start, attack_bn=a.attack_bn)),
     "rnn-adv": Method(rnn_adv_step, "Xiong & Hsieh 2020, Algorithm 1 with PGD-AT's loss", rnn_keywords,
                       ("rnn", "rnn_opt"), setup_rnn, frozen_rnn_step),
     "rnn-trades": Method(rnn_trades_step, "Xiong & Hsieh 2020, Algorithm 1 with TRADES' loss",
@@ -2396,15 +2223,17 @@ def method_step(run: Run, x, y):
     step = method.frozen_step if run.args.freeze_classifier else method.step
     return step(run.model, run.optimizer, *[run.extras[k] for k in method.networks], x, y, **method.keywords(run.args))
 
+
 # Flags that only some methods read (the prefix of the flag's name -> those methods); results.json records a flag
 # only for a method that reads it (checkpoints keep every flag, for --resume and --eval-only).
-METHOD_FLAGS = {"bat_": ("fast-bat",), "ga_gamma": ("fast-at-ga",), "bls_": ("pgd-at-bls",),
-                "rnn_": ("rnn-adv", "rnn-trades"), "freeze_classifier": ("rnn-adv", "rnn-trades", *L2L_VARIANTS),
+METHOD_FLAGS = {"rnn_": ("rnn-adv", "rnn-trades"), "freeze_classifier": ("rnn-adv", "rnn-trades", *L2L_VARIANTS),
                 "l2l_": tuple(L2L_VARIANTS), "attacker_": tuple(L2L_VARIANTS), "beta": ("trades", "rnn-trades"),
-                "steps": tuple(m for m in METHODS if m != "plain" and m not in L2L_VARIANTS),
-                "step_size": tuple(m for m in METHODS if m not in ("plain", "fast-bat", "pgd-at-bls", *L2L_VARIANTS)),
+                "steps": tuple(m for m in METHODS if m not in ("plain", "fast-at", "fast-at-ga", "fast-bat",
+                                                                 *L2L_VARIANTS)),
+                "step_size": ("pgd-at", "trades", "fast-at", "fast-at-ga", "rnn-adv", "rnn-trades"),
                 "attack_bn": tuple(m for m in METHODS if m != "plain" and m not in L2L_VARIANTS),
-                "attack_start": ("pgd-at", "pgd-at-bls", "trades", "rnn-adv", "rnn-trades")}
+                "attack_start": ("pgd-at", "pgd-at-bls", "trades", "rnn-adv", "rnn-trades"),
+                "clamp_start": ("fast-at",)}
 
 
 def used_flags(args) -> dict:
@@ -2437,8 +2266,8 @@ def memory_format(args) -> torch.memory_format:
 
 
 def training_step(run: Run, x, y):
-    """One minibatch of the method: under torchrun this rank's shard of the global batch (x, y), in the
-    chosen memory format and precision. Returns the trainer's (loss, number correct) for the shard. The shards of an
+    """One minibatch of the method: under torchrun this rank's shard of the global batch (x, y), in the chosen
+    memory format and precision. Returns the trainer's (loss, number correct) for the shard. The shards of an
     epoch's last partial batch can differ by one example; their gradients are still averaged with equal weights."""
     rank, world = dist_world()
     if world > 1:
@@ -2450,19 +2279,13 @@ def training_step(run: Run, x, y):
 
 def compile_networks(run: Run) -> None:
     """--compile: the classifier and the learned networks under torch.compile with static shapes, in place
-    (nn.Module.compile keeps the state_dict keys, so checkpoints are unchanged). Train and eval mode and each
-    batch shape compile once. Fast-BAT and GradAlign differentiate twice, which torch.compile cannot: eager."""
+    (nn.Module.compile keeps the state_dict keys, so checkpoints are unchanged). Fast-BAT and GradAlign
+    differentiate twice, which torch.compile cannot: they stay eager."""
     if run.args.method in DOUBLE_BACKWARD:
         print(f"note: --compile skipped: {run.args.method} backpropagates through a gradient (create_graph), "
               f"which torch.compile does not support; running eager", file=sys.stderr)
         run.args.compile = False  # logs and results.json say what ran
         return
-    try:  # donated buffers break a second backward through one compiled graph; none is taken now (RNN-Adv's
-        # objective is graph-free), and the setting stays off as a safeguard
-        import torch._functorch.config as functorch_config
-        functorch_config.donated_buffer = False
-    except (ImportError, AttributeError):
-        pass
     for net in run.networks():
         net.compile(dynamic=False)
 
@@ -2474,27 +2297,18 @@ def dist_world() -> tuple:
     return 0, 1
 
 
-def check_batch_splits(batch_size: int, processes: int) -> None:
-    """--batch-size is the global batch: each of the processes takes an equal share."""
-    if batch_size % processes:
-        raise UsageError(f"--batch-size {batch_size} does not split over {processes} processes; "
-                         f"use a multiple of {processes}")
-
-
 def setup_distributed(args) -> torch.device:
     """The device of this process. Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPUs, one
     GPU per rank by LOCAL_RANK; gloo on CPU). --batch-size stays the global batch and is split over ranks."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = pick_device(args.device)
+    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     if world == 1:
         return device
-    check_batch_splits(args.batch_size, world)
+    if args.batch_size % world:
+        raise UsageError(f"--batch-size {args.batch_size} does not split over {world} processes; use a multiple "
+                         f"of {world}")
     if device.type == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if local >= torch.cuda.device_count():
-            raise UsageError(f"torchrun started {world} processes but this machine has {torch.cuda.device_count()} "
-                             f"GPUs; lower --nproc_per_node")
-        device = torch.device("cuda", local)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     elif args.sync_bn:
         raise UsageError("--sync-bn needs GPUs (torch's SyncBatchNorm does not run on CPU); drop it")
@@ -2503,47 +2317,32 @@ def setup_distributed(args) -> torch.device:
     return device
 
 
-def all_reduce_mean(tensors: list) -> None:
-    """In place: each tensor becomes its mean over ranks, in one all-reduce (what DistributedDataParallel
-    does to gradients)."""
-    if not tensors:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
-
-
-def batchnorm_statistics(module: nn.Module) -> list:
-    return [b for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-            for b in (m.running_mean, m.running_var)]
-
-
 def make_data_parallel(run: Run) -> None:
-    """Data parallelism over torchrun's processes for every network of the run. torch's
-    DistributedDataParallel wrapper cannot serve these algorithms: it reduces gradients only as backward()
-    accumulates them, while L2L, the RNN optimiser and Fast-BAT take torch.autograd.grad, several backward
-    passes or a double backward per step. So, with the same effect: rank 0's weights are broadcast once, and
-    every optimiser (the classifier's SGD, the attacker's or RNN's Adam) averages its parameters' gradients
-    over ranks just before it steps. BatchNorm running statistics are averaged there too (DDP instead copies
-    rank 0's); --sync-bn makes the batch statistics themselves global."""
+    """Data parallelism over torchrun's processes for every network of the run. torch's DistributedDataParallel
+    wrapper cannot serve these algorithms: it reduces gradients only as backward() accumulates them, while L2L, the
+    RNN optimiser and Fast-BAT take torch.autograd.grad, several backward passes or a double backward per step. So,
+    with the same effect: rank 0's weights are broadcast once, and every optimiser averages its parameters'
+    gradients (and its networks' BatchNorm running statistics) over ranks just before it steps, in one all-reduce;
+    --sync-bn makes the batch statistics themselves global."""
     if dist_world()[1] == 1:
         return
     nets = run.networks()
-    optimizers = [run.optimizer] + [v for v in run.extras.values() if isinstance(v, torch.optim.Optimizer)]
     for net in nets:
         for t in list(net.parameters()) + list(net.buffers()):
             dist.broadcast(t.data, 0)
-    for opt in optimizers:
+    for opt in [run.optimizer] + [v for v in run.extras.values() if isinstance(v, torch.optim.Optimizer)]:
         params = {id(p) for group in opt.param_groups for p in group["params"]}
         owners = [net for net in nets if any(id(p) in params for p in net.parameters())]
+        stats = [b for net in owners for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                 and m.track_running_stats for b in (m.running_mean, m.running_var)]
 
-        def average(optimizer, _args, _kwargs, owners=owners):
-            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            all_reduce_mean(grads + [b for net in owners for b in batchnorm_statistics(net)])
+        def average(optimizer, _args, _kwargs, stats=stats):
+            tensors = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            flat = torch.cat([t.reshape(-1) for t in tensors + stats])
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+            for t, part in zip(tensors + stats, flat.split([t.numel() for t in tensors + stats])):
+                t.copy_(part.view_as(t))
 
         opt.register_step_pre_hook(average)
 
@@ -2553,8 +2352,7 @@ def shard(n: int, pad: bool, align: int = 1) -> torch.Tensor:
     `align`. With pad, every rank gets exactly that many (the last repeats example n - 1), so all ranks run the same
     batches and collectives."""
     rank, world = dist_world()
-    per = -(-n // world)
-    per = -(-per // align) * align
+    per = -(-(-(-n // world)) // align) * align
     idx = torch.arange(rank * per, (rank + 1) * per)
     return idx.clamp(max=n - 1) if pad else idx[idx < n]
 
@@ -2580,91 +2378,29 @@ def ranks_agree(run: Run) -> bool:
     """True when every network's parameters are bitwise equal on all ranks (a check that synchronisation held)."""
     if dist_world()[1] == 1:
         return True
-    nets = run.networks()
-    flat = torch.cat([p.detach().reshape(-1).double() for net in nets for p in net.parameters()])
+    flat = torch.cat([p.detach().reshape(-1).double() for net in run.networks() for p in net.parameters()])
     low, high = flat.clone(), flat.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
     return bool(torch.equal(low, high))
 
 
-# ================================================================================================
-# Progress lines: long training epochs and evaluations say how far they are and how long is left.
-# ================================================================================================
+class Ticker:
+    """A progress line for a loop of `total` units: at most one every `every` seconds, with the rate and the time
+    left. Counting units reads no device value, so it forces no host-device synchronisation."""
 
+    def __init__(self, what: str, total: int, enabled: bool = True, every: float = 10.0, clock=time.monotonic):
+        self.what, self.total, self.enabled, self.every, self.clock = what, total, enabled, every, clock
+        self.done, self.start = 0, clock()
+        self.last = self.start
 
-def fmt_duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, m, sec = seconds // 3600, seconds // 60 % 60, seconds % 60
-    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
-
-
-class Progress:
-    """Progress of a loop of `total` units (batches, attack runs): a line after the first unit (unless it took
-    under `first_after` seconds: quick loops stay silent), then at most one every `every` seconds, redrawn in place
-    on a terminal and as plain lines otherwise (a log). A heartbeat thread
-    prints the same line while a single unit runs long (a WRN-34-10 batch on a CPU takes minutes), so a sign of
-    life comes every `every` seconds whatever the step costs. Reads no device value: counting units forces no
-    host-device synchronisation (on a GPU the count runs at most a queue's length ahead of the device).
-    describe(done, elapsed, rate) -> the line's text; rate is units per second (None before the first unit)."""
-
-    def __init__(self, describe: Callable, total: int, every: float = 10.0, enabled: bool = True, stream=None,
-                 clock: Callable = time.monotonic, heartbeat: bool = True, first_after: float = 1.0):
-        self.describe, self.total, self.every, self.enabled = describe, total, every, enabled
-        self.first_after = first_after
-        self.stream, self.clock = (stream if stream is not None else sys.stdout), clock
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.done, self.start, self.last = 0, clock(), None
-        self.lock, self.stopped = threading.Lock(), threading.Event()
-        self.thread = None
-        if enabled and heartbeat:
-            self.thread = threading.Thread(target=self._beat, daemon=True)
-            self.thread.start()
-
-    def _line(self, now: float) -> None:
-        elapsed = now - self.start
-        rate = self.done / elapsed if self.done and elapsed > 0 else None
-        text = self.describe(self.done, elapsed, rate)
-        self.stream.write(f"\r{text}\x1b[K" if self.tty else text + "\n")
-        self.stream.flush()
-        self.last = now
-
-    def _beat(self) -> None:
-        while not self.stopped.wait(min(1.0, self.every / 2)):
-            with self.lock:
-                now = self.clock()
-                if not self.stopped.is_set() and now - (self.last if self.last is not None else self.start) >= self.every:
-                    self._line(now)
-
-    def step(self, n: int = 1) -> None:
-        if not self.enabled:
-            return
-        with self.lock:
-            self.done += n
-            now = self.clock()
-            if now - (self.start + self.first_after - self.every if self.last is None else self.last) >= self.every:
-                self._line(now)
-
-    def close(self) -> None:
-        """Stop the heartbeat; on a terminal, clear the in-place line so the next line starts clean."""
-        self.stopped.set()
-        if self.thread is not None:
-            self.thread.join()
-        if self.enabled and self.tty and self.last is not None:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def rate_and_left(done: int, total: int, elapsed: float, rate: Optional[float], unit: str, units: str) -> str:
-    if rate is None:
-        return f"first {unit} running, {fmt_duration(elapsed)} so far"
-    return f"{done}/{total} {units}, {fmt_duration(elapsed)} elapsed, {fmt_duration((total - done) / rate)} left"
+    def step(self, n: int = 1, what: Optional[str] = None) -> None:
+        self.done, self.what, now = self.done + n, what or self.what, self.clock()
+        if self.enabled and now - self.last >= self.every:
+            rate = self.done / (now - self.start)
+            left = datetime.timedelta(seconds=round((self.total - self.done) / rate))
+            print(f"  {self.what}: {self.done}/{self.total}, {rate:.3g}/s, {left} left", flush=True)
+            self.last = now
 
 
 # ================================================================================================
@@ -2728,7 +2464,7 @@ EVAL_ATTACKS: Dict[str, EvalAttack] = {
     "rnn": EvalAttack(lambda m, x, y, a, e: rnn_run_attack(a, e["rnn"], m, x, y, a.rnn_eval_steps, learn=False)[0],
                       lambda a: dict(loss="kl (learned RNN optimiser)" if a.method == "rnn-trades"
                                      else "ce (learned RNN optimiser)", steps=a.rnn_eval_steps,
-                                     step_size=rnn_scale(a), restarts=1, random_start=True)),
+                                     step_size=a.step_size, restarts=1, random_start=True)),
     # Black-box transfer (Xiong & Hsieh Table 7): PGD with the evaluation settings on --transfer-from's
     # classifier, scored on this one.
     "transfer": EvalAttack(lambda m, x, y, a, e: pgd(e["transfer_source"], x, y, a.eps, a.eval_step_size, a.eval_steps,
@@ -2769,7 +2505,7 @@ def eval_learned_l2l(model, x, y, args, extras):
                           for xc, yc in zip(x.split(args.batch_size), y.split(args.batch_size))])
 
 
-def evaluate(model, x_uint8, y, args, attacks, extras=None, gallery: Optional[dict] = None) -> dict:
+def evaluate(model, x_uint8, y, args, attacks, extras=None) -> dict:
     """Clean accuracy, each attack's robust accuracy and the per-example worst case over all of them
     (an example counts as robust only if it is classified correctly clean and under every attack).
     Also records the largest l_inf perturbation each attack produced, as a check of the constraint.
@@ -2781,6 +2517,7 @@ def evaluate(model, x_uint8, y, args, attacks, extras=None, gallery: Optional[di
     rank, world = dist_world()
     torch.manual_seed(args.seed + rank)
     model.eval()
+    extras = extras or {}
     n = x_uint8.shape[0]
     idx = shard(n, pad=True, align=args.batch_size if "l2l" in attacks else 1).to(x_uint8.device)
     xs, ys = x_uint8[idx], y[idx]
@@ -2788,76 +2525,37 @@ def evaluate(model, x_uint8, y, args, attacks, extras=None, gallery: Optional[di
     correct = {name: [] for name in ["clean"] + per_batch}
     max_pert = {name: torch.zeros((), device=x_uint8.device) for name in attacks}
     batches = -(-xs.shape[0] // args.eval_batch_size)
-    total = batches * (len(per_batch) + ("l2l" in attacks) + (len(AUTOATTACK_STANDARD) if "aa" in attacks else 0))
-    now = {"attack": attacks[0] if attacks else "", "batch": 1}
-    spent = {name: [0.0, 0] for name in per_batch}  # seconds and runs of each attack so far: attacks differ in cost
-
-    def describe(done, elapsed, rate):
-        where = f"chunk {now['batch']}" if now["attack"].startswith("aa") else f"batch {now['batch']}/{batches}"
-        if now["attack"].startswith("aa"):
-            return f"  evaluating: {now['attack']} on {where}, {fmt_duration(elapsed)} elapsed (AutoAttack's time " \
-                   f"depends on how many examples stay robust)"
-        known = [(s / k) * (batches - k) for s, k in spent.values() if k]
-        left = fmt_duration(sum(known)) + (" left" if len(known) == len(spent) else "+ left (some attacks not run yet)")
-        return f"  evaluating: {now['attack']} on {where}, {done}/{total} attack runs, {fmt_duration(elapsed)} " \
-               f"elapsed, " + (left if known else "first batch running") + \
-               (", then AutoAttack" if "aa" in attacks else "")
-
-    def keep_for_gallery(name, x, x_adv, labels):
-        if gallery is not None and rank == 0:
-            with torch.no_grad():
-                if "clean" not in gallery:
-                    gallery["labels"] = labels[:8].cpu()
-                    gallery["clean"] = (x[:8].cpu(), model(x[:8]).argmax(1).cpu())
-                gallery[name] = (x_adv[:8].cpu(), model(x_adv[:8]).argmax(1).cpu())
-
-    with autocast(x_uint8.device, args.eval_precision), \
-            Progress(describe, total, enabled=rank == 0 and not getattr(args, "quiet", False)) as progress:
+    ticker = Ticker("evaluating (attack runs; AutoAttack's time depends on how many examples stay robust)",
+                    batches * (len(per_batch) + ("l2l" in attacks) + 4 * ("aa" in attacks)),
+                    rank == 0 and not args.quiet)
+    with autocast(x_uint8.device, args.eval_precision):
         for i in range(0, xs.shape[0], args.eval_batch_size):
             x = to_float(xs[i:i + args.eval_batch_size], memory_format(args))
             yb = ys[i:i + args.eval_batch_size]
             with torch.no_grad():
                 correct["clean"].append(model(x).argmax(1) == yb)
             for name in per_batch:
-                now.update(attack=name, batch=i // args.eval_batch_size + 1)
-                t_attack = time.time()
-                x_adv = EVAL_ATTACKS[name].run(model, x, yb, args, extras or {})
+                x_adv = EVAL_ATTACKS[name].run(model, x, yb, args, extras)
                 max_pert[name] = torch.maximum(max_pert[name], (x_adv - x).abs().amax())
-                if i == 0:
-                    keep_for_gallery(name, x, x_adv, yb)
                 with torch.no_grad():
                     correct[name].append(model(x_adv).argmax(1) == yb)
-                spent[name][0] += time.time() - t_attack
-                spent[name][1] += 1
-                progress.step()
-        whole_shard = lambda: torch.cat([to_float(xs[i:i + args.eval_batch_size], memory_format(args))
-                                         for i in range(0, xs.shape[0], args.eval_batch_size)])
+                ticker.step(what=f"evaluating {name}")
+        whole = [to_float(xs[i:i + args.eval_batch_size], memory_format(args))
+                 for i in range(0, xs.shape[0], args.eval_batch_size)] if {"l2l", "aa"} & set(attacks) else []
         if "l2l" in attacks:  # chunks of --batch-size from the shard's start, which is aligned to it: by global index
-            now.update(attack="l2l", batch=1)
-            x = whole_shard()
-            x_adv = EVAL_ATTACKS["l2l"].run(model, x, ys, args, extras or {})
+            x = torch.cat(whole)
+            x_adv = EVAL_ATTACKS["l2l"].run(model, x, ys, args, extras)
             max_pert["l2l"] = (x_adv - x).abs().amax()
-            keep_for_gallery("l2l", x, x_adv, ys)
             with torch.no_grad():
                 correct["l2l"] = [model(xb).argmax(1) == yb for xb, yb in
                                   zip(x_adv.split(args.eval_batch_size), ys.split(args.eval_batch_size))]
-            progress.step(batches)
-            del x, x_adv
+            ticker.step(batches)
         if "aa" in attacks:
-            chunks = {"n": 0}
-
-            def on_batch(name):
-                chunks["n"] += 1
-                now.update(attack=f"aa: {name}", batch=chunks["n"])
-                progress.step()
-
-            x = whole_shard()
-            x_adv, robust = run_autoattack(model, x, ys, args, on_batch)
+            x = torch.cat(whole)
+            x_adv, robust = run_autoattack(model, x, ys, args, lambda name: ticker.step(what=f"AutoAttack: {name}"))
             max_pert["aa"] = (x_adv - x).abs().amax()
-            keep_for_gallery("aa", x, x_adv, ys)
             correct["aa"] = [robust[AUTOATTACK_STANDARD[-1]]]
             aa_steps = {name: gather_examples(robust[name].to(torch.uint8), n).bool() for name in AUTOATTACK_STANDARD}
-            del x, x_adv
     correct = {k: gather_examples(torch.cat(v).to(torch.uint8), n).bool() for k, v in correct.items()}
     if world > 1:
         for value in max_pert.values():
@@ -2865,8 +2563,7 @@ def evaluate(model, x_uint8, y, args, attacks, extras=None, gallery: Optional[di
     worst = torch.stack(list(correct.values())).all(0)
     digits = len(str(n)) + 3  # 1/1000 of the resolution 1/n: no float32 noise in results.json (k/32 stays exact)
     accuracy = lambda flags: round(int(flags.sum()) / n, digits)
-    results = {"protocol": {"eps": args.eps, "eps_text": fmt_eps(args.eps), "examples": n,
-                            "split": "test", "indices": list(range(n)),
+    results = {"protocol": {"eps": args.eps, "eps_text": fmt_eps(args.eps), "examples": n, "split": "test",
                             "model_mode": "eval", "precision": args.eval_precision, "processes": world},
                "clean": {"accuracy": accuracy(correct["clean"])}}
     for name in attacks:
@@ -2877,114 +2574,6 @@ def evaluate(model, x_uint8, y, args, attacks, extras=None, gallery: Optional[di
                                          for name, v in aa_steps.items()}
     results["worst_case"] = {"accuracy": accuracy(worst), "over": ["clean"] + list(attacks)}
     return results
-
-
-def sanity_checks(model, x_uint8, y, args, extras=None, n_max=500, results=None) -> list:
-    """Checks from the literature on evaluating robustness (Carlini et al. 2019, "On Evaluating Adversarial
-    Robustness"; Athalye et al. 2018), on the first min(n_max, N) examples, model in eval mode. Each gives
-    pass/fail with its figures; a failure is a warning of possible gradient masking, never hidden.
-      1. more PGD steps (4K) do not raise robust accuracy;  2. more restarts (5) do not raise it;
-      3. accuracy falls as eps grows (eps/2, eps, 2 eps) and is ~0 (<= 2%) at eps = 0.5, half the pixel range;
-      4. the model's own gradients beat a transfer attack (--transfer-from) or, without one, uniform noise of
-         the same budget;  5. the loss rises along PGD (iterate 0, K/2, K);  6. AutoAttack leaves at most 5 points
-         less than PGD-K (from `results` when the evaluation ran both on the test set, else on these examples)."""
-    model.eval()
-    n = min(n_max, x_uint8.shape[0])
-    x, y = to_float(x_uint8[:n], memory_format(args)), y[:n]
-    k, step, tol = args.eval_steps or 10, args.eval_step_size, 1.0 / n + 1e-9
-
-    def acc(z):
-        with torch.no_grad():
-            return (model(z).argmax(1) == y).float().mean().item()
-
-    def pgd_acc(eps, steps, restarts=1, step_size=step, seed=0):
-        torch.manual_seed(args.seed + seed)
-        return acc(pgd(model, x, y, eps, step_size, steps, restarts, keep_fooling=True))
-
-    checks = []
-    base = pgd_acc(args.eps, k)
-    more = pgd_acc(args.eps, 4 * k, seed=1)
-    checks.append(dict(name="more steps", passed=more <= base + tol,
-                       detail=f"PGD-{k} {100 * base:.1f}% -> PGD-{4 * k} {100 * more:.1f}%"))
-    restarts = pgd_acc(args.eps, k, restarts=5, seed=2)
-    checks.append(dict(name="more restarts", passed=restarts <= base + tol,
-                       detail=f"1 restart {100 * base:.1f}% -> 5 restarts {100 * restarts:.1f}%"))
-    curve = [(e, pgd_acc(e, k, step_size=2.5 * e / k)) for e in (args.eps / 2, args.eps, 2 * args.eps, 0.5)]
-    monotone = all(b[1] <= a[1] + tol for a, b in zip(curve, curve[1:]))
-    checks.append(dict(name="eps sweep", passed=monotone and curve[-1][1] <= 0.02,
-                       detail=", ".join(f"eps {fmt_eps(e)}: {100 * a:.1f}%" for e, a in curve)))
-    torch.manual_seed(args.seed)
-    if extras and "transfer_source" in extras:
-        other, what = acc(pgd(extras["transfer_source"], x, y, args.eps, step, k)), "transfer PGD"
-    else:
-        other, what = acc(project(x + torch.empty_like(x).uniform_(-args.eps, args.eps), x, args.eps)), "uniform noise"
-    checks.append(dict(name="white-box beats black-box", passed=base < other or other <= 0.01,
-                       detail=f"white-box PGD-{k} {100 * base:.1f}% vs {what} {100 * other:.1f}%"))
-    losses = []
-    for steps in (0, k // 2, k):
-        torch.manual_seed(args.seed)
-        with torch.no_grad():
-            losses.append(F.cross_entropy(model(pgd(model, x, y, args.eps, step, steps)), y).item())
-    checks.append(dict(name="loss rises along PGD", passed=losses[-1] > losses[0] + 1e-3,
-                       detail=" -> ".join(f"{v:.3f}" for v in losses) + f" (CE at iterations 0, {k // 2}, {k})"))
-    if results and "aa" in results and "pgd" in results:
-        pgd_name = f"PGD-{results['pgd']['steps']}x{results['pgd']['restarts']}"
-        pgd_value, aa_value, where = results["pgd"]["accuracy"], results["aa"]["accuracy"], "test set"
-    else:
-        robust = run_autoattack(model, x, y, args)[1]
-        pgd_name, pgd_value, aa_value = f"PGD-{k}", base, robust[AUTOATTACK_STANDARD[-1]].float().mean().item()
-        where = f"first {n}"
-    checks.append(dict(name="PGD agrees with AutoAttack", passed=aa_value >= pgd_value - 0.05,
-                       detail=f"{pgd_name} {100 * pgd_value:.1f}% vs AutoAttack {100 * aa_value:.1f}% ({where}; a gap "
-                              f"over 5 points means PGD overstates robustness)"))
-    return checks
-
-
-def format_checks(checks: list) -> str:
-    lines = ["sanity checks (a failure warns of possible gradient masking):"]
-    for c in checks:
-        lines.append(f"  {'pass' if c['passed'] else 'FAIL'}  {c['name']:<26} {c['detail']}")
-    if not all(c["passed"] for c in checks):
-        lines.append("  WARNING: possible gradient masking; the robust accuracies above may overestimate robustness")
-    return "\n".join(lines)
-
-
-def save_examples(gallery: dict, eps: float, path: str, scale: int = 3) -> None:
-    """<out>/examples.png, like the papers' figures: the first 8 test images, a row of clean images, then for each
-    attack a row of adversarial images and a row of perturbations amplified to the full range ((x' - x) / 2 eps + 1/2).
-    Each row is labelled on the left; under each image its true class and the model's prediction, in red with a red
-    frame where the attack fooled the model. Tiles are enlarged `scale` times (nearest neighbour) to be readable."""
-    from PIL import Image, ImageDraw
-    clean, clean_pred = gallery["clean"]
-    labels = gallery["labels"]
-    rows = [("clean", clean, clean_pred)]
-    for name, value in gallery.items():
-        if name not in ("clean", "labels"):
-            x_adv, pred = value
-            rows += [(name, x_adv, pred), (f"{name}: x'-x", ((x_adv - clean) / (2 * eps) + 0.5).clamp(0, 1), None)]
-    n, (c, h, w) = clean.shape[0], clean.shape[1:]
-    th, tw, pad, left, text = h * scale, w * scale, 6, 120, 14
-    sheet = Image.new("RGB", (left + n * (tw + pad) + pad, len(rows) * (th + text + pad) + pad), "white")
-    draw = ImageDraw.Draw(sheet)
-    for r, (label, images, pred) in enumerate(rows):
-        top = pad + r * (th + text + pad)
-        draw.text((6, top + th // 2 - 6), label, fill="black")
-        for i in range(n):
-            tile = (images[i].float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
-            tile = (tile.expand(-1, -1, 3) if c == 1 else tile).contiguous()
-            x0 = left + pad + i * (tw + pad)
-            sheet.paste(Image.fromarray(tile.numpy()).resize((tw, th), Image.NEAREST), (x0, top))
-            if pred is not None:
-                fooled = int(pred[i]) != int(labels[i])
-                if fooled and label != "clean":
-                    draw.rectangle((x0 - 2, top - 2, x0 + tw + 1, top + th + 1), outline="red", width=2)
-                draw.text((x0, top + th + 1), f"y {int(labels[i])}  pred {int(pred[i])}",
-                          fill="red" if fooled else "black")
-
-    def write(tmp):
-        sheet.save(tmp, format="PNG")
-
-    atomic_write(path, write)
 
 
 def masking_warnings(res: dict, gap: float = 0.05) -> list:
@@ -3004,17 +2593,15 @@ def format_results(res: dict, title: str) -> str:
     warning when AutoAttack contradicts a weaker attack, and a note when no AutoAttack ran."""
     p = res["protocol"]
     lines = [f"{title}: eps {p['eps_text']}, {p['examples']} {p['split']} examples, model in eval mode, "
-             f"{p.get('precision', 'fp32')}",
-             f"  {'attack':<12}{'accuracy':>9}  {'loss':<9}{'steps':>6}{'step':>9}{'restarts':>9}"]
-    lines.append(f"  {'clean':<12}{100 * res['clean']['accuracy']:>8.2f}%")
+             f"{p['precision']}", f"  {'attack':<12}{'accuracy':>9}  {'loss':<9}{'steps':>6}{'step':>9}{'restarts':>9}",
+             f"  {'clean':<12}{100 * res['clean']['accuracy']:>8.2f}%"]
     for name in res["worst_case"]["over"][1:]:
         r = res[name]
-        step = fmt_eps(r["step_size"]) if r.get("step_size") else "-"
         if name == "aa":
-            lines.append(f"  {'aa':<12}{100 * r['accuracy']:>8.2f}%  {r['loss']}, seed {r.get('seed')}")
-            after = r.get("robust_after", {})
-            lines.append("  " + " " * 14 + ", ".join(f"after {k} {100 * v['accuracy']:.2f}%" for k, v in after.items()))
+            lines.append(f"  {'aa':<12}{100 * r['accuracy']:>8.2f}%  {r['loss']}, seed {r['seed']}")
+            lines.append(" " * 16 + ", ".join(f"after {k} {100 * v['accuracy']:.2f}%" for k, v in r["robust_after"].items()))
             continue
+        step = fmt_eps(r["step_size"]) if r.get("step_size") else "-"
         lines.append(f"  {name:<12}{100 * r['accuracy']:>8.2f}%  {r['loss'].split()[0]:<9}{r['steps']:>6}"
                      f"{step:>9}{r['restarts']:>9}" + (f"  ({r['targets']} targets)" if "targets" in r else ""))
     lines.append(f"  {'worst case':<12}{100 * res['worst_case']['accuracy']:>8.2f}%  "
@@ -3035,11 +2622,9 @@ def validate(model, data: Data, args) -> tuple:
     idx = shard(data.x_val.shape[0], pad=False).to(data.x_val.device)
     xs, ys = data.x_val[idx], data.y_val[idx]
     clean = robust = torch.zeros((), device=xs.device)
-    batches = -(-xs.shape[0] // args.eval_batch_size)
-    describe = lambda done, elapsed, rate: f"  validation (PGD-{args.val_steps}): " + \
-        rate_and_left(done, batches, elapsed, rate, "batch", "batches")
-    with autocast(xs.device, args.eval_precision), \
-            Progress(describe, batches, enabled=dist_world()[0] == 0 and not getattr(args, "quiet", False)) as progress:
+    ticker = Ticker(f"validation (PGD-{args.val_steps}), batches", -(-xs.shape[0] // args.eval_batch_size),
+                    dist_world()[0] == 0 and not args.quiet)
+    with autocast(xs.device, args.eval_precision):
         for i in range(0, xs.shape[0], args.eval_batch_size):
             x = to_float(xs[i:i + args.eval_batch_size], memory_format(args))
             y = ys[i:i + args.eval_batch_size]
@@ -3049,7 +2634,7 @@ def validate(model, data: Data, args) -> tuple:
                 x = pgd(model, x, y, args.eps, args.val_step_size, args.val_steps, args.val_restarts, keep_fooling=True)
                 with torch.no_grad():
                     robust = robust + (model(x).argmax(1) == y).sum()
-            progress.step()
+            ticker.step()
     clean, robust = all_reduce_sum([clean, robust], xs.device)
     n = data.x_val.shape[0]
     return clean / n, (robust / n if args.val_steps else clean / n)
@@ -3069,11 +2654,10 @@ def schedule_at(args, it: int, iters_per_epoch: int) -> tuple:
     """(learning rate, SGD momentum) for iteration `it`, set every iteration as fast_adversarial and Fast-BAT do.
     multistep: lr x0.1 at each --lr-milestones epoch m, counted as the method's official script counts
       (--lr-milestone-base 1: from 1, the drop comes during epoch m, i.e. after m - 1 full epochs; 0: after m,
-      as Fast-BAT's MultiStepLR; RO's train_cifar.py reads its piecewise lr at epoch + (i + 1) / n, one
-      iteration earlier);
-    cyclic: torch's CyclicLR (mode triangular, one cycle): lr rises linearly from 0 to --lr at --lr-peak-epoch,
-      then falls linearly to 0 at the last iteration; with --cycle-momentum, momentum moves the other way, from
-      --momentum at lr 0 to 0.8 at the peak (so the peak step lr / (1 - m) is half of what a fixed 0.9 gives);
+      as Fast-BAT's MultiStepLR);
+    cyclic: the values of torch's CyclicLR (triangular, one cycle: lr from 0 up to --lr at --lr-peak-epoch, down to
+      0 at the last iteration; with --cycle-momentum, momentum from --momentum at lr 0 to 0.8 at the peak), computed
+      here in closed form (CyclicLR's own arithmetic differs in the last bits);
     constant: --lr. Momentum is --momentum except in the cyclic schedule."""
     t = it / iters_per_epoch
     if args.lr_schedule == "multistep":
@@ -3101,65 +2685,39 @@ def catastrophic_overfitting(history: list) -> Optional[str]:
     return None
 
 
-def atomic_save(obj, path: str) -> None:
-    """torch.save through atomic_write; a failed write (a full disk: torch.save raises RuntimeError, not OSError)
-    is a one-line UsageError, and the file under `path` stays as it was."""
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """write(tmp) into <path>.tmp, then rename it over `path`: a kill or an error never leaves a half-written file
+    under the real name. A failed write (a full disk; torch.save raises RuntimeError) is a one-line UsageError, its
+    temporary file removed, and the file under `path` stays as it was."""
+    tmp = path + ".tmp"
     try:
-        atomic_write(path, lambda tmp: torch.save(obj, tmp))
+        write(tmp)
+        os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
         reason = (getattr(e, "strerror", None) or str(e).splitlines()[0] if str(e) else type(e).__name__)[:120]
         raise UsageError(f"cannot write {path} ({reason}); the earlier file there is untouched; free disk space or "
-                         f"choose another --out, then --resume")
+                         f"choose another --out")
 
 
-def atomic_write_json(obj, path: str) -> None:
+def write_json(obj, path: str) -> None:
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=1)
 
-    try:
-        atomic_write(path, write)
-    except OSError as e:
-        raise UsageError(f"cannot write {path} ({e.strerror or e}); free disk space or choose another --out")
+    atomic_write(path, write)
 
 
-# The files of one run in its --out folder (an --eval-only run writes the last two).
-RUN_FILES = ("last.pt", "best.pt", "results.json", "examples.png", "curves.svg")
-_OUT_LOCKS: Dict[str, int] = {}  # --out folders this process holds, by absolute path -> the lock file's descriptor
+RUN_FILES = ("last.pt", "best.pt", "results.json")  # what a run writes into --out (--eval-only: results.json)
+_HELD: Dict[str, int] = {}  # the --out folders this process holds -> their descriptors
 
 
-def lock_out_dir(out: str) -> None:
-    """Hold --out exclusively for this process: an flock on the folder itself (no file is added to it), which the OS
-    releases when the process ends, however it ends (kill -9 included), so a lock is never stale. A second run into
-    a held folder is refused."""
-    try:
-        import fcntl
-    except ImportError:  # not on POSIX: no lock
-        return
-    key = os.path.abspath(out)
-    if key in _OUT_LOCKS:
-        return
-    fd = os.open(out, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise UsageError(f"--out {out} is in use by another l2l.py run that is still going; wait for it to end or "
-                         f"choose another --out")
-    _OUT_LOCKS[key] = fd
-
-
-def release_out_locks() -> None:
-    for fd in _OUT_LOCKS.values():
-        os.close(fd)
-    _OUT_LOCKS.clear()
-
-
-def prepare_out_dir(out: str, keep: tuple, allow: bool, run_files: tuple = RUN_FILES) -> None:
-    """Create --out, check it is writable and hold it (lock_out_dir); refuse to replace files of an earlier run
-    unless allowed, and when allowed move every file of the earlier run aside (into <out>/replaced-<time>/) before
-    anything new is written, so no old result can pass for this run's. Temporary files of interrupted saves are
-    removed (no live run can own them: the folder is held). Under torchrun rank 0 does this, the others wait."""
+def prepare_out_dir(out: str, files: tuple, allow: bool) -> None:
+    """Create --out and hold it for this process (an flock on the folder, released by the OS however the process
+    ends, so never stale): a second run into a busy folder is refused. Refuse to replace `files` of an earlier run
+    unless allowed (--overwrite), and then delete them before anything new is written, so no old result can pass for
+    this run's. Nothing else in the folder is touched. Under torchrun rank 0 does this, the others wait."""
     rank, world = dist_world()
     if rank == 0:
         try:
@@ -3168,71 +2726,66 @@ def prepare_out_dir(out: str, keep: tuple, allow: bool, run_files: tuple = RUN_F
                 pass
         except OSError as e:
             raise UsageError(f"cannot write to --out {out} ({e.strerror or e}); choose a writable directory")
-        lock_out_dir(out)
-        found = [f for f in keep if os.path.lexists(os.path.join(out, f))]
+        if os.path.abspath(out) not in _HELD:
+            fd = os.open(out, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise UsageError(f"--out {out} is in use by another l2l.py run that is still going; wait for it to "
+                                 f"end or choose another --out")
+            _HELD[os.path.abspath(out)] = fd
+        found = [f for f in files if os.path.lexists(os.path.join(out, f))]
         if found and not allow:
-            resume = "" if "last.pt" not in keep else "pass --resume to continue it, "
+            resume = "pass --resume to continue it, " if "last.pt" in found else ""
             raise UsageError(f"--out {out} already holds {', '.join(found)} of an earlier run; {resume}pass "
                              f"--overwrite to replace it, or choose another --out")
-        for name in os.listdir(out):
-            if name.endswith(".tmp") and os.path.isfile(os.path.join(out, name)):
-                os.remove(os.path.join(out, name))
-        old = [f for f in run_files if os.path.lexists(os.path.join(out, f))] if found else []
-        if old:
-            aside = os.path.join(out, "replaced-" + time.strftime("%Y%m%d-%H%M%S"))
-            k = 1
-            while os.path.lexists(aside + (f"-{k}" if k > 1 else "")):
-                k += 1
-            aside += f"-{k}" if k > 1 else ""
-            try:
-                os.makedirs(aside)
-                for f in old:
-                    os.replace(os.path.join(out, f), os.path.join(aside, f))
-            except OSError as e:
-                raise UsageError(f"--overwrite: cannot move the earlier run's files aside in --out {out} "
-                                 f"({e.strerror or e}); remove them or choose another --out")
-            print(f"note: --overwrite: the earlier run's {', '.join(old)} moved to {aside}", file=sys.stderr)
+        for f in found:
+            os.remove(os.path.join(out, f))
     if world > 1:
         dist.barrier()
 
 
 def build_run(args, device) -> Run:
-    """The classifier, its SGD optimiser and the method's learned networks, in --channels-last's memory format;
-    under torchrun with --sync-bn every BatchNorm is a SyncBatchNorm (same parameters and state_dict)."""
-    sync_bn = args.sync_bn and dist_world()[1] > 1
-
+    """The classifier, its optimiser (SGD or Adam) and the method's learned networks, in --channels-last's memory
+    format; under torchrun with --sync-bn every BatchNorm is a SyncBatchNorm (same parameters and state_dict)."""
     def place(net):
-        net = nn.SyncBatchNorm.convert_sync_batchnorm(net) if sync_bn else net
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net) if args.sync_bn and dist_world()[1] > 1 else net
         return net.to(device, memory_format=memory_format(args))
 
     model = place(build_model(args.model, args.dataset, args.depth, args.width, args.input_mean, args.input_std,
                               args.preact_shortcut))
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    if args.optimizer == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                    weight_decay=args.weight_decay)
     method = METHODS[args.method]
-    extras = method.setup(args, model, device) if method.setup else {}
-    for net in extras.values():  # in place: the root is no BN layer, and Module.to keeps the Parameter objects
-        if isinstance(net, nn.Module):  # that setup's optimisers hold
+    extras = method.setup(args, device) if method.setup else {}
+    for net in extras.values():  # in place: Module.to keeps the Parameter objects that setup's optimisers hold
+        if isinstance(net, nn.Module):
             place(net)
     return Run(model, optimizer, args, extras)
 
 
-def init_from(run: Run, path: str) -> None:
-    """--init (Algorithm 1 of Xiong & Hsieh, step 3: "or initialise them with pre-trained configurations"):
-    the classifier, and each learned network the checkpoint also has, start from its weights."""
-    ckpt = read_checkpoint(path, "--init")
+def network_name(a: dict) -> str:
+    return (f"WRN-{a['depth']}-{a['width']}" if a["model"] == "wrn" else a["model"]) + f" for {a['dataset']}"
+
+
+def restore(run: Run, ckpt: dict, what: str, optimizer: bool = True) -> None:
+    """Load a checkpoint's networks (and optimisers) into the run; a checkpoint of another network is one line."""
     try:
         run.model.load_state_dict(ckpt["model"])
-        for name, extra in run.extras.items():
-            if isinstance(extra, nn.Module) and name in ckpt["extras"]:
-                extra.load_state_dict(ckpt["extras"][name])
-    except RuntimeError as e:
-        network = lambda a: (f"WRN-{a['depth']}-{a['width']}" if a["model"] == "wrn" else a["model"]) + \
-            f" for {a['dataset']}"
-        ours, saved = network(vars(run.args)), network(ckpt["args"])
+        for k, v in run.extras.items():
+            if (optimizer or isinstance(v, nn.Module)) and k in ckpt.get("extras", {}):
+                v.load_state_dict(ckpt["extras"][k])
+        if optimizer:
+            run.optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        ours, saved = network_name(vars(run.args)), network_name(ckpt["args"])
         found = f"it holds a {saved}" if saved != ours else str(e).splitlines()[-1].strip()[:100]
-        raise UsageError(f"--init {path} does not fit this run's {ours} ({found}); pass a checkpoint of the same "
-                         f"model and dataset")
+        raise UsageError(f"{what} does not fit this run's {ours} ({found}); pass a checkpoint of the same model "
+                         f"and dataset")
 
 
 def evaluation_extras(args, run: Run, device) -> dict:
@@ -3248,26 +2801,46 @@ def evaluation_extras(args, run: Run, device) -> dict:
     return extras
 
 
-def checkpoint_state(run: Run, epoch: int, best: dict, history: list, gen: torch.Generator) -> dict:
-    return {"format": CHECKPOINT_FORMAT, "args": vars(run.args), "epoch": epoch,
+def checkpoint_state(run: Run, run_id: str, epoch: int, best: dict, history: list, gen: torch.Generator) -> dict:
+    return {"format": CHECKPOINT_FORMAT, "run_id": run_id, "args": vars(run.args), "epoch": epoch,
             "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-            "extras": {k: v.state_dict() for k, v in run.extras.items()},
-            "best": best, "history": history,
+            "extras": {k: v.state_dict() for k, v in run.extras.items()}, "best": best, "history": history,
             "rng": {"torch": torch.get_rng_state(), "data": gen.get_state(),
                     "cuda": torch.cuda.get_rng_state() if gen.device.type == "cuda" else None}}
 
 
-def restore(run: Run, ckpt: dict) -> None:
-    run.model.load_state_dict(ckpt["model"])
-    if "optimizer" in ckpt:
-        run.optimizer.load_state_dict(ckpt["optimizer"])
-    for k, v in run.extras.items():
-        v.load_state_dict(ckpt["extras"][k])
+def resume_state(run: Run, out: str, gen: torch.Generator) -> tuple:
+    """--resume: last.pt restored (networks, optimisers, random generators) after checking it was trained with this
+    command's training flags and that best.pt is the same run's best epoch. A kill between the two saves of one epoch
+    leaves best.pt one epoch behind or missing; when last.pt is itself the best epoch, best.pt is rewritten from it.
+    Returns (run_id, epoch, best, history)."""
+    last_path, best_path = os.path.join(out, "last.pt"), os.path.join(out, "best.pt")
+    ckpt = read_checkpoint(last_path, "--resume: checkpoint")
+    diff = [k for k in KEYS["t"] if ckpt["args"].get(k) != getattr(run.args, k)]
+    if diff:
+        k = diff[0]
+        raise UsageError(f"--resume: {last_path} was trained with --{k.replace('_', '-')} {ckpt['args'].get(k)}, "
+                         f"this command gives {getattr(run.args, k)}; repeat the original flags")
+    best = read_checkpoint(best_path, "--resume: best checkpoint") if os.path.exists(best_path) else None
+    why = ("missing" if best is None else "it belongs to another run" if best["run_id"] != ckpt["run_id"] else
+           f"it holds epoch {best['epoch']}" if best["epoch"] != ckpt["best"]["epoch"] else None)
+    if why:  # a kill between the two saves of a best epoch leaves best.pt missing or one epoch behind: repaired
+        if why == "it belongs to another run" or ckpt["best"]["epoch"] != ckpt["epoch"]:
+            raise UsageError(f"--resume: {best_path} is not epoch {ckpt['best']['epoch']} of the run in {last_path} "
+                             f"({why}); restore it, or start again with --overwrite")
+        atomic_write(best_path, lambda tmp: shutil.copyfile(last_path, tmp))
+    restore(run, ckpt, f"--resume: {last_path}")
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    gen.set_state(ckpt["rng"]["data"])
+    if ckpt["rng"]["cuda"] is not None and gen.device.type == "cuda":
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    return ckpt["run_id"], ckpt["epoch"], ckpt["best"], ckpt["history"]
 
 
 def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
     """Train args.method for args.epochs, choose the best epoch on validation robust accuracy, then
-    evaluate the best and the last checkpoint on the test set. Returns the results dict.
+    evaluate the best and the last checkpoint on the test set (on_epoch_end(epoch) after each saved epoch). Returns
+    the results dict.
     Under torchrun every rank trains on its shard of each global batch; rank 0 alone prints and writes."""
     device = setup_distributed(args)
     rank, world = dist_world()
@@ -3275,7 +2848,7 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
     torch.manual_seed(args.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # autotuned convolutions: shapes are static
-    prepare_out_dir(args.out, () if args.resume else ("last.pt", "best.pt", "results.json"), args.overwrite)
+    prepare_out_dir(args.out, () if args.resume else RUN_FILES, args.overwrite)
     data = load_data(args, device)
     if args.batch_size > data.x_train.shape[0]:
         say(f"note: --batch-size {args.batch_size} is more than the {data.x_train.shape[0]} training examples; "
@@ -3287,27 +2860,14 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
     gen.manual_seed(args.seed)
     eval_extras = evaluation_extras(args, run, device)  # fails before training if --transfer-from is bad
     if args.init and not args.resume:
-        init_from(run, args.init)
-    start_epoch, best, history = 0, {"epoch": 0, "val_robust": -1.0}, []
+        restore(run, read_checkpoint(args.init, "--init"), f"--init {args.init}", optimizer=False)
+    run_id, start_epoch, best, history = uuid.uuid4().hex, 0, {"epoch": 0, "val_robust": -1.0}, []
     last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "best.pt")
     if args.resume:
-        ckpt = read_checkpoint(last_path, "--resume: checkpoint")
-        saved = with_legacy_defaults(ckpt["args"])
-        diff = [k for k in TRAINING_KEYS if saved.get(k) != getattr(args, k)]
-        if diff:
-            k = diff[0]
-            raise UsageError(f"--resume: {last_path} was trained with --{k.replace('_', '-')} {saved.get(k)}, "
-                             f"this command gives {getattr(args, k)}; repeat the original flags")
-        restore(run, ckpt)
-        start_epoch, best, history = ckpt["epoch"], ckpt["best"], ckpt["history"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        gen.set_state(ckpt["rng"]["data"])
-        if ckpt["rng"]["cuda"] is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+        run_id, start_epoch, best, history = resume_state(run, args.out, gen)
         say(f"resumed {last_path} after epoch {start_epoch}")
     if args.compile:
         compile_networks(run)
-
     n_params = sum(p.numel() for p in run.model.parameters())
     say(f"{args.method} ({METHODS[args.method].paper}) on {args.dataset}: {args.model} ({n_params / 1e6:.2f}M "
         f"parameters), {data.x_train.shape[0]} train / {data.x_val.shape[0]} val / {data.x_test.shape[0]} test, "
@@ -3317,60 +2877,43 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
                 "cyclic": f"cyclic, peak at epoch {args.lr_peak_epoch:g}"
                           + (", momentum cycled to 0.8" if args.cycle_momentum else ""),
                 "constant": "constant"}[args.lr_schedule]
-    step = {"fast-bat": f"step a {fmt_eps(args.bat_a)} (--bat-a)", "pgd-at-bls": f"first BLS step "
-            f"{fmt_eps(args.bls_init_step)}"}.get(args.method, f"step {fmt_eps(args.step_size)}")
-    if args.method in L2L_VARIANTS or args.method == "plain":
-        step = "no hand-designed attack" if args.method == "plain" else "learned attacker"
-    say(f"  eps {fmt_eps(args.eps)}, steps {args.steps}, {step}, attack BN {args.attack_bn}, "
-        f"epochs {args.epochs}, batch {args.batch_size}, lr {args.lr} ({schedule}), momentum {args.momentum}, "
-        f"wd {args.weight_decay}, seed {args.seed}")
+    step = {"fast-bat": f"step a {fmt_eps(fast_bat_step_size(args.eps))}", "pgd-at-bls": f"first BLS step eps",
+            "plain": "no attack"}.get(args.method, "learned attacker" if args.method in L2L_VARIANTS
+                                      else f"step {fmt_eps(args.step_size)}")
+    say(f"  eps {fmt_eps(args.eps)}, steps {args.steps}, {step}, attack BN {args.attack_bn}, epochs {args.epochs}, "
+        f"batch {args.batch_size}, lr {args.lr} ({schedule}), " + ("Adam" if args.optimizer == "adam" else
+        f"SGD momentum {args.momentum}") + f", wd {args.weight_decay}, seed {args.seed}")
     say(f"  precision {args.precision} (evaluation {args.eval_precision}), channels_last {args.channels_last}, "
         f"compile {args.compile}" + (f", sync-bn {args.sync_bn}" if world > 1 else ""))
-    detail = {"fast-bat": f"a {fmt_eps(args.bat_a)}, lambda {args.bat_lambda:g}, alpha2/alpha1 {args.bat_ig_ratio:g}",
-              "fast-at-ga": f"GradAlign gamma {args.ga_gamma:.3f}"}.get(args.method)
-    if detail:
-        say(f"  {detail}")
     for name, extra in run.extras.items():
         if isinstance(extra, nn.Module):
             say(f"  {name}: {type(extra).__name__}, {sum(p.numel() for p in extra.parameters()):,} parameters")
     min_last = max(2, world)
     iters = max(1, batches_per_epoch(data.x_train.shape[0], args.batch_size, args.drop_last, min_last))
-    batch = min(args.batch_size, data.x_train.shape[0])
-    val_seconds = None  # the last validation's duration, for the run's time estimate
+    no_val = data.x_val.shape[0] == 0  # --val-size 0: nothing to choose on, the last epoch is the one evaluated
     for epoch in range(start_epoch, args.epochs):
         if world > 1:  # each rank its own attack noise and dropout, reproducible on --resume
             torch.manual_seed(args.seed * 1_000_003 + epoch * 1009 + rank + 1)
         t0 = time.time()
         run.model.train()
         loss_sum = correct = seen = 0
-
-        def describe(done, elapsed, rate, epoch=epoch):
-            head = f"  epoch {epoch + 1}/{args.epochs}: "
-            if rate is None:
-                return head + f"first of {iters} batches running, {fmt_duration(elapsed)} so far"
-            epoch_left = (iters - done) / rate
-            later = args.epochs - epoch - 1
-            run_left = epoch_left + later * iters / rate + (later + 1) * (val_seconds or 0.0)
-            return (head + f"{done}/{iters} batches, {rate * batch:,.0f} img/s, epoch left {fmt_duration(epoch_left)}, "
-                    f"run left ~{fmt_duration(run_left)} (training{' and validation' if val_seconds else ''})")
-
-        with Progress(describe, iters, enabled=rank == 0 and not args.quiet) as progress:
-            for i, (x, y) in enumerate(train_batches(data, args.batch_size, args.augment, gen, args.drop_last,
-                                                     args.crop_pad, min_last)):
-                lr, momentum = schedule_at(args, epoch * iters + i, iters)
-                for group in run.optimizer.param_groups:
-                    group["lr"], group["momentum"] = lr, momentum
-                loss, n_correct = training_step(run, x, y)
-                n = y.shape[0] // world  # this rank's share
-                loss_sum, correct, seen = loss_sum + loss.float() * n, correct + n_correct, seen + n
-                progress.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+        ticker = Ticker(f"epoch {epoch + 1}/{args.epochs}, batches", iters, rank == 0 and not args.quiet)
+        for i, (x, y) in enumerate(train_batches(data, args.batch_size, args.augment, gen, args.drop_last,
+                                                 args.crop_pad, min_last)):
+            lr, momentum = schedule_at(args, epoch * iters + i, iters)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+                if "momentum" in group:  # SGD's; Adam has none
+                    group["momentum"] = momentum
+            loss, n_correct = training_step(run, x, y)
+            n = y.shape[0] // world  # this rank's share
+            loss_sum, correct, seen = loss_sum + loss.float() * n, correct + n_correct, seen + n
+            ticker.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         train_seconds = time.time() - t0
         loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], device)
-        t_val = time.time()
-        val_clean, val_robust = validate(run.model, data, args)
-        val_seconds = time.time() - t_val
+        val_clean, val_robust = (None, None) if no_val else validate(run.model, data, args)
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                   "val_clean": val_clean, "val_robust": val_robust, "train_seconds": train_seconds,
                   "seconds": time.time() - t0}
@@ -3381,23 +2924,23 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
                                    f"{kept}, and nothing of epoch {epoch + 1} was saved; lower --lr (now {args.lr:g}) "
                                    f"and start again")
         history.append(record)
-        collapse = catastrophic_overfitting(history)
+        collapse = None if no_val else catastrophic_overfitting(history)
         record["catastrophic_overfitting"] = collapse is not None
         # with --freeze-classifier validation cannot change: the best epoch is the last (the most trained phi)
-        is_best = val_robust > best["val_robust"] or (args.freeze_classifier and val_robust >= best["val_robust"])
+        is_best = no_val or val_robust > best["val_robust"] or (args.freeze_classifier and val_robust >= best["val_robust"])
         if is_best:
             best = {"epoch": epoch + 1, "val_robust": val_robust, "val_clean": val_clean}
-        if rank == 0:
-            state = checkpoint_state(run, epoch + 1, best, history, gen)
+        if rank == 0:  # last.pt first: a kill between the two saves leaves a last.pt that --resume can continue
+            state = checkpoint_state(run, run_id, epoch + 1, best, history, gen)
+            atomic_write(last_path, lambda tmp: torch.save(state, tmp))
             if is_best:
-                atomic_save(state, best_path)
-            atomic_save(state, last_path)
+                atomic_write(best_path, lambda tmp: torch.save(state, tmp))
         if world > 1:
             dist.barrier()  # the checkpoints exist before any rank reads them
         say(f"epoch {epoch + 1:>3}/{args.epochs}  lr {lr:.4f}  loss {record['train_loss']:.4f}  "
-            f"acc {100 * record['train_acc']:.2f}%  val clean {100 * val_clean:.2f}%  "
-            f"val pgd-{args.val_steps} {100 * val_robust:.2f}%  {train_seconds:.1f}s train  "
-            f"{record['seconds']:.1f}s total{'  *best' if is_best else ''}", flush=True)
+            f"acc {100 * record['train_acc']:.2f}%  " + ("no validation split  " if no_val else
+            f"val clean {100 * val_clean:.2f}%  val pgd-{args.val_steps} {100 * val_robust:.2f}%  ") +
+            f"{train_seconds:.1f}s train  {record['seconds']:.1f}s total{'  *best' if is_best else ''}", flush=True)
         if collapse:
             say(f"  {collapse}", flush=True)
         if on_epoch_end is not None:
@@ -3407,63 +2950,38 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
                            f"failed (a bug; please report it)")
     if world > 1:
         say(f"  all {world} processes hold identical weights")
-
     attacks = args.eval_attacks.split(",")
     results = {"method": args.method, "dataset": args.dataset, "model": args.model, "args": used_flags(args),
                "device": device_name(device) + (f" x {world}" if world > 1 else ""),
                "checkpoint": "best.pt", "best_epoch": best["epoch"], "history": history}
-    restore(run, read_checkpoint(best_path, "checkpoint"))
-    gallery = {}
-    results.update(evaluate(run.model, data.x_test, data.y_test, args, attacks, eval_extras, gallery))
-    say(format_results(results, f"test, best.pt (epoch {best['epoch']}, chosen on validation)"))
+    restore(run, read_checkpoint(best_path, "checkpoint"), best_path)
+    results["last"] = evaluate(run.model, data.x_test, data.y_test, args, attacks, eval_extras)
+    results.update(results["last"])
+    say(format_results(results, f"test, best.pt (epoch {best['epoch']}, " +
+                       ("the last: --val-size 0)" if no_val else "chosen on validation)")))
+    if best["epoch"] != args.epochs:  # else "last" is the evaluation above
+        restore(run, read_checkpoint(last_path, "checkpoint"), last_path)
+        results["last"] = evaluate(run.model, data.x_test, data.y_test, args, attacks, eval_extras)
+        say(format_results(results["last"], f"test, last.pt (epoch {args.epochs})"))
     if rank == 0:
-        report_extras(run.model, data, args, eval_extras, results, gallery)
-    if best["epoch"] != args.epochs:
-        restore(run, read_checkpoint(last_path, "checkpoint"))
-        last = evaluate(run.model, data.x_test, data.y_test, args, attacks, eval_extras)
-        say(format_results(last, f"test, last.pt (epoch {args.epochs})"))
-    else:
-        last = {k: v for k, v in results.items() if k not in ("method", "dataset", "model", "args", "device",
-                                                               "checkpoint", "best_epoch", "history")}
-    results["last"] = last
-    if rank == 0:
-        atomic_write_json(results, os.path.join(args.out, "results.json"))
+        write_json(results, os.path.join(args.out, "results.json"))
     say(f"wrote {args.out}/results.json, best.pt, last.pt")
     if world > 1:
         dist.barrier()
     return results
 
 
-def report_extras(model, data: Data, args, extras: dict, results: dict, gallery: dict) -> None:
-    """examples.png of the evaluated checkpoint (best-effort: a failed write is a note, the results stand) and, with
-    --eval-checks, the sanity checks (into results)."""
-    path = os.path.join(args.out, "examples.png")
-    try:
-        save_examples(gallery, args.eps, path)
-    except (OSError, RuntimeError, ValueError) as e:
-        print(f"note: could not write {path} ({getattr(e, 'strerror', None) or e}); the results are not affected",
-              file=sys.stderr)
-    if args.eval_checks:
-        with autocast(data.x_test.device, args.eval_precision):
-            results["checks"] = sanity_checks(model, data.x_test, data.y_test, args, extras, results=results)
-        print(format_checks(results["checks"]))
-
-
 def evaluate_checkpoint(args) -> dict:
     """--eval-only: the checkpoint's classifier (and learned attacker, if any) on the test set (sharded over
     ranks under torchrun; rank 0 writes)."""
+    ckpt = read_checkpoint(args.eval_only, "--eval-only")
     device = setup_distributed(args)
     rank = dist_world()[0]
     torch.manual_seed(args.seed)
-    prepare_out_dir(args.out, ("results.json",), args.overwrite, ("results.json", "examples.png", "curves.svg"))
-    ckpt = read_checkpoint(args.eval_only, "--eval-only")
+    prepare_out_dir(args.out, ("results.json",), args.overwrite)
     data = load_data(args, device, test_only=True)
     run = build_run(args, device)
-    try:
-        restore(run, {k: v for k, v in ckpt.items() if k != "optimizer"})
-    except (RuntimeError, KeyError) as e:
-        raise UsageError(f"--eval-only {args.eval_only} does not match its own model settings "
-                         f"({str(e).splitlines()[0][:100]})")
+    restore(run, ckpt, f"--eval-only {args.eval_only}", optimizer=False)
     bad = sum(int((~torch.isfinite(p)).sum()) for p in run.model.state_dict().values() if p.is_floating_point())
     if bad:
         raise UsageError(f"--eval-only {args.eval_only}: {bad} of its classifier's weights are NaN or infinite (a "
@@ -3475,13 +2993,11 @@ def evaluate_checkpoint(args) -> dict:
         compile_networks(run)
     results = {"method": args.method, "dataset": args.dataset, "model": args.model, "args": used_flags(args),
                "device": device_name(device), "checkpoint": os.path.abspath(args.eval_only), "epoch": ckpt["epoch"]}
-    extras = evaluation_extras(args, run, device)
-    gallery = {}
-    results.update(evaluate(run.model, data.x_test, data.y_test, args, args.eval_attacks.split(","), extras, gallery))
+    results.update(evaluate(run.model, data.x_test, data.y_test, args, args.eval_attacks.split(","),
+                            evaluation_extras(args, run, device)))
     if rank == 0:
         print(format_results(results, f"test, {args.eval_only} (epoch {ckpt['epoch']})"))
-        report_extras(run.model, data, args, extras, results, gallery)
-        atomic_write_json(results, os.path.join(args.out, "results.json"))
+        write_json(results, os.path.join(args.out, "results.json"))
         print(f"wrote {args.out}/results.json")
     if dist_world()[1] > 1:
         dist.barrier()
@@ -3489,40 +3005,16 @@ def evaluate_checkpoint(args) -> dict:
 
 
 # ================================================================================================
-# Benchmark: the speed of one training step, measured, with the fraction of the device's peak.
+# Benchmark: the speed of one training step, measured.
 # ================================================================================================
-
-# Dense bf16 tensor-core peaks in TFLOP/s from NVIDIA's datasheets (SXM parts unless named), matched in order
-# against torch.cuda.get_device_name(); --peak-tflops overrides.
-PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),
-                    ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0))
-
-
-def device_peak_tflops(device: torch.device, override: Optional[float]) -> Optional[float]:
-    if override is not None or device.type != "cuda":
-        return override
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
-
-
-class _NoModuleTracking:
-    """Stands in for FlopCounterMode's per-module tracker, whose hooks break torch.autograd.grad with respect
-    to an input (every attack here); only the global count is needed."""
-    parents = ("Global",)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
 
 
 def benchmark(args) -> dict:
-    """--benchmark: time the method's training step (attack and update, as train() runs it) on synthetic data
-    of the dataset's shape: one step is counted by torch.utils.flop_counter (matmuls and convolutions, forward
-    and every backward; eager), --bench-warmup steps are run untimed (compilation, cudnn autotuning), then
-    --bench-steps steps are timed with CUDA events (wall clock on CPU). Synthetic pixels do not change the
-    time: every loop in every method runs a fixed number of iterations. Prints and returns the figures."""
+    """--benchmark: time the method's training step (attack and update, as train() runs it) on synthetic data of the
+    dataset's shape: --bench-warmup steps untimed (compilation, cudnn autotuning), then --bench-steps steps timed
+    with CUDA events (wall clock on CPU). Synthetic pixels do not change the time: every loop in every method runs a
+    fixed number of iterations. Also counts the classifier's forward FLOPs per image (torch.utils.flop_counter), so
+    a step's cost can be set against the device's peak. Prints and returns the figures."""
     from torch.utils.flop_counter import FlopCounterMode
     device = setup_distributed(args)
     rank, world = dist_world()
@@ -3533,73 +3025,52 @@ def benchmark(args) -> dict:
     steps, warmup, bs = args.bench_steps, args.bench_warmup, args.batch_size
     gen = torch.Generator(device=device)
     gen.manual_seed(args.seed)
-    n = bs * (steps + warmup + 1)
+    n = bs * (steps + warmup)
     x = torch.randint(0, 256, (n, *spec["shape"]), dtype=torch.uint8, device=device, generator=gen)
     y = torch.randint(0, spec["classes"], (n,), device=device, generator=gen)
-    data = Data(x, y, x[:0], y[:0], x[:0], y[:0])
     run = build_run(args, device)
     make_data_parallel(run)
-    run.model.train()
-    batches = train_batches(data, bs, args.augment, gen, True, args.crop_pad)
-    counter = FlopCounterMode(display=False)
-    counter.mod_tracker = _NoModuleTracking()
-    with counter:  # one step, untimed
-        training_step(run, *next(batches))
-    flops = counter.get_total_flops() * world  # every rank runs its shard
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), ModelMode(run.model, "eval"):
+        run.model(to_float(x[:1], memory_format(args)))
     if args.compile:
         compile_networks(run)
-    for _ in range(warmup):
-        training_step(run, *next(batches))
-    timed = [next(batches) for _ in range(steps)]  # augmentation drawn before the clock starts
+    run.model.train()
+    batches = list(train_batches(Data(x, y, x[:0], y[:0], x[:0], y[:0]), bs, args.augment, gen, True, args.crop_pad))
+    for xb, yb in batches[:warmup]:
+        training_step(run, xb, yb)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for xb, yb in timed:
-            training_step(run, xb, yb)
-        end.record()
+    t0 = time.perf_counter()
+    for xb, yb in batches[warmup:]:
+        training_step(run, xb, yb)
+    if device.type == "cuda":
         torch.cuda.synchronize()
-        seconds = start.elapsed_time(end) / 1000
         memory = f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB peak allocated (CUDA, rank {rank})"
     else:
-        if world > 1:
-            dist.barrier()
-        t0 = time.perf_counter()
-        for xb, yb in timed:
-            training_step(run, xb, yb)
-        seconds = time.perf_counter() - t0
-        import resource
         memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB peak RSS (process)"
+    seconds = time.perf_counter() - t0
     n_train = args.train_size or spec["n_train"] - args.val_size
     epoch_steps = batches_per_epoch(n_train, bs, args.drop_last)
-    step_s = seconds / steps
-    tflops = flops / step_s / 1e12
-    peak = device_peak_tflops(device, args.peak_tflops)
-    name = device_name(device)
     figures = {"method": args.method, "dataset": args.dataset, "model": args.model, "batch_size": bs,
                "precision": args.precision, "channels_last": args.channels_last, "compile": args.compile,
-               "processes": world, "device": name, "steps": steps, "warmup": warmup,
-               "images_per_second": bs * steps / seconds, "seconds_per_step": step_s,
-               "seconds_per_epoch": epoch_steps * step_s, "epoch_examples": n_train,
-               "memory": memory,
-               "flops_per_step": flops, "tflops_per_second": tflops,
-               "fraction_of_peak": tflops / peak if peak else None, "peak_tflops": peak}
+               "processes": world, "device": device_name(device), "steps": steps, "warmup": warmup,
+               "images_per_second": bs * steps / seconds, "seconds_per_step": seconds / steps,
+               "seconds_per_epoch": epoch_steps * seconds / steps, "epoch_examples": n_train, "memory": memory,
+               "forward_gflop_per_image": counter.get_total_flops() / 1e9}
     if rank == 0:
-        fast = f"{args.precision}, channels_last {'on' if args.channels_last else 'off'}, " \
-               f"compile {'on' if args.compile else 'off'}"
-        print(f"benchmark {args.method} on {args.dataset} (synthetic data), {args.model}, batch {bs}, "
-              f"steps {args.steps}, {fast}, {name}" + (f" x {world} processes" if world > 1 else ""))
-        frac = f" = {100 * tflops / peak:.1f}% of the {peak:g} TFLOP/s bf16 peak" if peak else ""
-        print(f"  {bs * steps / seconds:,.0f} img/s  {step_s * 1000:.1f} ms/step  "
+        print(f"benchmark {args.method} on {args.dataset} (synthetic data), {args.model}, batch {bs}, steps "
+              f"{args.steps}, {args.precision}, channels_last {'on' if args.channels_last else 'off'}, compile "
+              f"{'on' if args.compile else 'off'}, {figures['device']}" + (f" x {world}" if world > 1 else ""))
+        print(f"  {figures['images_per_second']:,.0f} img/s  {1000 * seconds / steps:.1f} ms/step  "
               f"{figures['seconds_per_epoch']:.1f} s/epoch ({epoch_steps} steps of {bs}, {n_train} examples)  "
-              f"{memory}  {flops / 1e12:.3f} TFLOP/step  {tflops:.2f} TFLOP/s{frac}  "
-              f"({steps} timed steps after {warmup} warm-up)", flush=True)
+              f"{memory}  forward {figures['forward_gflop_per_image']:.3f} GFLOP/image  ({steps} timed steps after "
+              f"{warmup} warm-up)", flush=True)
     return figures
 
 
 # ================================================================================================
-# Report: one markdown table over runs (the papers' tables, measured), and each run's curves as SVG.
+# Report: one markdown table over runs (the papers' tables, measured).
 # ================================================================================================
 
 # Report columns in the papers' order; a column appears when some run has it.
@@ -3607,173 +3078,68 @@ REPORT_ATTACKS = ("fgsm", "pgd", "cw", "cw-linf", "apgd-ce", "apgd-t", "fab-t", 
                   "aa")
 
 
-def read_results(path: str) -> tuple:
-    """(directory, results dict) of a run directory or a results.json path; one-line UsageError otherwise."""
+def read_results(path: str) -> dict:
+    """The results dict of a run directory or a results.json path; one-line UsageError otherwise."""
     file = path if path.endswith(".json") else os.path.join(path, "results.json")
-    if not os.path.isfile(file):
-        raise UsageError(f"--report {path}: no results.json there; pass a run directory (--out of a finished run)")
     try:
         with open(file) as f:
             res = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"--report {path}: {file} is not an l2l.py results.json ({type(e).__name__}); "
-                         f"pass the --out of an l2l.py run")
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-    problem = ("not a JSON object" if not isinstance(res, dict) else
-               "no clean accuracy" if not (isinstance(res.get("clean"), dict) and number(res["clean"].get("accuracy")))
-               else "no protocol" if not isinstance(res.get("protocol"), dict)
-               else "history is not a list of epochs" if not isinstance(res.get("history", []), list)
-               or not all(isinstance(h, dict) and all(number(h.get(k)) for k in ("epoch", "val_clean", "val_robust"))
-                          for h in res.get("history", []))
-               else "args is not an object" if not isinstance(res.get("args", {}), dict)
-               else next((f"{k} has no accuracy" for k in REPORT_ATTACKS + ("worst_case",) if k in res and not (
-                   isinstance(res[k], dict) and number(res[k].get("accuracy")))), None))
-    if problem:
-        raise UsageError(f"--report {path}: {file} is not an l2l.py results.json ({problem}); pass the --out of an "
-                         f"l2l.py run")
-    return os.path.dirname(file) or ".", res
+        assert isinstance(res, dict) and isinstance(res["protocol"], dict)
+        res["clean"]["accuracy"] + sum(res[k]["accuracy"] for k in REPORT_ATTACKS + ("worst_case",) if k in res)
+    except FileNotFoundError:
+        raise UsageError(f"--report {path}: no results.json there; pass the --out of a finished run")
+    except (OSError, ValueError, AssertionError, KeyError, TypeError) as e:
+        raise UsageError(f"--report {path}: {file} is not an l2l.py results.json ({type(e).__name__} {e}); pass the "
+                         f"--out of an l2l.py run")
+    res["name"] = res.get("args", {}).get("recipe") or os.path.basename(os.path.dirname(os.path.abspath(file)))
+    return res
 
 
-def run_names(directories: list, recipes: list) -> list:
-    """A run's name in the report: its run.sh recipe, else its folder; where names repeat, as many trailing path
-    components as make them differ (runs/a/pgd-at and runs/b/pgd-at -> a/pgd-at, b/pgd-at)."""
-    parts = [os.path.abspath(d).split(os.sep) for d in directories]
-    names = [r or p[-1] for r, p in zip(recipes, parts)]
-    for depth in range(2, max(map(len, parts), default=0) + 1):
-        repeated = {n for n in names if names.count(n) > 1}
-        if not repeated:
-            break
-        names = [os.path.join(*p[-depth:]) if n in repeated else n for n, p in zip(names, parts)]
-    return names
-
-
-def report_table(runs: list) -> str:
-    """Markdown: one row per run (its best.pt evaluation), accuracies in %; for a run.sh recipe the paper's number
-    in brackets beside each measured one. The protocol column gives eps, examples and each attack's steps x
-    restarts @ step size."""
-    attacks = [name for name in REPORT_ATTACKS if any(name in res for _, res in runs)]
-    head = ["run", "method", "dataset", "model", "epochs", "clean", *attacks, "worst case", "s/epoch", "device",
-            "protocol"]
-    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    names = run_names([d for d, _ in runs], [res.get("args", {}).get("recipe") for _, res in runs])
-    for (directory, res), name in zip(runs, names):
-        a = res.get("args", {})
-        paper = parse_paper_numbers(a.get("paper")) or {}
-
-        def cell(key, value):
-            if value is None:
-                return "–"
-            text = f"{100 * value:.2f}"
-            return text + (f" ({paper[key]:.2f})" if key in paper else "")
-
-        history = res.get("history") or []
-        seconds = [h["train_seconds"] for h in history if "train_seconds" in h]
-        p = res["protocol"]
-        over = res.get("worst_case", {}).get("over", [])[1:]
-        def attack_protocol(k):
-            r = res[k]
-            if k == "aa":
-                return "aa " + ("standard" if r.get("loss") == "AutoAttack (standard)" else r.get("settings", "custom"))
-            step = fmt_eps(r["step_size"]) if r.get("step_size") else "-"
-            return f"{k} {r.get('steps', '?')}x{r.get('restarts', '?')}@{step}"
-
-        protocol = f"eps {p.get('eps_text', p.get('eps'))}, {p.get('examples')} {p.get('split', 'test')}; " + "; ".join(
-            attack_protocol(k) for k in over if k in res)
-        epochs = f"{len(history)} (best {res.get('best_epoch', '?')})" if history else \
-            f"eval of epoch {res.get('epoch', '?')}"
-        row = [name, res.get("method", "?"), res.get("dataset", "?"), res.get("model", "?"), epochs,
-               cell("clean", res["clean"]["accuracy"]),
-               *[cell(k, res[k]["accuracy"] if k in res else None) for k in attacks],
-               cell("worst_case", res.get("worst_case", {}).get("accuracy")),
-               f"{sum(seconds) / len(seconds):.1f}" if seconds else "–",
-               res.get("device", a.get("device", "?")), protocol]
-        rows.append("| " + " | ".join(str(c) for c in row) + " |")
-    return "\n".join(rows)
-
-
-def curves_svg(res: dict, width: int = 520, height: int = 300) -> str:
-    """A self-contained SVG of validation clean and robust accuracy per epoch; the best epoch is marked, and
-    every epoch flagged for catastrophic overfitting gets a dashed red line."""
-    from xml.sax.saxutils import escape
-    history = res["history"]
-    a = res.get("args", {})
-    left, right, top, bottom = 48, 24, 52, 40
-    w, h = width - left - right, height - top - bottom
-    n = len(history)
-    x_at = lambda epoch: left + (w * (epoch - 1) / (n - 1) if n > 1 else w / 2)
-    y_at = lambda acc: top + h * (1 - acc)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
-             f'<rect width="{width}" height="{height}" fill="white"/>',
-             f'<text x="{left}" y="16" font-size="13">{escape(res.get("method", "?"))} on '
-             f'{escape(res.get("dataset", "?"))}: validation accuracy per epoch</text>']
-    for k in range(0, 11, 2):  # grid and y labels, 0..100%
-        y = y_at(k / 10)
-        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + w}" y2="{y:.1f}" stroke="#ddd"/>')
-        parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{10 * k}%</text>')
-    for h_ in history:  # x labels
-        if n <= 20 or h_["epoch"] % max(1, n // 10) == 0 or h_["epoch"] in (1, n):
-            parts.append(f'<text x="{x_at(h_["epoch"]):.1f}" y="{top + h + 16}" text-anchor="middle">'
-                         f'{h_["epoch"]}</text>')
-    parts.append(f'<text x="{left + w / 2}" y="{height - 6}" text-anchor="middle">epoch</text>')
-    for h_ in history:
-        if h_.get("catastrophic_overfitting"):
-            x = x_at(h_["epoch"])
-            parts.append(f'<line class="co" x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + h}" stroke="#d62728" '
-                         f'stroke-dasharray="4 3"><title>catastrophic overfitting, epoch {h_["epoch"]}</title></line>')
-    robust_name = f"robust (PGD-{a.get('val_steps', '?')})"
-    for key, colour, label in (("val_clean", "#1f77b4", "clean"), ("val_robust", "#d62728", robust_name)):
-        points = " ".join(f"{x_at(h_['epoch']):.1f},{y_at(h_[key]):.1f}" for h_ in history)
-        parts.append(f'<polyline class="{key}" points="{points}" fill="none" stroke="{colour}" stroke-width="2"/>')
-        for h_ in history:
-            parts.append(f'<circle cx="{x_at(h_["epoch"]):.1f}" cy="{y_at(h_[key]):.1f}" r="2.5" fill="{colour}">'
-                         f'<title>epoch {h_["epoch"]}: {label} {100 * h_[key]:.2f}%</title></circle>')
-    best = next((h_ for h_ in history if h_["epoch"] == res.get("best_epoch")), None)
-    if best is not None:  # the epoch best.pt holds: a ring on the robust curve
-        parts.append(f'<circle class="best" cx="{x_at(best["epoch"]):.1f}" cy="{y_at(best["val_robust"]):.1f}" r="6" '
-                     f'fill="none" stroke="black"><title>best.pt: epoch {best["epoch"]}</title></circle>')
-    x = left
-    for colour, label, dash in (("#1f77b4", "clean", ""), ("#d62728", robust_name, ""),
-                                ("#d62728", "catastrophic overfitting", ' stroke-dasharray="4 3"')):
-        parts.append(f'<line x1="{x}" y1="30" x2="{x + 18}" y2="30" stroke="{colour}" stroke-width="2"{dash}/>'
-                     f'<text x="{x + 22}" y="34">{escape(label)}</text>')
-        x += 40 + 6 * len(label)
-    parts.append(f'<circle cx="{x + 6}" cy="30" r="6" fill="none" stroke="black"/>'
-                 f'<text x="{x + 16}" y="34">best.pt</text>')
-    parts.append("</svg>")
-    return "\n".join(parts) + "\n"
+def markdown_cell(value) -> str:
+    """A stored string as one markdown table cell: a '|' escaped, line breaks flattened."""
+    return " ".join(str(value).split()).replace("|", "\\|")
 
 
 def report(paths: list) -> str:
-    """--report: the table of every run (printed) and, for runs with a training history, <run>/curves.svg."""
-    runs, unfinished = [], []
-    for p in paths:
-        if os.path.isdir(p) and not os.path.isfile(os.path.join(p, "results.json")):
-            unfinished.append(p)
-            continue
-        runs.append(read_results(p))
+    """--report: one markdown row per run (its best.pt evaluation), accuracies in %; for a run.sh recipe the paper's
+    number in brackets beside each measured one. The protocol column gives eps, examples and each attack's
+    steps x restarts @ step size."""
+    unfinished = [p for p in paths if os.path.isdir(p) and not os.path.isfile(os.path.join(p, "results.json"))]
+    runs = [read_results(p) for p in paths if p not in unfinished]
     if not runs:
         raise UsageError(f"--report: none of {', '.join(paths)} holds a results.json; pass the --out of finished runs")
     for p in unfinished:
         print(f"note: {p}: no results.json (an unfinished or interrupted run); left out", file=sys.stderr)
-    table = report_table(runs)
+    attacks = [name for name in REPORT_ATTACKS if any(name in res for res in runs)]
+    head = ["run", "method", "dataset", "model", "epochs", "clean", *attacks, "worst case", "s/epoch", "device",
+            "protocol"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for res in runs:
+        paper = res.get("args", {}).get("paper") or {}
+
+        def cell(key):
+            if key not in res:
+                return "–"
+            return f"{100 * res[key]['accuracy']:.2f}" + (f" ({paper[key]:.2f})" if key in paper else "")
+
+        def protocol(k):
+            r = res[k]
+            if k == "aa":
+                return "aa " + ("standard" if r.get("loss") == "AutoAttack (standard)" else r.get("settings", "custom"))
+            return f"{k} {r.get('steps', '?')}x{r.get('restarts', '?')}@{fmt_eps(r['step_size']) if r.get('step_size') else '-'}"
+
+        history = res.get("history") or []
+        seconds = [h["train_seconds"] for h in history if "train_seconds" in h]
+        p = res["protocol"]
+        row = [res["name"], res.get("method", "?"), res.get("dataset", "?"), res.get("model", "?"),
+               f"{len(history)} (best {res.get('best_epoch', '?')})" if history else f"eval of epoch {res.get('epoch')}",
+               cell("clean"), *map(cell, attacks), cell("worst_case"),
+               f"{sum(seconds) / len(seconds):.1f}" if seconds else "–", res.get("device", "?"),
+               f"eps {p.get('eps_text')}, {p.get('examples')} {p.get('split')}; " +
+               "; ".join(protocol(k) for k in res.get("worst_case", {}).get("over", [])[1:] if k in res)]
+        rows.append("| " + " | ".join(markdown_cell(c) for c in row) + " |")
+    table = "\n".join(rows)
     print(table)
-    for directory, res in runs:
-        if not res.get("history"):
-            print(f"note: {directory}: an --eval-only result has no training history; no curves.svg", file=sys.stderr)
-            continue
-        path = os.path.join(directory, "curves.svg")
-        svg = curves_svg(res)
-
-        def write(tmp, svg=svg):
-            with open(tmp, "w") as f:
-                f.write(svg)
-
-        try:
-            atomic_write(path, write)
-            print(f"wrote {path}")
-        except OSError as e:
-            print(f"note: could not write {path} ({e.strerror or e}); the table above is complete", file=sys.stderr)
     return table
 
 
@@ -3783,188 +3149,63 @@ def report(paths: list) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The resolved flags. --eval-only takes from the checkpoint only what its networks need
+    (the flags marked "m" in FLAGS, and eps unless given); everything else comes from the command line."""
     args = build_parser().parse_args(argv)
     if args.report:
         return args  # reads results.json files; no other flag applies
     if args.eval_only:
-        if args.resume:
-            raise UsageError("--eval-only and --resume exclude each other; pass one of them")
-        if args.benchmark:
-            raise UsageError("--benchmark times training steps and --eval-only trains nothing; pass one of them")
+        if args.resume or args.benchmark:
+            raise UsageError("--eval-only trains nothing: drop --resume and --benchmark")
         ckpt = read_checkpoint(args.eval_only, "--eval-only")
-        merged = build_parser().parse_args([])  # defaults for flags newer than the checkpoint
-        if "rnn_design" not in ckpt["args"]:
-            merged.rnn_design = "lstm"  # the only design before --rnn-design existed
-        vars(merged).update(with_legacy_defaults(ckpt["args"]))
         defaults = build_parser().parse_args([])
-        ignored = [k for k in TRAINING_KEYS if k not in EVAL_KEYS and getattr(args, k, None) != getattr(defaults, k, None)
-                   and getattr(args, k, None) != ckpt["args"].get(k)]
-        if ignored and int(os.environ.get("RANK", "0")) == 0:
-            print("note: --eval-only takes the training settings from the checkpoint; ignored: " + ", ".join(
-                f"--{k.replace('_', '-')} {getattr(args, k)} (the checkpoint's: {ckpt['args'].get(k)})"
-                for k in ignored), file=sys.stderr)
-        for k in EVAL_KEYS:
-            setattr(merged, k, getattr(args, k))
-        merged.eval_only, merged.resume = args.eval_only, False
-        if merged.out is None:
-            stem = os.path.splitext(os.path.basename(args.eval_only))[0]
-            merged.out = os.path.join(os.path.dirname(args.eval_only) or ".", f"eval_{stem}")
-        if merged.eps is None:
-            merged.eps = ckpt["args"]["eps"]
-        args = merged
+        given = [k for k in KEYS["m"] if getattr(args, k) != getattr(defaults, k) and getattr(args, k) != ckpt["args"][k]]
+        if given:
+            print("note: --eval-only takes the network's settings from the checkpoint; ignored: " + ", ".join(
+                f"--{k.replace('_', '-')} {getattr(args, k)}" for k in given), file=sys.stderr)
+        for k in KEYS["m"]:
+            setattr(args, k, ckpt["args"][k])
+        args.eps = ckpt["args"]["eps"] if args.eps is None else args.eps
+        stem = os.path.splitext(os.path.basename(args.eval_only))[0]
+        args.out = args.out or os.path.join(os.path.dirname(args.eval_only) or ".", f"eval_{stem}")
     return resolve_args(args)
-
-
-def last_checkpoint_stamp(out: str):
-    """Identity of <out>/last.pt (inode, size, mtime in ns), or None when there is none."""
-    try:
-        st = os.stat(os.path.join(out, "last.pt"))
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def interrupted_state(args, before) -> str:
-    """What an interrupt leaves behind: a training run's last.pt only if this process wrote one.
-
-    `before` is last_checkpoint_stamp() taken just before train(); a save replaces the file (atomic rename),
-    so its stamp changes. (Comparing mtime with time.time() failed: file times use a coarser clock.)"""
-    if args is None or args.report or args.benchmark or args.eval_only:
-        return "nothing was written"
-    if last_checkpoint_stamp(args.out) not in (None, before):
-        return "last.pt holds the last finished epoch; rerun with --resume to continue"
-    return "before the first epoch finished; nothing of this run was saved, rerun the command to start again"
-
-
-def launch_processes(args, argv) -> int:
-    """--nproc-per-node N: start N processes of this command through torchrun's launcher (standalone rendezvous on
-    this machine), after this process has checked every flag, so that a bad flag stops here with one line. A
-    process that stops on a UsageError leaves its message in L2L_ERROR_FILE; it is printed last, in place of
-    torchrun's ChildFailedError traceback, and the exit status is 2."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run as torchrun
-    n = args.nproc_per_node
-    if args.report:
-        raise UsageError("--report reads results and starts no processes; drop --nproc-per-node")
-    check_batch_splits(args.batch_size, n)
-    if pick_device(args.device).type == "cuda" and n > torch.cuda.device_count():
-        raise UsageError(f"--nproc-per-node {n} but this machine has {torch.cuda.device_count()} GPUs; lower it")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    handle, error_file = tempfile.mkstemp(prefix="l2l-error-", suffix=".txt")
-    os.close(handle)
-    os.environ["L2L_ERROR_FILE"] = error_file
-    launcher = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(n), os.path.abspath(__file__),
-                                             *argv])
-    try:
-        torchrun(launcher)
-        return 0
-    except ChildFailedError as e:
-        failure = e.get_first_failure()[1]
-        with open(error_file) as f:
-            message = f.read().strip()
-        print(f"l2l.py: error: {message}" if message else f"l2l.py: error: a process failed (exit status "
-              f"{failure.exitcode}); its output is above", file=sys.stderr)
-        return 2 if message else (failure.exitcode if isinstance(failure.exitcode, int) and failure.exitcode > 0 else 1)
-    finally:
-        os.environ.pop("L2L_ERROR_FILE", None)
-        try:
-            os.unlink(error_file)
-        except OSError:
-            pass
-
-
-class GuardedStdout:
-    """sys.stdout for main(): when a write fails for want of space or a broken device (a full disk, /dev/full),
-    say so once on stderr, send the rest to /dev/null and let the run go on (its results and checkpoints are
-    files of their own). A closed pipe (| head) still raises BrokenPipeError, which main() ends quietly."""
-
-    def __init__(self, stream):
-        self.stream, self.failure, self.note = stream, None, True
-
-    def _guard(self, call, *args):
-        if self.failure is not None:
-            return None
-        try:
-            return call(*args)
-        except BrokenPipeError:
-            raise
-        except OSError as e:
-            self.failure = e
-            if self.note:
-                print(f"note: cannot write to stdout ({e.strerror or e}); the run goes on, its output lines are lost",
-                      file=sys.stderr)
-            try:
-                os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())  # what is still buffered goes too
-            except (OSError, ValueError):
-                pass
-            return None
-
-    def write(self, text):
-        self._guard(self.stream.write, text)
-        return len(text)
-
-    def flush(self):
-        self._guard(self.stream.flush)
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
 
 
 def main(argv=None) -> int:
     rank = int(os.environ.get("RANK", "0"))  # under torchrun, only rank 0 speaks
-    args = before = None
-    stdout = sys.stdout
-    sys.stdout = guarded = GuardedStdout(stdout)
+    args = None
     try:
         args = parse_args(argv)
-        if args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
-            return launch_processes(args, argv)
         if args.report:
-            guarded.note = False  # the table is the whole output: its loss is an error, below
             report(args.report)
-            sys.stdout.flush()
-            if guarded.failure is not None:
-                raise UsageError(f"the report table could not be written to stdout ({guarded.failure.strerror}); "
-                                 f"free some space or redirect it elsewhere")
         elif args.benchmark:
             benchmark(args)
         elif args.eval_only:
             evaluate_checkpoint(args)
         else:
-            before = last_checkpoint_stamp(args.out)
             train(args)
         return 0
     except UsageError as e:
         if rank == 0:
             print(f"l2l.py: error: {e}", file=sys.stderr)
-            if os.environ.get("L2L_ERROR_FILE"):  # started by --nproc-per-node: the launcher prints it last
-                try:
-                    with open(os.environ["L2L_ERROR_FILE"], "w") as f:
-                        f.write(str(e))
-                except OSError:
-                    pass
         return 2
     except TrainingDiverged as e:
         if rank == 0:
             print(f"l2l.py: error: {e}", file=sys.stderr)
         return 3
-    except KeyboardInterrupt:
-        if rank == 0:
-            print(f"interrupted: {interrupted_state(args, before)}", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # the reader of stdout went away (e.g. | head): what it wanted was written
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except OSError:
-            pass
-        return 0
+    except (KeyboardInterrupt, BrokenPipeError) as e:  # Ctrl-C, or the reader of stdout went away (| head)
+        if isinstance(e, BrokenPipeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to the closed pipe
+        saved = args is not None and not (args.report or args.benchmark or args.eval_only) and \
+            os.path.exists(os.path.join(args.out, "last.pt"))
+        print(("interrupted" if isinstance(e, KeyboardInterrupt) else "stopped: stdout was closed") + ": " +
+              ("last.pt holds the last finished epoch; rerun with --resume to continue" if saved else
+               "nothing of this run was saved"), file=sys.stderr)
+        return 130 if isinstance(e, KeyboardInterrupt) else 0 if args is not None and args.report else 1
     finally:
-        try:
-            sys.stdout.flush()
-        except OSError:
-            pass
-        sys.stdout = stdout
-        release_out_locks()
+        for fd in _HELD.values():
+            os.close(fd)
+        _HELD.clear()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
