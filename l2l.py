@@ -1429,95 +1429,62 @@ DATASETS = {
                  eval_step_frac=1 / 4, eval_steps=20),
 }
 
-# Rice et al.'s CIFAR-10 PGD-AT code (robust_overfitting: train_cifar.py, preactresnet.py, utils.py): the inputs
-# normalised with std 0.2471, the 1x1 shortcut applied to relu(bn1(x)), the crop padded by reflection.
-RICE_CIFAR = dict(normalize="mean-std", cifar10_std=(0.2471, 0.2435, 0.2616), preact_shortcut="activation",
-                  crop_pad="reflect")
+L2L_VARIANTS = {"l2l-naive": "naive", "l2l-grad": "grad", "l2l-2step": "multi"}
 
-# Per-method training recipes. "cifar" covers cifar10, cifar100 and svhn; "mnist" is MNIST. Inputs reach the
-# network as the official code feeds it: normalised by the dataset's mean and std where its model does so
-# (normalize "mean-std": fast_adversarial, Rice et al., Fast-BAT), raw [0,1] where it does not ("none": TRADES,
-# L2L, and every MNIST recipe, whose official MNIST code uses ToTensor() alone).
-# Each value can be overridden on the command line; the sources are named beside each entry.
+# Per-method recipes: "cifar" for cifar10, cifar100 and svhn, "mnist" for MNIST, the official file named beside each.
+# Inputs reach the network as the official code feeds them (README, Methods); every value is a flag.
+# TRADES' MNIST optimiser (train_trades_mnist.py: lr 0.01, x0.1 when epoch >= 55, 75, 90, counted from 1, SmallCNN).
+TRADES_MNIST = dict(model="smallcnn", epochs=100, lr=0.01, weight_decay=0.0, lr_schedule="multistep",
+                    lr_milestones="55,75,90", lr_milestone_base=1)
+# Rice et al.'s robust_overfitting (train_cifar.py, preactresnet.py, utils.py): PreActResNet-18, 200 epochs, lr 0.1
+# x0.1 after 100 and 150 full epochs, inputs normalised with std 0.2471, the 1x1 shortcut on relu(bn1(x)),
+# reflect-padded crops.
+RICE_CIFAR = dict(model="preactresnet18", epochs=200, lr=0.1, weight_decay=5e-4, lr_schedule="multistep",
+                  lr_milestones="100,150", lr_milestone_base=0, normalize="mean-std",
+                  cifar10_std=(0.2471, 0.2435, 0.2616), preact_shortcut="activation", crop_pad="reflect")
+# fast_adversarial's and Fast-BAT's: PreActResNet-18, cyclic lr 0 -> 0.2 -> 0 with CyclicLR's momentum cycle, wd 5e-4,
+# one attack step with BN in train mode.
+CYCLIC_CIFAR = dict(model="preactresnet18", lr=0.2, weight_decay=5e-4, lr_schedule="cyclic", steps=1,
+                    attack_bn="train", normalize="mean-std")
 METHOD_DEFAULTS = {
-    # Standard training: the PGD-AT schedule with no attack.
-    "plain": {
-        "cifar": dict(model="preactresnet18", epochs=200, lr=0.1, weight_decay=5e-4, lr_schedule="multistep",
-                      lr_milestones="100,150", lr_milestone_base=0, steps=0, step_size=0.0, **RICE_CIFAR),
-        "mnist": dict(model="smallcnn", epochs=100, lr=0.01, weight_decay=0.0, lr_schedule="multistep",
-                      lr_milestones="55,75,90", lr_milestone_base=1, steps=0, step_size=0.0),
-    },
-    # Madry et al.: PGD-10, step 2/255, random start; PreActResNet-18 200 epochs, lr 0.1 decayed at 50%
-    # and 75% (Rice et al.'s robust_overfitting recipe, which counts epochs from 0: the drop comes after 100
-    # full epochs). BN in train mode while attacking, as Madry's code did (cifar10_challenge#22); --attack-bn
-    # eval is the other common choice.
-    "pgd-at": {
-        "cifar": dict(model="preactresnet18", epochs=200, lr=0.1, weight_decay=5e-4, lr_schedule="multistep",
-                      lr_milestones="100,150", lr_milestone_base=0, steps=10, step_size=2 / 255, attack_bn="train",
-                      **RICE_CIFAR),
-        # MNIST: eps 0.3, step 0.01, 40 steps on SmallCNN with the TRADES MNIST optimiser (train_trades_mnist.py:
-        # lr 0.01, x0.1 when epoch >= 55, 75, 90 with epochs counted from 1).
-        "mnist": dict(model="smallcnn", epochs=100, lr=0.01, weight_decay=0.0, lr_schedule="multistep",
-                      lr_milestones="55,75,90", lr_milestone_base=1, steps=40, step_size=0.01, attack_bn="train"),
-    },
-    # TRADES (yaodongyu/TRADES): beta 6, 10 steps of 0.007 from x + 0.001 N(0, I), WRN-34-10, lr 0.1 x0.1 at
-    # 75/90/100 with epochs counted from 1 (train_trades_cifar10.py: lr drops when epoch >= 75, so the 76-epoch
-    # run has two epochs at 0.01), wd 2e-4, 76 epochs; inner attack in eval mode. MNIST: 40 steps of 0.01,
-    # SmallCNN, lr 0.01, 100 ep.
-    "trades": {
-        "cifar": dict(model="wrn", epochs=76, lr=0.1, weight_decay=2e-4, lr_schedule="multistep",
-                      lr_milestones="75,90,100", lr_milestone_base=1, steps=10, step_size=0.007, beta=6.0,
-                      attack_bn="eval", attack_start="normal"),
-        "mnist": dict(model="smallcnn", epochs=100, lr=0.01, weight_decay=0.0, lr_schedule="multistep",
-                      lr_milestones="55,75,90", lr_milestone_base=1, steps=40, step_size=0.01, beta=1.0,
-                      attack_bn="eval", attack_start="normal"),
-    },
-    # Fast-AT (locuslab/fast_adversarial): FGSM from U(-eps, eps), step 1.25 eps, PreActResNet-18,
-    # 15 epochs, cyclic lr 0 -> 0.2 -> 0 with SGD momentum cycled 0.9 -> 0.8 -> 0.9 (CyclicLR's defaults), wd 5e-4,
-    # BN in train mode during the attack.
-    # MNIST (MNIST/train_mnist.py, mnist_net.py): MNISTNet, Adam, lr 0 -> 5e-3 at epoch 10 * 2 // 5 = 4 -> 0,
-    # 10 epochs, batch 100, eps 0.3, step 0.375, the random start not clamped to the image box.
-    "fast-at": {
-        "cifar": dict(model="preactresnet18", epochs=15, lr=0.2, weight_decay=5e-4, lr_schedule="cyclic",
-                      steps=1, step_size=1.25 * 8 / 255, attack_bn="train", normalize="mean-std",
-                      cifar10_std=(0.2471, 0.2435, 0.2616)),  # fast_adversarial CIFAR10/utils.py
-        "mnist": dict(model="mnistnet", optimizer="adam", epochs=10, batch_size=100, lr=5e-3, weight_decay=0.0,
-                      lr_schedule="cyclic", steps=1, step_size=0.375, attack_bn="train",
-                      clamp_start=False),
-    },
+    "plain": dict(cifar=dict(RICE_CIFAR, steps=0, step_size=0.0), mnist=dict(TRADES_MNIST, steps=0, step_size=0.0)),
+    # Madry et al.: PGD-10 step 2/255 from a random start, BN in train mode while attacking as Madry's code
+    # (cifar10_challenge#22); MNIST: PGD-40 step 0.01.
+    "pgd-at": dict(cifar=dict(RICE_CIFAR, steps=10, step_size=2 / 255, attack_bn="train"),
+                   mnist=dict(TRADES_MNIST, steps=40, step_size=0.01, attack_bn="train")),
+    # TRADES (train_trades_cifar10.py): WRN-34-10, 10 steps of 0.007 from x + 0.001 N(0, I), lr 0.1 x0.1 when
+    # epoch >= 75, 90, 100 (the 76-epoch run has two epochs at 0.01), wd 2e-4; MNIST beta 1, 40 steps of 0.01.
+    "trades": dict(cifar=dict(model="wrn", epochs=76, lr=0.1, weight_decay=2e-4, lr_schedule="multistep",
+                              lr_milestones="75,90,100", lr_milestone_base=1, steps=10, step_size=0.007, beta=6.0,
+                              attack_start="normal"),
+                   mnist=dict(TRADES_MNIST, steps=40, step_size=0.01, beta=1.0, attack_start="normal")),
+    # Fast-AT (CIFAR10/train_fgsm.py, utils.py: 15 epochs, step 1.25 eps, std 0.2471; MNIST/train_mnist.py,
+    # mnist_net.py: MNISTNet, Adam, lr 0 -> 5e-3 at epoch 10 * 2 // 5 = 4 -> 0, batch 100, step 0.375, the random
+    # start not clamped to the image box).
+    "fast-at": dict(cifar=dict(CYCLIC_CIFAR, epochs=15, step_size=1.25 * 8 / 255, cifar10_std=(0.2471, 0.2435, 0.2616)),
+                    mnist=dict(model="mnistnet", optimizer="adam", epochs=10, batch_size=100, lr=5e-3,
+                               weight_decay=0.0, lr_schedule="cyclic", steps=1, step_size=0.375, attack_bn="train",
+                               clamp_start=False)),
 }
-# Fast-BAT Table 1 (OPTML-Group/Fast-BAT): PreActResNet-18, 20 epochs, cyclic lr 0 -> 0.2 -> 0 peaking at epoch
-# 10 (train.py's --cyclic_milestone) with CyclicLR's momentum cycle, wd 5e-4, batch 128, every pass in train mode. Fast-AT-GA: FGSM from zero with step 1.25 eps plus GradAlign.
-# MNIST: as fast-at's MNIST recipe (this project's choice).
+# Fast-BAT Table 1 (train.py): 20 epochs, the lr peaking at epoch 10 (--cyclic_milestone); Fast-AT-GA: FGSM from x
+# with step 1.25 eps plus GradAlign. MNIST: SmallCNN, cyclic lr 0.05, 10 epochs (this project's choice).
 for _name in ("fast-bat", "fast-at-ga"):
-    METHOD_DEFAULTS[_name] = {
-        "cifar": dict(model="preactresnet18", epochs=20, lr=0.2, weight_decay=5e-4, lr_schedule="cyclic",
-                      lr_peak_epoch=10.0, steps=1, step_size=0.0, attack_bn="train", normalize="mean-std"),
-        "mnist": dict(model="smallcnn", epochs=10, lr=0.05, weight_decay=0.0, lr_schedule="cyclic",
-                      steps=1, step_size=0.0, attack_bn="train"),
-    }
-# L2L (train_l2l_{1,2}_cifar10.py): WRN-34-10, SGD lr 0.1 momentum 0.9 wd 2e-4, x0.1 when epoch >= 30/60/90
-# (epochs counted from 1, as TRADES' script it was forked from), 76 epochs, batch 128, eps 0.031 (run.sh passes
-# it; the project default is 8/255). MNIST has no L2L recipe in the sources: the TRADES MNIST optimiser is this
-# project's choice.
-for _name in ("l2l-naive", "l2l-grad", "l2l-2step"):
-    METHOD_DEFAULTS[_name] = {
-        "cifar": dict(model="wrn", epochs=76, lr=0.1, weight_decay=2e-4, lr_schedule="multistep",
-                      lr_milestones="30,60,90", lr_milestone_base=1, steps=0, step_size=0.0),
-        "mnist": dict(model="smallcnn", epochs=100, lr=0.01, weight_decay=0.0, lr_schedule="multistep",
-                      lr_milestones="55,75,90", lr_milestone_base=1, steps=0, step_size=0.0),
-    }
-
-# Xiong & Hsieh: AdvTrain+BLS, RNN-Adv and RNN-TRADES share the baseline they modify (PGD-AT / TRADES recipes
-# above; T = --steps). MNIST uses T = 10 for the RNN methods, a choice: 40 unrolled LSTM steps over every pixel
-# are costly, and the paper stresses few iterations. BLS starts each line search at eps (a choice).
+    METHOD_DEFAULTS[_name] = dict(cifar=dict(CYCLIC_CIFAR, epochs=20, lr_peak_epoch=10.0, step_size=0.0),
+                                  mnist=dict(model="smallcnn", epochs=10, lr=0.05, weight_decay=0.0,
+                                             lr_schedule="cyclic", steps=1, step_size=0.0, attack_bn="train"))
+# L2L (train_l2l_{1,2}_cifar10.py): WRN-34-10, lr 0.1 x0.1 when epoch >= 30, 60, 90, wd 2e-4, 76 epochs, eps 0.031
+# (run.sh passes it). MNIST has no L2L recipe in the sources: TRADES' MNIST optimiser is this project's choice.
+for _name in L2L_VARIANTS:
+    METHOD_DEFAULTS[_name] = dict(cifar=dict(model="wrn", epochs=76, lr=0.1, weight_decay=2e-4, lr_schedule="multistep",
+                                             lr_milestones="30,60,90", lr_milestone_base=1, steps=0, step_size=0.0),
+                                  mnist=dict(TRADES_MNIST, steps=0, step_size=0.0))
+# Xiong & Hsieh: AdvTrain+BLS, RNN-Adv and RNN-TRADES share the baseline they modify (T = --steps), attacking in eval
+# mode. MNIST uses T = 10 for the RNN methods (a choice: the paper stresses few iterations), step 2.5 eps / T.
 METHOD_DEFAULTS["pgd-at-bls"] = {k: dict(v, attack_bn="eval") for k, v in METHOD_DEFAULTS["pgd-at"].items()}
 METHOD_DEFAULTS["rnn-adv"] = {k: dict(v, attack_bn="eval") for k, v in METHOD_DEFAULTS["pgd-at"].items()}
 METHOD_DEFAULTS["rnn-trades"] = {k: dict(v) for k, v in METHOD_DEFAULTS["trades"].items()}
 for _name in ("rnn-adv", "rnn-trades"):
-    METHOD_DEFAULTS[_name]["mnist"].update(steps=10, step_size=0.075)  # T = 10, Madry's rule 2.5 eps / T
-
-# Defaults shared by every method unless its table above says otherwise.
+    METHOD_DEFAULTS[_name]["mnist"].update(steps=10, step_size=0.075)
 
 # Defaults shared by every method unless its table above says otherwise.
 COMMON_DEFAULTS = dict(batch_size=128, optimizer="sgd", momentum=0.9, beta=6.0, attack_bn="eval", lr_milestones="",
@@ -1544,7 +1511,6 @@ RECIPE_KEYS = ("model", "epochs", "batch_size", "lr", "momentum", "weight_decay"
                "clamp_start", "normalize", "preact_shortcut", "crop_pad")
 MODELS = ("smallcnn", "mnistnet", "vgg16", "preactresnet18", "wrn")
 LR_SCHEDULES = ("multistep", "cyclic", "constant")
-L2L_VARIANTS = {"l2l-naive": "naive", "l2l-grad": "grad", "l2l-2step": "multi"}
 
 
 def parse_number(text: str) -> float:
