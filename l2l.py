@@ -2679,11 +2679,12 @@ RUN_FILES = ("last.pt", "best.pt", "results.json")  # what a run writes into --o
 _HELD: Dict[str, int] = {}  # the --out folders this process holds -> their descriptors
 
 
-def prepare_out_dir(out: str, files: tuple, allow: bool) -> None:
+def prepare_out_dir(out: str, files: tuple, allow: bool) -> list:
     """Create --out and hold it for this process (an flock on the folder, released by the OS however the process
     ends, so never stale): a second run into a busy folder is refused. Refuse to replace `files` of an earlier run
-    unless allowed (--overwrite), and then delete them before anything new is written, so no old result can pass for
-    this run's. Nothing else in the folder is touched. Under torchrun rank 0 does this, the others wait."""
+    unless allowed (--overwrite); returns the paths of those found, which the caller deletes once its data and
+    networks are ready, before it writes anything, so that no old result can pass for this run's and a command that
+    fails first deletes nothing. Nothing else in the folder is touched. Under torchrun rank 0 does this."""
     rank, world = dist_world()
     if rank == 0:
         try:
@@ -2706,10 +2707,9 @@ def prepare_out_dir(out: str, files: tuple, allow: bool) -> None:
             resume = "pass --resume to continue it, " if "last.pt" in found else ""
             raise UsageError(f"--out {out} already holds {', '.join(found)} of an earlier run; {resume}pass "
                              f"--overwrite to replace it, or choose another --out")
-        for f in found:
-            os.remove(os.path.join(out, f))
     if world > 1:
         dist.barrier()
+    return [os.path.join(out, f) for f in found] if rank == 0 else []
 
 
 def build_run(args, device) -> Run:
@@ -2814,7 +2814,7 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
     torch.manual_seed(args.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # autotuned convolutions: shapes are static
-    prepare_out_dir(args.out, () if args.resume else RUN_FILES, args.overwrite)
+    earlier = prepare_out_dir(args.out, () if args.resume else RUN_FILES, args.overwrite)
     data = load_data(args, device)
     if args.batch_size > data.x_train.shape[0]:
         say(f"note: --batch-size {args.batch_size} is more than the {data.x_train.shape[0]} training examples; "
@@ -2834,6 +2834,8 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
         say(f"resumed {last_path} after epoch {start_epoch}")
     if args.compile:
         compile_networks(run)
+    for path in earlier:  # --overwrite: the earlier run's files go now, before this run writes
+        os.remove(path)
     n_params = sum(p.numel() for p in run.model.parameters())
     say(f"{args.method} ({METHODS[args.method].paper}) on {args.dataset}: {args.model} ({n_params / 1e6:.2f}M "
         f"parameters), {data.x_train.shape[0]} train / {data.x_val.shape[0]} val / {data.x_test.shape[0]} test, "
@@ -2944,7 +2946,7 @@ def evaluate_checkpoint(args) -> dict:
     device = setup_distributed(args)
     rank = dist_world()[0]
     torch.manual_seed(args.seed)
-    prepare_out_dir(args.out, ("results.json",), args.overwrite)
+    earlier = prepare_out_dir(args.out, ("results.json",), args.overwrite)
     data = load_data(args, device, test_only=True)
     run = build_run(args, device)
     restore(run, ckpt, f"--eval-only {args.eval_only}", optimizer=False)
@@ -2952,6 +2954,8 @@ def evaluate_checkpoint(args) -> dict:
     if bad:
         raise UsageError(f"--eval-only {args.eval_only}: {bad} of its classifier's weights are NaN or infinite (a "
                          f"diverged run); every prediction would be meaningless; evaluate an earlier checkpoint")
+    for path in earlier:
+        os.remove(path)
     if rank == 0 and not args.quiet:
         print(f"evaluating {args.eval_only} (epoch {ckpt['epoch']}): {args.method} on {args.dataset}, {args.model}, "
               f"eps {fmt_eps(args.eps)}, attacks {args.eval_attacks}", flush=True)

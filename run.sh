@@ -123,10 +123,10 @@ gpu_check() {  # gpu-check [--data-dir DIR] [--out DIR] [--dry-run]: each phase 
       *) echo "run.sh gpu-check: unknown flag '$1' (flags: --data-dir DIR, --out DIR, --dry-run)" >&2; exit 2 ;;
     esac
   done
-  [ -d "$data/MNIST" ] || [ -f "$data/mnist.npz" ] || { echo "run.sh gpu-check: no MNIST in --data-dir $data" >&2; exit 2; }
   if [ $dry = 0 ] && ! $PY -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
     echo "run.sh gpu-check: no CUDA device here; --dry-run runs the same phases on the CPU" >&2; exit 2
   fi
+  [ -d "$data/MNIST" ] || [ -f "$data/mnist.npz" ] || { echo "run.sh gpu-check: no MNIST in --data-dir $data" >&2; exit 2; }
   mkdir -p "$out"
   local md=$out/gpu.md tests="stays_in_eps_ball or bf16 or lowers_its_loss or round_trip or autoattack or resume"
   local bench=(--bench-steps 20) size=() limit=(timeout 240)

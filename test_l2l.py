@@ -2355,9 +2355,12 @@ def test_overwrite_replaces_only_the_run_files_and_no_run_deletes_a_users_file(m
     for name, text in mine.items():
         (out / name).write_text(text)
     base = ["--method", "plain", "--dataset", "mnist", "--data-dir", mnist_dir, "--out", str(out), *TINY]
-    check_one_line_error(l2l.main(base + ["--lr", "-1"]), capsys.readouterr().err, "--lr")  # a command that fails
     check_one_line_error(l2l.main(base), capsys.readouterr().err, "--overwrite")
-    assert (out / "results.json").read_text() == "old results.json"
+    # commands that fail, one before the folder is prepared and one after (no data): nothing is deleted
+    check_one_line_error(l2l.main(base + ["--lr", "-1"]), capsys.readouterr().err, "--lr")
+    nodata = [a if a != mnist_dir else str(tmp_path / "nodata") for a in base]
+    check_one_line_error(l2l.main(nodata + ["--overwrite"]), capsys.readouterr().err, "mnist")
+    assert (out / "results.json").read_text() == "old results.json" and (out / "last.pt").read_text() == "old last.pt"
     assert l2l.main(base + ["--overwrite"]) == 0
     assert json.load(open(out / "results.json"))["method"] == "plain"
     assert all((out / name).read_text() == text for name, text in mine.items())
