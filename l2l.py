@@ -2845,7 +2845,7 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
                 "cyclic": f"cyclic, peak at epoch {args.lr_peak_epoch:g}"
                           + (", momentum cycled to 0.8" if args.cycle_momentum else ""),
                 "constant": "constant"}[args.lr_schedule]
-    step = {"fast-bat": f"step a {fmt_eps(fast_bat_step_size(args.eps))}", "pgd-at-bls": f"first BLS step eps",
+    step = {"fast-bat": f"step a {fmt_eps(fast_bat_step_size(args.eps))}", "pgd-at-bls": "first BLS step eps",
             "plain": "no attack"}.get(args.method, "learned attacker" if args.method in L2L_VARIANTS
                                       else f"step {fmt_eps(args.step_size)}")
     say(f"  eps {fmt_eps(args.eps)}, steps {args.steps}, {step}, attack BN {args.attack_bn}, epochs {args.epochs}, "

@@ -2580,7 +2580,6 @@ def test_each_algorithm_copies_out_with_its_definitions(algorithm):
         loss, correct = ns[names[-1]](model, optimizer, rnn, rnn_optimizer, x, y, eps=eps, steps=3, alpha=0.04, **extra)
         assert any(not torch.equal(a, b) for a, b in zip(rnn_before, rnn.parameters())), "phi learned"
     else:
-        trained, xt, yt = None, x, y
         model.eval()
         entry = {"APGD-CE": lambda: ns["apgd_ce"](model, x, y, eps, 10),
                  "APGD-T": lambda: ns["apgd_targeted"](model, x, y, eps, 10, 2),
