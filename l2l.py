@@ -11,7 +11,8 @@ and the baselines they compare against:
   [Fast-AT]  Wong, Rice, Kolter. Fast is Better than Free. ICLR 2020 (FGSM from a random start)
   [GradAlign] Andriushchenko, Flammarion. Understanding and Improving Fast Adversarial Training. NeurIPS 2020
 
-Run (defaults follow each method's paper; every default is a flag):
+Run (defaults follow each method's paper; every recipe value is a flag, the papers' fixed constants are keyword
+defaults of Part I):
   python l2l.py --method pgd-at --dataset cifar10          # plain, pgd-at, trades, fast-at, fast-at-ga, fast-bat,
   python l2l.py --method l2l-2step --dataset cifar10       # l2l-naive, l2l-grad, l2l-2step,
   python l2l.py --method rnn-adv --dataset cifar10         # pgd-at-bls, rnn-adv, rnn-trades
@@ -987,8 +988,8 @@ def l2l_perturb(attacker, model, x, y, eps, variant: str, steps: int = 1, step_s
 # RNN learned optimiser (Xiong & Hsieh, "Improved Adversarial Training via Learned Optimizer"). No official
 # code exists and the full text was not available: the design is this project's, within the paper's words (a
 # recurrent network applied coordinate-wise, fed gradient information, emitting update directions and step sizes,
-# trained on the inner loss over the intermediate iterates, co-trained with theta). Every choice is a flag; the
-# variants tried, and why 'sign-step' is the default, are in README (Methods, "RNN-Adv / RNN-TRADES").
+# trained on the inner loss over the intermediate iterates, co-trained with theta). Each choice is a flag or a
+# keyword default; the variants tried, and why 'sign-step' is the default, are in README (Methods, "RNN-Adv").
 
 
 def preprocess_gradient(g: torch.Tensor, p: float = 10.0) -> torch.Tensor:
