@@ -282,9 +282,11 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
 
 
-def random_start(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x + U(-eps, eps), projected onto C (Madry et al.; Wong et al.)."""
-    return project(x + torch.empty_like(x).uniform_(-eps, eps), x, eps)
+def random_start(x: torch.Tensor, eps: float, clamp: bool = True) -> torch.Tensor:
+    """x + U(-eps, eps), projected onto C (Madry et al.; Wong et al.); with clamp False left unprojected (outside
+    [0,1] where x is near its edges, as fast_adversarial's MNIST script takes its FGSM gradient)."""
+    x0 = x + torch.empty_like(x).uniform_(-eps, eps)
+    return project(x0, x, eps) if clamp else x0
 
 
 def start_point(x: torch.Tensor, eps: float, kind: str) -> torch.Tensor:
@@ -333,7 +335,7 @@ def fgsm(model, x, y, eps, step_size=None, rand_init=False, clamp_start=True):
     step_size = eps if step_size is None else step_size
     x0 = x
     if rand_init:
-        x0 = random_start(x, eps) if clamp_start else x + torch.empty_like(x).uniform_(-eps, eps)
+        x0 = random_start(x, eps, clamp_start)
     return project(x0 + step_size * input_grad(model, x0, y).sign(), x, eps).detach()
 
 
@@ -1465,7 +1467,7 @@ METHOD_DEFAULTS = {
     "fast-at": dict(cifar=dict(CYCLIC_CIFAR, epochs=15, step_size=1.25 * 8 / 255, cifar10_std=(0.2471, 0.2435, 0.2616)),
                     mnist=dict(model="mnistnet", optimizer="adam", epochs=10, batch_size=100, lr=5e-3,
                                weight_decay=0.0, lr_schedule="cyclic", steps=1, step_size=0.375, attack_bn="train",
-                               clamp_start=False)),
+                               clamp_start=False, lr_peak=lambda epochs: epochs * 2 // 5 or epochs / 2)),
 }
 # Fast-BAT Table 1 (train.py): 20 epochs, the lr peaking at epoch 10 (--cyclic_milestone); Fast-AT-GA: FGSM from x
 # with step 1.25 eps plus GradAlign. MNIST: SmallCNN, cyclic lr 0.05, 10 epochs (this project's choice).
@@ -1503,8 +1505,7 @@ DERIVED_DEFAULTS = (
     ("eval_steps", lambda a, recipe, spec: spec["eval_steps"]),
     ("eval_step_size", lambda a, recipe, spec: a.eps * spec["eval_step_frac"]),
     # half-way, as fast_adversarial's CIFAR-10 script; its MNIST script peaks at epochs * 2 // 5
-    ("lr_peak_epoch", lambda a, recipe, spec: a.epochs * 2 // 5 or a.epochs / 2 if recipe["optimizer"] == "adam"
-     else a.epochs / 2),
+    ("lr_peak_epoch", lambda a, recipe, spec: recipe.get("lr_peak", lambda epochs: epochs / 2)(a.epochs)),
     ("val_step_size", lambda a, recipe, spec: 2.5 * a.eps / max(a.val_steps, 1)),  # Madry et al.'s rule
 )
 RECIPE_KEYS = ("model", "epochs", "batch_size", "lr", "momentum", "weight_decay", "optimizer", "lr_schedule",
