@@ -11,51 +11,31 @@ and the baselines they compare against:
   [Fast-AT]  Wong, Rice, Kolter. Fast is Better than Free. ICLR 2020 (FGSM from a random start)
   [GradAlign] Andriushchenko, Flammarion. Understanding and Improving Fast Adversarial Training. NeurIPS 2020
 
-Run (defaults follow each method's paper; every recipe value is a flag, the papers' fixed constants are keyword
-defaults of Part I):
-  python l2l.py --method pgd-at --dataset cifar10          # plain, pgd-at, trades, fast-at, fast-at-ga, fast-bat,
-  python l2l.py --method l2l-2step --dataset cifar10       # l2l-naive, l2l-grad, l2l-2step,
-  python l2l.py --method rnn-adv --dataset cifar10         # pgd-at-bls, rnn-adv, rnn-trades
-  python l2l.py --method trades --dataset mnist --data-dir ./data --epochs 2 --train-size 10000
-  python l2l.py --eval-only runs/pgd-at_cifar10/best.pt --eval-attacks fgsm,pgd,cw --eval-restarts 10
-  python l2l.py --benchmark --method fast-bat --dataset cifar10 --precision bf16 --channels-last
-  torchrun --nproc-per-node 8 l2l.py --method trades --dataset cifar10 --precision bf16   # data parallel
-  python l2l.py --help
+Run (defaults follow each method's paper; recipe values are flags, the papers' fixed constants keyword defaults
+of Part I): python l2l.py --method rnn-adv --dataset cifar10; python l2l.py --help; README has the rest.
 
-Paper index: each algorithm or equation, every function on its path (a training step calls the attack named
-beside it), and the official file it was checked against line by line (repositories: fast_adversarial =
-locuslab/fast_adversarial, Fast-BAT = OPTML-Group/Fast-BAT, TRADES = yaodongyu/TRADES, L2L =
-YuyangShi/Learning-to-Defend-by-Learning-to-Attack, GradAlign = tml-epfl/understanding-fast-adv-training,
+Paper index: algorithm or equation -> the functions on its path -> the official file it was checked against line
+by line (fast_adversarial = locuslab/fast_adversarial, Fast-BAT = OPTML-Group/Fast-BAT, TRADES = yaodongyu/TRADES,
+L2L = YuyangShi/Learning-to-Defend-by-Learning-to-Attack, GradAlign = tml-epfl/understanding-fast-adv-training,
 AA = fra31/auto-attack, RO = locuslab/robust_overfitting).
-  paper        algorithm / equation                      functions                        checked against
-  [L2L]        naive / grad / 2-step / k-step L2L         l2l_perturb, scaled_input_grad   L2L adv_loss.py
-  [L2L]        attacker architectures (poster table)      SlimAttacker, WideAttacker,      L2L attacker.py
-                                                          GenBlock
-  [L2L]        alternating theta / phi updates            l2l_step, l2l_attacker_step      L2L train_l2l_{1,2}_cifar10.py
-  [L2L]        "CW" column (CW-l_inf, optimisation)       cw_linf                          L2L cw.py, cw_attack_cifar10.py
-  [L2L]        "PGM" column, PGM-net start                pgd (start 'normal')             L2L pgd_attack_cifar10.py, adv_loss.py
-  [RNN]        Algorithm 1 (this project's design)        rnn_adv_step, rnn_trades_step,   none exists (README, Methods,
-                                                          rnn_optimizer_step, rnn_attack,  "RNN-Adv / RNN-TRADES")
-                                                          SignStepRNN, LSTMOptimizer
-  [RNN]        Table 1 AdvTrain+BLS                       pgd_at_bls_step, pgd_bls         none exists (Armijo, Nocedal & Wright)
-  [Fast-BAT]   eq. 9 closed form, eq. 13 IG with H_C,     fast_bat_step, fast_bat_backward Fast-BAT trainer.py (fast_bat)
-               eq. 14 update                              box_bounds
-  [Fast-BAT]   step a, schedule, data, selection          fast_bat_step_size, schedule_at, Fast-BAT train.py, datasets.py
-                                                          augment, validate
-  [Madry]      eq. 2.1, PGD with random start             pgd_at_step, pgd                 RO train_cifar.py (schedule)
-  [TRADES]     Algorithm 1 (KL attack, loss)              trades_step, trades_attack,      TRADES trades.py, train_trades_*.py
-                                                          trades_loss
-  [Fast-AT]    Algorithm 3 (FGSM from U(-eps, eps))       fast_at_step, fgsm               fast_adversarial CIFAR10/train_fgsm.py
-  [GradAlign]  FGSM + gamma (1 - cos) regulariser         fast_at_ga_step, fgsm,           Fast-BAT trainer.py (fast_at_ga),
-                                                          gradalign_penalty                GradAlign train.py
-  [APGD]       Croce & Hein Algorithm 1, DLR (eq. 6)      apgd_ce, apgd_targeted, apgd,    AA autopgd_base.py
-                                                          dlr_loss
-  [AA]         FAB-T, Square, the standard suite          fab_targeted, square_linf,       AA fab_pt.py, fab_projections.py,
-                                                          autoattack                       square.py, autoattack.py
-  cyclic lr    CyclicLR with its momentum cycle           schedule_at                      torch CyclicLR; train_fgsm.py; Fast-BAT train.py
-  models       SmallCNN, PreActResNet-18, WRN-34-10       SmallCNN, PreActResNet18,        TRADES small_cnn.py; fast_adversarial
-                                                          WideResNet                       preact_resnet.py, Fast-BAT model_zoo.py;
-                                                                                           TRADES wideresnet.py
+  [L2L] naive / grad / 2-step / k-step L2L: l2l_perturb, scaled_input_grad (L2L adv_loss.py); attacker networks
+        (poster table): SlimAttacker, WideAttacker, GenBlock (attacker.py); alternating theta / phi updates:
+        l2l_step, l2l_attacker_step (train_l2l_{1,2}_cifar10.py); "CW" column: cw_linf (cw.py,
+        cw_attack_cifar10.py); "PGM" column and PGM-net start: pgd, start 'normal' (pgd_attack_cifar10.py).
+  [RNN] Algorithm 1, this project's design (no official code exists; README): rnn_adv_step, rnn_trades_step,
+        rnn_optimizer_step, rnn_attack, SignStepRNN, LSTMOptimizer; Table 1 AdvTrain+BLS: pgd_at_bls_step, pgd_bls
+        (Armijo, as Nocedal & Wright).
+  [Fast-BAT] eq. 9 closed form, eq. 13 IG with H_C, eq. 14 update: fast_bat_step, fast_bat_backward, box_bounds
+        (Fast-BAT trainer.py); step a, schedule, data, selection: fast_bat_step_size, schedule_at, augment, validate
+        (train.py, datasets.py).
+  [Madry] eq. 2.1, PGD with random start: pgd_at_step, pgd (RO train_cifar.py for the schedule).
+  [TRADES] Algorithm 1: trades_step, trades_attack, trades_loss (trades.py, train_trades_*.py).
+  [Fast-AT] Algorithm 3, FGSM from U(-eps, eps): fast_at_step, fgsm (fast_adversarial CIFAR10/train_fgsm.py).
+  [GradAlign] FGSM + gamma (1 - cos): fast_at_ga_step, gradalign_penalty (Fast-BAT trainer.py, GradAlign train.py).
+  [APGD, AA] Croce & Hein: apgd_ce, apgd_targeted, apgd, dlr_loss (autopgd_base.py); FAB-T, Square, the standard
+        suite: fab_targeted, square_linf, autoattack (fab_pt.py, fab_projections.py, square.py, autoattack.py).
+  models: SmallCNN (TRADES small_cnn.py), MNISTNet (fast_adversarial mnist_net.py), PreActResNet18
+        (preact_resnet.py, Fast-BAT model_zoo.py, RO preactresnet.py), WideResNet (TRADES wideresnet.py).
 Differences kept on purpose are listed in README ("Deliberate differences from the official code").
 
 Conventions that hold everywhere below:
@@ -67,9 +47,7 @@ Conventions that hold everywhere below:
 
 Layout. Part I, the algorithms: models; hand-designed attacks; learned attackers and optimisers; one training
 step per method. Each takes explicit arguments and needs only torch and math, so it copies out with the
-definitions it calls (README, "Copy an algorithm"). Part II, the harness: configuration; data; checkpoints; the
-method table that binds flags to the steps' keywords; speed and scale (precision, compile, data parallelism);
-progress; evaluation; training loop; benchmark; report; main.
+definitions it calls (README, "Copy an algorithm"). Part II, the harness, follows.
 """
 
 import argparse
@@ -81,9 +59,9 @@ import os
 import resource
 import shutil
 import sys
-import tempfile
 import time
 import uuid
+from collections import namedtuple
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional
 
@@ -1397,15 +1375,10 @@ def rnn_trades_step(model, optimizer, rnn, rnn_optimizer, x, y, *, eps, steps, a
 
 # ================================================================================================
 # ================================================================================================
-# PART II: THE HARNESS. Recipes and flags, data, checkpoints, the method table that binds flags to
-# the steps of Part I, precision and data parallelism, evaluation, the training loop, benchmark,
-# report, main. Part I never calls anything below this line.
+# PART II: THE HARNESS. Recipes and flags; data, models by name and checkpoints; the method table
+# that binds flags to the steps of Part I; speed and scale; evaluation; the training loop;
+# benchmark, report and main. Part I never calls anything below this line.
 # ================================================================================================
-# ================================================================================================
-
-
-# ================================================================================================
-# Configuration
 # ================================================================================================
 
 
@@ -1438,12 +1411,12 @@ L2L_VARIANTS = {"l2l-naive": "naive", "l2l-grad": "grad", "l2l-2step": "multi"}
 # Inputs reach the network as the official code feeds them (README, Methods); every value is a flag.
 # TRADES' MNIST optimiser (train_trades_mnist.py: lr 0.01, x0.1 when epoch >= 55, 75, 90, counted from 1, SmallCNN).
 TRADES_MNIST = dict(model="smallcnn", epochs=100, lr=0.01, weight_decay=0.0, lr_schedule="multistep",
-                    lr_milestones="55,75,90", lr_milestone_base=1)
+                    lr_milestones=(55, 75, 90), lr_milestone_base=1)
 # Rice et al.'s robust_overfitting (train_cifar.py, preactresnet.py, utils.py): PreActResNet-18, 200 epochs, lr 0.1
 # x0.1 after 100 and 150 full epochs, inputs normalised with std 0.2471, the 1x1 shortcut on relu(bn1(x)),
 # reflect-padded crops.
 RICE_CIFAR = dict(model="preactresnet18", epochs=200, lr=0.1, weight_decay=5e-4, lr_schedule="multistep",
-                  lr_milestones="100,150", lr_milestone_base=0, normalize="mean-std",
+                  lr_milestones=(100, 150), lr_milestone_base=0, normalize="mean-std",
                   cifar10_std=(0.2471, 0.2435, 0.2616), preact_shortcut="activation", crop_pad="reflect")
 # fast_adversarial's and Fast-BAT's: PreActResNet-18, cyclic lr 0 -> 0.2 -> 0 with CyclicLR's momentum cycle, wd 5e-4,
 # one attack step with BN in train mode.
@@ -1458,7 +1431,7 @@ METHOD_DEFAULTS = {
     # TRADES (train_trades_cifar10.py): WRN-34-10, 10 steps of 0.007 from x + 0.001 N(0, I), lr 0.1 x0.1 when
     # epoch >= 75, 90, 100 (the 76-epoch run has two epochs at 0.01), wd 2e-4; MNIST beta 1, 40 steps of 0.01.
     "trades": dict(cifar=dict(model="wrn", epochs=76, lr=0.1, weight_decay=2e-4, lr_schedule="multistep",
-                              lr_milestones="75,90,100", lr_milestone_base=1, steps=10, step_size=0.007, beta=6.0,
+                              lr_milestones=(75, 90, 100), lr_milestone_base=1, steps=10, step_size=0.007, beta=6.0,
                               attack_start="normal"),
                    mnist=dict(TRADES_MNIST, steps=40, step_size=0.01, beta=1.0, attack_start="normal")),
     # Fast-AT (CIFAR10/train_fgsm.py, utils.py: 15 epochs, step 1.25 eps, std 0.2471; MNIST/train_mnist.py,
@@ -1479,7 +1452,7 @@ for _name in ("fast-bat", "fast-at-ga"):
 # (run.sh passes it). MNIST has no L2L recipe in the sources: TRADES' MNIST optimiser is this project's choice.
 for _name in L2L_VARIANTS:
     METHOD_DEFAULTS[_name] = dict(cifar=dict(model="wrn", epochs=76, lr=0.1, weight_decay=2e-4, lr_schedule="multistep",
-                                             lr_milestones="30,60,90", lr_milestone_base=1, steps=0, step_size=0.0),
+                                             lr_milestones=(30, 60, 90), lr_milestone_base=1, steps=0, step_size=0.0),
                                   mnist=dict(TRADES_MNIST, steps=0, step_size=0.0))
 # Xiong & Hsieh: AdvTrain+BLS, RNN-Adv and RNN-TRADES share the baseline they modify (T = --steps), attacking in eval
 # mode. MNIST uses T = 10 for the RNN methods (a choice: the paper stresses few iterations), step 2.5 eps / T.
@@ -1490,7 +1463,7 @@ for _name in ("rnn-adv", "rnn-trades"):
     METHOD_DEFAULTS[_name]["mnist"].update(steps=10, step_size=0.075)
 
 # Defaults shared by every method unless its table above says otherwise.
-COMMON_DEFAULTS = dict(batch_size=128, optimizer="sgd", momentum=0.9, beta=6.0, attack_bn="eval", lr_milestones="",
+COMMON_DEFAULTS = dict(batch_size=128, optimizer="sgd", momentum=0.9, beta=6.0, attack_bn="eval", lr_milestones=(),
                        lr_milestone_base=0, attack_start="uniform", clamp_start=True, normalize="none",
                        preact_shortcut="input", crop_pad="zero")
 
@@ -1512,7 +1485,6 @@ RECIPE_KEYS = ("model", "epochs", "batch_size", "lr", "momentum", "weight_decay"
                "lr_milestones", "lr_milestone_base", "lr_peak_epoch", "steps", "beta", "attack_bn", "attack_start",
                "clamp_start", "normalize", "preact_shortcut", "crop_pad")
 MODELS = ("smallcnn", "mnistnet", "vgg16", "preactresnet18", "wrn")
-LR_SCHEDULES = ("multistep", "cyclic", "constant")
 
 
 def parse_number(text: str) -> float:
@@ -1532,17 +1504,35 @@ def fmt_eps(value: float) -> str:
     return f"{value:.4g}"
 
 
-def bounded(convert: Callable, low=None, high=None, low_open=False, high_open=False, why="") -> Callable:
-    """An argparse type: convert(text), refused (one line) unless finite and within its bounds, open where asked."""
-    show = lambda v: f"{v:g}" if isinstance(v, float) else str(v)
-    below = [f"{'above' if low_open else 'at least'} {show(low)}"] if low is not None else []
-    bounds = " and ".join(below + ([f"{'below' if high_open else 'at most'} {show(high)}"] if high is not None else []))
+def comma_numbers(text: str) -> list:
+    """'100,150' -> [100.0, 150.0]: --lr-milestones and --input-std."""
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma list of numbers, e.g. 100,150")
 
+
+def paper_numbers(text: str) -> dict:
+    """--paper 'clean=86.06,pgd=46.06' -> {'clean': 86.06, 'pgd': 46.06}: keys clean, worst_case or an attack."""
+    parsed = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        try:
+            assert key in ("clean", "worst_case", *EVAL_ATTACKS)
+            parsed[key] = float(value)
+        except (AssertionError, ValueError):
+            raise argparse.ArgumentTypeError(f"'{item}' is not KEY=NUMBER with KEY clean, worst_case or an attack")
+    return parsed
+
+
+def bounded(convert: Callable, low, low_open=False, high=math.inf) -> Callable:
+    """An argparse type: convert(text), refused in one line unless at least `low` (above it if low_open) and below
+    `high`."""
     def parse(text):
         value = convert(text)
-        if not (math.isfinite(value) and (low is None or (value > low if low_open else value >= low))
-                and (high is None or (value < high if high_open else value <= high))):
-            raise argparse.ArgumentTypeError(f"{text} must be {bounds}{why}")
+        if not ((value > low if low_open else value >= low) and value < high):
+            raise argparse.ArgumentTypeError(f"{text} must be {'above' if low_open else 'at least'} {low}" +
+                                             (f" and below {high}" if high < math.inf else ""))
         return value
 
     parse.__name__ = convert.__name__  # argparse's "invalid int value: 'x'" names the conversion
@@ -1553,8 +1543,7 @@ def bounded(convert: Callable, low=None, high=None, low_open=False, high_open=Fa
 COUNT, NONNEGATIVE_INT = bounded(int, 1), bounded(int, 0)
 POSITIVE, NONNEGATIVE = bounded(float, 0, low_open=True), bounded(float, 0)
 POSITIVE_NUMBER, NONNEGATIVE_NUMBER = bounded(parse_number, 0, low_open=True), bounded(parse_number, 0)  # 8/255
-MOMENTUM = bounded(float, 0, 1, high_open=True, why=" (SGD diverges at 1 and above; the papers use 0.9)")
-SEED = bounded(int, 0, 2 ** 32, high_open=True)
+MOMENTUM, SEED = bounded(float, 0, high=1), bounded(int, 0, high=2 ** 32)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -1573,138 +1562,106 @@ FLAG_GROUPS = {"run": "run", "data": "data", "opt": "optimisation (defaults: per
                "learned": "learned attackers: the RNN optimiser (rnn-adv, rnn-trades) and L2L (l2l-*)",
                "eval": "evaluation", "speed": "speed and scale (none changes an algorithm)"}
 FLAGS = (
-    ("run", "--method", "tm", dict(default="pgd-at", help="one of: {methods}")),
-    ("run", "--dataset", "tm", dict(default="cifar10", help="one of: {datasets}")),
-    ("run", "--model", "tm", dict(default=None, help="one of: {models} (default: per method)")),
-    ("run", "--depth", "tm", dict(type=int, default=34, help="WideResNet depth (6n+4)")),
+    ("run", "--method", "tm", dict(default="pgd-at", metavar="METHOD", help="one of: {methods}")),
+    ("run", "--dataset", "tm", dict(default="cifar10", metavar="DATASET", help="one of: {datasets}")),
+    ("run", "--model", "tm", dict(default=None, choices=MODELS, help="the network (default: per method)")),
+    ("run", "--depth", "tm", dict(type=COUNT, default=34, help="WideResNet depth (6n+4)")),
     ("run", "--width", "tm", dict(type=COUNT, default=10, help="WideResNet widen factor")),
     ("run", "--preact-shortcut", "tm", dict(default=None, choices=("input", "activation"), help="PreActResNet-18's "
-            "1x1 projection shortcut reads the block input (fast_adversarial, Fast-BAT) or relu(bn1(x)) (Rice et al.) "
-            "(default: per method)")),
+            "1x1 shortcut reads the block input (fast_adversarial, Fast-BAT) or relu(bn1(x)) (Rice et al.)")),
     ("run", "--data-dir", "e", dict(default="./data", help="where <dataset>.npz or torchvision's files live")),
     ("run", "--out", "e", dict(default=None, help="output directory (default: runs/<method>_<dataset>)")),
     ("run", "--overwrite", "e", dict(action="store_true", help="replace an earlier run's files in --out")),
     ("run", "--resume", "", dict(action="store_true", help="continue the run in --out from last.pt")),
     ("run", "--eval-only", "", dict(default=None, metavar="CKPT", help="evaluate a checkpoint, no training")),
-    ("run", "--device", "e", dict(default="auto", choices=("auto", "cpu", "cuda"), help="where to train and "
-            "evaluate (auto: cuda when available)")),
-    ("run", "--seed", "te", dict(type=SEED, default=0, help="seed of the initialisation, the batch order, the "
-            "attacks' random starts and AutoAttack")),
+    ("run", "--device", "e", dict(default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda if available")),
+    ("run", "--seed", "te", dict(type=SEED, default=0, help="seeds the weights, batches, random starts and AutoAttack")),
     ("run", "--quiet", "e", dict(action="store_true", help="no progress lines (they come at most every 10 s)")),
     ("run", "--report", "", dict(default=None, metavar="RUN", nargs="+", help="print a markdown table of these "
-            "runs' results.json (directories or files); trains nothing")),
+            "runs' results.json; trains nothing")),
     ("run", "--recipe", "", dict(default=None, help="the run.sh recipe this run reproduces (run.sh sets it)")),
-    ("run", "--paper", "", dict(default=None, metavar="NUMBERS", help="the paper's numbers for the report, e.g. "
-            "clean=86.06,pgd=46.06 (run.sh sets them)")),
-    ("run", "--init", "t", dict(default=None, metavar="CKPT", help="start from a checkpoint's classifier (and "
-            "learned attacker, if it has the same one)")),
+    ("run", "--paper", "", dict(type=paper_numbers, default=None, metavar="NUMBERS", help="the paper's numbers for "
+            "--report, e.g. clean=86.06,pgd=46.06 (run.sh sets them)")),
     ("data", "--train-size", "t", dict(type=COUNT, default=None, help="use the first N training examples")),
-    ("data", "--val-size", "t", dict(type=NONNEGATIVE_INT, default=1000, help="training examples held out (the "
-            "last N) to choose the best checkpoint; 0: train on all of them and evaluate the last epoch")),
+    ("data", "--val-size", "t", dict(type=NONNEGATIVE_INT, default=1000, help="the last N training examples, held "
+            "out to choose best.pt; 0: train on all and evaluate the last epoch")),
     ("data", "--test-size", "e", dict(type=COUNT, default=None, help="evaluate on the first N test examples")),
-    ("data", "--normalize", "tm", dict(default=None, choices=("none", "mean-std"), help="what the network's first "
-            "layer does to the [0,1] input: nothing, or subtract the dataset's mean and divide by its std (default: as "
-            "the method's official code; README)")),
-    ("data", "--input-std", "tm", dict(default=None, metavar="S1,S2,S3", help="the std of --normalize mean-std "
-            "(default: the recipe's; CIFAR-10 0.2471,0.2435,0.2616 for fast_adversarial's and Rice's recipes, "
-            "0.2470,... for Fast-BAT's)")),
+    ("data", "--normalize", "tm", dict(default=None, choices=("none", "mean-std"), help="the network's first layer: "
+            "the identity, or (x - mean) / std (default: as the method's official code)")),
+    ("data", "--input-std", "tm", dict(type=comma_numbers, default=None, metavar="S1,S2,S3", help="the std of "
+            "--normalize mean-std (default: the recipe's)")),
     ("data", "--crop-pad", "t", dict(default=None, choices=("zero", "reflect"), help="padding of the random crop "
-            "(default: zero as torchvision's RandomCrop; reflect for Rice et al.'s PGD-AT recipe)")),
-    ("data", "--drop-last", "t", dict(action="store_true", help="drop each epoch's last partial batch (official "
-            "DataLoaders keep it; so does l2l.py unless this is given)")),
+            "(reflect: Rice et al.)")),
     ("data", "--augment", "t", dict(default=None, choices=("none", "crop", "crop-flip", "crop-flip-rotate"),
-            help="on-device augmentation (default: per dataset); crop-flip-rotate adds a random rotation within "
-            "+-15 degrees, as Fast-BAT's CIFAR-100 loader")),
+            help="on-device augmentation; -rotate: +-15 degrees, as Fast-BAT's CIFAR-100 loader")),
     ("opt", "--epochs", "t", dict(type=COUNT, default=None, help="training epochs")),
-    ("opt", "--batch-size", "tm", dict(type=COUNT, default=None, help="training batch, the global one under "
-            "torchrun (default: per method, 128)")),
+    ("opt", "--batch-size", "tm", dict(type=COUNT, default=None, help="training batch (global under torchrun)")),
     ("opt", "--lr", "t", dict(type=POSITIVE, default=None, help="peak learning rate")),
-    ("opt", "--optimizer", "t", dict(default=None, choices=("sgd", "adam"), help="the classifier's optimiser: SGD "
-            "with --momentum, or Adam (fast_adversarial's MNIST script)")),
-    ("opt", "--momentum", "t", dict(type=MOMENTUM, default=None, help="SGD momentum (default: 0.9; the cyclic "
-            "schedule's value at lr 0)")),
+    ("opt", "--optimizer", "t", dict(default=None, choices=("sgd", "adam"), help="the classifier's optimiser")),
+    ("opt", "--momentum", "t", dict(type=MOMENTUM, default=None, help="SGD momentum (cyclic: its value at lr 0)")),
     ("opt", "--weight-decay", "t", dict(type=NONNEGATIVE, default=None, help="weight decay")),
-    ("opt", "--lr-schedule", "t", dict(default=None, choices=LR_SCHEDULES, help="multistep, cyclic or constant")),
-    ("opt", "--lr-milestones", "t", dict(default=None, help="multistep: epochs where lr is multiplied by 0.1")),
-    ("opt", "--lr-milestone-base", "t", dict(type=int, default=None, choices=(0, 1), help="how the milestones count "
-            "epochs, as the method's official script does: 1 = from 1, lr drops during epoch m (TRADES, L2L: 'if "
-            "epoch >= m'); 0 = from 0, lr drops after m full epochs (Rice et al., Fast-BAT's MultiStepLR)")),
-    ("opt", "--lr-peak-epoch", "t", dict(type=float, default=None, help="cyclic: epoch where lr peaks (default: "
-            "half-way, as fast_adversarial's CIFAR-10 script; its MNIST script peaks at epochs*2//5; Fast-BAT's "
-            "train.py at its --cyclic_milestone 10)")),
-    ("opt", "--cycle-momentum", "t", dict(action=argparse.BooleanOptionalAction, default=True, help="cyclic: cycle "
-            "SGD momentum inversely to lr, --momentum at lr 0 down to 0.8 at the peak (torch's CyclicLR defaults, "
-            "which fast_adversarial and Fast-BAT use)")),
+    ("opt", "--lr-schedule", "t", dict(default=None, choices=("multistep", "cyclic", "constant"), help="see schedule_at")),
+    ("opt", "--lr-milestones", "t", dict(type=comma_numbers, default=None, help="multistep: epochs where lr is "
+            "multiplied by 0.1, e.g. 100,150")),
+    ("opt", "--lr-milestone-base", "t", dict(type=int, default=None, choices=(0, 1), help="1: epochs counted from 1, "
+            "'if epoch >= m' (TRADES, L2L); 0: lr drops after m full epochs (Rice et al., Fast-BAT)")),
+    ("opt", "--lr-peak-epoch", "t", dict(type=float, default=None, help="cyclic: epoch where lr peaks")),
+    ("opt", "--cycle-momentum", "t", dict(action=argparse.BooleanOptionalAction, default=True, help="cyclic: "
+            "momentum from --momentum at lr 0 to 0.8 at the peak, as torch's CyclicLR")),
     ("attack", "--eps", "te", dict(type=parse_number, default=None, help="l_inf budget in [0,1] pixels, e.g. 8/255 "
-            "(default: 8/255; MNIST 0.3; --eval-only: the checkpoint's)")),
-    ("attack", "--step-size", "tm", dict(type=NONNEGATIVE_NUMBER, default=None, help="attack step size, e.g. 2/255 "
-            "(rnn-*: the sign-step optimiser's alpha)")),
+            "(default: 8/255, MNIST 0.3; --eval-only: the checkpoint's)")),
+    ("attack", "--step-size", "tm", dict(type=NONNEGATIVE_NUMBER, default=None, help="attack step, e.g. 2/255 "
+            "(rnn-*: alpha)")),
     ("attack", "--steps", "tm", dict(type=NONNEGATIVE_INT, default=None, help="attack iterations (rnn-*: T)")),
     ("attack", "--beta", "t", dict(type=NONNEGATIVE, default=None, help="TRADES robustness weight")),
-    ("attack", "--attack-bn", "t", dict(default=None, choices=("eval", "train"), help="BN mode while the training "
-            "attack runs (default: as the method's official code); dropout is off in every attack")),
-    ("attack", "--attack-start", "tm", dict(default=None, choices=("uniform", "normal"), help="first iterate of "
-            "pgd-at, pgd-at-bls, trades and the rnn-* optimiser: x + U(-eps, eps) projected (Madry et al.) or x + "
-            "0.001 N(0, I) unprojected (TRADES, L2L's adv_loss.py); default: normal for trades and rnn-trades")),
-    ("attack", "--clamp-start", "t", dict(action=argparse.BooleanOptionalAction, default=None, help="fast-at: "
-            "clamp the random start to [0,1] before its gradient (CIFAR10/train_fgsm.py) or not (MNIST/train_mnist.py) "
-            "(default: as the official script for the dataset)")),
-    ("learned", "--rnn-design", "tm", dict(default="sign-step", choices=("sign-step", "lstm"), help="sign-step: a "
-            "GRU that scales and corrects PGD's sign step per coordinate (starts as PGD); lstm: Andrychowicz et al.'s "
-            "LSTM emitting an update bounded by eps (README compares them)")),
-    ("learned", "--rnn-weights", "t", dict(default="uniform", choices=("uniform", "last", "linear"), help="weights "
-            "of the intermediate iterates in the RNN's loss")),
+    ("attack", "--attack-bn", "t", dict(default=None, choices=("eval", "train"), help="BN mode of the training "
+            "attack; dropout is off in every attack")),
+    ("attack", "--attack-start", "tm", dict(default=None, choices=("uniform", "normal"), help="x + U(-eps, eps) "
+            "(Madry et al.) or x + 0.001 N(0, I) (TRADES, L2L)")),
+    ("attack", "--clamp-start", "t", dict(action=argparse.BooleanOptionalAction, default=None, help="fast-at: clamp "
+            "the random start to [0,1] (CIFAR10/train_fgsm.py) or not (MNIST/train_mnist.py)")),
+    ("learned", "--rnn-design", "tm", dict(default="sign-step", choices=("sign-step", "lstm"), help="SignStepRNN "
+            "(starts as PGD) or LSTMOptimizer (Andrychowicz et al.)")),
+    ("learned", "--rnn-weights", "t", dict(default="uniform", choices=("uniform", "last", "linear"), help="w_t of the "
+            "iterates in phi's objective")),
     ("learned", "--rnn-objective", "t", dict(default="loss", choices=("loss", "per-example"), help="phi ascends the "
-            "inner loss (loss) or every example's loss scaled by its gradient's mean magnitude (per-example)")),
-    ("learned", "--freeze-classifier", "t", dict(action="store_true", help="rnn-* and l2l-*: train only the learned "
-            "optimiser or attacker against a fixed classifier (from --init)")),
-    ("learned", "--rnn-eval-steps", "e", dict(type=COUNT, default=None, help="steps of the 'rnn' eval attack "
+            "loss, or each example's loss over its gradient's mean magnitude")),
+    ("learned", "--rnn-eval-steps", "e", dict(type=COUNT, default=None, help="steps of the rnn eval attack "
             "(default: T)")),
-    ("learned", "--rnn-progress", "e", dict(default="attack", choices=("attack", "training"), help="the optimiser's "
-            "step feature t/T counts T as the running attack's steps (attack) or the training --steps (training)")),
-    ("learned", "--l2l-attacker", "tm", dict(default="slim", choices=("slim", "wide"), help="slim: the poster's "
-            "architecture; wide: the released scripts' WideAttacker")),
-    ("learned", "--l2l-width", "tm", dict(type=COUNT, default=128, help="attacker channels (slim: W, 2W, W; wide: "
-            "W/2 .. 2W); 128 is the paper's")),
+    ("learned", "--l2l-attacker", "tm", dict(default="slim", choices=("slim", "wide"), help="the poster's network or "
+            "the released scripts' WideAttacker")),
+    ("learned", "--l2l-width", "tm", dict(type=COUNT, default=128, help="attacker channels W (the paper's: 128)")),
     ("learned", "--l2l-steps", "tm", dict(type=COUNT, default=2, help="l2l-2step: attacker applications K")),
-    ("learned", "--l2l-step-size", "tm", dict(type=POSITIVE_NUMBER, default=None, help="l2l-2step: scale each step "
-            "by STEP/eps (adv_loss.py's k-step variant, 0.007); default: unscaled steps (the poster's 2-step L2L)")),
+    ("learned", "--l2l-step-size", "tm", dict(type=POSITIVE_NUMBER, default=None, help="l2l-2step: adv_loss.py's "
+            "k-step variant with this step (0.007); default: the poster's unscaled steps")),
     ("learned", "--attacker-steps", "t", dict(type=COUNT, default=1, help="attacker updates per classifier update")),
     ("eval", "--eval-attacks", "e", dict(default="fgsm,pgd,cw,aa", help="comma list from: {attacks}; aa = "
-            "AutoAttack's standard version, the yardstick for robust accuracy")),
-    ("eval", "--eval-steps", "e", dict(type=NONNEGATIVE_INT, default=None, help="PGD/CW steps (default: 20, MNIST "
-            "40)")),
-    ("eval", "--eval-step-size", "e", dict(type=NONNEGATIVE_NUMBER, default=None, help="PGD/CW step (default: "
-            "eps/4, MNIST 0.01)")),
+            "AutoAttack's standard version, the yardstick")),
+    ("eval", "--eval-steps", "e", dict(type=NONNEGATIVE_INT, default=None, help="PGD/CW steps (default: 20, MNIST 40)")),
+    ("eval", "--eval-step-size", "e", dict(type=NONNEGATIVE_NUMBER, default=None, help="PGD/CW step (default: eps/4, "
+            "MNIST 0.01)")),
     ("eval", "--eval-restarts", "e", dict(type=COUNT, default=1, help="random restarts of PGD/CW")),
-    ("eval", "--eval-batch-size", "e", dict(type=COUNT, default=500, help="batch of the validation and test "
-            "attacks, and of AutoAttack's chunks")),
-    ("eval", "--transfer-from", "e", dict(default=None, metavar="CKPT", help="source checkpoint of the 'transfer' "
-            "evaluation attack")),
+    ("eval", "--eval-batch-size", "e", dict(type=COUNT, default=500, help="batch of evaluation and validation")),
+    ("eval", "--transfer-from", "e", dict(default=None, metavar="CKPT", help="source model of the transfer attack")),
     ("eval", "--apgd-steps", "e", dict(type=COUNT, default=100, help="iterations of apgd-ce and apgd-t")),
     ("eval", "--apgd-targets", "e", dict(type=COUNT, default=9, help="target classes of apgd-t")),
     ("eval", "--fab-steps", "e", dict(type=COUNT, default=100, help="iterations of fab-t per target")),
     ("eval", "--fab-targets", "e", dict(type=COUNT, default=9, help="target classes of fab-t")),
     ("eval", "--square-queries", "e", dict(type=COUNT, default=5000, help="queries of square")),
-    ("eval", "--val-steps", "t", dict(type=NONNEGATIVE_INT, default=10, help="PGD steps of the per-epoch "
-            "validation attack")),
+    ("eval", "--val-steps", "t", dict(type=NONNEGATIVE_INT, default=10, help="PGD steps of the per-epoch validation")),
     ("eval", "--val-step-size", "t", dict(type=POSITIVE_NUMBER, default=None, help="its step (default: 2.5 eps / "
             "--val-steps, Madry et al.'s rule)")),
-    ("eval", "--val-restarts", "t", dict(type=COUNT, default=1, help="its random restarts (Fast-BAT selects on "
-            "PGD-50-10, step eps/4)")),
-    ("speed", "--precision", "", dict(default="fp32", choices=("fp32", "bf16"), help="training and its attacks "
-            "under bf16 autocast (meant for CUDA; no loss scaling)")),
-    ("speed", "--eval-precision", "e", dict(default="fp32", choices=("fp32", "bf16"), help="precision of the "
-            "validation and test attacks")),
-    ("speed", "--channels-last", "e", dict(action="store_true", help="NHWC memory format for networks and batches")),
-    ("speed", "--compile", "e", dict(action="store_true", help="torch.compile the networks, static shapes "
-            "(fast-bat, fast-at-ga stay eager)")),
-    ("speed", "--sync-bn", "", dict(action="store_true", help="under torchrun: BatchNorm statistics over all ranks")),
-    ("speed", "--benchmark", "", dict(action="store_true", help="time --bench-steps training steps on synthetic "
-            "data and print img/s, s/epoch and memory; trains nothing, writes nothing")),
+    ("eval", "--val-restarts", "t", dict(type=COUNT, default=1, help="its random restarts")),
+    ("speed", "--precision", "", dict(default="fp32", choices=("fp32", "bf16"), help="training under bf16 autocast "
+            "(evaluation stays fp32)")),
+    ("speed", "--channels-last", "e", dict(action="store_true", help="NHWC memory format")),
+    ("speed", "--compile", "e", dict(action="store_true", help="torch.compile the networks (fast-bat, fast-at-ga "
+            "stay eager)")),
+    ("speed", "--benchmark", "", dict(action="store_true", help="time training steps on synthetic data; writes "
+            "nothing")),
     ("speed", "--bench-steps", "", dict(type=COUNT, default=20, help="timed steps of --benchmark")),
-    ("speed", "--bench-warmup", "", dict(type=NONNEGATIVE_INT, default=5, help="untimed steps first (compilation "
-            "and cudnn autotuning happen here; keep >= 2 with --compile)")),
+    ("speed", "--bench-warmup", "", dict(type=NONNEGATIVE_INT, default=5, help="untimed steps first (>= 2 with "
+            "--compile)")),
 )
 KEYS = {where: tuple(flag[2:].replace("-", "_") for _, flag, w, _ in FLAGS if where in w) for where in "tme"}
 
@@ -1723,19 +1680,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description="Adversarial training with hand-designed and learned attackers.", allow_abbrev=False,
                       formatter_class=HelpFormatter)
     groups = {key: p.add_argument_group(title) for key, title in FLAG_GROUPS.items()}
-    names = dict(methods=", ".join(METHODS), datasets=", ".join(DATASETS), models=", ".join(MODELS),
-                 attacks=", ".join(EVAL_ATTACKS))
+    names = dict(methods=", ".join(METHODS), datasets=", ".join(DATASETS), attacks=", ".join(EVAL_ATTACKS))
+    choices = {"--method": list(METHODS), "--dataset": list(DATASETS)}
     for group, flag, _, keywords in FLAGS:
-        groups[group].add_argument(flag, **dict(keywords, help=keywords["help"].format(**names)))
+        groups[group].add_argument(flag, **dict(keywords, help=keywords["help"].format(**names)),
+                                   **({"choices": choices[flag]} if flag in choices else {}))
     return p
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the per-method, per-dataset defaults and check what no flag's type can check alone. Raises UsageError."""
-    if args.method not in METHODS:
-        raise UsageError(f"unknown --method '{args.method}'; choose one of: {', '.join(METHODS)}")
-    if args.dataset not in DATASETS:
-        raise UsageError(f"unknown --dataset '{args.dataset}'; choose one of: {', '.join(DATASETS)}")
     spec = DATASETS[args.dataset]
     recipe = dict(COMMON_DEFAULTS, **METHOD_DEFAULTS[args.method]["mnist" if args.dataset == "mnist" else "cifar"])
     args.eps = spec["eps"] if args.eps is None else args.eps
@@ -1749,47 +1703,20 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, default(args, recipe, spec))
     args.input_mean = None
-    if args.normalize == "none":
-        if args.input_std is not None:
-            raise UsageError("--input-std sets the std of --normalize mean-std; add --normalize mean-std or drop it")
-    else:
-        if args.input_std is None:
-            args.input_std = recipe.get("cifar10_std") if args.dataset == "cifar10" else None
-            args.input_std = list(args.input_std or spec["std"])
-        elif isinstance(args.input_std, str):
-            try:
-                args.input_std = [float(v) for v in args.input_std.split(",")]
-            except ValueError:
-                raise UsageError(f"--input-std {args.input_std} is not a comma list of numbers, e.g. 0.2471,0.2435,0.2616")
-        if len(args.input_std) != spec["shape"][0] or not all(v > 0 and math.isfinite(v) for v in args.input_std):
-            raise UsageError(f"--input-std needs {spec['shape'][0]} positive numbers for {args.dataset} (one per "
-                             f"channel), got {args.input_std}")
+    if args.normalize == "mean-std":
         args.input_mean = list(spec["mean"])
-    learned = ("rnn-adv", "rnn-trades", *L2L_VARIANTS)
-    if args.freeze_classifier and args.method not in learned:
-        raise UsageError(f"--freeze-classifier trains only a learned optimiser or attacker, and --method {args.method} "
-                         f"has none; use an rnn-* or l2l-* method")
-    if args.freeze_classifier and not (args.init or args.resume or args.eval_only):
-        raise UsageError("--freeze-classifier keeps the classifier fixed, and without --init CKPT it would be a random "
-                         "one; pass --init with a trained checkpoint")
+        args.input_std = list(args.input_std or (recipe.get("cifar10_std") if args.dataset == "cifar10" else None)
+                              or spec["std"])
+        if len(args.input_std) != spec["shape"][0] or min(args.input_std) <= 0:
+            raise UsageError(f"--input-std needs {spec['shape'][0]} positive numbers for {args.dataset}, one per "
+                             f"channel; got {args.input_std}")
+    elif args.input_std is not None:
+        raise UsageError("--input-std sets the std of --normalize mean-std; add --normalize mean-std or drop it")
     if args.method in ("rnn-adv", "rnn-trades") and args.steps < 1:
         raise UsageError(f"--steps {args.steps}: {args.method} needs at least one inner step")
-    if args.model not in MODELS:
-        raise UsageError(f"unknown --model '{args.model}'; choose one of: {', '.join(MODELS)}")
-    try:
-        milestones = args.lr_milestones
-        milestones = [m for m in milestones.split(",") if m.strip()] if isinstance(milestones, str) else milestones
-        args.lr_milestones = [float(m) for m in milestones]
-    except ValueError:
-        raise UsageError(f"--lr-milestones '{args.lr_milestones}' is not a comma list of epochs, e.g. 100,150")
-    if not all(math.isfinite(m) and m > 0 for m in args.lr_milestones):
-        raise UsageError(f"--lr-milestones {args.lr_milestones}: each milestone must be a positive epoch, e.g. 100,150")
+    args.lr_milestones = [float(m) for m in args.lr_milestones]
     if args.optimizer == "adam":
         args.cycle_momentum = False  # Adam has no SGD momentum to cycle
-    if args.lr_schedule == "cyclic" and args.cycle_momentum and args.momentum < CYCLIC_PEAK_MOMENTUM:
-        raise UsageError(f"--momentum {args.momentum:g} with the cyclic schedule: CyclicLR cycles momentum from "
-                         f"--momentum at lr 0 to {CYCLIC_PEAK_MOMENTUM} at the peak, so it would rise with the lr; pass "
-                         f"--no-cycle-momentum for a fixed momentum, or --momentum {CYCLIC_PEAK_MOMENTUM} or more")
     if not 0 < args.lr_peak_epoch <= args.epochs:
         raise UsageError(f"--lr-peak-epoch {args.lr_peak_epoch:g} is outside (0, --epochs {args.epochs}]")
     uses_step = ("pgd-at", "trades", "fast-at", "fast-at-ga", "rnn-adv", "rnn-trades")
@@ -1798,14 +1725,6 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
                          f"--step-size 2/255 (or --steps 0 for no attack)")
     if args.eval_step_size == 0 and args.eval_steps > 0:
         raise UsageError("--eval-step-size 0: the pgd and cw evaluation attacks would not move; give a positive step")
-    per_process = min(args.batch_size, args.train_size or args.batch_size) // int(os.environ.get("WORLD_SIZE", "1"))
-    if (args.model not in ("smallcnn", "mnistnet") or args.method in L2L_VARIANTS) and per_process < 2 \
-            and not args.eval_only:
-        raise UsageError(f"--batch-size {args.batch_size} gives batches of {per_process} example per process, and "
-                         f"BatchNorm (in the {'L2L attacker' if args.model in ('smallcnn', 'mnistnet') else args.model})"
-                         f" needs at least 2 to estimate its statistics; use --batch-size 2 or more")
-    if args.model == "wrn" and (args.depth < 10 or (args.depth - 4) % 6 != 0):
-        raise UsageError(f"--depth {args.depth} is not a WideResNet depth (6n+4, e.g. 16, 28, 34)")
     names = [a.strip() for a in args.eval_attacks.split(",") if a.strip()]
     unknown = [a for a in names if a not in EVAL_ATTACKS]
     if unknown or not names or len(set(names)) < len(names):
@@ -1821,25 +1740,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise UsageError("--eval-attacks transfer and --transfer-from CKPT go together; give both or neither")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but torch sees no CUDA device; use --device cpu or auto")
-    args.paper = parse_paper_numbers(args.paper)
     args.out = args.out or os.path.join("runs", f"{args.method}_{args.dataset}")
     return args
-
-
-def parse_paper_numbers(text) -> Optional[dict]:
-    """--paper 'clean=86.06,pgd=46.06' -> {'clean': 86.06, 'pgd': 46.06}: keys clean, worst_case or an attack."""
-    if text is None or isinstance(text, dict):
-        return text
-    numbers = {}
-    for item in text.split(","):
-        key, _, value = item.partition("=")
-        if key not in ("clean", "worst_case", *EVAL_ATTACKS):
-            raise UsageError(f"--paper '{item}': '{key}' is not clean, worst_case or an attack name")
-        try:
-            numbers[key] = float(value)
-        except ValueError:
-            raise UsageError(f"--paper '{item}': '{value}' is not a number; write e.g. clean=86.06,pgd=46.06")
-    return numbers
 
 
 def device_name(device: torch.device) -> str:
@@ -1848,8 +1750,8 @@ def device_name(device: torch.device) -> str:
 
 
 # ================================================================================================
-# Data: whole datasets as uint8 tensors on the training device; batches by randperm; augmentation
-# on the device (airbench-style), no DataLoader workers.
+# Data: whole datasets as uint8 tensors on the training device, batches by randperm, augmentation on
+# the device (airbench-style, no DataLoader workers); models by name; checkpoints.
 # ================================================================================================
 
 
@@ -1892,48 +1794,29 @@ def load_arrays(name: str, data_dir: str) -> Dict[str, torch.Tensor]:
         except OSError as e:
             print(f"note: could not write the cache {cache} ({e.strerror}); continuing without it", file=sys.stderr)
     c, h, w = spec["shape"]
-    for split in ("train", "test"):
-        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        if x.dtype != torch.uint8 or tuple(x.shape[1:]) != (h, w, c) or y.shape != x.shape[:1] or \
-                y.is_floating_point() or (y.numel() and not 0 <= int(y.min()) <= int(y.max()) < spec["classes"]):
-            raise UsageError(f"{cache}: x_{split} is {tuple(x.shape)} {x.dtype} with labels {y.dtype}, expected "
-                             f"N x {h} x {w} x {c} uint8 and as many integer labels in 0..{spec['classes'] - 1}; "
-                             f"delete it and rerun to rebuild it")
-        arrays[f"y_{split}"] = y.long()
-    return arrays
+    if any(arrays[f"x_{s}"].dtype != torch.uint8 or tuple(arrays[f"x_{s}"].shape[1:]) != (h, w, c) for s in ("train", "test")):
+        raise UsageError(f"{cache} does not hold N x {h} x {w} x {c} uint8 images; delete it and rerun to rebuild it")
+    return {k: v.long() if k.startswith("y") else v for k, v in arrays.items()}
 
 
-@dataclass
-class Data:
-    """Train / validation / test splits as uint8 N x C x H x W tensors and int64 labels on one device."""
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
+# Train / validation / test splits as uint8 N x C x H x W tensors and int64 labels on one device.
+Data = namedtuple("Data", "x_train y_train x_val y_val x_test y_test")
 
 
 def load_data(args, device: torch.device, test_only: bool = False) -> Data:
-    """Split: validation = the last --val-size training examples (Fast-BAT's choice of the last 10%),
-    train = the first --train-size of the rest, test = the first --test-size test examples.
-    Checkpoints are chosen on validation only; the test set is touched only by the final evaluation."""
+    """Validation = the last --val-size training examples (Fast-BAT's choice of the last 10%), train = the first
+    --train-size of the rest, test = the first --test-size test examples. Checkpoints are chosen on validation; the
+    test set is touched only by the final evaluation, and --eval-only (test_only) uses no training example."""
     arrays = load_arrays(args.dataset, args.data_dir)
-    n = arrays["x_train"].shape[0]
-    val_size = 0 if test_only else args.val_size  # --eval-only uses no part of the training set
+    n, n_test = arrays["x_train"].shape[0], arrays["x_test"].shape[0]
+    val_size = 0 if test_only else args.val_size
     n_train = 0 if test_only else n - val_size if args.train_size is None else args.train_size
     if not test_only and (val_size >= n or n_train + val_size > n):
         raise UsageError(f"--train-size {n_train} plus --val-size {args.val_size} exceed the {n} training "
                          f"examples of {args.dataset} (or leave none to train on); lower one of them")
-    n_test = arrays["x_test"].shape[0]
     if n_test == 0:
         raise UsageError(f"the test split of {args.dataset} in --data-dir {args.data_dir} is empty")
-    if args.test_size is not None and args.test_size > n_test:
-        if dist_world()[0] == 0:
-            print(f"note: --test-size {args.test_size} is more than the {n_test} test examples of {args.dataset}; "
-                  f"evaluating on all {n_test}", file=sys.stderr)
-        args.test_size = n_test
-    n_test = n_test if args.test_size is None else args.test_size
+    n_test = min(n_test, args.test_size or n_test)
 
     def dev(x):  # N x H x W x C uint8 on the host -> N x C x H x W uint8 on the device
         return x.permute(0, 3, 1, 2).contiguous().to(device)
@@ -1949,10 +1832,10 @@ def to_float(x_uint8: torch.Tensor, fmt: torch.memory_format = torch.preserve_fo
 
 
 def augment(x: torch.Tensor, mode: str, gen: torch.Generator, pad: str = "zero") -> torch.Tensor:
-    """Random crop with padding 4 (zeros, or with pad="reflect" the mirrored border as Rice et al.'s utils.pad), then
-    (for 'crop-flip' and 'crop-flip-rotate') horizontal flip, then (for 'crop-flip-rotate') rotation by an angle drawn uniformly from [-15, 15] degrees about the centre, nearest
-    pixel, zero fill: torchvision's RandomCrop(32, 4), RandomHorizontalFlip(), RandomRotation(15) in that order,
-    as Fast-BAT's CIFAR-100 loader. On the device, per image."""
+    """Per image, on the device: a random crop with padding 4 (zeros, or the mirrored border as Rice et al.'s
+    utils.pad), then a horizontal flip ('crop-flip', 'crop-flip-rotate'), then a rotation by U(-15, 15) degrees about
+    the centre, nearest pixel, zero fill ('crop-flip-rotate'): torchvision's RandomCrop(32, 4),
+    RandomHorizontalFlip(), RandomRotation(15) in that order, as Fast-BAT's CIFAR-100 loader."""
     if mode == "none":
         return x
     n, c, h, w = x.shape
@@ -1977,17 +1860,15 @@ def augment(x: torch.Tensor, mode: str, gen: torch.Generator, pad: str = "zero")
 
 
 def batches_per_epoch(n: int, batch_size: int, drop_last: bool = False, min_last: int = 2) -> int:
-    """Batches of an epoch of n examples: the full ones, and the last partial one unless drop_last, or unless it
-    has fewer than min_last examples (one example gives BatchNorm no batch statistics; under data parallelism every
-    process needs a share)."""
+    """The full batches of n examples and the last partial one, as the official DataLoaders keep it, unless
+    drop_last or it has fewer than min_last examples (one gives BatchNorm no statistics; every process needs one)."""
     bs = min(batch_size, n)
     return n // bs + (0 if drop_last or n % bs < max(min_last, 1) else 1)
 
 
 def train_batches(data: Data, batch_size: int, mode: str, gen: torch.Generator, drop_last: bool = False,
                   pad: str = "zero", min_last: int = 2):
-    """One epoch of (x, y) float batches in [0,1]: a fresh randperm, the last partial batch kept as the official
-    DataLoaders keep it (batches_per_epoch), augmentation on the device."""
+    """One epoch of augmented (x, y) float batches in [0,1] in the order of a fresh randperm."""
     n = data.x_train.shape[0]
     bs = min(batch_size, n)
     perm = torch.randperm(n, device=data.x_train.device, generator=gen)
@@ -1996,15 +1877,9 @@ def train_batches(data: Data, batch_size: int, mode: str, gen: torch.Generator, 
         yield augment(to_float(data.x_train[idx]), mode, gen, pad), data.y_train[idx]
 
 
-# ================================================================================================
-# Models by name, and checkpoints.
-# ================================================================================================
-
-
 def build_model(name: str, dataset: str, depth: int = 34, width: int = 10, mean=None, std=None,
                 preact_shortcut: str = "input") -> nn.Module:
-    """Normalize(mean, std) followed by the named network, sized for the dataset's channels and classes; without mean
-    and std the first layer is the identity (mean 0, std 1). Checkpoints carry the layer's mean and std."""
+    """Normalize(mean, std) (the identity without them) followed by the named network, sized for the dataset."""
     c, h, _ = DATASETS[dataset]["shape"]
     k = DATASETS[dataset]["classes"]
     net = {"smallcnn": lambda: SmallCNN(c, k, h), "mnistnet": lambda: MNISTNet(c, k, h), "vgg16": lambda: VGG16(c, k),
@@ -2017,18 +1892,14 @@ CHECKPOINT_FORMAT = "l2l-checkpoint-3"
 
 
 def read_checkpoint(path: str, what: str) -> dict:
-    """torch.load (tensors and plain values only) with a one-line UsageError for a missing, unreadable or foreign
-    file."""
+    """torch.load (tensors and plain values only), with a one-line UsageError for a missing or foreign file."""
     if not os.path.isfile(path):
         raise UsageError(f"{what} {path}: no such file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch's own messages name its internals (a bare "105", miniz): say what the file is
-        with open(path, "rb") as f:
-            zipped = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
-        reason = ("no torch.save archive" if not zipped else "it holds objects beyond tensors and plain values, "
-                  "which are not loaded" if "weights only" in str(e).lower() else "a damaged or truncated archive")
-        raise UsageError(f"{what} {path} is not a readable checkpoint ({reason}); pass a .pt written by l2l.py")
+    except Exception as e:  # not a torch.save archive, a damaged one, or objects beyond tensors and plain values
+        raise UsageError(f"{what} {path} is not a readable checkpoint ({type(e).__name__}); pass a .pt written by "
+                         f"l2l.py")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or \
             not all(k in ckpt for k in ("args", "model", "epoch", "run_id")):
         raise UsageError(f"{what} {path} is not a checkpoint of this l2l.py (no complete '{CHECKPOINT_FORMAT}'); "
@@ -2093,12 +1964,6 @@ def max_over_ranks(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def l2l_attack(args, attacker, model, x, y, batch_max=None):
-    """l2l_perturb with the run's flags (variant by --method and --l2l-step-size, --l2l-steps)."""
-    return l2l_perturb(attacker, model, x, y, args.eps, l2l_variant(args), args.l2l_steps, args.l2l_step_size,
-                       batch_max)
-
-
 def l2l_variant(a) -> str:
     """naive, grad, multi, or (l2l-2step with --l2l-step-size) adv_loss.py's k-step variant."""
     return "k-step" if L2L_VARIANTS[a.method] == "multi" and a.l2l_step_size is not None else L2L_VARIANTS[a.method]
@@ -2106,36 +1971,14 @@ def l2l_variant(a) -> str:
 
 def rnn_run_attack(args, rnn, model, x, y, steps, learn):
     """m_phi's attack with the run's flags and the method's inner loss (RNN-Adv: CE; RNN-TRADES: KL to the clean
-    output), for `steps` steps (evaluation: --rnn-eval-steps, with --rnn-progress choosing the step feature)."""
+    output), for `steps` steps (evaluation: --rnn-eval-steps; the step feature t/T counts T = `steps`)."""
     logp_clean = None
     if args.method == "rnn-trades":
         with torch.no_grad():
             logp_clean = F.log_softmax(model(x), 1)
     return rnn_attack(rnn, model, x, y, args.eps, steps, args.step_size, args.attack_start, logp_clean,
-                      args.rnn_weights, learn, horizon=steps if args.rnn_progress == "attack" else args.steps,
+                      args.rnn_weights, learn, horizon=steps,
                       per_example=args.rnn_objective == "per-example")
-
-
-def frozen_l2l_step(model, optimizer, attacker, attacker_optimizer, x, y, **keywords):
-    """--freeze-classifier for L2L: step 1 only reports the loss (classifier and attacker in eval mode, no update),
-    then l2l_attacker_step: phi learns to attack a fixed classifier (start it from a checkpoint with --init)."""
-    with torch.no_grad(), ModelMode(model, "eval"), ModelMode(attacker, "eval"):
-        x_adv = l2l_perturb(attacker, model, x, y, keywords["eps"], keywords["variant"], keywords["steps"],
-                            keywords["step_size"], keywords["batch_max"])
-        logits = model(x_adv)
-        loss = F.cross_entropy(logits, y)
-    l2l_attacker_step(model, attacker, attacker_optimizer, x, y, **keywords)
-    return loss, (logits.argmax(1) == y).sum()
-
-
-def frozen_rnn_step(model, optimizer, rnn, rnn_optimizer, x, y, beta=None, **keywords):
-    """--freeze-classifier for RNN-Adv / RNN-TRADES: steps 1-2 (phi learns), step 3 only reports the loss in eval
-    mode: phi learns to attack a fixed classifier (start it from a checkpoint with --init)."""
-    x_adv = rnn_optimizer_step(model, rnn, rnn_optimizer, x, y, trades=beta is not None, **keywords)
-    with ModelMode(model, "eval"), torch.no_grad():
-        logits = model(x_adv)
-        loss = F.cross_entropy(logits, y) if beta is None else trades_loss(model(x), logits, y, beta)
-    return loss, (logits.argmax(1) == y).sum()
 
 
 def attack_keywords(a) -> dict:
@@ -2159,7 +2002,6 @@ class Method:
     keywords: Callable = lambda a: {}  # flags -> the step's keyword arguments
     networks: tuple = ()  # the learned networks and optimisers (keys of Run.extras) the step takes before x, y
     setup: Optional[Callable] = None  # setup(args, device) -> those extras
-    frozen_step: Optional[Callable] = None  # the step under --freeze-classifier
 
 
 METHODS: Dict[str, Method] = {
@@ -2175,58 +2017,29 @@ METHODS: Dict[str, Method] = {
     "pgd-at-bls": Method(pgd_at_bls_step, "Xiong & Hsieh 2020, Table 1 AdvTrain+BLS",
                          lambda a: dict(eps=a.eps, steps=a.steps, start=a.attack_start, attack_bn=a.attack_bn)),
     "rnn-adv": Method(rnn_adv_step, "Xiong & Hsieh 2020, Algorithm 1 with PGD-AT's loss", rnn_keywords,
-                      ("rnn", "rnn_opt"), setup_rnn, frozen_rnn_step),
+                      ("rnn", "rnn_opt"), setup_rnn),
     "rnn-trades": Method(rnn_trades_step, "Xiong & Hsieh 2020, Algorithm 1 with TRADES' loss",
-                         lambda a: dict(rnn_keywords(a), beta=a.beta), ("rnn", "rnn_opt"), setup_rnn, frozen_rnn_step),
+                         lambda a: dict(rnn_keywords(a), beta=a.beta), ("rnn", "rnn_opt"), setup_rnn),
 }
 for _name, _paper in (("l2l-naive", "naive L2L"), ("l2l-grad", "gradient L2L"),
                       ("l2l-2step", "multi-step gradient L2L")):
     METHODS[_name] = Method(l2l_step, f"Jiang et al. 2021, {_paper}", l2l_keywords, ("attacker", "attacker_opt"),
-                            setup_l2l, frozen_l2l_step)
+                            setup_l2l)
 
 
 def method_step(run: Run, x, y):
     """The method's training step on (x, y), its networks and flags taken from the run."""
     method = METHODS[run.args.method]
-    step = method.frozen_step if run.args.freeze_classifier else method.step
-    return step(run.model, run.optimizer, *[run.extras[k] for k in method.networks], x, y, **method.keywords(run.args))
-
-
-# Flags that only some methods read (the prefix of the flag's name -> those methods); results.json records a flag
-# only for a method that reads it (checkpoints keep every flag, for --resume and --eval-only).
-METHOD_FLAGS = {"rnn_": ("rnn-adv", "rnn-trades"), "freeze_classifier": ("rnn-adv", "rnn-trades", *L2L_VARIANTS),
-                "l2l_": tuple(L2L_VARIANTS), "attacker_": tuple(L2L_VARIANTS), "beta": ("trades", "rnn-trades"),
-                "steps": tuple(m for m in METHODS if m not in ("plain", "fast-at", "fast-at-ga", "fast-bat",
-                                                                 *L2L_VARIANTS)),
-                "step_size": ("pgd-at", "trades", "fast-at", "fast-at-ga", "rnn-adv", "rnn-trades"),
-                "attack_bn": tuple(m for m in METHODS if m != "plain" and m not in L2L_VARIANTS),
-                "attack_start": ("pgd-at", "pgd-at-bls", "trades", "rnn-adv", "rnn-trades"),
-                "clamp_start": ("fast-at",)}
-
-
-def used_flags(args) -> dict:
-    """The run's flags without those its method does not read (METHOD_FLAGS), for results.json."""
-    def used(key):
-        owners = [methods for prefix, methods in METHOD_FLAGS.items()
-                  if key == prefix or (prefix.endswith("_") and key.startswith(prefix))]
-        return not owners or args.method in owners[0]
-    return {k: v for k, v in vars(args).items() if used(k)}
+    return method.step(run.model, run.optimizer, *[run.extras[k] for k in method.networks], x, y, **method.keywords(run.args))
 
 
 # ================================================================================================
-# Speed and scale. None of this changes an algorithm above: every trainer is called as written, on
-# its share of the batch, under the precision asked for; gradients are averaged across processes
-# just before each optimiser step, which is all data parallelism adds.
+# Speed and scale. None of this changes an algorithm: every trainer runs as written, on its share
+# of the batch, in the precision asked for; gradients are averaged across processes before a step.
 # ================================================================================================
 
 # Methods that differentiate through a backward pass (create_graph): torch.compile cannot, so they run eager.
 DOUBLE_BACKWARD = ("fast-bat", "fast-at-ga")
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast (convolutions and matmuls in bf16, losses and softmax in fp32; bf16 has fp32's range, so
-    no loss scaling and the double backward of Fast-BAT and GradAlign need nothing special), or nothing."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def memory_format(args) -> torch.memory_format:
@@ -2234,24 +2047,23 @@ def memory_format(args) -> torch.memory_format:
 
 
 def training_step(run: Run, x, y):
-    """One minibatch of the method: under torchrun this rank's shard of the global batch (x, y), in the chosen
-    memory format and precision. Returns the trainer's (loss, number correct) for the shard. The shards of an
-    epoch's last partial batch can differ by one example; their gradients are still averaged with equal weights."""
+    """One minibatch of the method (under torchrun this rank's shard of the global batch) in the chosen memory format
+    and precision: the trainer's (loss, number correct). Shards of a last partial batch may differ by one example."""
     rank, world = dist_world()
     if world > 1:
         x, y = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
     x = x.contiguous(memory_format=memory_format(run.args))
-    with autocast(x.device, run.args.precision):
+    # bf16 autocast: convolutions and matmuls in bf16, losses and softmax in fp32; bf16 has fp32's range, so no loss
+    # scaling, and the double backward of Fast-BAT and GradAlign needs nothing special
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=run.args.precision == "bf16"):
         return method_step(run, x, y)
 
 
 def compile_networks(run: Run) -> None:
-    """--compile: the classifier and the learned networks under torch.compile with static shapes, in place
-    (nn.Module.compile keeps the state_dict keys, so checkpoints are unchanged). Fast-BAT and GradAlign
-    differentiate twice, which torch.compile cannot: they stay eager."""
+    """--compile: every network under torch.compile, static shapes, in place (state_dict keys unchanged)."""
     if run.args.method in DOUBLE_BACKWARD:
-        print(f"note: --compile skipped: {run.args.method} backpropagates through a gradient (create_graph), "
-              f"which torch.compile does not support; running eager", file=sys.stderr)
+        print(f"note: --compile skipped: {run.args.method} backpropagates through a gradient, which torch.compile "
+              f"does not support; running eager", file=sys.stderr)
         run.args.compile = False  # logs and results.json say what ran
         return
     for net in run.networks():
@@ -2278,20 +2090,16 @@ def setup_distributed(args) -> torch.device:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    elif args.sync_bn:
-        raise UsageError("--sync-bn needs GPUs (torch's SyncBatchNorm does not run on CPU); drop it")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device
 
 
 def make_data_parallel(run: Run) -> None:
-    """Data parallelism over torchrun's processes for every network of the run. torch's DistributedDataParallel
-    wrapper cannot serve these algorithms: it reduces gradients only as backward() accumulates them, while L2L, the
-    RNN optimiser and Fast-BAT take torch.autograd.grad, several backward passes or a double backward per step. So,
-    with the same effect: rank 0's weights are broadcast once, and every optimiser averages its parameters'
-    gradients (and its networks' BatchNorm running statistics) over ranks just before it steps, in one all-reduce;
-    --sync-bn makes the batch statistics themselves global."""
+    """Data parallelism over torchrun's processes. DistributedDataParallel reduces gradients only as backward()
+    accumulates them, while L2L, the RNN optimiser and Fast-BAT use torch.autograd.grad or a double backward; so, to
+    the same effect, rank 0's weights are broadcast once and every optimiser averages its gradients (and its
+    networks' BatchNorm running statistics) over ranks in one all-reduce just before it steps."""
     if dist_world()[1] == 1:
         return
     nets = run.networks()
@@ -2342,17 +2150,6 @@ def all_reduce_sum(values: list, device: torch.device) -> list:
     return t.tolist()
 
 
-def ranks_agree(run: Run) -> bool:
-    """True when every network's parameters are bitwise equal on all ranks (a check that synchronisation held)."""
-    if dist_world()[1] == 1:
-        return True
-    flat = torch.cat([p.detach().reshape(-1).double() for net in run.networks() for p in net.parameters()])
-    low, high = flat.clone(), flat.clone()
-    dist.all_reduce(low, op=dist.ReduceOp.MIN)
-    dist.all_reduce(high, op=dist.ReduceOp.MAX)
-    return bool(torch.equal(low, high))
-
-
 class Ticker:
     """A progress line for a loop of `total` units: at most one every `every` seconds, with the rate and the time
     left. Counting units reads no device value, so it forces no host-device synchronisation."""
@@ -2377,71 +2174,57 @@ class Ticker:
 # ================================================================================================
 
 
-@dataclass
-class EvalAttack:
-    """An evaluation attack: run(model, x, y, args, extras) -> x_adv, and its protocol for the report."""
-    run: Callable
-    protocol: Callable  # args -> dict(steps, step_size, restarts, loss, random_start)
+# An evaluation attack: run(model, x, y, args, extras) -> x_adv, and protocol(args) -> dict for the results.
+EvalAttack = namedtuple("EvalAttack", "run protocol")
+
+
+def protocol(loss: str, steps, step_size, restarts=1, random_start=True, **more) -> dict:
+    return dict(loss=loss, steps=steps, step_size=step_size, restarts=restarts, random_start=random_start, **more)
 
 
 EVAL_ATTACKS: Dict[str, EvalAttack] = {
-    "fgsm": EvalAttack(lambda m, x, y, a, e: fgsm(m, x, y, a.eps),
-                       lambda a: dict(loss="ce", steps=1, step_size=a.eps, restarts=1, random_start=False)),
-    # PGD keeps, per example, any iterate that fools the model (keep_fooling): never weaker than the last iterate.
+    "fgsm": EvalAttack(lambda m, x, y, a, e: fgsm(m, x, y, a.eps), lambda a: protocol("ce", 1, a.eps, 1, False)),
+    # PGD and CW keep, per example, any iterate that fools the model (keep_fooling): never weaker than the last one.
     "pgd": EvalAttack(lambda m, x, y, a, e: pgd(m, x, y, a.eps, a.eval_step_size, a.eval_steps, a.eval_restarts, "ce",
                                                 keep_fooling=True),
-                      lambda a: dict(loss="ce", steps=a.eval_steps, step_size=a.eval_step_size,
-                                     restarts=a.eval_restarts, random_start=True)),
+                      lambda a: protocol("ce", a.eval_steps, a.eval_step_size, a.eval_restarts)),
     "cw": EvalAttack(lambda m, x, y, a, e: pgd(m, x, y, a.eps, a.eval_step_size, a.eval_steps, a.eval_restarts, "cw",
                                                keep_fooling=True),
-                     lambda a: dict(loss="cw margin (PGD under l_inf, not CW-L2)", steps=a.eval_steps,
-                                    step_size=a.eval_step_size, restarts=a.eval_restarts, random_start=True)),
+                     lambda a: protocol("cw margin (PGD under l_inf, not CW-L2)", a.eval_steps, a.eval_step_size,
+                                        a.eval_restarts)),
     # The optimisation-based Carlini-Wagner l_inf attack of the official L2L cw.py (the L2L tables' "CW" column).
-    "cw-linf": EvalAttack(lambda m, x, y, a, e: cw_linf(m, x, y, a.eps),
-                          lambda a: dict(loss="cw-linf (Carlini-Wagner optimisation, L2L cw.py: Adam lr 5e-3, c from "
-                                              "1e-5 x10 to 1e2, tau x0.9)", steps=50, step_size=5e-3, restarts=1,
-                                         random_start=False)),
-    # AutoAttack's four attacks (Croce & Hein 2020), each also usable alone: APGD-CE, APGD-T (targeted DLR, top-9
-    # classes), FAB-T (top-9 targets) and Square (5000 queries), 1 run each as in AutoAttack's standard version.
+    "cw-linf": EvalAttack(lambda m, x, y, a, e: cw_linf(m, x, y, a.eps), lambda a: protocol(
+        "cw-linf (Carlini-Wagner optimisation, L2L cw.py: Adam lr 5e-3, c from 1e-5 x10 to 1e2, tau x0.9)", 50, 5e-3,
+        1, False)),
+    # AutoAttack's four attacks (Croce & Hein 2020), each also usable alone, one run each as its standard version.
     "apgd-ce": EvalAttack(lambda m, x, y, a, e: apgd_ce(m, x, y, a.eps, a.apgd_steps),
-                          lambda a: dict(loss="ce (APGD)", steps=a.apgd_steps, step_size=2 * a.eps, restarts=1,
-                                         random_start=True)),
+                          lambda a: protocol("ce (APGD)", a.apgd_steps, 2 * a.eps)),
     "apgd-t": EvalAttack(lambda m, x, y, a, e: apgd_targeted(m, x, y, a.eps, a.apgd_steps, a.apgd_targets),
-                         lambda a: dict(loss=f"targeted dlr (APGD-T, {a.apgd_targets} targets)", steps=a.apgd_steps,
-                                        step_size=2 * a.eps, restarts=1, targets=a.apgd_targets, random_start=True)),
+                         lambda a: protocol(f"targeted dlr (APGD-T, {a.apgd_targets} targets)", a.apgd_steps,
+                                            2 * a.eps, targets=a.apgd_targets)),
     "fab-t": EvalAttack(lambda m, x, y, a, e: fab_targeted(m, x, y, a.eps, a.fab_steps, a.fab_targets),
-                        lambda a: dict(loss=f"fab-t (targeted FAB, {a.fab_targets} targets, minimal l_inf)",
-                                       steps=a.fab_steps, step_size=None, restarts=1, targets=a.fab_targets,
-                                       random_start=False)),
+                        lambda a: protocol(f"fab-t (targeted FAB, {a.fab_targets} targets, minimal l_inf)", a.fab_steps,
+                                           None, 1, False, targets=a.fab_targets)),
     "square": EvalAttack(lambda m, x, y, a, e: square_linf(m, x, y, a.eps, a.square_queries),
-                         lambda a: dict(loss="margin (Square, score-based, p_init 0.8)", steps=a.square_queries,
-                                        step_size=2 * a.eps, restarts=1, random_start=True)),
-    # AutoAttack, standard version: the four above in order, each on the examples still robust (autoattack() below;
-    # evaluate() runs it over the whole test set at once, in chunks of --eval-batch-size).
-    "aa": EvalAttack(lambda m, x, y, a, e: run_autoattack(m, x, y, a)[0], lambda a: dict(loss="AutoAttack (standard)" if autoattack_is_standard(a)
-                                          else "AutoAttack (custom: " + autoattack_settings(a) + ")",
-                                          steps=a.apgd_steps, step_size=2 * a.eps, restarts=1, random_start=True,
-                                          suite=list(AUTOATTACK_STANDARD), seed=a.seed,
-                                          settings=autoattack_settings(a))),
-    # The learned L2L attacker of the checkpoint, in eval mode, against its own classifier.
-    "l2l": EvalAttack(lambda m, x, y, a, e: eval_learned_l2l(m, x, y, a, e),
-                      lambda a: dict(loss="ce (learned L2L attacker)", steps=a.l2l_steps
-                                     if L2L_VARIANTS.get(a.method) == "multi" else 1,
-                                     step_size=a.eps, restarts=1, random_start=False)),
-    # The checkpoint's learned RNN optimiser, run for --rnn-eval-steps (Table 6: more steps than trained with).
+                         lambda a: protocol("margin (Square, score-based, p_init 0.8)", a.square_queries, 2 * a.eps)),
+    # AutoAttack, standard version: the four above in order, each on the examples still robust; evaluate() runs it
+    # over the whole test set at once, in chunks of --eval-batch-size, as autoattack.py does.
+    "aa": EvalAttack(lambda m, x, y, a, e: run_autoattack(m, x, y, a)[0], lambda a: protocol(
+        "AutoAttack (standard)" if autoattack_is_standard(a) else f"AutoAttack (custom: {autoattack_settings(a)})", a.apgd_steps, 2 * a.eps, suite=list(AUTOATTACK_STANDARD),
+        seed=a.seed, settings=autoattack_settings(a))),
+    # The checkpoint's learned L2L attacker in eval mode, and its learned RNN optimiser for --rnn-eval-steps (Table 6
+    # of Xiong & Hsieh: more steps than trained with).
+    "l2l": EvalAttack(lambda m, x, y, a, e: eval_learned_l2l(m, x, y, a, e), lambda a: protocol(
+        "ce (learned L2L attacker)", a.l2l_steps if L2L_VARIANTS.get(a.method) == "multi" else 1, a.eps, 1, False)),
     "rnn": EvalAttack(lambda m, x, y, a, e: rnn_run_attack(a, e["rnn"], m, x, y, a.rnn_eval_steps, learn=False)[0],
-                      lambda a: dict(loss="kl (learned RNN optimiser)" if a.method == "rnn-trades"
-                                     else "ce (learned RNN optimiser)", steps=a.rnn_eval_steps,
-                                     step_size=a.step_size, restarts=1, random_start=True)),
-    # Black-box transfer (Xiong & Hsieh Table 7): PGD with the evaluation settings on --transfer-from's
-    # classifier, scored on this one.
+                      lambda a: protocol(f"{'kl' if a.method == 'rnn-trades' else 'ce'} (learned RNN optimiser)",
+                                         a.rnn_eval_steps, a.step_size)),
+    # Black-box transfer (Xiong & Hsieh Table 7): PGD with the evaluation settings on --transfer-from's classifier.
     "transfer": EvalAttack(lambda m, x, y, a, e: pgd(e["transfer_source"], x, y, a.eps, a.eval_step_size, a.eval_steps,
                                                      a.eval_restarts, "ce"),
-                           lambda a: dict(loss="ce on the source model (transfer)", steps=a.eval_steps,
-                                          step_size=a.eval_step_size, restarts=a.eval_restarts, random_start=True,
-                                          source=os.path.abspath(a.transfer_from) if a.transfer_from else None)),
+                           lambda a: protocol("ce on the source model (transfer)", a.eval_steps, a.eval_step_size,
+                                              a.eval_restarts, source=a.transfer_from and os.path.abspath(a.transfer_from))),
 }
-
 
 def run_autoattack(model, x, y, args, on_batch=None) -> tuple:
     """autoattack() with the evaluation flags: chunks of --eval-batch-size, seeded with --seed."""
@@ -2469,19 +2252,17 @@ def eval_learned_l2l(model, x, y, args, extras):
     index and the result depends neither on --eval-batch-size nor on the number of processes."""
     attacker = extras["attacker"]
     with ModelMode(attacker, "eval"), torch.no_grad():
-        return torch.cat([l2l_attack(args, attacker, model, xc, yc)
+        return torch.cat([l2l_perturb(attacker, model, xc, yc, args.eps, l2l_variant(args), args.l2l_steps,
+                                      args.l2l_step_size)
                           for xc, yc in zip(x.split(args.batch_size), y.split(args.batch_size))])
 
 
 def evaluate(model, x_uint8, y, args, attacks, extras=None) -> dict:
-    """Clean accuracy, each attack's robust accuracy and the per-example worst case over all of them
-    (an example counts as robust only if it is classified correctly clean and under every attack).
-    Also records the largest l_inf perturbation each attack produced, as a check of the constraint.
-    Random starts are seeded with --seed here, so a checkpoint and its flags always give the same numbers.
-    'aa' (AutoAttack) runs after the others over the whole test set, as autoattack.py does: each of its attacks on
-    the examples it leaves robust, in chunks of --eval-batch-size, reseeded with --seed before every chunk; its
-    entry records how many examples each of its attacks left.
-    Under torchrun each rank attacks its shard (seeded --seed + rank) and the per-example results are gathered."""
+    """Clean accuracy, each attack's robust accuracy, the per-example worst case over all of them (robust only if
+    correct clean and under every attack) and the largest l_inf perturbation of each attack (a check of the
+    constraint). Random starts are seeded with --seed, so a checkpoint and its flags always give the same numbers.
+    'aa' runs last over the whole test set, as autoattack.py does, reseeded before every chunk; its entry records
+    how many examples each of its attacks left. Under torchrun each rank attacks its shard (seed + rank)."""
     rank, world = dist_world()
     torch.manual_seed(args.seed + rank)
     model.eval()
@@ -2496,34 +2277,33 @@ def evaluate(model, x_uint8, y, args, attacks, extras=None) -> dict:
     ticker = Ticker("evaluating (attack runs; AutoAttack's time depends on how many examples stay robust)",
                     batches * (len(per_batch) + ("l2l" in attacks) + 4 * ("aa" in attacks)),
                     rank == 0 and not args.quiet)
-    with autocast(x_uint8.device, args.eval_precision):
-        for i in range(0, xs.shape[0], args.eval_batch_size):
-            x = to_float(xs[i:i + args.eval_batch_size], memory_format(args))
-            yb = ys[i:i + args.eval_batch_size]
+    for i in range(0, xs.shape[0], args.eval_batch_size):
+        x = to_float(xs[i:i + args.eval_batch_size], memory_format(args))
+        yb = ys[i:i + args.eval_batch_size]
+        with torch.no_grad():
+            correct["clean"].append(model(x).argmax(1) == yb)
+        for name in per_batch:
+            x_adv = EVAL_ATTACKS[name].run(model, x, yb, args, extras)
+            max_pert[name] = torch.maximum(max_pert[name], (x_adv - x).abs().amax())
             with torch.no_grad():
-                correct["clean"].append(model(x).argmax(1) == yb)
-            for name in per_batch:
-                x_adv = EVAL_ATTACKS[name].run(model, x, yb, args, extras)
-                max_pert[name] = torch.maximum(max_pert[name], (x_adv - x).abs().amax())
-                with torch.no_grad():
-                    correct[name].append(model(x_adv).argmax(1) == yb)
-                ticker.step(what=f"evaluating {name}")
-        whole = [to_float(xs[i:i + args.eval_batch_size], memory_format(args))
-                 for i in range(0, xs.shape[0], args.eval_batch_size)] if {"l2l", "aa"} & set(attacks) else []
-        if "l2l" in attacks:  # chunks of --batch-size from the shard's start, which is aligned to it: by global index
-            x = torch.cat(whole)
-            x_adv = EVAL_ATTACKS["l2l"].run(model, x, ys, args, extras)
-            max_pert["l2l"] = (x_adv - x).abs().amax()
-            with torch.no_grad():
-                correct["l2l"] = [model(xb).argmax(1) == yb for xb, yb in
-                                  zip(x_adv.split(args.eval_batch_size), ys.split(args.eval_batch_size))]
-            ticker.step(batches)
-        if "aa" in attacks:
-            x = torch.cat(whole)
-            x_adv, robust = run_autoattack(model, x, ys, args, lambda name: ticker.step(what=f"AutoAttack: {name}"))
-            max_pert["aa"] = (x_adv - x).abs().amax()
-            correct["aa"] = [robust[AUTOATTACK_STANDARD[-1]]]
-            aa_steps = {name: gather_examples(robust[name].to(torch.uint8), n).bool() for name in AUTOATTACK_STANDARD}
+                correct[name].append(model(x_adv).argmax(1) == yb)
+            ticker.step(what=f"evaluating {name}")
+    whole = [to_float(xs[i:i + args.eval_batch_size], memory_format(args))
+             for i in range(0, xs.shape[0], args.eval_batch_size)] if {"l2l", "aa"} & set(attacks) else []
+    if "l2l" in attacks:  # chunks of --batch-size from the shard's start, which is aligned to it: by global index
+        x = torch.cat(whole)
+        x_adv = EVAL_ATTACKS["l2l"].run(model, x, ys, args, extras)
+        max_pert["l2l"] = (x_adv - x).abs().amax()
+        with torch.no_grad():
+            correct["l2l"] = [model(xb).argmax(1) == yb for xb, yb in
+                              zip(x_adv.split(args.eval_batch_size), ys.split(args.eval_batch_size))]
+        ticker.step(batches)
+    if "aa" in attacks:
+        x = torch.cat(whole)
+        x_adv, robust = run_autoattack(model, x, ys, args, lambda name: ticker.step(what=f"AutoAttack: {name}"))
+        max_pert["aa"] = (x_adv - x).abs().amax()
+        correct["aa"] = [robust[AUTOATTACK_STANDARD[-1]]]
+        aa_steps = {name: gather_examples(robust[name].to(torch.uint8), n).bool() for name in AUTOATTACK_STANDARD}
     correct = {k: gather_examples(torch.cat(v).to(torch.uint8), n).bool() for k, v in correct.items()}
     if world > 1:
         for value in max_pert.values():
@@ -2532,7 +2312,7 @@ def evaluate(model, x_uint8, y, args, attacks, extras=None) -> dict:
     digits = len(str(n)) + 3  # 1/1000 of the resolution 1/n: no float32 noise in results.json (k/32 stays exact)
     accuracy = lambda flags: round(int(flags.sum()) / n, digits)
     results = {"protocol": {"eps": args.eps, "eps_text": fmt_eps(args.eps), "examples": n, "split": "test",
-                            "model_mode": "eval", "precision": args.eval_precision, "processes": world},
+                            "model_mode": "eval", "precision": "fp32", "processes": world},
                "clean": {"accuracy": accuracy(correct["clean"])}}
     for name in attacks:
         results[name] = dict(accuracy=accuracy(correct[name]), **EVAL_ATTACKS[name].protocol(args),
@@ -2582,27 +2362,24 @@ def format_results(res: dict, title: str) -> str:
 
 
 def validate(model, data: Data, args) -> tuple:
-    """Per-epoch checkpoint selection on the validation split: clean and PGD accuracy, eval mode.
-    PGD-K-R (--val-steps K, --val-restarts R, --val-step-size, default 2.5 eps / K: Madry et al.'s rule), keeping
-    any fooling iterate as the evaluation does; K = 0 means clean. Fast-BAT selects on PGD-50-10, step eps/4.
-    Under torchrun each rank takes its share of the split and the counts are summed."""
+    """(clean, robust) accuracy on the validation split, eval mode, for choosing best.pt: PGD-K-R (--val-steps K,
+    --val-restarts R; Fast-BAT selects on PGD-50-10, step eps/4), keeping any fooling iterate; K = 0: clean."""
     model.eval()
     idx = shard(data.x_val.shape[0], pad=False).to(data.x_val.device)
     xs, ys = data.x_val[idx], data.y_val[idx]
     clean = robust = torch.zeros((), device=xs.device)
     ticker = Ticker(f"validation (PGD-{args.val_steps}), batches", -(-xs.shape[0] // args.eval_batch_size),
                     dist_world()[0] == 0 and not args.quiet)
-    with autocast(xs.device, args.eval_precision):
-        for i in range(0, xs.shape[0], args.eval_batch_size):
-            x = to_float(xs[i:i + args.eval_batch_size], memory_format(args))
-            y = ys[i:i + args.eval_batch_size]
+    for i in range(0, xs.shape[0], args.eval_batch_size):
+        x = to_float(xs[i:i + args.eval_batch_size], memory_format(args))
+        y = ys[i:i + args.eval_batch_size]
+        with torch.no_grad():
+            clean = clean + (model(x).argmax(1) == y).sum()
+        if args.val_steps:
+            x = pgd(model, x, y, args.eps, args.val_step_size, args.val_steps, args.val_restarts, keep_fooling=True)
             with torch.no_grad():
-                clean = clean + (model(x).argmax(1) == y).sum()
-            if args.val_steps:
-                x = pgd(model, x, y, args.eps, args.val_step_size, args.val_steps, args.val_restarts, keep_fooling=True)
-                with torch.no_grad():
-                    robust = robust + (model(x).argmax(1) == y).sum()
-            ticker.step()
+                robust = robust + (model(x).argmax(1) == y).sum()
+        ticker.step()
     clean, robust = all_reduce_sum([clean, robust], xs.device)
     n = data.x_val.shape[0]
     return clean / n, (robust / n if args.val_steps else clean / n)
@@ -2620,13 +2397,11 @@ CYCLIC_PEAK_MOMENTUM = 0.8
 
 def schedule_at(args, it: int, iters_per_epoch: int) -> tuple:
     """(learning rate, SGD momentum) for iteration `it`, set every iteration as fast_adversarial and Fast-BAT do.
-    multistep: lr x0.1 at each --lr-milestones epoch m, counted as the method's official script counts
-      (--lr-milestone-base 1: from 1, the drop comes during epoch m, i.e. after m - 1 full epochs; 0: after m,
-      as Fast-BAT's MultiStepLR);
-    cyclic: the values of torch's CyclicLR (triangular, one cycle: lr from 0 up to --lr at --lr-peak-epoch, down to
-      0 at the last iteration; with --cycle-momentum, momentum from --momentum at lr 0 to 0.8 at the peak), computed
-      here in closed form (CyclicLR's own arithmetic differs in the last bits);
-    constant: --lr. Momentum is --momentum except in the cyclic schedule."""
+    multistep: lr x0.1 at each --lr-milestones epoch m, counted as the official script counts (--lr-milestone-base 1:
+      the drop comes during epoch m, after m - 1 full epochs; 0: after m full epochs, as Fast-BAT's MultiStepLR);
+    cyclic: torch's CyclicLR (triangular, one cycle: lr 0 -> --lr at --lr-peak-epoch -> 0 at the end; with
+      --cycle-momentum, momentum --momentum at lr 0 -> 0.8 at the peak) in closed form (CyclicLR's arithmetic
+      differs in the last bits); constant: --lr."""
     t = it / iters_per_epoch
     if args.lr_schedule == "multistep":
         return args.lr * 0.1 ** sum(t >= m - args.lr_milestone_base for m in args.lr_milestones), args.momentum
@@ -2639,34 +2414,10 @@ def schedule_at(args, it: int, iters_per_epoch: int) -> tuple:
     return args.lr, args.momentum
 
 
-def catastrophic_overfitting(history: list) -> Optional[str]:
-    """Flag the failure single-step methods are known for (Wong et al. 2020; the reason for GradAlign and
-    Fast-BAT): validation PGD accuracy collapses to near zero (< 10%, and below half of its best) while
-    clean accuracy is at or above where it stood at the best epoch. Returns a log message or None."""
-    best = max(history, key=lambda h: h["val_robust"])
-    now = history[-1]
-    if best["val_robust"] >= 0.2 and now["val_robust"] < min(0.1, best["val_robust"] / 2) \
-            and now["val_clean"] >= best["val_clean"]:
-        return (f"CATASTROPHIC OVERFITTING: validation PGD accuracy fell from {100 * best['val_robust']:.1f}% "
-                f"(epoch {best['epoch']}) to {100 * now['val_robust']:.1f}% while clean accuracy rose to "
-                f"{100 * now['val_clean']:.1f}%; best.pt keeps epoch {best['epoch']}")
-    return None
-
-
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """write(tmp) into <path>.tmp, then rename it over `path`: a kill or an error never leaves a half-written file
-    under the real name. A failed write (a full disk; torch.save raises RuntimeError) is a one-line UsageError, its
-    temporary file removed, and the file under `path` stays as it was."""
-    tmp = path + ".tmp"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        reason = (getattr(e, "strerror", None) or str(e).splitlines()[0] if str(e) else type(e).__name__)[:120]
-        raise UsageError(f"cannot write {path} ({reason}); the earlier file there is untouched; free disk space or "
-                         f"choose another --out")
+    """write(<path>.tmp), then rename it over `path`: a kill never leaves a half-written file under the real name."""
+    write(path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 def write_json(obj, path: str) -> None:
@@ -2682,17 +2433,16 @@ _HELD: Dict[str, int] = {}  # the --out folders this process holds -> their desc
 
 
 def prepare_out_dir(out: str, files: tuple, allow: bool) -> list:
-    """Create --out and hold it for this process (an flock on the folder, released by the OS however the process
-    ends, so never stale): a second run into a busy folder is refused. Refuse to replace `files` of an earlier run
-    unless allowed (--overwrite); returns the paths of those found, which the caller deletes once its data and
-    networks are ready, before it writes anything, so that no old result can pass for this run's and a command that
-    fails first deletes nothing. Nothing else in the folder is touched. Under torchrun rank 0 does this."""
+    """Create --out and hold it (an flock on the folder, released by the OS however the process ends): a second run
+    into a busy folder is refused. Refuse to replace `files` of an earlier run unless allowed (--overwrite); return
+    the paths found, which the caller deletes once its data and networks are ready, before it writes anything, so
+    that no old result passes for this run's and a command that fails first deletes nothing. Rank 0 does this."""
     rank, world = dist_world()
     if rank == 0:
         try:
             os.makedirs(out, exist_ok=True)
-            with tempfile.TemporaryFile(dir=out):
-                pass
+            if not os.access(out, os.W_OK):
+                raise PermissionError(13, "not writable")
         except OSError as e:
             raise UsageError(f"cannot write to --out {out} ({e.strerror or e}); choose a writable directory")
         if os.path.abspath(out) not in _HELD:
@@ -2715,14 +2465,10 @@ def prepare_out_dir(out: str, files: tuple, allow: bool) -> list:
 
 
 def build_run(args, device) -> Run:
-    """The classifier, its optimiser (SGD or Adam) and the method's learned networks, in --channels-last's memory
-    format; under torchrun with --sync-bn every BatchNorm is a SyncBatchNorm (same parameters and state_dict)."""
-    def place(net):
-        net = nn.SyncBatchNorm.convert_sync_batchnorm(net) if args.sync_bn and dist_world()[1] > 1 else net
-        return net.to(device, memory_format=memory_format(args))
-
-    model = place(build_model(args.model, args.dataset, args.depth, args.width, args.input_mean, args.input_std,
-                              args.preact_shortcut))
+    """The classifier, its optimiser (SGD or Adam) and the method's learned networks, in --channels-last's format."""
+    fmt = memory_format(args)
+    model = build_model(args.model, args.dataset, args.depth, args.width, args.input_mean, args.input_std,
+                        args.preact_shortcut).to(device, memory_format=fmt)
     if args.optimizer == "adam":
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     else:
@@ -2732,12 +2478,8 @@ def build_run(args, device) -> Run:
     extras = method.setup(args, device) if method.setup else {}
     for net in extras.values():  # in place: Module.to keeps the Parameter objects that setup's optimisers hold
         if isinstance(net, nn.Module):
-            place(net)
+            net.to(device, memory_format=fmt)
     return Run(model, optimizer, args, extras)
-
-
-def network_name(a: dict) -> str:
-    return (f"WRN-{a['depth']}-{a['width']}" if a["model"] == "wrn" else a["model"]) + f" for {a['dataset']}"
 
 
 def restore(run: Run, ckpt: dict, what: str, optimizer: bool = True) -> None:
@@ -2750,15 +2492,16 @@ def restore(run: Run, ckpt: dict, what: str, optimizer: bool = True) -> None:
         if optimizer:
             run.optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, KeyError, ValueError) as e:
-        ours, saved = network_name(vars(run.args)), network_name(ckpt["args"])
+        name = lambda a: (f"WRN-{a['depth']}-{a['width']}" if a["model"] == "wrn" else a["model"]) + f" for {a['dataset']}"
+        ours, saved = name(vars(run.args)), name(ckpt["args"])
         found = f"it holds a {saved}" if saved != ours else str(e).splitlines()[-1].strip()[:100]
         raise UsageError(f"{what} does not fit this run's {ours} ({found}); pass a checkpoint of the same model "
                          f"and dataset")
 
 
 def evaluation_extras(args, run: Run, device) -> dict:
-    """What the evaluation attacks need beyond the classifier: the learned networks of the run and, for
-    'transfer', the source classifier of --transfer-from."""
+    """What the evaluation attacks need beyond the classifier: the run's learned networks and, for 'transfer', the
+    classifier of --transfer-from."""
     extras = dict(run.extras)
     if args.transfer_from:
         source = read_checkpoint(args.transfer_from, "--transfer-from")
@@ -2778,21 +2521,20 @@ def checkpoint_state(run: Run, run_id: str, epoch: int, best: dict, history: lis
 
 
 def resume_state(run: Run, out: str, gen: torch.Generator) -> tuple:
-    """--resume: last.pt restored (networks, optimisers, random generators) after checking it was trained with this
-    command's training flags and that best.pt is the same run's best epoch. A kill between the two saves of one epoch
-    leaves best.pt one epoch behind or missing; when last.pt is itself the best epoch, best.pt is rewritten from it.
+    """--resume: last.pt restored (networks, optimisers, random generators) after checking that it was trained with
+    this command's training flags and that best.pt is the same run's best epoch; when a kill between the two saves of
+    an epoch left best.pt missing or one epoch behind and last.pt is that best epoch, best.pt is rewritten from it.
     Returns (run_id, epoch, best, history)."""
     last_path, best_path = os.path.join(out, "last.pt"), os.path.join(out, "best.pt")
     ckpt = read_checkpoint(last_path, "--resume: checkpoint")
-    diff = [k for k in KEYS["t"] if ckpt["args"].get(k) != getattr(run.args, k)]
-    if diff:
-        k = diff[0]
-        raise UsageError(f"--resume: {last_path} was trained with --{k.replace('_', '-')} {ckpt['args'].get(k)}, "
-                         f"this command gives {getattr(run.args, k)}; repeat the original flags")
+    for k in KEYS["t"]:
+        if ckpt["args"].get(k) != getattr(run.args, k):
+            raise UsageError(f"--resume: {last_path} was trained with --{k.replace('_', '-')} {ckpt['args'].get(k)}, "
+                             f"this command gives {getattr(run.args, k)}; repeat the original flags")
     best = read_checkpoint(best_path, "--resume: best checkpoint") if os.path.exists(best_path) else None
     why = ("missing" if best is None else "it belongs to another run" if best["run_id"] != ckpt["run_id"] else
            f"it holds epoch {best['epoch']}" if best["epoch"] != ckpt["best"]["epoch"] else None)
-    if why:  # a kill between the two saves of a best epoch leaves best.pt missing or one epoch behind: repaired
+    if why:
         if why == "it belongs to another run" or ckpt["best"]["epoch"] != ckpt["epoch"]:
             raise UsageError(f"--resume: {best_path} is not epoch {ckpt['best']['epoch']} of the run in {last_path} "
                              f"({why}); restore it, or start again with --overwrite")
@@ -2805,11 +2547,29 @@ def resume_state(run: Run, out: str, gen: torch.Generator) -> tuple:
     return ckpt["run_id"], ckpt["epoch"], ckpt["best"], ckpt["history"]
 
 
+def describe(args, run: Run, data: Data, device, world: int) -> str:
+    """The run's settings, as the first lines of its log."""
+    schedule = {"multistep": f"x0.1 at epochs {','.join(f'{m:g}' for m in args.lr_milestones) or 'none'} (counted "
+                             f"from {args.lr_milestone_base})", "constant": "constant",
+                "cyclic": f"cyclic, peak at epoch {args.lr_peak_epoch:g}" +
+                          (", momentum cycled to 0.8" if args.cycle_momentum else "")}[args.lr_schedule]
+    step = {"fast-bat": f"step a {fmt_eps(fast_bat_step_size(args.eps))}", "pgd-at-bls": "first BLS step eps",
+            "plain": "no attack"}.get(args.method, "learned attacker" if args.method in L2L_VARIANTS
+                                      else f"step {fmt_eps(args.step_size)}")
+    nets = [f"{type(m).__name__} {sum(p.numel() for p in m.parameters()):,} parameters" for m in run.networks()]
+    return (f"{args.method} ({METHODS[args.method].paper}) on {args.dataset}: {args.model}, {', '.join(nets)}; "
+            f"{data.x_train.shape[0]} train / {data.x_val.shape[0]} val / {data.x_test.shape[0]} test, device "
+            f"{device}" + (f" x {world} processes" if world > 1 else "") +
+            f"\n  eps {fmt_eps(args.eps)}, steps {args.steps}, {step}, attack BN {args.attack_bn}, epochs {args.epochs}, "
+            f"batch {args.batch_size}, lr {args.lr} ({schedule}), " + ("Adam" if args.optimizer == "adam" else
+            f"SGD momentum {args.momentum}") + f", wd {args.weight_decay}, seed {args.seed}\n  precision "
+            f"{args.precision} (evaluation fp32), channels_last {args.channels_last}, compile {args.compile}")
+
+
 def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
-    """Train args.method for args.epochs, choose the best epoch on validation robust accuracy, then
-    evaluate the best and the last checkpoint on the test set (on_epoch_end(epoch) after each saved epoch). Returns
-    the results dict.
-    Under torchrun every rank trains on its shard of each global batch; rank 0 alone prints and writes."""
+    """Train args.method for args.epochs, choose the best epoch on validation robust accuracy (the last with
+    --val-size 0), then evaluate best.pt and last.pt on the test set; on_epoch_end(epoch) after each saved epoch.
+    Returns the results dict. Under torchrun every rank trains on its shard of each global batch; rank 0 writes."""
     device = setup_distributed(args)
     rank, world = dist_world()
     say = print if rank == 0 else (lambda *a, **k: None)
@@ -2818,17 +2578,15 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
         torch.backends.cudnn.benchmark = True  # autotuned convolutions: shapes are static
     earlier = prepare_out_dir(args.out, () if args.resume else RUN_FILES, args.overwrite)
     data = load_data(args, device)
-    if args.batch_size > data.x_train.shape[0]:
+    if args.batch_size > data.x_train.shape[0]:  # recorded as the batch that ran
         say(f"note: --batch-size {args.batch_size} is more than the {data.x_train.shape[0]} training examples; "
-            f"every batch holds all {data.x_train.shape[0]} (recorded as the batch size)")
+            f"every batch holds all of them")
         args.batch_size = data.x_train.shape[0]
     run = build_run(args, device)
     make_data_parallel(run)
     gen = torch.Generator(device=device)  # the same on every rank: all ranks draw the same global batches
     gen.manual_seed(args.seed)
     eval_extras = evaluation_extras(args, run, device)  # fails before training if --transfer-from is bad
-    if args.init and not args.resume:
-        restore(run, read_checkpoint(args.init, "--init"), f"--init {args.init}", optimizer=False)
     run_id, start_epoch, best, history = uuid.uuid4().hex, 0, {"epoch": 0, "val_robust": -1.0}, []
     last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "best.pt")
     if args.resume:
@@ -2838,28 +2596,9 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
         compile_networks(run)
     for path in earlier:  # --overwrite: the earlier run's files go now, before this run writes
         os.remove(path)
-    n_params = sum(p.numel() for p in run.model.parameters())
-    say(f"{args.method} ({METHODS[args.method].paper}) on {args.dataset}: {args.model} ({n_params / 1e6:.2f}M "
-        f"parameters), {data.x_train.shape[0]} train / {data.x_val.shape[0]} val / {data.x_test.shape[0]} test, "
-        f"device {device}" + (f" x {world} processes" if world > 1 else ""))
-    schedule = {"multistep": f"multistep x0.1 at {','.join(f'{m:g}' for m in args.lr_milestones) or 'none'} "
-                             f"(epochs counted from {args.lr_milestone_base})",
-                "cyclic": f"cyclic, peak at epoch {args.lr_peak_epoch:g}"
-                          + (", momentum cycled to 0.8" if args.cycle_momentum else ""),
-                "constant": "constant"}[args.lr_schedule]
-    step = {"fast-bat": f"step a {fmt_eps(fast_bat_step_size(args.eps))}", "pgd-at-bls": "first BLS step eps",
-            "plain": "no attack"}.get(args.method, "learned attacker" if args.method in L2L_VARIANTS
-                                      else f"step {fmt_eps(args.step_size)}")
-    say(f"  eps {fmt_eps(args.eps)}, steps {args.steps}, {step}, attack BN {args.attack_bn}, epochs {args.epochs}, "
-        f"batch {args.batch_size}, lr {args.lr} ({schedule}), " + ("Adam" if args.optimizer == "adam" else
-        f"SGD momentum {args.momentum}") + f", wd {args.weight_decay}, seed {args.seed}")
-    say(f"  precision {args.precision} (evaluation {args.eval_precision}), channels_last {args.channels_last}, "
-        f"compile {args.compile}" + (f", sync-bn {args.sync_bn}" if world > 1 else ""))
-    for name, extra in run.extras.items():
-        if isinstance(extra, nn.Module):
-            say(f"  {name}: {type(extra).__name__}, {sum(p.numel() for p in extra.parameters()):,} parameters")
+    say(describe(args, run, data, device, world))
     min_last = max(2, world)
-    iters = max(1, batches_per_epoch(data.x_train.shape[0], args.batch_size, args.drop_last, min_last))
+    iters = max(1, batches_per_epoch(data.x_train.shape[0], args.batch_size, min_last=min_last))
     no_val = data.x_val.shape[0] == 0  # --val-size 0: nothing to choose on, the last epoch is the one evaluated
     for epoch in range(start_epoch, args.epochs):
         if world > 1:  # each rank its own attack noise and dropout, reproducible on --resume
@@ -2868,8 +2607,8 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
         run.model.train()
         loss_sum = correct = seen = 0
         ticker = Ticker(f"epoch {epoch + 1}/{args.epochs}, batches", iters, rank == 0 and not args.quiet)
-        for i, (x, y) in enumerate(train_batches(data, args.batch_size, args.augment, gen, args.drop_last,
-                                                 args.crop_pad, min_last)):
+        for i, (x, y) in enumerate(train_batches(data, args.batch_size, args.augment, gen, False, args.crop_pad,
+                                                 min_last)):
             lr, momentum = schedule_at(args, epoch * iters + i, iters)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
@@ -2888,16 +2627,12 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
                   "val_clean": val_clean, "val_robust": val_robust, "train_seconds": train_seconds,
                   "seconds": time.time() - t0}
         if not math.isfinite(record["train_loss"]):  # the same on every rank (all-reduced): all stop together
-            kept = (f"last.pt keeps epoch {epoch}, best.pt epoch {best['epoch']}" if epoch > 0
-                    else "no checkpoint was written")
+            kept = f"last.pt keeps epoch {epoch}, best.pt epoch {best['epoch']}" if epoch else "no checkpoint was written"
             raise TrainingDiverged(f"training diverged: the train loss of epoch {epoch + 1} is {record['train_loss']}; "
                                    f"{kept}, and nothing of epoch {epoch + 1} was saved; lower --lr (now {args.lr:g}) "
                                    f"and start again")
         history.append(record)
-        collapse = None if no_val else catastrophic_overfitting(history)
-        record["catastrophic_overfitting"] = collapse is not None
-        # with --freeze-classifier validation cannot change: the best epoch is the last (the most trained phi)
-        is_best = no_val or val_robust > best["val_robust"] or (args.freeze_classifier and val_robust >= best["val_robust"])
+        is_best = no_val or val_robust > best["val_robust"]
         if is_best:
             best = {"epoch": epoch + 1, "val_robust": val_robust, "val_clean": val_clean}
         if rank == 0:  # last.pt first: a kill between the two saves leaves a last.pt that --resume can continue
@@ -2911,28 +2646,21 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
             f"acc {100 * record['train_acc']:.2f}%  " + ("no validation split  " if no_val else
             f"val clean {100 * val_clean:.2f}%  val pgd-{args.val_steps} {100 * val_robust:.2f}%  ") +
             f"{train_seconds:.1f}s train  {record['seconds']:.1f}s total{'  *best' if is_best else ''}", flush=True)
-        if collapse:
-            say(f"  {collapse}", flush=True)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1)
-    if not ranks_agree(run):
-        raise RuntimeError(f"the {world} processes ended with different weights: data-parallel synchronisation "
-                           f"failed (a bug; please report it)")
-    if world > 1:
-        say(f"  all {world} processes hold identical weights")
     attacks = args.eval_attacks.split(",")
-    results = {"method": args.method, "dataset": args.dataset, "model": args.model, "args": used_flags(args),
+    results = {"method": args.method, "dataset": args.dataset, "model": args.model, "args": vars(args),
                "device": device_name(device) + (f" x {world}" if world > 1 else ""),
                "checkpoint": "best.pt", "best_epoch": best["epoch"], "history": history}
-    restore(run, read_checkpoint(best_path, "checkpoint"), best_path)
-    results["last"] = evaluate(run.model, data.x_test, data.y_test, args, attacks, eval_extras)
-    results.update(results["last"])
-    say(format_results(results, f"test, best.pt (epoch {best['epoch']}, " +
-                       ("the last: --val-size 0)" if no_val else "chosen on validation)")))
-    if best["epoch"] != args.epochs:  # else "last" is the evaluation above
-        restore(run, read_checkpoint(last_path, "checkpoint"), last_path)
+    for path, epoch in ((best_path, best["epoch"]), (last_path, args.epochs)):
+        if path == last_path and epoch == best["epoch"]:
+            break  # "last" is the evaluation above
+        restore(run, read_checkpoint(path, "checkpoint"), path)
         results["last"] = evaluate(run.model, data.x_test, data.y_test, args, attacks, eval_extras)
-        say(format_results(results["last"], f"test, last.pt (epoch {args.epochs})"))
+        if path == best_path:
+            results.update(results["last"])
+        say(format_results(results["last"], f"test, {os.path.basename(path)} (epoch {epoch}" + (
+            ")" if path == last_path else ", the last: --val-size 0)" if no_val else ", chosen on validation)")))
     if rank == 0:
         write_json(results, os.path.join(args.out, "results.json"))
     say(f"wrote {args.out}/results.json, best.pt, last.pt")
@@ -2952,10 +2680,6 @@ def evaluate_checkpoint(args) -> dict:
     data = load_data(args, device, test_only=True)
     run = build_run(args, device)
     restore(run, ckpt, f"--eval-only {args.eval_only}", optimizer=False)
-    bad = sum(int((~torch.isfinite(p)).sum()) for p in run.model.state_dict().values() if p.is_floating_point())
-    if bad:
-        raise UsageError(f"--eval-only {args.eval_only}: {bad} of its classifier's weights are NaN or infinite (a "
-                         f"diverged run); every prediction would be meaningless; evaluate an earlier checkpoint")
     for path in earlier:
         os.remove(path)
     if rank == 0 and not args.quiet:
@@ -2963,7 +2687,7 @@ def evaluate_checkpoint(args) -> dict:
               f"eps {fmt_eps(args.eps)}, attacks {args.eval_attacks}", flush=True)
     if args.compile:
         compile_networks(run)
-    results = {"method": args.method, "dataset": args.dataset, "model": args.model, "args": used_flags(args),
+    results = {"method": args.method, "dataset": args.dataset, "model": args.model, "args": vars(args),
                "device": device_name(device), "checkpoint": os.path.abspath(args.eval_only), "epoch": ckpt["epoch"]}
     results.update(evaluate(run.model, data.x_test, data.y_test, args, args.eval_attacks.split(","),
                             evaluation_extras(args, run, device)))
@@ -2977,152 +2701,114 @@ def evaluate_checkpoint(args) -> dict:
 
 
 # ================================================================================================
-# Benchmark: the speed of one training step, measured.
+# Benchmark, report and main.
 # ================================================================================================
 
 
 def benchmark(args) -> dict:
     """--benchmark: time the method's training step (attack and update, as train() runs it) on synthetic data of the
-    dataset's shape: --bench-warmup steps untimed (compilation, cudnn autotuning), then --bench-steps steps timed
-    with CUDA events (wall clock on CPU). Synthetic pixels do not change the time: every loop in every method runs a
-    fixed number of iterations. Also counts the classifier's forward FLOPs per image (torch.utils.flop_counter), so
-    a step's cost can be set against the device's peak. Prints and returns the figures."""
-    from torch.utils.flop_counter import FlopCounterMode
+    dataset's shape: --bench-warmup steps untimed (compilation, cudnn autotuning), then --bench-steps steps timed.
+    Synthetic pixels do not change the time: every loop of every method runs a fixed number of iterations."""
     device = setup_distributed(args)
     rank, world = dist_world()
     torch.manual_seed(args.seed)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    spec = DATASETS[args.dataset]
-    steps, warmup, bs = args.bench_steps, args.bench_warmup, args.batch_size
+    torch.backends.cudnn.benchmark = True
+    spec, steps, warmup, bs = DATASETS[args.dataset], args.bench_steps, args.bench_warmup, args.batch_size
     gen = torch.Generator(device=device)
     gen.manual_seed(args.seed)
-    n = bs * (steps + warmup)
-    x = torch.randint(0, 256, (n, *spec["shape"]), dtype=torch.uint8, device=device, generator=gen)
-    y = torch.randint(0, spec["classes"], (n,), device=device, generator=gen)
+    x = torch.randint(0, 256, (bs * (steps + warmup), *spec["shape"]), dtype=torch.uint8, device=device, generator=gen)
+    y = torch.randint(0, spec["classes"], (x.shape[0],), device=device, generator=gen)
     run = build_run(args, device)
     make_data_parallel(run)
-    with FlopCounterMode(display=False) as counter, torch.no_grad(), ModelMode(run.model, "eval"):
-        run.model(to_float(x[:1], memory_format(args)))
     if args.compile:
         compile_networks(run)
     run.model.train()
     batches = list(train_batches(Data(x, y, x[:0], y[:0], x[:0], y[:0]), bs, args.augment, gen, True, args.crop_pad))
-    for xb, yb in batches[:warmup]:
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    for i, (xb, yb) in enumerate(batches):
+        if i == warmup:
+            sync()
+            t0 = time.perf_counter()
         training_step(run, xb, yb)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    for xb, yb in batches[warmup:]:
-        training_step(run, xb, yb)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        memory = f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB peak allocated (CUDA, rank {rank})"
-    else:
-        memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB peak RSS (process)"
+    sync()
     seconds = time.perf_counter() - t0
+    memory = (f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB peak allocated (CUDA, rank {rank})"
+              if device.type == "cuda" else
+              f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB peak RSS (process)")
     n_train = args.train_size or spec["n_train"] - args.val_size
-    epoch_steps = batches_per_epoch(n_train, bs, args.drop_last)
+    epoch_steps = batches_per_epoch(n_train, bs)
     figures = {"method": args.method, "dataset": args.dataset, "model": args.model, "batch_size": bs,
                "precision": args.precision, "channels_last": args.channels_last, "compile": args.compile,
                "processes": world, "device": device_name(device), "steps": steps, "warmup": warmup,
                "images_per_second": bs * steps / seconds, "seconds_per_step": seconds / steps,
-               "seconds_per_epoch": epoch_steps * seconds / steps, "epoch_examples": n_train, "memory": memory,
-               "forward_gflop_per_image": counter.get_total_flops() / 1e9}
+               "seconds_per_epoch": epoch_steps * seconds / steps, "epoch_examples": n_train, "memory": memory}
     if rank == 0:
         print(f"benchmark {args.method} on {args.dataset} (synthetic data), {args.model}, batch {bs}, steps "
               f"{args.steps}, {args.precision}, channels_last {'on' if args.channels_last else 'off'}, compile "
               f"{'on' if args.compile else 'off'}, {figures['device']}" + (f" x {world}" if world > 1 else ""))
         print(f"  {figures['images_per_second']:,.0f} img/s  {1000 * seconds / steps:.1f} ms/step  "
               f"{figures['seconds_per_epoch']:.1f} s/epoch ({epoch_steps} steps of {bs}, {n_train} examples)  "
-              f"{memory}  forward {figures['forward_gflop_per_image']:.3f} GFLOP/image  ({steps} timed steps after "
-              f"{warmup} warm-up)", flush=True)
+              f"{memory}  ({steps} timed steps after {warmup} warm-up)", flush=True)
     return figures
 
-
-# ================================================================================================
-# Report: one markdown table over runs (the papers' tables, measured).
-# ================================================================================================
 
 # Report columns in the papers' order; a column appears when some run has it.
 REPORT_ATTACKS = ("fgsm", "pgd", "cw", "cw-linf", "apgd-ce", "apgd-t", "fab-t", "square", "l2l", "rnn", "transfer",
                   "aa")
 
 
-def read_results(path: str) -> dict:
-    """The results dict of a run directory or a results.json path; one-line UsageError otherwise."""
-    file = path if path.endswith(".json") else os.path.join(path, "results.json")
-    try:
-        with open(file) as f:
-            res = json.load(f)
-        assert isinstance(res, dict) and isinstance(res["protocol"], dict)
-        res["clean"]["accuracy"] + sum(res[k]["accuracy"] for k in REPORT_ATTACKS + ("worst_case",) if k in res)
-    except FileNotFoundError:
-        raise UsageError(f"--report {path}: no results.json there; pass the --out of a finished run")
-    except (OSError, ValueError, AssertionError, KeyError, TypeError) as e:
-        raise UsageError(f"--report {path}: {file} is not an l2l.py results.json ({type(e).__name__} {e}); pass the "
-                         f"--out of an l2l.py run")
-    res["name"] = res.get("args", {}).get("recipe") or os.path.basename(os.path.dirname(os.path.abspath(file)))
-    return res
-
-
-def markdown_cell(value) -> str:
-    """A stored string as one markdown table cell: a '|' escaped, line breaks flattened."""
-    return " ".join(str(value).split()).replace("|", "\\|")
-
-
 def report(paths: list) -> str:
-    """--report: one markdown row per run (its best.pt evaluation), accuracies in %; for a run.sh recipe the paper's
-    number in brackets beside each measured one. The protocol column gives eps, examples and each attack's
-    steps x restarts @ step size."""
-    unfinished = [p for p in paths if os.path.isdir(p) and not os.path.isfile(os.path.join(p, "results.json"))]
-    runs = [read_results(p) for p in paths if p not in unfinished]
+    """--report: one markdown row per run (its best.pt evaluation), accuracies in %, the paper's number in brackets
+    beside each measured one (--paper), and a protocol column: eps, examples, each attack's steps x restarts @ step.
+    A directory without results.json (an unfinished run) is left out with a note."""
+    runs, unfinished = [], []
+    for path in paths:
+        file = path if path.endswith(".json") else os.path.join(path, "results.json")
+        if os.path.isdir(path) and not os.path.exists(file):
+            unfinished.append(path)
+            continue
+        try:
+            with open(file) as f:
+                res = json.load(f)
+            res["clean"]["accuracy"] + sum(res[k]["accuracy"] for k in REPORT_ATTACKS + ("worst_case",) if k in res)
+            assert isinstance(res["protocol"], dict) and isinstance(res["worst_case"]["over"], list)
+            res["name"] = res["args"].get("recipe") or os.path.basename(os.path.dirname(os.path.abspath(file)))
+            runs.append(res)
+        except FileNotFoundError:
+            raise UsageError(f"--report {path}: no results.json there; pass the --out of a finished run")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, AssertionError) as e:
+            raise UsageError(f"--report {path}: {file} is not an l2l.py results.json ({type(e).__name__} {e})")
     if not runs:
         raise UsageError(f"--report: none of {', '.join(paths)} holds a results.json; pass the --out of finished runs")
-    for p in unfinished:
-        print(f"note: {p}: no results.json (an unfinished or interrupted run); left out", file=sys.stderr)
+    for path in unfinished:
+        print(f"note: {path}: no results.json (an unfinished or interrupted run); left out", file=sys.stderr)
     attacks = [name for name in REPORT_ATTACKS if any(name in res for res in runs)]
     head = ["run", "method", "dataset", "model", "epochs", "clean", *attacks, "worst case", "s/epoch", "device",
             "protocol"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for res in runs:
-        paper = res.get("args", {}).get("paper") or {}
-
-        def cell(key):
-            if key not in res:
-                return "–"
-            return f"{100 * res[key]['accuracy']:.2f}" + (f" ({paper[key]:.2f})" if key in paper else "")
-
-        def protocol(k):
-            r = res[k]
-            if k == "aa":
-                return "aa " + ("standard" if r.get("loss") == "AutoAttack (standard)" else r.get("settings", "custom"))
-            return f"{k} {r.get('steps', '?')}x{r.get('restarts', '?')}@{fmt_eps(r['step_size']) if r.get('step_size') else '-'}"
-
-        history = res.get("history") or []
-        seconds = [h["train_seconds"] for h in history if "train_seconds" in h]
-        p = res["protocol"]
-        row = [res["name"], res.get("method", "?"), res.get("dataset", "?"), res.get("model", "?"),
-               f"{len(history)} (best {res.get('best_epoch', '?')})" if history else f"eval of epoch {res.get('epoch')}",
+        paper, history, p = res["args"].get("paper") or {}, res.get("history") or [], res["protocol"]
+        cell = lambda k: "–" if k not in res else f"{100 * res[k]['accuracy']:.2f}" + (
+            f" ({paper[k]:.2f})" if k in paper else "")
+        step = lambda r: fmt_eps(r["step_size"]) if r.get("step_size") else "-"
+        protocol = lambda k, r: ("aa " + ("standard" if r.get("loss") == "AutoAttack (standard)" else r.get("settings"))
+                                 if k == "aa" else f"{k} {r.get('steps')}x{r.get('restarts')}@{step(r)}")
+        seconds = [h["train_seconds"] for h in history]
+        row = [res["name"], res.get("method"), res.get("dataset"), res.get("model"),
+               f"{len(history)} (best {res.get('best_epoch')})" if history else f"eval of epoch {res.get('epoch')}",
                cell("clean"), *map(cell, attacks), cell("worst_case"),
-               f"{sum(seconds) / len(seconds):.1f}" if seconds else "–", res.get("device", "?"),
-               f"eps {p.get('eps_text')}, {p.get('examples')} {p.get('split')}; " +
-               "; ".join(protocol(k) for k in res.get("worst_case", {}).get("over", [])[1:] if k in res)]
-        rows.append("| " + " | ".join(markdown_cell(c) for c in row) + " |")
-    table = "\n".join(rows)
-    print(table)
-    return table
-
-
-# ================================================================================================
-# Main
-# ================================================================================================
+               f"{sum(seconds) / len(seconds):.1f}" if seconds else "–", res.get("device"),
+               f"eps {p.get('eps_text')}, {p.get('examples')} {p.get('split')}; " + "; ".join(
+                   protocol(k, res[k]) for k in res["worst_case"]["over"][1:] if k in res)]
+        # a stored string is one cell: a '|' escaped, line breaks flattened
+        rows.append("| " + " | ".join(" ".join(str(c).split()).replace("|", "\\|") for c in row) + " |")
+    print("\n".join(rows))
+    return "\n".join(rows)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    """The resolved flags. --eval-only takes from the checkpoint only what its networks need
-    (the flags marked "m" in FLAGS, and eps unless given); everything else comes from the command line."""
+    """The resolved flags. --eval-only takes from the checkpoint only what its networks need (the flags marked "m"
+    in FLAGS, and eps unless given); everything else comes from the command line."""
     args = build_parser().parse_args(argv)
     if args.report:
         return args  # reads results.json files; no other flag applies
@@ -3144,6 +2830,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    """Usage errors exit 2 and a diverged run 3, each with one line; an interrupt (130) or a closed stdout (1; 0 for
+    --report, a reader like `head` that has seen enough) says what was saved."""
     rank = int(os.environ.get("RANK", "0"))  # under torchrun, only rank 0 speaks
     args = None
     try:
@@ -3157,15 +2845,11 @@ def main(argv=None) -> int:
         else:
             train(args)
         return 0
-    except UsageError as e:
+    except (UsageError, TrainingDiverged) as e:
         if rank == 0:
             print(f"l2l.py: error: {e}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as e:
-        if rank == 0:
-            print(f"l2l.py: error: {e}", file=sys.stderr)
-        return 3
-    except (KeyboardInterrupt, BrokenPipeError) as e:  # Ctrl-C, or the reader of stdout went away (| head)
+        return 2 if isinstance(e, UsageError) else 3
+    except (KeyboardInterrupt, BrokenPipeError) as e:
         if isinstance(e, BrokenPipeError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to the closed pipe
         saved = args is not None and not (args.report or args.benchmark or args.eval_only) and \

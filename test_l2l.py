@@ -116,13 +116,18 @@ ATTACKS = {
 }
 
 
+def l2l_attack(args, attacker, model, x, y):
+    """The learned L2L attack with a run's flags, as training and evaluation call it."""
+    return l2l.l2l_perturb(attacker, model, x, y, args.eps, l2l.l2l_variant(args), args.l2l_steps, args.l2l_step_size)
+
+
 def eval_args(**kw):
     a = dict(eps=EPS, eval_step_size=EPS / 4, eval_steps=5, eval_restarts=2, eval_batch_size=64, seed=0,
              method="l2l-2step", l2l_steps=2, l2l_step_size=None, rnn_eval_steps=3,
-             rnn_design="sign-step", rnn_objective="loss", rnn_progress="attack", step_size=EPS / 4, steps=4,
+             rnn_design="sign-step", rnn_objective="loss", step_size=EPS / 4, steps=4,
              attack_start="uniform", rnn_weights="uniform", transfer_from=None, apgd_steps=10, apgd_targets=3,
              fab_steps=10, fab_targets=3, square_queries=100, dataset="mnist",
-             eval_precision="fp32", channels_last=False, batch_size=64, quiet=False)
+             channels_last=False, batch_size=64, quiet=False)
     a.update(kw)
     return type("A", (), a)()
 
@@ -450,9 +455,9 @@ def test_resume_after_interruption_equals_uninterrupted_run(mnist_dir, tmp_path)
 # ------------------------------------------------------------------------------------------------
 
 BAD = {
-    "unknown method": (["--method", "nope"], "unknown --method"),
-    "unknown dataset": (["--dataset", "imagenet"], "unknown --dataset"),
-    "unknown model": (["--model", "resnet9000"], "unknown --model"),
+    "unknown method": (["--method", "nope"], "--method: invalid choice: 'nope'"),
+    "unknown dataset": (["--dataset", "imagenet"], "--dataset: invalid choice"),
+    "unknown model": (["--model", "resnet9000"], "--model: invalid choice"),
     "eps zero": (["--eps", "0"], "--eps"),
     "eps above one": (["--eps", "8"], "--eps"),
     "eps not a number": (["--eps", "eight"], "eight"),
@@ -465,18 +470,14 @@ BAD = {
     "val too large": (["--val-size", "1000000"], "--val-size"),
     "unknown eval attack": (["--eval-attacks", "pgd,squares"], "--eval-attacks"),
     "bad schedule": (["--lr-schedule", "cosine"], "--lr-schedule"),
-    "bad wrn depth": (["--model", "wrn", "--depth", "33"], "--depth"),
     "unknown flag": (["--epoch", "3"], "unrecognized"),
     "attack named twice": (["--eval-attacks", "pgd,fgsm,pgd"], "at most once"),
-    "batch of 1 with BatchNorm": (["--model", "vgg16", "--batch-size", "1"], "BatchNorm"),
-    "l2l attacker with batch 1": (["--method", "l2l-grad", "--batch-size", "1"], "BatchNorm"),
     # accepted into nonsense before
-    "freeze without init": (["--method", "rnn-adv", "--freeze-classifier"], "--init"),
     "momentum above 1": (["--momentum", "1.5"], "--momentum: 1.5 must be at least 0 and below 1"),
-    "momentum 0 cycled": (["--momentum", "0", "--lr-schedule", "cyclic"], "--no-cycle-momentum"),
-    "milestone nan": (["--lr-milestones", "nan"], "positive epoch"),
-    "milestone negative": (["--lr-milestones", "-5"], "positive epoch"),
-    "wrn depth negative": (["--model", "wrn", "--depth", "-2"], "--depth -2"),
+    "milestones not numbers": (["--lr-milestones", "100;150"], "--lr-milestones: '100;150' is not a comma list"),
+    "wrn depth negative": (["--model", "wrn", "--depth", "-2"], "--depth: -2 must be at least 1"),
+    "std of the wrong length": (["--normalize", "mean-std", "--input-std", "0.3,0.3"], "--input-std needs 1"),
+    "paper key unknown": (["--paper", "clean=86,pgdd=40"], "'pgdd=40' is not KEY=NUMBER"),
     "eps denormal": (["--eps", "1e-323"], "outside [1e-4, 1]"),
     "step size zero": (["--method", "pgd-at", "--step-size", "0"], "--step-size 0"),
     "eval step size zero": (["--eval-step-size", "0"], "--eval-step-size 0"),
@@ -510,15 +511,10 @@ def test_bad_flags_get_one_line_and_exit_2(case, mnist_dir, tmp_path, capsys):
 
 def test_eval_only_refuses_bad_checkpoints_and_takes_only_the_network_from_one(trained_run, mnist_dir, tmp_path, capsys):
     best = torch.load(os.path.join(trained_run, "best.pt"), weights_only=True)
-    cases = {"marker only": {"format": best["format"]},
-             "nan weights": {**best, "model": {k: (v * float("nan") if v.is_floating_point() else v)
-                                              for k, v in best["model"].items()}}}
-    says = {"marker only": "not a checkpoint of this l2l.py", "nan weights": "NaN or infinite"}
-    for name, ckpt in cases.items():
-        path = str(tmp_path / f"{name.replace(' ', '_')}.pt")
-        torch.save(ckpt, path)
-        code = l2l.main(["--eval-only", path, "--data-dir", mnist_dir, "--out", str(tmp_path / name), *AA_TINY])
-        check_one_line_error(code, capsys.readouterr().err, says[name])
+    path = str(tmp_path / "marker_only.pt")
+    torch.save({"format": best["format"]}, path)
+    code = l2l.main(["--eval-only", path, "--data-dir", mnist_dir, "--out", str(tmp_path / "marker"), *AA_TINY])
+    check_one_line_error(code, capsys.readouterr().err, "not a checkpoint of this l2l.py")
     # a conflicting network flag is named as ignored; --quiet is honoured
     code = l2l.main(["--eval-only", os.path.join(trained_run, "best.pt"), "--data-dir", mnist_dir, "--method", "trades",
                      "--quiet", "--test-size", "8", "--eval-attacks", "fgsm", "--out", str(tmp_path / "ev")])
@@ -570,13 +566,13 @@ def test_cache_with_wrong_shape_is_refused(tmp_path, capsys):
     write_dataset(str(tmp_path), "cifar10", n_train=40, n_test=8)
     os.rename(tmp_path / "cifar10.npz", tmp_path / "mnist.npz")
     code = l2l.main(["--dataset", "mnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o"), *TINY])
-    check_one_line_error(code, capsys.readouterr().err, "expected N x 28 x 28 x 1")
+    check_one_line_error(code, capsys.readouterr().err, "does not hold N x 28 x 28 x 1 uint8 images")
 
 
 @pytest.mark.parametrize("flag", ["--eval-only", "--resume"])
 @pytest.mark.parametrize("kind", ["missing", "garbage", "truncated", "objects", "foreign"])
 def test_bad_checkpoints_are_refused(flag, kind, trained_run, mnist_dir, tmp_path, capsys):
-    """Each kind of bad file is named for what it is (torch's own messages say "105" or name miniz)."""
+    """Each kind of bad file is one line naming the file, and nothing in the folder changes."""
     path = tmp_path / "last.pt"
     if kind == "garbage":
         path.write_bytes(b"\x00" * 64)
@@ -591,8 +587,7 @@ def test_bad_checkpoints_are_refused(flag, kind, trained_run, mnist_dir, tmp_pat
         code = l2l.main(["--eval-only", str(path), "--data-dir", mnist_dir])
     else:
         code = l2l.main(["--dataset", "mnist", "--data-dir", mnist_dir, *TINY, "--out", str(tmp_path), "--resume"])
-    says = {"missing": "no such file", "garbage": "no torch.save archive", "truncated": "damaged or truncated",
-            "objects": "objects beyond tensors", "foreign": "not a checkpoint of this l2l.py"}[kind]
+    says = {"missing": "no such file", "foreign": "not a checkpoint of this l2l.py"}.get(kind, "not a readable checkpoint")
     err = capsys.readouterr().err
     check_one_line_error(code, err, says)
     assert str(path) in err
@@ -656,7 +651,7 @@ def test_l2l_attacker_output_obeys_the_constraints(toy, method, arch, step):
     attacker = run.extras["attacker"]
     for mode in ("train", "eval"):
         with l2l.ModelMode(attacker, mode):
-            x_adv = l2l.l2l_attack(run.args, attacker, model, x, y)
+            x_adv = l2l_attack(run.args, attacker, model, x, y)
         assert (x_adv - x).abs().max() <= 0.1 + 1e-6
         assert x_adv.min() >= 0 and x_adv.max() <= 1 and (x_adv != x).any()
 
@@ -753,7 +748,7 @@ def test_one_attacker_step_raises_the_classifier_loss(toy):
 
         def loss():
             with l2l.ModelMode(attacker, "train"), torch.no_grad():
-                return F.cross_entropy(model(l2l.l2l_attack(run.args, attacker, model, x, y)), y).item()
+                return F.cross_entropy(model(l2l_attack(run.args, attacker, model, x, y)), y).item()
 
         before = loss()
         l2l.method_step(run, x, y)
@@ -773,7 +768,7 @@ def test_l2l_checkpoint_round_trip_restores_both_networks(mnist_dir, tmp_path, c
             "--eval-attacks", "fgsm,l2l"]
     assert l2l.main(argv + ["--out", out]) == 0
     printed = capsys.readouterr().out
-    assert "attacker: SlimAttacker" in printed and "parameters" in printed
+    assert "SlimAttacker" in printed and "parameters" in printed
     ckpt = l2l.read_checkpoint(os.path.join(out, "best.pt"), "x")
     run = l2l.build_run(l2l.parse_args(argv), DEVICE)
     l2l.restore(run, ckpt, "x")
@@ -896,18 +891,6 @@ def test_gradalign_gamma_table():
     assert l2l.gradalign_gamma(4 / 255) == 0.063
 
 
-def test_catastrophic_overfitting_is_flagged():
-    h = [dict(epoch=1, val_clean=0.50, val_robust=0.30), dict(epoch=2, val_clean=0.60, val_robust=0.35)]
-    assert l2l.catastrophic_overfitting(h) is None
-    h.append(dict(epoch=3, val_clean=0.70, val_robust=0.02))
-    msg = l2l.catastrophic_overfitting(h)
-    assert msg and "35.0%" in msg and "epoch 2" in msg
-    # a model that is simply not robust yet, or whose clean accuracy fell too, is not flagged
-    assert l2l.catastrophic_overfitting([dict(epoch=1, val_clean=0.9, val_robust=0.05)]) is None
-    h[-1]["val_clean"] = 0.4
-    assert l2l.catastrophic_overfitting(h) is None
-
-
 # ------------------------------------------------------------------------------------------------
 # Xiong & Hsieh: RNN learned optimiser (RNN-Adv, RNN-TRADES) and PGD with backtracking line search
 # ------------------------------------------------------------------------------------------------
@@ -977,8 +960,7 @@ def test_rnn_gradient_reaches_phi_and_the_classifier_step_leaves_phi_alone(toy):
 def test_training_phi_on_a_fixed_classifier_strengthens_its_attack(toy, design, rnn_lr):
     model, x, y = toy
     model, x, y = copy.deepcopy(model), x[:96], y[:96]
-    run = rnn_run(model=model, steps=4, extra=["--rnn-design", design, "--step-size", "0.025",
-                                               "--freeze-classifier", "--init", "given-below.pt"])  # no BN drift
+    run = rnn_run(model=model, steps=4, extra=["--rnn-design", design, "--step-size", "0.025"])
     run.extras["rnn_opt"].param_groups[0]["lr"] = float(rnn_lr)
 
     def attack_loss():
@@ -988,8 +970,8 @@ def test_training_phi_on_a_fixed_classifier_strengthens_its_attack(toy, design, 
             return F.cross_entropy(model(x_adv), y).item()
 
     before = attack_loss()
-    for _ in range(10):
-        l2l.method_step(run, x, y)  # only phi learns
+    for _ in range(10):  # steps 1-2 of Algorithm 1 only: phi learns, the classifier stays
+        l2l.rnn_optimizer_step(model, run.extras["rnn"], run.extras["rnn_opt"], x, y, **l2l.rnn_keywords(run.args))
     after = attack_loss()
     assert after > 2 * before, f"T-step attack loss {before:.5f} -> {after:.5f}"
 
@@ -999,19 +981,6 @@ def test_rnn_design_defaults():
     assert l2l.SignStepRNN().cell.hidden_size == 8 and l2l.LSTMOptimizer().cells[0].hidden_size == 20
     lrs = [l2l.rnn_optimizer_adam(net).param_groups[0]["lr"] for net in (l2l.SignStepRNN(), l2l.LSTMOptimizer())]
     assert lrs == [1e-2, 1e-3]
-
-
-@pytest.mark.parametrize("progress,expected", [("attack", [t / 6 for t in range(6)]),
-                                               ("training", [t / 3 for t in range(6)])])
-def test_rnn_step_feature_counts_the_running_attack_or_the_training_steps(toy, monkeypatch, progress, expected):
-    """--rnn-progress: a 6-step evaluation of an optimiser trained with T = 3 feeds t/6 (attack) or t/3 (training)."""
-    model, x, y = toy
-    run = rnn_run(steps=3, extra=["--rnn-progress", progress])
-    seen, forward = [], run.extras["rnn"].forward
-    monkeypatch.setattr(run.extras["rnn"], "forward", lambda *a, **k: seen.append(k["progress"]) or forward(*a, **k))
-    l2l.EVAL_ATTACKS["rnn"].run(model, x[:8], y[:8], eval_args(rnn_eval_steps=6, steps=3, rnn_progress=progress,
-                                                                 method="rnn-adv"), run.extras)
-    assert seen == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("method", ["rnn-adv", "rnn-trades"])
@@ -1063,27 +1032,6 @@ def test_surrogate_objective_has_the_gradient_of_the_unrolled_inner_loss():
             assert max(b.abs().max().item() for b in ref) > 1e-6
 
 
-def test_freeze_classifier_trains_only_the_learned_optimiser(mnist_dir, tmp_path, capsys):
-    src = str(tmp_path / "src")
-    base = ["--dataset", "mnist", "--data-dir", mnist_dir, *TINY, "--quiet"]
-    assert l2l.main(["--method", "pgd-at", *base, "--out", src]) == 0
-    for method, net in (("rnn-adv", "rnn"), ("l2l-grad", "attacker")):
-        out = str(tmp_path / method)
-        assert l2l.main(["--method", method, *base, "--model", "smallcnn", "--init", os.path.join(src, "best.pt"),
-                         "--freeze-classifier", "--epochs", "2", "--out", out]) == 0
-        before = l2l.read_checkpoint(os.path.join(src, "best.pt"), "x")
-        after = l2l.read_checkpoint(os.path.join(out, "last.pt"), "x")
-        assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])  # BN buffers too
-        torch.manual_seed(0)  # as train() seeds before it builds the networks: phi as that run started it
-        first = l2l.build_run(l2l.parse_args(["--method", method, *base]), DEVICE).extras[net].state_dict()
-        torch.manual_seed(0)
-        again = l2l.build_run(l2l.parse_args(["--method", method, *base]), DEVICE).extras[net].state_dict()
-        assert all(torch.equal(first[k], again[k]) for k in first)
-        assert any(not torch.equal(first[k].cpu(), v) for k, v in after["extras"][net].items()), method
-    check_one_line_error(l2l.main(["--method", "pgd-at", *base, "--freeze-classifier", "--out", str(tmp_path / "x")]),
-                         capsys.readouterr().err, "--freeze-classifier")
-
-
 def test_bls_never_accepts_a_step_that_lowers_the_loss(toy, monkeypatch):
     model, x, y = toy
     torch.manual_seed(0)
@@ -1121,25 +1069,23 @@ def test_rnn_checkpoint_round_trip_and_more_eval_steps(mnist_dir, tmp_path):
     assert json.load(open(os.path.join(ev2, "results.json")))["rnn"]["steps"] == 6
 
 
-def test_transfer_attack_and_init(trained_run, mnist_dir, tmp_path, capsys):
+def test_transfer_attack_and_a_checkpoint_of_another_network(trained_run, mnist_dir, tmp_path, capsys):
     src = os.path.join(trained_run, "best.pt")
     out = str(tmp_path / "t")
-    # --init with a negligible lr: the classifier stays the source's, so its clean accuracy is the source's
-    assert l2l.main(["--method", "plain", "--dataset", "mnist", "--data-dir", mnist_dir, *TINY, "--init", src,
-                     "--lr", "1e-12", "--eval-attacks", "pgd,transfer", "--transfer-from", src, "--out", out]) == 0
+    # the source attacking itself is white-box PGD: never above clean, within the ball
+    assert l2l.main(["--eval-only", src, "--data-dir", mnist_dir, "--test-size", "32", "--eval-attacks",
+                     "pgd,transfer", "--transfer-from", src, "--out", out]) == 0
     res = json.load(open(os.path.join(out, "results.json")))
-    source = json.load(open(os.path.join(trained_run, "results.json")))
-    assert res["clean"]["accuracy"] == source["clean"]["accuracy"]
-    assert res["transfer"]["source"] == os.path.abspath(src) and 0 <= res["transfer"]["accuracy"] <= 1
+    assert res["transfer"]["source"] == os.path.abspath(src) and res["transfer"]["accuracy"] <= res["clean"]["accuracy"]
+    assert res["transfer"]["max_perturbation"] <= res["protocol"]["eps"] + 1e-6
     assert "transfer" in capsys.readouterr().out
     code = l2l.main(["--method", "plain", "--dataset", "mnist", "--data-dir", mnist_dir, *TINY,
                      "--eval-attacks", "transfer", "--out", str(tmp_path / "u")])
     check_one_line_error(code, capsys.readouterr().err, "--transfer-from")
-    # --init of another network: the error names both networks (torch's first line names neither)
-    code = l2l.main(["--method", "plain", "--dataset", "mnist", "--data-dir", mnist_dir, *TINY, "--model", "wrn",
-                     "--depth", "10", "--width", "1", "--init", src, "--out", str(tmp_path / "w")])
-    check_one_line_error(code, capsys.readouterr().err, "does not fit this run's WRN-10-1 for mnist (it holds a "
-                                                        "smallcnn for mnist)")
+    # a checkpoint of another network: the error names both networks (torch's first line names neither)
+    run = l2l.build_run(l2l.parse_args(["--dataset", "mnist", "--model", "wrn", "--depth", "10", "--width", "1"]), "cpu")
+    with pytest.raises(l2l.UsageError, match=r"does not fit this run's WRN-10-1 for mnist \(it holds a smallcnn"):
+        l2l.restore(run, l2l.read_checkpoint(src, "x"), "x")
 
 
 
@@ -1431,12 +1377,9 @@ def test_benchmark_prints_the_figures_and_writes_nothing(tmp_path, capsys, monke
     plain = l2l.benchmark(l2l.parse_args(base + ["--method", "plain"]))
     pgd4 = l2l.benchmark(l2l.parse_args(base + ["--method", "pgd-at", "--steps", "4"]))
     out = capsys.readouterr().out
-    assert out.count("img/s") == 2 and "s/epoch (3688 steps of 16, 59000 examples)" in out and "GFLOP/image" in out
+    assert out.count("img/s") == 2 and "s/epoch (3688 steps of 16, 59000 examples)" in out and "peak RSS" in out
     for f in (plain, pgd4):
         assert f["images_per_second"] > 0 and f["seconds_per_epoch"] == pytest.approx(3688 * f["seconds_per_step"])
-    # SmallCNN's forward pass: 2 x its multiply-adds per image (convolutions and linear layers)
-    macs = 26 * 26 * 32 * 9 + 24 * 24 * 32 * 288 + 10 * 10 * 64 * 288 + 8 * 8 * 64 * 576 + 1024 * 200 + 200 * 200 + 2000
-    assert plain["forward_gflop_per_image"] == pytest.approx(2 * macs / 1e9, rel=0.01)
     assert os.listdir(tmp_path) == []
     assert l2l.main(base + ["--method", "l2l-2step", "--precision", "bf16", "--channels-last"]) == 0
     assert "bf16, channels_last on" in capsys.readouterr().out
@@ -1448,8 +1391,6 @@ def test_bad_speed_flags_are_refused(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun would set it; refused before any process group
     check_one_line_error(l2l.main(["--benchmark", "--batch-size", "33", "--device", "cpu"]), capsys.readouterr().err,
                          "--batch-size 33")
-    check_one_line_error(l2l.main(["--benchmark", "--sync-bn", "--device", "cpu"]), capsys.readouterr().err,
-                         "--sync-bn")
 
 
 DP_METHODS = ["plain", "l2l-grad", "rnn-adv", "fast-bat", "pgd-at"]
@@ -1546,7 +1487,7 @@ def test_torchrun_trains_with_one_writer(mnist_dir, tmp_path):
                        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("epoch   1/1") == 1 and r.stdout.count("worst case") == 1, r.stdout
-    assert "x 2 processes" in r.stdout and "all 2 processes hold identical weights" in r.stdout
+    assert "x 2 processes" in r.stdout
     res = json.load(open(os.path.join(out, "results.json")))
     assert res["protocol"]["processes"] == 2 and res["protocol"]["examples"] == 32
     assert res["l2l"]["max_perturbation"] <= 0.3 + 1e-6
@@ -1721,7 +1662,7 @@ def test_learned_l2l_attackers_stay_in_the_ball_under_bf16(toy, method, arch, st
         outs = []
         for mode in ("train", "eval"):
             with l2l.ModelMode(attacker, mode):
-                outs.append(l2l.l2l_attack(run.args, attacker, model, x[:64], y[:64]))
+                outs.append(l2l_attack(run.args, attacker, model, x[:64], y[:64]))
         outs.append(l2l.EVAL_ATTACKS["l2l"].run(model, x[:64], y[:64], run.args, run.extras))
     for x_adv in outs:
         assert x_adv.dtype == torch.float32
@@ -2058,16 +1999,6 @@ def rewrite_labels(data_dir, y_train=None, x_test=None, y_test=None):
     write_cache(path, a)
 
 
-def test_labels_that_are_not_class_indices_are_refused(tmp_path, capsys):
-    d = write_dataset(str(tmp_path / "d"))
-    rewrite_labels(d, y_train=lambda y: torch.where(torch.arange(len(y)) == 3, float("nan"), y.float()))
-    code = l2l.main(["--dataset", "mnist", "--data-dir", d, "--out", str(tmp_path / "o"), *TINY])
-    check_one_line_error(code, capsys.readouterr().err, "integer labels in 0..9")
-    rewrite_labels(d, y_train=lambda y: y + 10)
-    check_one_line_error(l2l.main(["--dataset", "mnist", "--data-dir", d, "--out", str(tmp_path / "o"), *TINY]),
-                         capsys.readouterr().err, "integer labels in 0..9")
-
-
 def test_an_empty_test_split_is_refused(tmp_path, capsys):
     d = write_dataset(str(tmp_path / "d"))
     rewrite_labels(d, x_test=lambda x: x[:0], y_test=lambda y: y[:0])
@@ -2076,12 +2007,11 @@ def test_an_empty_test_split_is_refused(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "o" / "last.pt")
 
 
-def test_a_test_size_beyond_the_test_set_says_what_it_used(mnist_dir, tmp_path, capsys):
+def test_a_test_size_beyond_the_test_set_uses_all_of_it(mnist_dir, tmp_path, capsys):
     out = str(tmp_path / "o")
     argv = ["--dataset", "mnist", "--data-dir", mnist_dir, "--out", out, *TINY, "--test-size", "5000",
             "--eval-attacks", "fgsm"]
     assert l2l.main(argv) == 0
-    assert "evaluating on all 48" in capsys.readouterr().err
     assert json.load(open(os.path.join(out, "results.json")))["protocol"]["examples"] == 48
 
 
@@ -2404,20 +2334,8 @@ def test_eval_only_needs_no_training_split_and_never_suggests_resume(trained_run
     assert "--overwrite" in err and "--resume" not in err
 
 
-def test_a_full_disk_is_one_line_and_files_get_the_umasks_mode(mnist_dir, tmp_path, monkeypatch, capsys):
+def test_files_get_the_umasks_mode(mnist_dir, tmp_path):
     argv = ["--method", "plain", "--dataset", "mnist", "--data-dir", mnist_dir, *TINY]
-    real_save = torch.save
-
-    def full(obj, f, *a, **k):
-        real_save(obj, f, *a, **k)  # as a full disk does: some bytes land, then the write fails
-        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
-                           "data/0: file write failed")
-
-    monkeypatch.setattr(torch, "save", full)
-    out = tmp_path / "full"
-    check_one_line_error(l2l.main(argv + ["--out", str(out)]), capsys.readouterr().err, "cannot write")
-    assert not [p for p in out.iterdir() if p.suffix in (".tmp", ".pt")]  # nothing half-written left behind
-    monkeypatch.setattr(torch, "save", real_save)
     out = tmp_path / "ok"
     old = os.umask(0o022)
     try:
@@ -2641,19 +2559,6 @@ def test_help_describes_every_flag_and_shows_each_default_once():
     assert {"method", "model", "rnn_design", "l2l_attacker"} <= set(l2l.KEYS["m"]) and "benchmark" not in l2l.KEYS["m"]
 
 
-def test_results_record_only_the_flags_the_method_reads(tmp_path, mnist_dir):
-    r = cli("--method", "fast-at", "--dataset", "mnist", "--data-dir", mnist_dir, *TINY, "--eval-attacks", "fgsm",
-            "--out", str(tmp_path / "run"), "--quiet")
-    assert r.returncode == 0, r.stderr
-    recorded = json.load(open(tmp_path / "run" / "results.json"))["args"]
-    assert recorded["method"] == "fast-at" and recorded["eps"] == 0.3 and "step_size" in recorded
-    unused = [k for k in recorded if k.startswith(("rnn_", "l2l_", "attacker_"))
-              or k in ("beta", "freeze_classifier", "attack_start", "steps")]
-    assert not unused, unused
-    assert "clamp_start" in recorded and "clamp_start" not in l2l.used_flags(l2l.parse_args(["--method", "pgd-at"]))
-    assert "rnn_design" in l2l.read_checkpoint(str(tmp_path / "run" / "last.pt"), "x")["args"]  # resume needs all
-
-
 def test_each_recipe_feeds_its_network_as_the_official_code_does():
     """Raw [0,1] for TRADES, L2L, RNN-TRADES and every MNIST recipe; mean/std for fast_adversarial (0.2471), Rice
     (0.2471) and Fast-BAT (0.2470)."""
@@ -2750,13 +2655,13 @@ def test_bls_trials_use_fixed_batchnorm_statistics():
         assert (after >= before - 1e-6).all()
 
 
-def same_checkpoints(other: str, methods: list, work) -> list:
+def same_checkpoints(other: str, methods: list, work, shapes=("mnist", "cifar")) -> list:
     """Every method trained one short epoch on synthetic MNIST- and CIFAR-shaped data by this l2l.py and by `other`,
     same seed and flags, on the CPU; the methods whose last.pt tensors (weights, optimisers, learned networks, random
     generators, history without timings) are not bitwise equal."""
     for name, n in (("mnist", 320), ("cifar10", 96)):
         write_dataset(str(work), name, n_train=n, n_test=16)
-    shapes = {"mnist": ["--dataset", "mnist", "--train-size", "256", "--val-size", "64", "--batch-size", "64"],
+    layouts = {"mnist": ["--dataset", "mnist", "--train-size", "256", "--val-size", "64", "--batch-size", "64"],
               "cifar": ["--dataset", "cifar10", "--model", "wrn", "--depth", "10", "--width", "1", "--train-size", "64",
                         "--val-size", "32", "--batch-size", "32", "--lr-peak-epoch", "0.5"]}
     common = ["--data-dir", str(work), "--epochs", "1", "--test-size", "8", "--steps", "2", "--eval-attacks", "fgsm",
@@ -2780,7 +2685,7 @@ def same_checkpoints(other: str, methods: list, work) -> list:
             return type(a) is type(b) and len(a) == len(b) and all(map(equal, a, b))
         return a == b
 
-    return [f"{m} {shape}" for m in methods for shape, flags in shapes.items()
+    return [f"{m} {shape}" for m in methods for shape, flags in layouts.items() if shape in shapes
             if not equal(*(state(script, str(work / f"{m}-{shape}-{i}"), ["--method", m, *flags, *common])
                            for i, script in enumerate((os.path.join(HERE, "l2l.py"), other))))]
 
@@ -2795,8 +2700,8 @@ def test_same_checkpoints_tells_a_pure_move_from_a_change(tmp_path):
     (tmp_path / "same.py").write_text(src)
     (tmp_path / "changed.py").write_text(src.replace(old, old.replace("F.cross_entropy(logits, y)",
                                                                       "2 * F.cross_entropy(logits, y)")))
-    assert same_checkpoints(str(tmp_path / "same.py"), ["plain"], tmp_path) == []
-    assert same_checkpoints(str(tmp_path / "changed.py"), ["plain"], tmp_path) == ["plain mnist", "plain cifar"]
+    assert same_checkpoints(str(tmp_path / "same.py"), ["plain"], tmp_path, ["mnist"]) == []
+    assert same_checkpoints(str(tmp_path / "changed.py"), ["plain"], tmp_path, ["mnist"]) == ["plain mnist"]
 
 
 @pytest.mark.skipif(not (os.environ.get("L2L_SLOW_TESTS") and os.environ.get("L2L_OTHER")),
