@@ -1575,7 +1575,7 @@ FLAGS = (
     ("run", "--resume", "", dict(action="store_true", help="continue the run in --out from last.pt")),
     ("run", "--eval-only", "", dict(default=None, metavar="CKPT", help="evaluate a checkpoint, no training")),
     ("run", "--device", "e", dict(default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda if available")),
-    ("run", "--seed", "te", dict(type=SEED, default=0, help="seeds the weights, batches, random starts and AutoAttack")),
+    ("run", "--seed", "te", dict(type=SEED, default=0, help="seeds weights, batches, random starts, AutoAttack")),
     ("run", "--quiet", "e", dict(action="store_true", help="no progress lines (they come at most every 10 s)")),
     ("run", "--report", "", dict(default=None, metavar="RUN", nargs="+", help="print a markdown table of these "
             "runs' results.json; trains nothing")),
@@ -1600,7 +1600,8 @@ FLAGS = (
     ("opt", "--optimizer", "t", dict(default=None, choices=("sgd", "adam"), help="the classifier's optimiser")),
     ("opt", "--momentum", "t", dict(type=MOMENTUM, default=None, help="SGD momentum (cyclic: its value at lr 0)")),
     ("opt", "--weight-decay", "t", dict(type=NONNEGATIVE, default=None, help="weight decay")),
-    ("opt", "--lr-schedule", "t", dict(default=None, choices=("multistep", "cyclic", "constant"), help="see schedule_at")),
+    ("opt", "--lr-schedule", "t", dict(default=None, choices=("multistep", "cyclic", "constant"),
+            help="see schedule_at")),
     ("opt", "--lr-milestones", "t", dict(type=comma_numbers, default=None, help="multistep: epochs where lr is "
             "multiplied by 0.1, e.g. 100,150")),
     ("opt", "--lr-milestone-base", "t", dict(type=int, default=None, choices=(0, 1), help="1: epochs counted from 1, "
@@ -1637,7 +1638,8 @@ FLAGS = (
     ("learned", "--attacker-steps", "t", dict(type=COUNT, default=1, help="attacker updates per classifier update")),
     ("eval", "--eval-attacks", "e", dict(default="fgsm,pgd,cw,aa", help="comma list from: {attacks}; aa = "
             "AutoAttack's standard version, the yardstick")),
-    ("eval", "--eval-steps", "e", dict(type=NONNEGATIVE_INT, default=None, help="PGD/CW steps (default: 20, MNIST 40)")),
+    ("eval", "--eval-steps", "e", dict(type=NONNEGATIVE_INT, default=None, help="PGD/CW steps (default: 20, "
+            "MNIST 40)")),
     ("eval", "--eval-step-size", "e", dict(type=NONNEGATIVE_NUMBER, default=None, help="PGD/CW step (default: eps/4, "
             "MNIST 0.01)")),
     ("eval", "--eval-restarts", "e", dict(type=COUNT, default=1, help="random restarts of PGD/CW")),
@@ -1794,7 +1796,8 @@ def load_arrays(name: str, data_dir: str) -> Dict[str, torch.Tensor]:
         except OSError as e:
             print(f"note: could not write the cache {cache} ({e.strerror}); continuing without it", file=sys.stderr)
     c, h, w = spec["shape"]
-    if any(arrays[f"x_{s}"].dtype != torch.uint8 or tuple(arrays[f"x_{s}"].shape[1:]) != (h, w, c) for s in ("train", "test")):
+    if any(arrays[f"x_{s}"].dtype != torch.uint8 or tuple(arrays[f"x_{s}"].shape[1:]) != (h, w, c)
+           for s in ("train", "test")):
         raise UsageError(f"{cache} does not hold N x {h} x {w} x {c} uint8 images; delete it and rerun to rebuild it")
     return {k: v.long() if k.startswith("y") else v for k, v in arrays.items()}
 
@@ -2210,8 +2213,8 @@ EVAL_ATTACKS: Dict[str, EvalAttack] = {
     # AutoAttack, standard version: the four above in order, each on the examples still robust; evaluate() runs it
     # over the whole test set at once, in chunks of --eval-batch-size, as autoattack.py does.
     "aa": EvalAttack(lambda m, x, y, a, e: run_autoattack(m, x, y, a)[0], lambda a: protocol(
-        "AutoAttack (standard)" if autoattack_is_standard(a) else f"AutoAttack (custom: {autoattack_settings(a)})", a.apgd_steps, 2 * a.eps, suite=list(AUTOATTACK_STANDARD),
-        seed=a.seed, settings=autoattack_settings(a))),
+        "AutoAttack (standard)" if autoattack_is_standard(a) else f"AutoAttack (custom: {autoattack_settings(a)})",
+        a.apgd_steps, 2 * a.eps, suite=list(AUTOATTACK_STANDARD), seed=a.seed, settings=autoattack_settings(a))),
     # The checkpoint's learned L2L attacker in eval mode, and its learned RNN optimiser for --rnn-eval-steps (Table 6
     # of Xiong & Hsieh: more steps than trained with).
     "l2l": EvalAttack(lambda m, x, y, a, e: eval_learned_l2l(m, x, y, a, e), lambda a: protocol(
@@ -2223,7 +2226,8 @@ EVAL_ATTACKS: Dict[str, EvalAttack] = {
     "transfer": EvalAttack(lambda m, x, y, a, e: pgd(e["transfer_source"], x, y, a.eps, a.eval_step_size, a.eval_steps,
                                                      a.eval_restarts, "ce"),
                            lambda a: protocol("ce on the source model (transfer)", a.eval_steps, a.eval_step_size,
-                                              a.eval_restarts, source=a.transfer_from and os.path.abspath(a.transfer_from))),
+                                              a.eval_restarts,
+                                              source=a.transfer_from and os.path.abspath(a.transfer_from))),
 }
 
 def run_autoattack(model, x, y, args, on_batch=None) -> tuple:
@@ -2492,7 +2496,8 @@ def restore(run: Run, ckpt: dict, what: str, optimizer: bool = True) -> None:
         if optimizer:
             run.optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, KeyError, ValueError) as e:
-        name = lambda a: (f"WRN-{a['depth']}-{a['width']}" if a["model"] == "wrn" else a["model"]) + f" for {a['dataset']}"
+        name = lambda a: (f"WRN-{a['depth']}-{a['width']}" if a["model"] == "wrn" else a["model"]) + \
+            f" for {a['dataset']}"
         ours, saved = name(vars(run.args)), name(ckpt["args"])
         found = f"it holds a {saved}" if saved != ours else str(e).splitlines()[-1].strip()[:100]
         raise UsageError(f"{what} does not fit this run's {ours} ({found}); pass a checkpoint of the same model "
@@ -2560,8 +2565,8 @@ def describe(args, run: Run, data: Data, device, world: int) -> str:
     return (f"{args.method} ({METHODS[args.method].paper}) on {args.dataset}: {args.model}, {', '.join(nets)}; "
             f"{data.x_train.shape[0]} train / {data.x_val.shape[0]} val / {data.x_test.shape[0]} test, device "
             f"{device}" + (f" x {world} processes" if world > 1 else "") +
-            f"\n  eps {fmt_eps(args.eps)}, steps {args.steps}, {step}, attack BN {args.attack_bn}, epochs {args.epochs}, "
-            f"batch {args.batch_size}, lr {args.lr} ({schedule}), " + ("Adam" if args.optimizer == "adam" else
+            f"\n  eps {fmt_eps(args.eps)}, steps {args.steps}, {step}, attack BN {args.attack_bn}, "
+            f"epochs {args.epochs}, batch {args.batch_size}, lr {args.lr} ({schedule}), " + ("Adam" if args.optimizer == "adam" else
             f"SGD momentum {args.momentum}") + f", wd {args.weight_decay}, seed {args.seed}\n  precision "
             f"{args.precision} (evaluation fp32), channels_last {args.channels_last}, compile {args.compile}")
 
@@ -2627,7 +2632,8 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
                   "val_clean": val_clean, "val_robust": val_robust, "train_seconds": train_seconds,
                   "seconds": time.time() - t0}
         if not math.isfinite(record["train_loss"]):  # the same on every rank (all-reduced): all stop together
-            kept = f"last.pt keeps epoch {epoch}, best.pt epoch {best['epoch']}" if epoch else "no checkpoint was written"
+            kept = f"last.pt keeps epoch {epoch}, best.pt epoch {best['epoch']}" if epoch else \
+                "no checkpoint was written"
             raise TrainingDiverged(f"training diverged: the train loss of epoch {epoch + 1} is {record['train_loss']}; "
                                    f"{kept}, and nothing of epoch {epoch + 1} was saved; lower --lr (now {args.lr:g}) "
                                    f"and start again")
