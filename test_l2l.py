@@ -2674,7 +2674,7 @@ def same_checkpoints(other: str, methods: list, work, shapes=("mnist", "cifar"))
                            for i, script in enumerate((os.path.join(HERE, "l2l.py"), other))))]
 
 
-@cpu_only
+@pytest.mark.skipif(not os.environ.get("L2L_SLOW_TESTS"), reason="opt-in, as the check it tests: L2L_SLOW_TESTS=1")
 def test_same_checkpoints_tells_a_pure_move_from_a_change(tmp_path):
     """The check a behaviour-preserving change runs against the previous l2l.py (L2L_SLOW_TESTS=1
     L2L_OTHER=path/to/old/l2l.py): here an unchanged copy is equal, one whose plain step scales its loss is not."""
