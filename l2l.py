@@ -38,16 +38,9 @@ AA = fra31/auto-attack, RO = locuslab/robust_overfitting).
         (preact_resnet.py, Fast-BAT model_zoo.py, RO preactresnet.py), WideResNet (TRADES wideresnet.py).
 Differences kept on purpose are listed in README ("Deliberate differences from the official code").
 
-Conventions that hold everywhere below:
-  * Images are float tensors in [0,1], N x C x H x W. A model's first layer normalises them where the official
-    code does (Normalize; the identity where it feeds the raw image), so eps, step sizes and clamps are in pixel
-    space and checkpoints can be attacked by outside tools.
-  * An attack returns x_adv with ||x_adv - x||_inf <= eps and x_adv in [0,1] (the set C of Fast-BAT).
-  * Evaluation attacks run with the model in eval mode and never update BN statistics.
-
-Layout. Part I, the algorithms: models; hand-designed attacks; learned attackers and optimisers; one training
-step per method. Each takes explicit arguments and needs only torch and math, so it copies out with the
-definitions it calls (README, "Copy an algorithm"). Part II, the harness, follows.
+Conventions: images are float tensors in [0,1], N x C x H x W; a model's first layer normalises them where the
+official code does (Normalize), so eps, steps and clamps are in pixel space and outside tools can attack a
+checkpoint. An attack returns x_adv in C = {||x_adv - x||_inf <= eps} n [0,1]. Evaluation runs in eval mode.
 """
 
 import argparse
@@ -63,6 +56,7 @@ import time
 import uuid
 from collections import namedtuple
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Dict, Optional
 
 import numpy as np
@@ -75,13 +69,11 @@ import torch.nn.functional as F
 # PART I: THE ALGORITHMS. Models, hand-designed attacks, learned attackers and optimisers, and one
 # training step per method. Everything here takes explicit arguments and needs only torch, torch.nn as
 # nn, torch.nn.functional as F and math: a function copies out with the definitions it calls (README,
-# "Copy an algorithm"). Nothing here reads a flag or talks to other processes.
+# "Copy an algorithm"). Nothing here reads a flag or talks to other processes. Part II, the harness, follows.
 # ================================================================================================
 
 
-# ================================================================================================
 # Models. Inputs in [0,1]; per-channel normalisation (or the identity) is the first layer of every network.
-# ================================================================================================
 
 
 class Normalize(nn.Module):
@@ -252,7 +244,6 @@ class WideResNet(nn.Module):
 # Hand-designed attacks: pure functions in pixel space. Each returns x_adv in C = {||x_adv - x||_inf
 # <= eps} n [0,1]. They take the model in whatever mode the caller set (trainers choose the BN mode,
 # evaluation uses eval mode) and compute gradients w.r.t. the input only: parameter .grad untouched.
-# ================================================================================================
 
 
 def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -1096,7 +1087,6 @@ def rnn_attack(rnn, model, x, y, eps, steps, alpha, init="uniform", logp_clean=N
 # optimisers, the batch (x in [0,1], y) and the method's hyperparameters as keywords, and returns
 # (loss, number correct) as device tensors (no host sync inside the epoch). The classifier arrives in
 # train mode; every attack inside runs with dropout off and BatchNorm in the `attack_bn` mode.
-# ================================================================================================
 
 
 def sgd_update(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
@@ -1374,12 +1364,9 @@ def rnn_trades_step(model, optimizer, rnn, rnn_optimizer, x, y, *, eps, steps, a
 
 
 # ================================================================================================
-# ================================================================================================
 # PART II: THE HARNESS. Recipes and flags; data, models by name and checkpoints; the method table
 # that binds flags to the steps of Part I; speed and scale; evaluation; the training loop;
 # benchmark, report and main. Part I never calls anything below this line.
-# ================================================================================================
-# ================================================================================================
 
 
 class UsageError(Exception):
@@ -1387,22 +1374,20 @@ class UsageError(Exception):
 
 
 class TrainingDiverged(Exception):
-    """The training loss turned non-finite. main() prints it as one line and exits 3; nothing of the diverged
-    epoch is saved."""
+    """The training loss turned non-finite: main() prints it as one line and exits 3."""
 
 
+# eval_step_frac, eval_steps: the default evaluation PGD, step eps / 4 for 20 steps; MNIST (TRADES, Madry): 0.01 x 40
 DATASETS = {
     "mnist": dict(shape=(1, 28, 28), classes=10, n_train=60000, mean=(0.1307,), std=(0.3081,), augment="none",
-                  eps=0.3, eval_step_frac=1 / 30, eval_steps=40),  # TRADES/Madry: PGD-40, step 0.01
+                  eps=0.3, eval_step_frac=1 / 30, eval_steps=40),
     "cifar10": dict(shape=(3, 32, 32), classes=10, n_train=50000, mean=(0.4914, 0.4822, 0.4465),
-                    std=(0.2470, 0.2435, 0.2616), augment="crop-flip", eps=8 / 255,
-                    eval_step_frac=1 / 4, eval_steps=20),
+                    std=(0.2470, 0.2435, 0.2616), augment="crop-flip", eps=8 / 255, eval_step_frac=1 / 4, eval_steps=20),
     "cifar100": dict(shape=(3, 32, 32), classes=100, n_train=50000, mean=(0.5071, 0.4865, 0.4409),
-                     std=(0.2673, 0.2564, 0.2762), augment="crop-flip", eps=8 / 255,
-                     eval_step_frac=1 / 4, eval_steps=20),
+                     std=(0.2673, 0.2564, 0.2762), augment="crop-flip", eps=8 / 255, eval_step_frac=1 / 4,
+                     eval_steps=20),
     "svhn": dict(shape=(3, 32, 32), classes=10, n_train=73257, mean=(0.4377, 0.4438, 0.4728),
-                 std=(0.1980, 0.2010, 0.1970), augment="crop", eps=8 / 255,
-                 eval_step_frac=1 / 4, eval_steps=20),
+                 std=(0.1980, 0.2010, 0.1970), augment="crop", eps=8 / 255, eval_step_frac=1 / 4, eval_steps=20),
 }
 
 L2L_VARIANTS = {"l2l-naive": "naive", "l2l-grad": "grad", "l2l-2step": "multi"}
@@ -1498,10 +1483,9 @@ def parse_number(text: str) -> float:
 
 def fmt_eps(value: float) -> str:
     """Print eps and step sizes the way papers write them: 8/255 when that is exact, else a decimal."""
-    k = value * 255
-    if value > 0 and abs(k - round(k)) < 1e-6 and float(f"{value:.4g}") != value:  # 8/255, but 0.6 stays 0.6
-        return f"{round(k)}/255"
-    return f"{value:.4g}"
+    k = value * 255  # 8/255, but 0.6 stays 0.6
+    return f"{round(k)}/255" if value > 0 and abs(k - round(k)) < 1e-6 and float(f"{value:.4g}") != value else \
+        f"{value:.4g}"
 
 
 def comma_numbers(text: str) -> list:
@@ -1514,20 +1498,16 @@ def comma_numbers(text: str) -> list:
 
 def paper_numbers(text: str) -> dict:
     """--paper 'clean=86.06,pgd=46.06' -> {'clean': 86.06, 'pgd': 46.06}: keys clean, worst_case or an attack."""
-    parsed = {}
-    for item in text.split(","):
-        key, _, value = item.partition("=")
-        try:
-            assert key in ("clean", "worst_case", *EVAL_ATTACKS)
-            parsed[key] = float(value)
-        except (AssertionError, ValueError):
-            raise argparse.ArgumentTypeError(f"'{item}' is not KEY=NUMBER with KEY clean, worst_case or an attack")
-    return parsed
+    try:
+        parsed = {key: float(value) for key, _, value in (item.partition("=") for item in text.split(","))}
+        assert set(parsed) <= {"clean", "worst_case", *EVAL_ATTACKS}
+        return parsed
+    except (AssertionError, ValueError):
+        raise argparse.ArgumentTypeError(f"'{text}' is not KEY=NUMBER,... with KEY clean, worst_case or an attack")
 
 
 def bounded(convert: Callable, low, low_open=False, high=math.inf) -> Callable:
-    """An argparse type: convert(text), refused in one line unless at least `low` (above it if low_open) and below
-    `high`."""
+    """An argparse type: convert(text), refused unless at least `low` (above it if low_open) and below `high`."""
     def parse(text):
         value = convert(text)
         if not ((value > low if low_open else value >= low) and value < high):
@@ -1544,6 +1524,7 @@ COUNT, NONNEGATIVE_INT = bounded(int, 1), bounded(int, 0)
 POSITIVE, NONNEGATIVE = bounded(float, 0, low_open=True), bounded(float, 0)
 POSITIVE_NUMBER, NONNEGATIVE_NUMBER = bounded(parse_number, 0, low_open=True), bounded(parse_number, 0)  # 8/255
 MOMENTUM, SEED = bounded(float, 0, high=1), bounded(int, 0, high=2 ** 32)
+BOOL = argparse.BooleanOptionalAction
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -1564,106 +1545,76 @@ FLAG_GROUPS = {"run": "run", "data": "data", "opt": "optimisation (defaults: per
 FLAGS = (
     ("run", "--method", "tm", dict(default="pgd-at", metavar="METHOD", help="one of: {methods}")),
     ("run", "--dataset", "tm", dict(default="cifar10", metavar="DATASET", help="one of: {datasets}")),
-    ("run", "--model", "tm", dict(default=None, choices=MODELS, help="the network (default: per method)")),
+    ("run", "--model", "tm", dict(choices=MODELS, help="the network (default: per method)")),
     ("run", "--depth", "tm", dict(type=COUNT, default=34, help="WideResNet depth (6n+4)")),
     ("run", "--width", "tm", dict(type=COUNT, default=10, help="WideResNet widen factor")),
-    ("run", "--preact-shortcut", "tm", dict(default=None, choices=("input", "activation"), help="PreActResNet-18's "
-            "1x1 shortcut reads the block input (fast_adversarial, Fast-BAT) or relu(bn1(x)) (Rice et al.)")),
+    ("run", "--preact-shortcut", "tm", dict(choices=("input", "activation"), help="1x1 shortcut on x or relu(bn1(x))")),
     ("run", "--data-dir", "e", dict(default="./data", help="where <dataset>.npz or torchvision's files live")),
-    ("run", "--out", "e", dict(default=None, help="output directory (default: runs/<method>_<dataset>)")),
+    ("run", "--out", "e", dict(help="output directory (default: runs/<method>_<dataset>)")),
     ("run", "--overwrite", "e", dict(action="store_true", help="replace an earlier run's files in --out")),
     ("run", "--resume", "", dict(action="store_true", help="continue the run in --out from last.pt")),
-    ("run", "--eval-only", "", dict(default=None, metavar="CKPT", help="evaluate a checkpoint, no training")),
+    ("run", "--eval-only", "", dict(metavar="CKPT", help="evaluate a checkpoint, no training")),
     ("run", "--device", "e", dict(default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda if available")),
     ("run", "--seed", "te", dict(type=SEED, default=0, help="seeds weights, batches, random starts, AutoAttack")),
     ("run", "--quiet", "e", dict(action="store_true", help="no progress lines (they come at most every 10 s)")),
-    ("run", "--report", "", dict(default=None, metavar="RUN", nargs="+", help="print a markdown table of these "
-            "runs' results.json; trains nothing")),
-    ("run", "--recipe", "", dict(default=None, help="the run.sh recipe this run reproduces (run.sh sets it)")),
-    ("run", "--paper", "", dict(type=paper_numbers, default=None, metavar="NUMBERS", help="the paper's numbers for "
-            "--report, e.g. clean=86.06,pgd=46.06 (run.sh sets them)")),
-    ("data", "--train-size", "t", dict(type=COUNT, default=None, help="use the first N training examples")),
-    ("data", "--val-size", "t", dict(type=NONNEGATIVE_INT, default=1000, help="the last N training examples, held "
-            "out to choose best.pt; 0: train on all and evaluate the last epoch")),
-    ("data", "--test-size", "e", dict(type=COUNT, default=None, help="evaluate on the first N test examples")),
-    ("data", "--normalize", "tm", dict(default=None, choices=("none", "mean-std"), help="the network's first layer: "
-            "the identity, or (x - mean) / std (default: as the method's official code)")),
-    ("data", "--input-std", "tm", dict(type=comma_numbers, default=None, metavar="S1,S2,S3", help="the std of "
-            "--normalize mean-std (default: the recipe's)")),
-    ("data", "--crop-pad", "t", dict(default=None, choices=("zero", "reflect"), help="padding of the random crop "
-            "(reflect: Rice et al.)")),
-    ("data", "--augment", "t", dict(default=None, choices=("none", "crop", "crop-flip", "crop-flip-rotate"),
-            help="on-device augmentation; -rotate: +-15 degrees, as Fast-BAT's CIFAR-100 loader")),
-    ("opt", "--epochs", "t", dict(type=COUNT, default=None, help="training epochs")),
-    ("opt", "--batch-size", "tm", dict(type=COUNT, default=None, help="training batch (global under torchrun)")),
-    ("opt", "--lr", "t", dict(type=POSITIVE, default=None, help="peak learning rate")),
-    ("opt", "--optimizer", "t", dict(default=None, choices=("sgd", "adam"), help="the classifier's optimiser")),
-    ("opt", "--momentum", "t", dict(type=MOMENTUM, default=None, help="SGD momentum (cyclic: its value at lr 0)")),
-    ("opt", "--weight-decay", "t", dict(type=NONNEGATIVE, default=None, help="weight decay")),
-    ("opt", "--lr-schedule", "t", dict(default=None, choices=("multistep", "cyclic", "constant"),
-            help="see schedule_at")),
-    ("opt", "--lr-milestones", "t", dict(type=comma_numbers, default=None, help="multistep: epochs where lr is "
-            "multiplied by 0.1, e.g. 100,150")),
-    ("opt", "--lr-milestone-base", "t", dict(type=int, default=None, choices=(0, 1), help="1: epochs counted from 1, "
-            "'if epoch >= m' (TRADES, L2L); 0: lr drops after m full epochs (Rice et al., Fast-BAT)")),
-    ("opt", "--lr-peak-epoch", "t", dict(type=float, default=None, help="cyclic: epoch where lr peaks")),
-    ("opt", "--cycle-momentum", "t", dict(action=argparse.BooleanOptionalAction, default=True, help="cyclic: "
-            "momentum from --momentum at lr 0 to 0.8 at the peak, as torch's CyclicLR")),
-    ("attack", "--eps", "te", dict(type=parse_number, default=None, help="l_inf budget in [0,1] pixels, e.g. 8/255 "
-            "(default: 8/255, MNIST 0.3; --eval-only: the checkpoint's)")),
-    ("attack", "--step-size", "tm", dict(type=NONNEGATIVE_NUMBER, default=None, help="attack step, e.g. 2/255 "
-            "(rnn-*: alpha)")),
-    ("attack", "--steps", "tm", dict(type=NONNEGATIVE_INT, default=None, help="attack iterations (rnn-*: T)")),
-    ("attack", "--beta", "t", dict(type=NONNEGATIVE, default=None, help="TRADES robustness weight")),
-    ("attack", "--attack-bn", "t", dict(default=None, choices=("eval", "train"), help="BN mode of the training "
-            "attack; dropout is off in every attack")),
-    ("attack", "--attack-start", "tm", dict(default=None, choices=("uniform", "normal"), help="x + U(-eps, eps) "
-            "(Madry et al.) or x + 0.001 N(0, I) (TRADES, L2L)")),
-    ("attack", "--clamp-start", "t", dict(action=argparse.BooleanOptionalAction, default=None, help="fast-at: clamp "
-            "the random start to [0,1] (CIFAR10/train_fgsm.py) or not (MNIST/train_mnist.py)")),
-    ("learned", "--rnn-design", "tm", dict(default="sign-step", choices=("sign-step", "lstm"), help="SignStepRNN "
-            "(starts as PGD) or LSTMOptimizer (Andrychowicz et al.)")),
-    ("learned", "--rnn-weights", "t", dict(default="uniform", choices=("uniform", "last", "linear"), help="w_t of the "
-            "iterates in phi's objective")),
-    ("learned", "--rnn-objective", "t", dict(default="loss", choices=("loss", "per-example"), help="phi ascends the "
-            "loss, or each example's loss over its gradient's mean magnitude")),
-    ("learned", "--rnn-eval-steps", "e", dict(type=COUNT, default=None, help="steps of the rnn eval attack "
-            "(default: T)")),
-    ("learned", "--l2l-attacker", "tm", dict(default="slim", choices=("slim", "wide"), help="the poster's network or "
-            "the released scripts' WideAttacker")),
-    ("learned", "--l2l-width", "tm", dict(type=COUNT, default=128, help="attacker channels W (the paper's: 128)")),
+    ("run", "--report", "", dict(metavar="RUN", nargs="+", help="a markdown table of these runs")),
+    ("run", "--recipe", "", dict(help="the run.sh recipe this run reproduces (run.sh sets it)")),
+    ("run", "--paper", "", dict(type=paper_numbers, metavar="NUMBERS", help="for --report: clean=86,pgd=46")),
+    ("data", "--train-size", "t", dict(type=COUNT, help="use the first N training examples")),
+    ("data", "--val-size", "t", dict(type=NONNEGATIVE_INT, default=1000, help="last N train images: best.pt")),
+    ("data", "--test-size", "e", dict(type=COUNT, help="evaluate on the first N test examples")),
+    ("data", "--normalize", "tm", dict(choices=("none", "mean-std"), help="the network's first layer")),
+    ("data", "--input-std", "tm", dict(type=comma_numbers, metavar="S1,S2,S3", help="the std of --normalize mean-std")),
+    ("data", "--crop-pad", "t", dict(choices=("zero", "reflect"), help="padding of the random crop")),
+    ("data", "--augment", "t", dict(choices=("none", "crop", "crop-flip", "crop-flip-rotate"), help="on the device")),
+    ("opt", "--epochs", "t", dict(type=COUNT, help="training epochs")),
+    ("opt", "--batch-size", "tm", dict(type=COUNT, help="training batch (global under torchrun)")),
+    ("opt", "--lr", "t", dict(type=POSITIVE, help="peak learning rate")),
+    ("opt", "--optimizer", "t", dict(choices=("sgd", "adam"), help="the classifier's optimiser")),
+    ("opt", "--momentum", "t", dict(type=MOMENTUM, help="SGD momentum (cyclic: its value at lr 0)")),
+    ("opt", "--weight-decay", "t", dict(type=NONNEGATIVE, help="weight decay")),
+    ("opt", "--lr-schedule", "t", dict(choices=("multistep", "cyclic", "constant"), help="schedule_at")),
+    ("opt", "--lr-milestones", "t", dict(type=comma_numbers, help="multistep: x0.1 at, e.g. 100,150")),
+    ("opt", "--lr-milestone-base", "t", dict(type=int, choices=(0, 1), help="1: 'if epoch >= m' from 1; 0: after m")),
+    ("opt", "--lr-peak-epoch", "t", dict(type=float, help="cyclic: epoch where lr peaks")),
+    ("opt", "--cycle-momentum", "t", dict(action=BOOL, default=True, help="cyclic: momentum to 0.8 at the peak")),
+    ("attack", "--eps", "te", dict(type=parse_number, help="l_inf budget (default: 8/255, MNIST 0.3)")),
+    ("attack", "--step-size", "tm", dict(type=NONNEGATIVE_NUMBER, help="attack step (rnn-*: alpha)")),
+    ("attack", "--steps", "tm", dict(type=NONNEGATIVE_INT, help="attack iterations (rnn-*: T)")),
+    ("attack", "--beta", "t", dict(type=NONNEGATIVE, help="TRADES robustness weight")),
+    ("attack", "--attack-bn", "t", dict(choices=("eval", "train"), help="BN mode while attacking")),
+    ("attack", "--attack-start", "tm", dict(choices=("uniform", "normal"), help="x + U(-eps, eps), x + 0.001 N(0,I)")),
+    ("attack", "--clamp-start", "t", dict(action=BOOL, help="fast-at: clamp the random start to [0,1]")),
+    ("learned", "--rnn-design", "tm", dict(default="sign-step", choices=("sign-step", "lstm"), help="m_phi's design")),
+    ("learned", "--rnn-weights", "t", dict(default="uniform", choices=("uniform", "last", "linear"),
+                                           help="w_t of the iterates in phi's objective")),
+    ("learned", "--rnn-objective", "t", dict(default="loss", choices=("loss", "per-example"), help="phi's objective")),
+    ("learned", "--rnn-eval-steps", "e", dict(type=COUNT, help="steps of the rnn attack (default: T)")),
+    ("learned", "--l2l-attacker", "tm", dict(default="slim", choices=("slim", "wide"), help="the attacker network")),
+    ("learned", "--l2l-width", "tm", dict(type=COUNT, default=128, help="attacker channels W")),
     ("learned", "--l2l-steps", "tm", dict(type=COUNT, default=2, help="l2l-2step: attacker applications K")),
-    ("learned", "--l2l-step-size", "tm", dict(type=POSITIVE_NUMBER, default=None, help="l2l-2step: adv_loss.py's "
-            "k-step variant with this step (0.007); default: the poster's unscaled steps")),
+    ("learned", "--l2l-step-size", "tm", dict(type=POSITIVE_NUMBER, help="l2l-2step: k-step's step")),
     ("learned", "--attacker-steps", "t", dict(type=COUNT, default=1, help="attacker updates per classifier update")),
-    ("eval", "--eval-attacks", "e", dict(default="fgsm,pgd,cw,aa", help="comma list from: {attacks}; aa = "
-            "AutoAttack's standard version, the yardstick")),
-    ("eval", "--eval-steps", "e", dict(type=NONNEGATIVE_INT, default=None, help="PGD/CW steps (default: 20, "
-            "MNIST 40)")),
-    ("eval", "--eval-step-size", "e", dict(type=NONNEGATIVE_NUMBER, default=None, help="PGD/CW step (default: eps/4, "
-            "MNIST 0.01)")),
+    ("eval", "--eval-attacks", "e", dict(default="fgsm,pgd,cw,aa", help="comma list from: {attacks}")),
+    ("eval", "--eval-steps", "e", dict(type=NONNEGATIVE_INT, help="PGD/CW steps (default 20, MNIST 40)")),
+    ("eval", "--eval-step-size", "e", dict(type=NONNEGATIVE_NUMBER, help="PGD/CW step (default: eps/4, MNIST 0.01)")),
     ("eval", "--eval-restarts", "e", dict(type=COUNT, default=1, help="random restarts of PGD/CW")),
     ("eval", "--eval-batch-size", "e", dict(type=COUNT, default=500, help="batch of evaluation and validation")),
-    ("eval", "--transfer-from", "e", dict(default=None, metavar="CKPT", help="source model of the transfer attack")),
+    ("eval", "--transfer-from", "e", dict(metavar="CKPT", help="source model of the transfer attack")),
     ("eval", "--apgd-steps", "e", dict(type=COUNT, default=100, help="iterations of apgd-ce and apgd-t")),
     ("eval", "--apgd-targets", "e", dict(type=COUNT, default=9, help="target classes of apgd-t")),
     ("eval", "--fab-steps", "e", dict(type=COUNT, default=100, help="iterations of fab-t per target")),
     ("eval", "--fab-targets", "e", dict(type=COUNT, default=9, help="target classes of fab-t")),
     ("eval", "--square-queries", "e", dict(type=COUNT, default=5000, help="queries of square")),
     ("eval", "--val-steps", "t", dict(type=NONNEGATIVE_INT, default=10, help="PGD steps of the per-epoch validation")),
-    ("eval", "--val-step-size", "t", dict(type=POSITIVE_NUMBER, default=None, help="its step (default: 2.5 eps / "
-            "--val-steps, Madry et al.'s rule)")),
+    ("eval", "--val-step-size", "t", dict(type=POSITIVE_NUMBER, help="its step (default: 2.5 eps / K)")),
     ("eval", "--val-restarts", "t", dict(type=COUNT, default=1, help="its random restarts")),
-    ("speed", "--precision", "", dict(default="fp32", choices=("fp32", "bf16"), help="training under bf16 autocast "
-            "(evaluation stays fp32)")),
+    ("speed", "--precision", "", dict(default="fp32", choices=("fp32", "bf16"), help="training under bf16 autocast")),
     ("speed", "--channels-last", "e", dict(action="store_true", help="NHWC memory format")),
-    ("speed", "--compile", "e", dict(action="store_true", help="torch.compile the networks (fast-bat, fast-at-ga "
-            "stay eager)")),
-    ("speed", "--benchmark", "", dict(action="store_true", help="time training steps on synthetic data; writes "
-            "nothing")),
+    ("speed", "--compile", "e", dict(action="store_true", help="torch.compile the networks")),
+    ("speed", "--benchmark", "", dict(action="store_true", help="time training steps on synthetic data")),
     ("speed", "--bench-steps", "", dict(type=COUNT, default=20, help="timed steps of --benchmark")),
-    ("speed", "--bench-warmup", "", dict(type=NONNEGATIVE_INT, default=5, help="untimed steps first (>= 2 with "
-            "--compile)")),
+    ("speed", "--bench-warmup", "", dict(type=NONNEGATIVE_INT, default=5, help="untimed steps first")),
 )
 KEYS = {where: tuple(flag[2:].replace("-", "_") for _, flag, w, _ in FLAGS if where in w) for where in "tme"}
 
@@ -1721,20 +1672,18 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.cycle_momentum = False  # Adam has no SGD momentum to cycle
     if not 0 < args.lr_peak_epoch <= args.epochs:
         raise UsageError(f"--lr-peak-epoch {args.lr_peak_epoch:g} is outside (0, --epochs {args.epochs}]")
-    uses_step = ("pgd-at", "trades", "fast-at", "fast-at-ga", "rnn-adv", "rnn-trades")
-    if args.method in uses_step and args.steps > 0 and args.step_size == 0 and not args.eval_only:
+    if args.method in ("pgd-at", "trades", "fast-at", "fast-at-ga", "rnn-adv", "rnn-trades") and args.steps > 0 and \
+            args.step_size == 0 and not args.eval_only:
         raise UsageError(f"--step-size 0: {args.method}'s training attack would not move; give a positive step, e.g. "
                          f"--step-size 2/255 (or --steps 0 for no attack)")
     if args.eval_step_size == 0 and args.eval_steps > 0:
         raise UsageError("--eval-step-size 0: the pgd and cw evaluation attacks would not move; give a positive step")
     names = [a.strip() for a in args.eval_attacks.split(",") if a.strip()]
-    unknown = [a for a in names if a not in EVAL_ATTACKS]
-    if unknown or not names or len(set(names)) < len(names):
+    if not names or len(set(names)) < len(names) or not set(names) <= set(EVAL_ATTACKS):
         raise UsageError(f"--eval-attacks '{args.eval_attacks}': list each of {', '.join(EVAL_ATTACKS)} at most once")
     args.eval_attacks = ",".join(names)
     args.apgd_targets, args.fab_targets = (min(n, spec["classes"] - 1) for n in (args.apgd_targets, args.fab_targets))
-    needs = {"rnn": ("rnn-adv", "rnn-trades"), "l2l": tuple(L2L_VARIANTS)}
-    for attack, methods in needs.items():
+    for attack, methods in (("rnn", ("rnn-adv", "rnn-trades")), ("l2l", tuple(L2L_VARIANTS))):
         if attack in names and args.method not in methods:
             raise UsageError(f"--eval-attacks {attack} needs a learned {attack.upper()} attacker, and --method "
                              f"{args.method} has none; drop it or evaluate an {attack}-* checkpoint")
@@ -1754,13 +1703,11 @@ def device_name(device: torch.device) -> str:
 # ================================================================================================
 # Data: whole datasets as uint8 tensors on the training device, batches by randperm, augmentation on
 # the device (airbench-style, no DataLoader workers); models by name; checkpoints.
-# ================================================================================================
 
 
 def load_arrays(name: str, data_dir: str) -> Dict[str, torch.Tensor]:
     """x_train, y_train, x_test, y_test of a dataset: uint8 N x H x W x C and int64. Read from the cache
     <data_dir>/<name>.npz (numpy's format) when present; otherwise through torchvision, then cached."""
-    spec = DATASETS[name]
     cache = os.path.join(data_dir, f"{name}.npz")
     if os.path.exists(cache):
         try:
@@ -1778,26 +1725,23 @@ def load_arrays(name: str, data_dir: str) -> Dict[str, torch.Tensor]:
                     ds = tvd.SVHN(data_dir, split=split, download=True)
                     x, y = torch.as_tensor(ds.data).permute(0, 2, 3, 1), ds.labels
                 else:
-                    ds = {"mnist": tvd.MNIST, "cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}[name](
-                        data_dir, train=train, download=True)
+                    ds = getattr(tvd, name.upper())(data_dir, train=train, download=True)
                     x, y = torch.as_tensor(ds.data), ds.targets
                 arrays[f"x_{split}"] = (x[..., None] if x.dim() == 3 else x).contiguous()
                 arrays[f"y_{split}"] = torch.as_tensor(y).long()
         except Exception as e:  # offline download, missing files, wrong checksums ...
-            hint = {"mnist": f"{data_dir}/MNIST/raw/ (the four original .gz files)",
-                    "cifar10": f"{cache} (arrays x_train, y_train, x_test, y_test)",
-                    "cifar100": f"{data_dir}/cifar-100-python.tar.gz",
-                    "svhn": f"{data_dir}/train_32x32.mat and test_32x32.mat"}[name]
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            hint = {"mnist": f"{data_dir}/MNIST/raw/ (the four original .gz files), or {cache}",
+                    "cifar100": f"{data_dir}/cifar-100-python.tar.gz, or {cache}",
+                    "svhn": f"{data_dir}/train_32x32.mat and test_32x32.mat, or {cache}"}.get(
+                name, f"{cache} (arrays x_train, y_train, x_test, y_test)")
             raise UsageError(f"dataset '{name}' is not in --data-dir {data_dir} and could not be downloaded "
-                             f"({reason}); put {hint} there" + ("" if hint.startswith(cache) else f", or {cache}"))
+                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); put {hint} there")
         try:
             np.savez(cache, **{k: v.numpy() for k, v in arrays.items()})
         except OSError as e:
             print(f"note: could not write the cache {cache} ({e.strerror}); continuing without it", file=sys.stderr)
-    c, h, w = spec["shape"]
-    if any(arrays[f"x_{s}"].dtype != torch.uint8 or tuple(arrays[f"x_{s}"].shape[1:]) != (h, w, c)
-           for s in ("train", "test")):
+    c, h, w = DATASETS[name]["shape"]
+    if any(x.dtype != torch.uint8 or tuple(x.shape[1:]) != (h, w, c) for x in (arrays["x_train"], arrays["x_test"])):
         raise UsageError(f"{cache} does not hold N x {h} x {w} x {c} uint8 images; delete it and rerun to rebuild it")
     return {k: v.long() if k.startswith("y") else v for k, v in arrays.items()}
 
@@ -1811,19 +1755,13 @@ def load_data(args, device: torch.device, test_only: bool = False) -> Data:
     --train-size of the rest, test = the first --test-size test examples. Checkpoints are chosen on validation; the
     test set is touched only by the final evaluation, and --eval-only (test_only) uses no training example."""
     arrays = load_arrays(args.dataset, args.data_dir)
-    n, n_test = arrays["x_train"].shape[0], arrays["x_test"].shape[0]
+    n, n_test = arrays["x_train"].shape[0], min(arrays["x_test"].shape[0], args.test_size or math.inf)
     val_size = 0 if test_only else args.val_size
     n_train = 0 if test_only else n - val_size if args.train_size is None else args.train_size
     if not test_only and (val_size >= n or n_train + val_size > n):
         raise UsageError(f"--train-size {n_train} plus --val-size {args.val_size} exceed the {n} training "
                          f"examples of {args.dataset} (or leave none to train on); lower one of them")
-    if n_test == 0:
-        raise UsageError(f"the test split of {args.dataset} in --data-dir {args.data_dir} is empty")
-    n_test = min(n_test, args.test_size or n_test)
-
-    def dev(x):  # N x H x W x C uint8 on the host -> N x C x H x W uint8 on the device
-        return x.permute(0, 3, 1, 2).contiguous().to(device)
-
+    dev = lambda x: x.permute(0, 3, 1, 2).contiguous().to(device)  # N x H x W x C on the host -> N x C x H x W
     return Data(dev(arrays["x_train"][:n_train]), arrays["y_train"][:n_train].to(device),
                 dev(arrays["x_train"][n - val_size:]), arrays["y_train"][n - val_size:].to(device),
                 dev(arrays["x_test"][:n_test]), arrays["y_test"][:n_test].to(device))
@@ -1841,19 +1779,17 @@ def augment(x: torch.Tensor, mode: str, gen: torch.Generator, pad: str = "zero")
     RandomHorizontalFlip(), RandomRotation(15) in that order, as Fast-BAT's CIFAR-100 loader."""
     if mode == "none":
         return x
-    n, c, h, w = x.shape
+    (n, c, h, w), d = x.shape, x.device
     padded = F.pad(x, (4, 4, 4, 4), mode="reflect" if pad == "reflect" else "constant")
-    dy = torch.randint(0, 9, (n,), device=x.device, generator=gen)
-    dx = torch.randint(0, 9, (n,), device=x.device, generator=gen)
-    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # n x 1 x h x 1
-    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # n x 1 x 1 x w
-    x = padded[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None],
-               rows, cols]
+    dy, dx = [torch.randint(0, 9, (n,), device=d, generator=gen) for _ in "yx"]  # drawn in this order
+    rows = (dy[:, None] + torch.arange(h, device=d))[:, None, :, None]  # n x 1 x h x 1
+    cols = (dx[:, None] + torch.arange(w, device=d))[:, None, None, :]  # n x 1 x 1 x w
+    x = padded[torch.arange(n, device=d)[:, None, None, None], torch.arange(c, device=d)[None, :, None, None], rows, cols]
     if mode in ("crop-flip", "crop-flip-rotate"):
-        flip = torch.rand(n, device=x.device, generator=gen) < 0.5
+        flip = torch.rand(n, device=d, generator=gen) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
     if mode == "crop-flip-rotate":
-        angle = (torch.rand(n, device=x.device, generator=gen) * 2 - 1) * math.radians(15)
+        angle = (torch.rand(n, device=d, generator=gen) * 2 - 1) * math.radians(15)
         cos, sin = angle.cos(), angle.sin()
         theta = torch.stack([torch.stack([cos, -sin, torch.zeros_like(cos)], 1),
                              torch.stack([sin, cos, torch.zeros_like(cos)], 1)], 1)  # n x 2 x 3, about the centre
@@ -1873,8 +1809,7 @@ def train_batches(data: Data, batch_size: int, mode: str, gen: torch.Generator, 
                   pad: str = "zero", min_last: int = 2):
     """One epoch of augmented (x, y) float batches in [0,1] in the order of a fresh randperm."""
     n = data.x_train.shape[0]
-    bs = min(batch_size, n)
-    perm = torch.randperm(n, device=data.x_train.device, generator=gen)
+    bs, perm = min(batch_size, n), torch.randperm(n, device=data.x_train.device, generator=gen)
     for i in range(batches_per_epoch(n, batch_size, drop_last, min_last)):
         idx = perm[i * bs:(i + 1) * bs]
         yield augment(to_float(data.x_train[idx]), mode, gen, pad), data.y_train[idx]
@@ -1883,8 +1818,7 @@ def train_batches(data: Data, batch_size: int, mode: str, gen: torch.Generator, 
 def build_model(name: str, dataset: str, depth: int = 34, width: int = 10, mean=None, std=None,
                 preact_shortcut: str = "input") -> nn.Module:
     """Normalize(mean, std) (the identity without them) followed by the named network, sized for the dataset."""
-    c, h, _ = DATASETS[dataset]["shape"]
-    k = DATASETS[dataset]["classes"]
+    (c, h, _), k = DATASETS[dataset]["shape"], DATASETS[dataset]["classes"]
     net = {"smallcnn": lambda: SmallCNN(c, k, h), "mnistnet": lambda: MNISTNet(c, k, h), "vgg16": lambda: VGG16(c, k),
            "preactresnet18": lambda: PreActResNet18(c, k, preact_shortcut),
            "wrn": lambda: WideResNet(c, k, depth, width)}[name]()
@@ -1903,30 +1837,25 @@ def read_checkpoint(path: str, what: str) -> dict:
     except Exception as e:  # not a torch.save archive, a damaged one, or objects beyond tensors and plain values
         raise UsageError(f"{what} {path} is not a readable checkpoint ({type(e).__name__}); pass a .pt written by "
                          f"l2l.py")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or \
-            not all(k in ckpt for k in ("args", "model", "epoch", "run_id")):
-        raise UsageError(f"{what} {path} is not a checkpoint of this l2l.py (no complete '{CHECKPOINT_FORMAT}'); "
-                         f"pass last.pt or best.pt of an l2l.py run")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UsageError(f"{what} {path} is not a checkpoint of this l2l.py (no '{CHECKPOINT_FORMAT}'); pass last.pt "
+                         f"or best.pt of an l2l.py run")
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict, device="cpu") -> nn.Module:
+def load_model(ckpt, device="cpu") -> nn.Module:
+    """The classifier of an l2l.py checkpoint (its path, or what read_checkpoint returned), in eval mode, taking [0,1]
+    inputs: ready for AutoAttack, torchattacks or any attack in this file."""
+    ckpt = read_checkpoint(ckpt, "checkpoint") if isinstance(ckpt, str) else ckpt
     a = ckpt["args"]
     model = build_model(a["model"], a["dataset"], a["depth"], a["width"], preact_shortcut=a["preact_shortcut"])
-    model.load_state_dict(ckpt["model"])  # the first layer's mean and std come from the weights
-    return model.to(device).eval()
-
-
-def load_model(path: str, device="cpu") -> nn.Module:
-    """The classifier of an l2l.py checkpoint, in eval mode, taking [0,1] inputs: ready for AutoAttack,
-    torchattacks or any attack in this file."""
-    return model_from_checkpoint(read_checkpoint(path, "checkpoint"), device)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()  # the first layer's mean and std came with the weights
 
 
 # ================================================================================================
 # Methods: each training step of Part I with the flags bound to its keywords (the one place where a
 # flag meets an algorithm), the learned networks it takes, and how they are built.
-# ================================================================================================
 
 
 @dataclass
@@ -1943,20 +1872,19 @@ class Run:
         return [self.model] + [v for v in self.extras.values() if isinstance(v, nn.Module)]
 
 
-def setup_l2l(args, device) -> dict:
+def setup_l2l(args) -> dict:
     """The L2L attacker g(.; phi) and its optimiser. Input channels: the image's for naive L2L, twice that (image and
     gradient) for the others."""
     c = DATASETS[args.dataset]["shape"][0]
     in_ch = c if L2L_VARIANTS[args.method] == "naive" else 2 * c
     attacker = {"slim": SlimAttacker, "wide": WideAttacker}[args.l2l_attacker](in_ch, c, args.eps, args.l2l_width)
-    attacker = attacker.to(device)
     return {"attacker": attacker, "attacker_opt": l2l_attacker_optimizer(attacker)}
 
 
-def setup_rnn(args, device) -> dict:
+def setup_rnn(args) -> dict:
     """m_phi (--rnn-design) and its Adam. Which of Algorithm 1's alpha1/alpha2 belongs to phi is not stated in what
     could be read: here alpha1 = --lr is theta's, alpha2 phi's (rnn_optimizer_adam)."""
-    rnn = (LSTMOptimizer() if args.rnn_design == "lstm" else SignStepRNN()).to(device)
+    rnn = LSTMOptimizer() if args.rnn_design == "lstm" else SignStepRNN()
     return {"rnn": rnn, "rnn_opt": rnn_optimizer_adam(rnn)}
 
 
@@ -1980,8 +1908,7 @@ def rnn_run_attack(args, rnn, model, x, y, steps, learn):
         with torch.no_grad():
             logp_clean = F.log_softmax(model(x), 1)
     return rnn_attack(rnn, model, x, y, args.eps, steps, args.step_size, args.attack_start, logp_clean,
-                      args.rnn_weights, learn, horizon=steps,
-                      per_example=args.rnn_objective == "per-example")
+                      args.rnn_weights, learn, horizon=steps, per_example=args.rnn_objective == "per-example")
 
 
 def attack_keywords(a) -> dict:
@@ -2004,7 +1931,7 @@ class Method:
     paper: str
     keywords: Callable = lambda a: {}  # flags -> the step's keyword arguments
     networks: tuple = ()  # the learned networks and optimisers (keys of Run.extras) the step takes before x, y
-    setup: Optional[Callable] = None  # setup(args, device) -> those extras
+    setup: Optional[Callable] = None  # setup(args) -> those extras (build_run moves them to the device)
 
 
 METHODS: Dict[str, Method] = {
@@ -2039,7 +1966,6 @@ def method_step(run: Run, x, y):
 # ================================================================================================
 # Speed and scale. None of this changes an algorithm: every trainer runs as written, on its share
 # of the batch, in the precision asked for; gradients are averaged across processes before a step.
-# ================================================================================================
 
 # Methods that differentiate through a backward pass (create_graph): torch.compile cannot, so they run eager.
 DOUBLE_BACKWARD = ("fast-bat", "fast-at-ga")
@@ -2174,7 +2100,6 @@ class Ticker:
 # ================================================================================================
 # Evaluation: model in eval mode, fixed test subset (the first --test-size examples), every attack's
 # robust accuracy and the per-example worst case, with the protocol beside every number.
-# ================================================================================================
 
 
 # An evaluation attack: run(model, x, y, args, extras) -> x_adv, and protocol(args) -> dict for the results.
@@ -2185,16 +2110,29 @@ def protocol(loss: str, steps, step_size, restarts=1, random_start=True, **more)
     return dict(loss=loss, steps=steps, step_size=step_size, restarts=restarts, random_start=random_start, **more)
 
 
+def autoattack_protocol(args) -> dict:
+    """The protocol of --eval-attacks aa: AutoAttack's standard version (9 targets, or classes - 1) or custom."""
+    settings = (f"apgd-ce {args.apgd_steps} iterations, apgd-t {args.apgd_targets} targets x {args.apgd_steps}, "
+                f"fab-t {args.fab_targets} targets x {args.fab_steps}, square {args.square_queries} queries")
+    standard = (args.apgd_steps, args.fab_steps, args.square_queries) == (100, 100, 5000) and \
+        args.apgd_targets == args.fab_targets == min(9, DATASETS[args.dataset]["classes"] - 1)
+    return protocol("AutoAttack (standard)" if standard else f"AutoAttack (custom: {settings})", args.apgd_steps,
+                    2 * args.eps, suite=list(AUTOATTACK_STANDARD), seed=args.seed, settings=settings)
+
+
+def eval_pgd(loss: str, text: str, transfer: bool = False) -> EvalAttack:
+    """PGD with the evaluation flags, keeping per example any iterate that fools the model (never weaker than the last
+    one); transfer: on --transfer-from's classifier, whose logits are not the evaluated model's, the last iterate."""
+    return EvalAttack(lambda m, x, y, a, e: pgd(e["transfer_source"] if transfer else m, x, y, a.eps, a.eval_step_size,
+                                                a.eval_steps, a.eval_restarts, loss, keep_fooling=not transfer),
+                      lambda a: protocol(text, a.eval_steps, a.eval_step_size, a.eval_restarts, **(
+                          {"source": a.transfer_from and os.path.abspath(a.transfer_from)} if transfer else {})))
+
+
 EVAL_ATTACKS: Dict[str, EvalAttack] = {
     "fgsm": EvalAttack(lambda m, x, y, a, e: fgsm(m, x, y, a.eps), lambda a: protocol("ce", 1, a.eps, 1, False)),
-    # PGD and CW keep, per example, any iterate that fools the model (keep_fooling): never weaker than the last one.
-    "pgd": EvalAttack(lambda m, x, y, a, e: pgd(m, x, y, a.eps, a.eval_step_size, a.eval_steps, a.eval_restarts, "ce",
-                                                keep_fooling=True),
-                      lambda a: protocol("ce", a.eval_steps, a.eval_step_size, a.eval_restarts)),
-    "cw": EvalAttack(lambda m, x, y, a, e: pgd(m, x, y, a.eps, a.eval_step_size, a.eval_steps, a.eval_restarts, "cw",
-                                               keep_fooling=True),
-                     lambda a: protocol("cw margin (PGD under l_inf, not CW-L2)", a.eval_steps, a.eval_step_size,
-                                        a.eval_restarts)),
+    "pgd": eval_pgd("ce", "ce"),
+    "cw": eval_pgd("cw", "cw margin (PGD under l_inf, not CW-L2)"),
     # The optimisation-based Carlini-Wagner l_inf attack of the official L2L cw.py (the L2L tables' "CW" column).
     "cw-linf": EvalAttack(lambda m, x, y, a, e: cw_linf(m, x, y, a.eps), lambda a: protocol(
         "cw-linf (Carlini-Wagner optimisation, L2L cw.py: Adam lr 5e-3, c from 1e-5 x10 to 1e2, tau x0.9)", 50, 5e-3,
@@ -2212,9 +2150,7 @@ EVAL_ATTACKS: Dict[str, EvalAttack] = {
                          lambda a: protocol("margin (Square, score-based, p_init 0.8)", a.square_queries, 2 * a.eps)),
     # AutoAttack, standard version: the four above in order, each on the examples still robust; evaluate() runs it
     # over the whole test set at once, in chunks of --eval-batch-size, as autoattack.py does.
-    "aa": EvalAttack(lambda m, x, y, a, e: run_autoattack(m, x, y, a)[0], lambda a: protocol(
-        "AutoAttack (standard)" if autoattack_is_standard(a) else f"AutoAttack (custom: {autoattack_settings(a)})",
-        a.apgd_steps, 2 * a.eps, suite=list(AUTOATTACK_STANDARD), seed=a.seed, settings=autoattack_settings(a))),
+    "aa": EvalAttack(lambda m, x, y, a, e: run_autoattack(m, x, y, a)[0], autoattack_protocol),
     # The checkpoint's learned L2L attacker in eval mode, and its learned RNN optimiser for --rnn-eval-steps (Table 6
     # of Xiong & Hsieh: more steps than trained with).
     "l2l": EvalAttack(lambda m, x, y, a, e: eval_learned_l2l(m, x, y, a, e), lambda a: protocol(
@@ -2223,30 +2159,13 @@ EVAL_ATTACKS: Dict[str, EvalAttack] = {
                       lambda a: protocol(f"{'kl' if a.method == 'rnn-trades' else 'ce'} (learned RNN optimiser)",
                                          a.rnn_eval_steps, a.step_size)),
     # Black-box transfer (Xiong & Hsieh Table 7): PGD with the evaluation settings on --transfer-from's classifier.
-    "transfer": EvalAttack(lambda m, x, y, a, e: pgd(e["transfer_source"], x, y, a.eps, a.eval_step_size, a.eval_steps,
-                                                     a.eval_restarts, "ce"),
-                           lambda a: protocol("ce on the source model (transfer)", a.eval_steps, a.eval_step_size,
-                                              a.eval_restarts,
-                                              source=a.transfer_from and os.path.abspath(a.transfer_from))),
+    "transfer": eval_pgd("ce", "ce on the source model (transfer)", transfer=True),
 }
 
 def run_autoattack(model, x, y, args, on_batch=None) -> tuple:
     """autoattack() with the evaluation flags: chunks of --eval-batch-size, seeded with --seed."""
     return autoattack(model, x, y, args.eps, AUTOATTACK_STANDARD, args.eval_batch_size, args.seed, args.apgd_steps,
                       args.apgd_targets, args.fab_steps, args.fab_targets, args.square_queries, on_batch)
-
-
-def autoattack_settings(args) -> str:
-    """The settings of --eval-attacks aa, in words (the protocol records them)."""
-    return (f"apgd-ce {args.apgd_steps} iterations, apgd-t {args.apgd_targets} targets x {args.apgd_steps}, "
-            f"fab-t {args.fab_targets} targets x {args.fab_steps}, square {args.square_queries} queries")
-
-
-def autoattack_is_standard(args) -> bool:
-    """True when --eval-attacks aa runs AutoAttack's standard settings (9 targets where the dataset has 10
-    classes or more)."""
-    return (args.apgd_steps, args.fab_steps, args.square_queries) == (100, 100, 5000) and \
-        args.apgd_targets == args.fab_targets == min(9, DATASETS[args.dataset]["classes"] - 1)
 
 
 def eval_learned_l2l(model, x, y, args, extras):
@@ -2292,22 +2211,18 @@ def evaluate(model, x_uint8, y, args, attacks, extras=None) -> dict:
             with torch.no_grad():
                 correct[name].append(model(x_adv).argmax(1) == yb)
             ticker.step(what=f"evaluating {name}")
-    whole = [to_float(xs[i:i + args.eval_batch_size], memory_format(args))
-             for i in range(0, xs.shape[0], args.eval_batch_size)] if {"l2l", "aa"} & set(attacks) else []
-    if "l2l" in attacks:  # chunks of --batch-size from the shard's start, which is aligned to it: by global index
-        x = torch.cat(whole)
-        x_adv = EVAL_ATTACKS["l2l"].run(model, x, ys, args, extras)
-        max_pert["l2l"] = (x_adv - x).abs().amax()
-        with torch.no_grad():
-            correct["l2l"] = [model(xb).argmax(1) == yb for xb, yb in
-                              zip(x_adv.split(args.eval_batch_size), ys.split(args.eval_batch_size))]
-        ticker.step(batches)
-    if "aa" in attacks:
-        x = torch.cat(whole)
-        x_adv, robust = run_autoattack(model, x, ys, args, lambda name: ticker.step(what=f"AutoAttack: {name}"))
-        max_pert["aa"] = (x_adv - x).abs().amax()
-        correct["aa"] = [robust[AUTOATTACK_STANDARD[-1]]]
-        aa_steps = {name: gather_examples(robust[name].to(torch.uint8), n).bool() for name in AUTOATTACK_STANDARD}
+    for name in [a for a in ("l2l", "aa") if a in attacks]:  # over the whole shard; l2l's chunks of --batch-size
+        x = to_float(xs, memory_format(args))                   # start at its aligned start: by global example index
+        if name == "l2l":
+            x_adv = EVAL_ATTACKS["l2l"].run(model, x, ys, args, extras)
+            with torch.no_grad():
+                correct["l2l"] = [model(xb).argmax(1) == yb for xb, yb in
+                                  zip(x_adv.split(args.eval_batch_size), ys.split(args.eval_batch_size))]
+            ticker.step(batches)
+        else:
+            x_adv, robust = run_autoattack(model, x, ys, args, lambda a: ticker.step(what=f"AutoAttack: {a}"))
+            correct["aa"] = [robust[AUTOATTACK_STANDARD[-1]]]
+        max_pert[name] = (x_adv - x).abs().amax()
     correct = {k: gather_examples(torch.cat(v).to(torch.uint8), n).bool() for k, v in correct.items()}
     if world > 1:
         for value in max_pert.values():
@@ -2322,8 +2237,8 @@ def evaluate(model, x_uint8, y, args, attacks, extras=None) -> dict:
         results[name] = dict(accuracy=accuracy(correct[name]), **EVAL_ATTACKS[name].protocol(args),
                              max_perturbation=max_pert[name].item())
     if "aa" in attacks:
-        results["aa"]["robust_after"] = {name: {"accuracy": accuracy(v), "robust": int(v.sum())}
-                                         for name, v in aa_steps.items()}
+        left = {name: gather_examples(robust[name].to(torch.uint8), n).bool() for name in AUTOATTACK_STANDARD}
+        results["aa"]["robust_after"] = {name: {"accuracy": accuracy(v), "robust": int(v.sum())} for name, v in left.items()}
     results["worst_case"] = {"accuracy": accuracy(worst), "over": ["clean"] + list(attacks)}
     return results
 
@@ -2391,7 +2306,6 @@ def validate(model, data: Data, args) -> tuple:
 
 # ================================================================================================
 # Training loop: per-iteration lr schedule, per-epoch log line, atomic checkpoints, exact resume.
-# ================================================================================================
 
 
 # SGD momentum at the cyclic schedule's lr peak: torch's CyclicLR default base_momentum, which fast_adversarial and
@@ -2401,11 +2315,9 @@ CYCLIC_PEAK_MOMENTUM = 0.8
 
 def schedule_at(args, it: int, iters_per_epoch: int) -> tuple:
     """(learning rate, SGD momentum) for iteration `it`, set every iteration as fast_adversarial and Fast-BAT do.
-    multistep: lr x0.1 at each --lr-milestones epoch m, counted as the official script counts (--lr-milestone-base 1:
-      the drop comes during epoch m, after m - 1 full epochs; 0: after m full epochs, as Fast-BAT's MultiStepLR);
-    cyclic: torch's CyclicLR (triangular, one cycle: lr 0 -> --lr at --lr-peak-epoch -> 0 at the end; with
-      --cycle-momentum, momentum --momentum at lr 0 -> 0.8 at the peak) in closed form (CyclicLR's arithmetic
-      differs in the last bits); constant: --lr."""
+    multistep: lr x0.1 at each --lr-milestones epoch m (--lr-milestone-base 1: during epoch m, counted from 1; 0: after
+    m full epochs, as MultiStepLR); cyclic: torch's CyclicLR, one triangle 0 -> --lr at --lr-peak-epoch -> 0, momentum
+    --momentum -> 0.8 at the peak, in closed form (CyclicLR's arithmetic differs in the last bits)."""
     t = it / iters_per_epoch
     if args.lr_schedule == "multistep":
         return args.lr * 0.1 ** sum(t >= m - args.lr_milestone_base for m in args.lr_milestones), args.momentum
@@ -2424,23 +2336,14 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     os.replace(path + ".tmp", path)
 
 
-def write_json(obj, path: str) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-
-    atomic_write(path, write)
-
-
 RUN_FILES = ("last.pt", "best.pt", "results.json")  # what a run writes into --out (--eval-only: results.json)
 _HELD: Dict[str, int] = {}  # the --out folders this process holds -> their descriptors
 
 
 def prepare_out_dir(out: str, files: tuple, allow: bool) -> list:
-    """Create --out and hold it (an flock on the folder, released by the OS however the process ends): a second run
-    into a busy folder is refused. Refuse to replace `files` of an earlier run unless allowed (--overwrite); return
-    the paths found, which the caller deletes once its data and networks are ready, before it writes anything, so
-    that no old result passes for this run's and a command that fails first deletes nothing. Rank 0 does this."""
+    """Create --out and hold it (an flock, released by the OS however the process ends): a second run into a busy
+    folder is refused, and so are `files` of an earlier run unless allowed (--overwrite). Returns the paths found,
+    which the caller deletes just before it writes, so a command that fails first deletes nothing. Rank 0 does it."""
     rank, world = dist_world()
     if rank == 0:
         try:
@@ -2479,7 +2382,7 @@ def build_run(args, device) -> Run:
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                     weight_decay=args.weight_decay)
     method = METHODS[args.method]
-    extras = method.setup(args, device) if method.setup else {}
+    extras = method.setup(args) if method.setup else {}
     for net in extras.values():  # in place: Module.to keeps the Parameter objects that setup's optimisers hold
         if isinstance(net, nn.Module):
             net.to(device, memory_format=fmt)
@@ -2495,13 +2398,10 @@ def restore(run: Run, ckpt: dict, what: str, optimizer: bool = True) -> None:
                 v.load_state_dict(ckpt["extras"][k])
         if optimizer:
             run.optimizer.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, KeyError, ValueError) as e:
-        name = lambda a: (f"WRN-{a['depth']}-{a['width']}" if a["model"] == "wrn" else a["model"]) + \
-            f" for {a['dataset']}"
-        ours, saved = name(vars(run.args)), name(ckpt["args"])
-        found = f"it holds a {saved}" if saved != ours else str(e).splitlines()[-1].strip()[:100]
-        raise UsageError(f"{what} does not fit this run's {ours} ({found}); pass a checkpoint of the same model "
-                         f"and dataset")
+    except (RuntimeError, KeyError, ValueError) as e:  # torch's first line names neither network
+        net = lambda a: f"{a['model']} (depth {a['depth']}, width {a['width']}) for {a['dataset']}"
+        raise UsageError(f"{what} does not fit this run's {net(vars(run.args))}: it holds a {net(ckpt['args'])} "
+                         f"({str(e).splitlines()[-1].strip()[:80]}); pass a checkpoint of the same model and dataset")
 
 
 def evaluation_extras(args, run: Run, device) -> dict:
@@ -2513,16 +2413,8 @@ def evaluation_extras(args, run: Run, device) -> dict:
         if source["args"]["dataset"] != args.dataset:
             raise UsageError(f"--transfer-from {args.transfer_from} was trained on {source['args']['dataset']}, "
                              f"not {args.dataset}; pass a checkpoint of the same dataset")
-        extras["transfer_source"] = model_from_checkpoint(source, device)
+        extras["transfer_source"] = load_model(source, device)
     return extras
-
-
-def checkpoint_state(run: Run, run_id: str, epoch: int, best: dict, history: list, gen: torch.Generator) -> dict:
-    return {"format": CHECKPOINT_FORMAT, "run_id": run_id, "args": vars(run.args), "epoch": epoch,
-            "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-            "extras": {k: v.state_dict() for k, v in run.extras.items()}, "best": best, "history": history,
-            "rng": {"torch": torch.get_rng_state(), "data": gen.get_state(),
-                    "cuda": torch.cuda.get_rng_state() if gen.device.type == "cuda" else None}}
 
 
 def resume_state(run: Run, out: str, gen: torch.Generator) -> tuple:
@@ -2553,22 +2445,16 @@ def resume_state(run: Run, out: str, gen: torch.Generator) -> tuple:
 
 
 def describe(args, run: Run, data: Data, device, world: int) -> str:
-    """The run's settings, as the first lines of its log."""
-    schedule = {"multistep": f"x0.1 at epochs {','.join(f'{m:g}' for m in args.lr_milestones) or 'none'} (counted "
-                             f"from {args.lr_milestone_base})", "constant": "constant",
-                "cyclic": f"cyclic, peak at epoch {args.lr_peak_epoch:g}" +
-                          (", momentum cycled to 0.8" if args.cycle_momentum else "")}[args.lr_schedule]
+    """The run's settings, as the first lines of its log (results.json records every flag)."""
     step = {"fast-bat": f"step a {fmt_eps(fast_bat_step_size(args.eps))}", "pgd-at-bls": "first BLS step eps",
             "plain": "no attack"}.get(args.method, "learned attacker" if args.method in L2L_VARIANTS
                                       else f"step {fmt_eps(args.step_size)}")
-    nets = [f"{type(m).__name__} {sum(p.numel() for p in m.parameters()):,} parameters" for m in run.networks()]
-    return (f"{args.method} ({METHODS[args.method].paper}) on {args.dataset}: {args.model}, {', '.join(nets)}; "
-            f"{data.x_train.shape[0]} train / {data.x_val.shape[0]} val / {data.x_test.shape[0]} test, device "
-            f"{device}" + (f" x {world} processes" if world > 1 else "") +
-            f"\n  eps {fmt_eps(args.eps)}, steps {args.steps}, {step}, attack BN {args.attack_bn}, "
-            f"epochs {args.epochs}, batch {args.batch_size}, lr {args.lr} ({schedule}), " + ("Adam" if args.optimizer == "adam" else
-            f"SGD momentum {args.momentum}") + f", wd {args.weight_decay}, seed {args.seed}\n  precision "
-            f"{args.precision} (evaluation fp32), channels_last {args.channels_last}, compile {args.compile}")
+    nets = ", ".join(f"{type(m).__name__} {sum(p.numel() for p in m.parameters()):,} parameters" for m in run.networks())
+    return (f"{args.method} ({METHODS[args.method].paper}) on {args.dataset}: {nets}; {len(data.x_train)} train / "
+            f"{len(data.x_val)} val / {len(data.x_test)} test, {device}{f' x {world} processes' * (world > 1)}\n  eps "
+            f"{fmt_eps(args.eps)}, steps {args.steps}, {step}, attack BN {args.attack_bn}, epochs {args.epochs}, batch "
+            f"{args.batch_size}, {args.optimizer} lr {args.lr} {args.lr_schedule}, wd {args.weight_decay}, seed "
+            f"{args.seed}, {args.precision} (evaluation fp32), channels_last {args.channels_last}, compile {args.compile}")
 
 
 def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
@@ -2583,10 +2469,7 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
         torch.backends.cudnn.benchmark = True  # autotuned convolutions: shapes are static
     earlier = prepare_out_dir(args.out, () if args.resume else RUN_FILES, args.overwrite)
     data = load_data(args, device)
-    if args.batch_size > data.x_train.shape[0]:  # recorded as the batch that ran
-        say(f"note: --batch-size {args.batch_size} is more than the {data.x_train.shape[0]} training examples; "
-            f"every batch holds all of them")
-        args.batch_size = data.x_train.shape[0]
+    args.batch_size = min(args.batch_size, data.x_train.shape[0])  # results.json records the batch that ran
     run = build_run(args, device)
     make_data_parallel(run)
     gen = torch.Generator(device=device)  # the same on every rank: all ranks draw the same global batches
@@ -2632,17 +2515,19 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
                   "val_clean": val_clean, "val_robust": val_robust, "train_seconds": train_seconds,
                   "seconds": time.time() - t0}
         if not math.isfinite(record["train_loss"]):  # the same on every rank (all-reduced): all stop together
-            kept = f"last.pt keeps epoch {epoch}, best.pt epoch {best['epoch']}" if epoch else \
-                "no checkpoint was written"
             raise TrainingDiverged(f"training diverged: the train loss of epoch {epoch + 1} is {record['train_loss']}; "
-                                   f"{kept}, and nothing of epoch {epoch + 1} was saved; lower --lr (now {args.lr:g}) "
-                                   f"and start again")
+                                   f"last.pt keeps epoch {epoch}, nothing of epoch {epoch + 1} was saved; lower --lr "
+                                   f"(now {args.lr:g}) and start again")
         history.append(record)
         is_best = no_val or val_robust > best["val_robust"]
         if is_best:
             best = {"epoch": epoch + 1, "val_robust": val_robust, "val_clean": val_clean}
         if rank == 0:  # last.pt first: a kill between the two saves leaves a last.pt that --resume can continue
-            state = checkpoint_state(run, run_id, epoch + 1, best, history, gen)
+            state = {"format": CHECKPOINT_FORMAT, "run_id": run_id, "args": vars(args), "epoch": epoch + 1,
+                     "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                     "extras": {k: v.state_dict() for k, v in run.extras.items()}, "best": best, "history": history,
+                     "rng": {"torch": torch.get_rng_state(), "data": gen.get_state(),
+                             "cuda": torch.cuda.get_rng_state() if gen.device.type == "cuda" else None}}
             atomic_write(last_path, lambda tmp: torch.save(state, tmp))
             if is_best:
                 atomic_write(best_path, lambda tmp: torch.save(state, tmp))
@@ -2668,7 +2553,8 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
         say(format_results(results["last"], f"test, {os.path.basename(path)} (epoch {epoch}" + (
             ")" if path == last_path else ", the last: --val-size 0)" if no_val else ", chosen on validation)")))
     if rank == 0:
-        write_json(results, os.path.join(args.out, "results.json"))
+        atomic_write(os.path.join(args.out, "results.json"),
+                     lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
     say(f"wrote {args.out}/results.json, best.pt, last.pt")
     if world > 1:
         dist.barrier()
@@ -2699,7 +2585,8 @@ def evaluate_checkpoint(args) -> dict:
                             evaluation_extras(args, run, device)))
     if rank == 0:
         print(format_results(results, f"test, {args.eval_only} (epoch {ckpt['epoch']})"))
-        write_json(results, os.path.join(args.out, "results.json"))
+        atomic_write(os.path.join(args.out, "results.json"),
+                     lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
         print(f"wrote {args.out}/results.json")
     if dist_world()[1] > 1:
         dist.barrier()
@@ -2708,7 +2595,6 @@ def evaluate_checkpoint(args) -> dict:
 
 # ================================================================================================
 # Benchmark, report and main.
-# ================================================================================================
 
 
 def benchmark(args) -> dict:
@@ -2729,9 +2615,9 @@ def benchmark(args) -> dict:
     if args.compile:
         compile_networks(run)
     run.model.train()
-    batches = list(train_batches(Data(x, y, x[:0], y[:0], x[:0], y[:0]), bs, args.augment, gen, True, args.crop_pad))
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    for i, (xb, yb) in enumerate(batches):
+    for i, (xb, yb) in enumerate(train_batches(Data(x, y, *[x[:0], y[:0]] * 2), bs, args.augment, gen, True,
+                                               args.crop_pad)):
         if i == warmup:
             sync()
             t0 = time.perf_counter()
@@ -2743,15 +2629,12 @@ def benchmark(args) -> dict:
               f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB peak RSS (process)")
     n_train = args.train_size or spec["n_train"] - args.val_size
     epoch_steps = batches_per_epoch(n_train, bs)
-    figures = {"method": args.method, "dataset": args.dataset, "model": args.model, "batch_size": bs,
-               "precision": args.precision, "channels_last": args.channels_last, "compile": args.compile,
-               "processes": world, "device": device_name(device), "steps": steps, "warmup": warmup,
-               "images_per_second": bs * steps / seconds, "seconds_per_step": seconds / steps,
-               "seconds_per_epoch": epoch_steps * seconds / steps, "epoch_examples": n_train, "memory": memory}
+    figures = {"images_per_second": bs * steps / seconds, "seconds_per_step": seconds / steps,
+               "seconds_per_epoch": epoch_steps * seconds / steps, "memory": memory}
     if rank == 0:
         print(f"benchmark {args.method} on {args.dataset} (synthetic data), {args.model}, batch {bs}, steps "
               f"{args.steps}, {args.precision}, channels_last {'on' if args.channels_last else 'off'}, compile "
-              f"{'on' if args.compile else 'off'}, {figures['device']}" + (f" x {world}" if world > 1 else ""))
+              f"{'on' if args.compile else 'off'}, {device_name(device)}" + (f" x {world}" if world > 1 else ""))
         print(f"  {figures['images_per_second']:,.0f} img/s  {1000 * seconds / steps:.1f} ms/step  "
               f"{figures['seconds_per_epoch']:.1f} s/epoch ({epoch_steps} steps of {bs}, {n_train} examples)  "
               f"{memory}  ({steps} timed steps after {warmup} warm-up)", flush=True)
@@ -2770,19 +2653,18 @@ def report(paths: list) -> str:
     runs, unfinished = [], []
     for path in paths:
         file = path if path.endswith(".json") else os.path.join(path, "results.json")
-        if os.path.isdir(path) and not os.path.exists(file):
+        if not os.path.exists(file):
+            if not os.path.isdir(path):
+                raise UsageError(f"--report {path}: no results.json there; pass the --out of a finished run")
             unfinished.append(path)
             continue
         try:
             with open(file) as f:
                 res = json.load(f)
             res["clean"]["accuracy"] + sum(res[k]["accuracy"] for k in REPORT_ATTACKS + ("worst_case",) if k in res)
-            assert isinstance(res["protocol"], dict) and isinstance(res["worst_case"]["over"], list)
             res["name"] = res["args"].get("recipe") or os.path.basename(os.path.dirname(os.path.abspath(file)))
             runs.append(res)
-        except FileNotFoundError:
-            raise UsageError(f"--report {path}: no results.json there; pass the --out of a finished run")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, AssertionError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise UsageError(f"--report {path}: {file} is not an l2l.py results.json ({type(e).__name__} {e})")
     if not runs:
         raise UsageError(f"--report: none of {', '.join(paths)} holds a results.json; pass the --out of finished runs")
@@ -2792,19 +2674,19 @@ def report(paths: list) -> str:
     head = ["run", "method", "dataset", "model", "epochs", "clean", *attacks, "worst case", "s/epoch", "device",
             "protocol"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    step = lambda r: fmt_eps(r["step_size"]) if r.get("step_size") else "-"
+    protocol = lambda k, r: ("aa " + ("standard" if r.get("loss") == "AutoAttack (standard)" else r.get("settings"))
+                             if k == "aa" else f"{k} {r.get('steps')}x{r.get('restarts')}@{step(r)}")
     for res in runs:
         paper, history, p = res["args"].get("paper") or {}, res.get("history") or [], res["protocol"]
         cell = lambda k: "–" if k not in res else f"{100 * res[k]['accuracy']:.2f}" + (
             f" ({paper[k]:.2f})" if k in paper else "")
-        step = lambda r: fmt_eps(r["step_size"]) if r.get("step_size") else "-"
-        protocol = lambda k, r: ("aa " + ("standard" if r.get("loss") == "AutoAttack (standard)" else r.get("settings"))
-                                 if k == "aa" else f"{k} {r.get('steps')}x{r.get('restarts')}@{step(r)}")
         seconds = [h["train_seconds"] for h in history]
         row = [res["name"], res.get("method"), res.get("dataset"), res.get("model"),
                f"{len(history)} (best {res.get('best_epoch')})" if history else f"eval of epoch {res.get('epoch')}",
                cell("clean"), *map(cell, attacks), cell("worst_case"),
                f"{sum(seconds) / len(seconds):.1f}" if seconds else "–", res.get("device"),
-               f"eps {p.get('eps_text')}, {p.get('examples')} {p.get('split')}; " + "; ".join(
+               f"eps {p['eps_text']}, {p['examples']} {p['split']}; " + "; ".join(
                    protocol(k, res[k]) for k in res["worst_case"]["over"][1:] if k in res)]
         # a stored string is one cell: a '|' escaped, line breaks flattened
         rows.append("| " + " | ".join(" ".join(str(c).split()).replace("|", "\\|") for c in row) + " |")
@@ -2822,22 +2704,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         if args.resume or args.benchmark:
             raise UsageError("--eval-only trains nothing: drop --resume and --benchmark")
         ckpt = read_checkpoint(args.eval_only, "--eval-only")
-        defaults = build_parser().parse_args([])
-        given = [k for k in KEYS["m"] if getattr(args, k) != getattr(defaults, k) and getattr(args, k) != ckpt["args"][k]]
+        given = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in KEYS["m"]
+                 if getattr(args, k) not in (build_parser().get_default(k), ckpt["args"][k])]
         if given:
-            print("note: --eval-only takes the network's settings from the checkpoint; ignored: " + ", ".join(
-                f"--{k.replace('_', '-')} {getattr(args, k)}" for k in given), file=sys.stderr)
+            print(f"note: --eval-only takes the network from the checkpoint; ignored: {', '.join(given)}",
+                  file=sys.stderr)
         for k in KEYS["m"]:
             setattr(args, k, ckpt["args"][k])
         args.eps = ckpt["args"]["eps"] if args.eps is None else args.eps
-        stem = os.path.splitext(os.path.basename(args.eval_only))[0]
+        stem = os.path.splitext(os.path.basename(args.eval_only))[0]  # --out: eval_<stem> beside the checkpoint
         args.out = args.out or os.path.join(os.path.dirname(args.eval_only) or ".", f"eval_{stem}")
     return resolve_args(args)
 
 
 def main(argv=None) -> int:
-    """Usage errors exit 2 and a diverged run 3, each with one line; an interrupt (130) or a closed stdout (1; 0 for
-    --report, a reader like `head` that has seen enough) says what was saved."""
+    """Usage errors exit 2 and a diverged run 3, each with one line; an interrupt (130) says what was saved."""
     rank = int(os.environ.get("RANK", "0"))  # under torchrun, only rank 0 speaks
     args = None
     try:
@@ -2855,15 +2736,12 @@ def main(argv=None) -> int:
         if rank == 0:
             print(f"l2l.py: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 3
-    except (KeyboardInterrupt, BrokenPipeError) as e:
-        if isinstance(e, BrokenPipeError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to the closed pipe
+    except KeyboardInterrupt:
         saved = args is not None and not (args.report or args.benchmark or args.eval_only) and \
             os.path.exists(os.path.join(args.out, "last.pt"))
-        print(("interrupted" if isinstance(e, KeyboardInterrupt) else "stopped: stdout was closed") + ": " +
-              ("last.pt holds the last finished epoch; rerun with --resume to continue" if saved else
-               "nothing of this run was saved"), file=sys.stderr)
-        return 130 if isinstance(e, KeyboardInterrupt) else 0 if args is not None and args.report else 1
+        print("interrupted: " + ("last.pt holds the last finished epoch; rerun with --resume to continue" if saved
+                                 else "nothing of this run was saved"), file=sys.stderr)
+        return 130
     finally:
         for fd in _HELD.values():
             os.close(fd)
