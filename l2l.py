@@ -1382,12 +1382,12 @@ DATASETS = {
     "mnist": dict(shape=(1, 28, 28), classes=10, n_train=60000, mean=(0.1307,), std=(0.3081,), augment="none",
                   eps=0.3, eval_step_frac=1 / 30, eval_steps=40),
     "cifar10": dict(shape=(3, 32, 32), classes=10, n_train=50000, mean=(0.4914, 0.4822, 0.4465),
-                    std=(0.2470, 0.2435, 0.2616), augment="crop-flip", eps=8 / 255, eval_step_frac=1 / 4, eval_steps=20),
+                    std=(0.2470, 0.2435, 0.2616), augment="crop-flip", eps=8 / 255, eval_step_frac=0.25, eval_steps=20),
     "cifar100": dict(shape=(3, 32, 32), classes=100, n_train=50000, mean=(0.5071, 0.4865, 0.4409),
-                     std=(0.2673, 0.2564, 0.2762), augment="crop-flip", eps=8 / 255, eval_step_frac=1 / 4,
+                     std=(0.2673, 0.2564, 0.2762), augment="crop-flip", eps=8 / 255, eval_step_frac=0.25,
                      eval_steps=20),
     "svhn": dict(shape=(3, 32, 32), classes=10, n_train=73257, mean=(0.4377, 0.4438, 0.4728),
-                 std=(0.1980, 0.2010, 0.1970), augment="crop", eps=8 / 255, eval_step_frac=1 / 4, eval_steps=20),
+                 std=(0.1980, 0.2010, 0.1970), augment="crop", eps=8 / 255, eval_step_frac=0.25, eval_steps=20),
 }
 
 L2L_VARIANTS = {"l2l-naive": "naive", "l2l-grad": "grad", "l2l-2step": "multi"}
@@ -1784,7 +1784,8 @@ def augment(x: torch.Tensor, mode: str, gen: torch.Generator, pad: str = "zero")
     dy, dx = [torch.randint(0, 9, (n,), device=d, generator=gen) for _ in "yx"]  # drawn in this order
     rows = (dy[:, None] + torch.arange(h, device=d))[:, None, :, None]  # n x 1 x h x 1
     cols = (dx[:, None] + torch.arange(w, device=d))[:, None, None, :]  # n x 1 x 1 x w
-    x = padded[torch.arange(n, device=d)[:, None, None, None], torch.arange(c, device=d)[None, :, None, None], rows, cols]
+    x = padded[torch.arange(n, device=d)[:, None, None, None], torch.arange(c, device=d)[None, :, None, None],
+               rows, cols]
     if mode in ("crop-flip", "crop-flip-rotate"):
         flip = torch.rand(n, device=d, generator=gen) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
@@ -1960,7 +1961,8 @@ for _name, _paper in (("l2l-naive", "naive L2L"), ("l2l-grad", "gradient L2L"),
 def method_step(run: Run, x, y):
     """The method's training step on (x, y), its networks and flags taken from the run."""
     method = METHODS[run.args.method]
-    return method.step(run.model, run.optimizer, *[run.extras[k] for k in method.networks], x, y, **method.keywords(run.args))
+    return method.step(run.model, run.optimizer, *[run.extras[k] for k in method.networks], x, y,
+                       **method.keywords(run.args))
 
 
 # ================================================================================================
@@ -2238,7 +2240,8 @@ def evaluate(model, x_uint8, y, args, attacks, extras=None) -> dict:
                              max_perturbation=max_pert[name].item())
     if "aa" in attacks:
         left = {name: gather_examples(robust[name].to(torch.uint8), n).bool() for name in AUTOATTACK_STANDARD}
-        results["aa"]["robust_after"] = {name: {"accuracy": accuracy(v), "robust": int(v.sum())} for name, v in left.items()}
+        results["aa"]["robust_after"] = {name: {"accuracy": accuracy(v), "robust": int(v.sum())}
+                                         for name, v in left.items()}
     results["worst_case"] = {"accuracy": accuracy(worst), "over": ["clean"] + list(attacks)}
     return results
 
@@ -2266,7 +2269,8 @@ def format_results(res: dict, title: str) -> str:
         r = res[name]
         if name == "aa":
             lines.append(f"  {'aa':<12}{100 * r['accuracy']:>8.2f}%  {r['loss']}, seed {r['seed']}")
-            lines.append(" " * 16 + ", ".join(f"after {k} {100 * v['accuracy']:.2f}%" for k, v in r["robust_after"].items()))
+            lines.append(" " * 16 + ", ".join(f"after {k} {100 * v['accuracy']:.2f}%"
+                                              for k, v in r["robust_after"].items()))
             continue
         step = fmt_eps(r["step_size"]) if r.get("step_size") else "-"
         lines.append(f"  {name:<12}{100 * r['accuracy']:>8.2f}%  {r['loss'].split()[0]:<9}{r['steps']:>6}"
@@ -2300,8 +2304,7 @@ def validate(model, data: Data, args) -> tuple:
                 robust = robust + (model(x).argmax(1) == y).sum()
         ticker.step()
     clean, robust = all_reduce_sum([clean, robust], xs.device)
-    n = data.x_val.shape[0]
-    return clean / n, (robust / n if args.val_steps else clean / n)
+    return clean / len(data.x_val), (robust if args.val_steps else clean) / len(data.x_val)
 
 
 # ================================================================================================
@@ -2449,12 +2452,14 @@ def describe(args, run: Run, data: Data, device, world: int) -> str:
     step = {"fast-bat": f"step a {fmt_eps(fast_bat_step_size(args.eps))}", "pgd-at-bls": "first BLS step eps",
             "plain": "no attack"}.get(args.method, "learned attacker" if args.method in L2L_VARIANTS
                                       else f"step {fmt_eps(args.step_size)}")
-    nets = ", ".join(f"{type(m).__name__} {sum(p.numel() for p in m.parameters()):,} parameters" for m in run.networks())
+    nets = ", ".join(f"{type(m).__name__} {sum(p.numel() for p in m.parameters()):,} parameters"
+                     for m in run.networks())
     return (f"{args.method} ({METHODS[args.method].paper}) on {args.dataset}: {nets}; {len(data.x_train)} train / "
             f"{len(data.x_val)} val / {len(data.x_test)} test, {device}{f' x {world} processes' * (world > 1)}\n  eps "
             f"{fmt_eps(args.eps)}, steps {args.steps}, {step}, attack BN {args.attack_bn}, epochs {args.epochs}, batch "
             f"{args.batch_size}, {args.optimizer} lr {args.lr} {args.lr_schedule}, wd {args.weight_decay}, seed "
-            f"{args.seed}, {args.precision} (evaluation fp32), channels_last {args.channels_last}, compile {args.compile}")
+            f"{args.seed}, {args.precision} (evaluation fp32), channels_last {args.channels_last}, compile "
+            f"{args.compile}")
 
 
 def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
