@@ -1483,9 +1483,9 @@ def parse_number(text: str) -> float:
 
 def fmt_eps(value: float) -> str:
     """Print eps and step sizes the way papers write them: 8/255 when that is exact, else a decimal."""
-    k = value * 255  # 8/255, but 0.6 stays 0.6
-    return f"{round(k)}/255" if value > 0 and abs(k - round(k)) < 1e-6 and float(f"{value:.4g}") != value else \
-        f"{value:.4g}"
+    k = value * 255
+    exact = value > 0 and abs(k - round(k)) < 1e-6 and float(f"{value:.4g}") != value  # 8/255, but 0.6 stays 0.6
+    return f"{round(k)}/255" if exact else f"{value:.4g}"
 
 
 def comma_numbers(text: str) -> list:
@@ -1781,7 +1781,7 @@ def augment(x: torch.Tensor, mode: str, gen: torch.Generator, pad: str = "zero")
         return x
     (n, c, h, w), d = x.shape, x.device
     padded = F.pad(x, (4, 4, 4, 4), mode="reflect" if pad == "reflect" else "constant")
-    dy, dx = [torch.randint(0, 9, (n,), device=d, generator=gen) for _ in "yx"]  # drawn in this order
+    dy, dx = [torch.randint(0, 9, (n,), device=d, generator=gen) for _ in range(2)]  # dy drawn first
     rows = (dy[:, None] + torch.arange(h, device=d))[:, None, :, None]  # n x 1 x h x 1
     cols = (dx[:, None] + torch.arange(w, device=d))[:, None, None, :]  # n x 1 x 1 x w
     x = padded[torch.arange(n, device=d)[:, None, None, None], torch.arange(c, device=d)[None, :, None, None],
@@ -2213,8 +2213,9 @@ def evaluate(model, x_uint8, y, args, attacks, extras=None) -> dict:
             with torch.no_grad():
                 correct[name].append(model(x_adv).argmax(1) == yb)
             ticker.step(what=f"evaluating {name}")
-    for name in [a for a in ("l2l", "aa") if a in attacks]:  # over the whole shard; l2l's chunks of --batch-size
-        x = to_float(xs, memory_format(args))                   # start at its aligned start: by global example index
+    whole = [a for a in ("l2l", "aa") if a in attacks]  # over the whole shard; l2l's chunks of --batch-size start
+    x = to_float(xs, memory_format(args)) if whole else None  # at its aligned start: by global example index
+    for name in whole:
         if name == "l2l":
             x_adv = EVAL_ATTACKS["l2l"].run(model, x, ys, args, extras)
             with torch.no_grad():
@@ -2339,6 +2340,10 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     os.replace(path + ".tmp", path)
 
 
+def write_results(results: dict, out: str) -> None:
+    atomic_write(os.path.join(out, "results.json"), lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
+
+
 RUN_FILES = ("last.pt", "best.pt", "results.json")  # what a run writes into --out (--eval-only: results.json)
 _HELD: Dict[str, int] = {}  # the --out folders this process holds -> their descriptors
 
@@ -2455,11 +2460,11 @@ def describe(args, run: Run, data: Data, device, world: int) -> str:
     nets = ", ".join(f"{type(m).__name__} {sum(p.numel() for p in m.parameters()):,} parameters"
                      for m in run.networks())
     return (f"{args.method} ({METHODS[args.method].paper}) on {args.dataset}: {nets}; {len(data.x_train)} train / "
-            f"{len(data.x_val)} val / {len(data.x_test)} test, {device}{f' x {world} processes' * (world > 1)}\n  eps "
-            f"{fmt_eps(args.eps)}, steps {args.steps}, {step}, attack BN {args.attack_bn}, epochs {args.epochs}, batch "
-            f"{args.batch_size}, {args.optimizer} lr {args.lr} {args.lr_schedule}, wd {args.weight_decay}, seed "
-            f"{args.seed}, {args.precision} (evaluation fp32), channels_last {args.channels_last}, compile "
-            f"{args.compile}")
+            f"{len(data.x_val)} val / {len(data.x_test)} test, {device}{f' x {world} processes' if world > 1 else ''}"
+            f"\n  eps {fmt_eps(args.eps)}, steps {args.steps}, {step}, attack BN {args.attack_bn}, epochs "
+            f"{args.epochs}, batch {args.batch_size}, {args.optimizer} lr {args.lr} {args.lr_schedule}, wd "
+            f"{args.weight_decay}, seed {args.seed}, {args.precision} (evaluation fp32), channels_last "
+            f"{args.channels_last}, compile {args.compile}")
 
 
 def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
@@ -2558,8 +2563,7 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
         say(format_results(results["last"], f"test, {os.path.basename(path)} (epoch {epoch}" + (
             ")" if path == last_path else ", the last: --val-size 0)" if no_val else ", chosen on validation)")))
     if rank == 0:
-        atomic_write(os.path.join(args.out, "results.json"),
-                     lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
+        write_results(results, args.out)
     say(f"wrote {args.out}/results.json, best.pt, last.pt")
     if world > 1:
         dist.barrier()
@@ -2590,8 +2594,7 @@ def evaluate_checkpoint(args) -> dict:
                             evaluation_extras(args, run, device)))
     if rank == 0:
         print(format_results(results, f"test, {args.eval_only} (epoch {ckpt['epoch']})"))
-        atomic_write(os.path.join(args.out, "results.json"),
-                     lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
+        write_results(results, args.out)
         print(f"wrote {args.out}/results.json")
     if dist_world()[1] > 1:
         dist.barrier()
@@ -2680,8 +2683,9 @@ def report(paths: list) -> str:
             "protocol"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     step = lambda r: fmt_eps(r["step_size"]) if r.get("step_size") else "-"
-    protocol = lambda k, r: ("aa " + ("standard" if r.get("loss") == "AutoAttack (standard)" else r.get("settings"))
-                             if k == "aa" else f"{k} {r.get('steps')}x{r.get('restarts')}@{step(r)}")
+    attack_protocol = lambda k, r: ("aa " + ("standard" if r.get("loss") == "AutoAttack (standard)" else
+                                             r.get("settings")) if k == "aa" else
+                                    f"{k} {r.get('steps')}x{r.get('restarts')}@{step(r)}")
     for res in runs:
         paper, history, p = res["args"].get("paper") or {}, res.get("history") or [], res["protocol"]
         cell = lambda k: "–" if k not in res else f"{100 * res[k]['accuracy']:.2f}" + (
@@ -2692,7 +2696,7 @@ def report(paths: list) -> str:
                cell("clean"), *map(cell, attacks), cell("worst_case"),
                f"{sum(seconds) / len(seconds):.1f}" if seconds else "–", res.get("device"),
                f"eps {p['eps_text']}, {p['examples']} {p['split']}; " + "; ".join(
-                   protocol(k, res[k]) for k in res["worst_case"]["over"][1:] if k in res)]
+                   attack_protocol(k, res[k]) for k in res["worst_case"]["over"][1:] if k in res)]
         # a stored string is one cell: a '|' escaped, line breaks flattened
         rows.append("| " + " | ".join(" ".join(str(c).split()).replace("|", "\\|") for c in row) + " |")
     print("\n".join(rows))
@@ -2708,9 +2712,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.eval_only:
         if args.resume or args.benchmark:
             raise UsageError("--eval-only trains nothing: drop --resume and --benchmark")
-        ckpt = read_checkpoint(args.eval_only, "--eval-only")
+        ckpt, parser = read_checkpoint(args.eval_only, "--eval-only"), build_parser()
         given = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in KEYS["m"]
-                 if getattr(args, k) not in (build_parser().get_default(k), ckpt["args"][k])]
+                 if getattr(args, k) not in (parser.get_default(k), ckpt["args"][k])]
         if given:
             print(f"note: --eval-only takes the network from the checkpoint; ignored: {', '.join(given)}",
                   file=sys.stderr)

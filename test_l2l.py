@@ -74,18 +74,23 @@ def tiny_cnn(classes=10, c=1):
                          nn.Flatten(), nn.Linear(128, classes)).to(DEVICE)
 
 
+def fit(model, x, y, steps, lr=0.1, momentum=0.9):
+    """`steps` full-batch SGD steps on cross-entropy; returns the model."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model
+
+
 @pytest.fixture(scope="module")
 def toy():
     """A float batch in [0,1] (MNIST format) and a tiny CNN trained on it to > 90% clean accuracy, on the test
     device."""
     torch.manual_seed(0)
     x, y = synthetic_batch(256, seed=3)
-    model = tiny_cnn()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for _ in range(150):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    model = fit(tiny_cnn(), x, y, 150)
     model.eval()
     with torch.no_grad():
         assert (model(x).argmax(1) == y).float().mean() > 0.9
@@ -680,12 +685,7 @@ def test_l2l_gradients_reach_phi_in_its_step_and_theta_in_its_own(toy):
 def test_one_attacker_step_raises_the_classifier_loss(toy):
     _, x, y = toy
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10)).to(DEVICE)
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    for _ in range(100):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    model = fit(nn.Sequential(nn.Flatten(), nn.Linear(784, 10)).to(DEVICE), x, y, 100, lr=0.5, momentum=0)
     for variant in ("l2l-naive", "l2l-grad", "l2l-2step"):
         run = l2l_run(variant, model=model)  # classifier lr 0: only phi moves
         attacker = run.extras["attacker"]
@@ -972,14 +972,8 @@ def test_bls_never_accepts_a_step_that_lowers_the_loss(toy, monkeypatch, dropout
     model, x, y = toy
     torch.manual_seed(0)
     if dropout:
-        model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
-                              nn.Dropout(0.5), nn.Linear(128, 10)).to(DEVICE)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        for _ in range(60):
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-        model.train()
+        model = fit(nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+                                  nn.Dropout(0.5), nn.Linear(128, 10)).to(DEVICE), x, y, 60)
     start = l2l.random_start(x, 0.1)
     monkeypatch.setattr(l2l, "random_start", lambda x0, e: start)
     with l2l.attack_mode(model, "train" if dropout else "eval"):
