@@ -11,8 +11,7 @@ and the baselines they compare against:
   [Fast-AT]  Wong, Rice, Kolter. Fast is Better than Free. ICLR 2020 (FGSM from a random start)
   [GradAlign] Andriushchenko, Flammarion. Understanding and Improving Fast Adversarial Training. NeurIPS 2020
 
-Run (defaults follow each method's paper; recipe values are flags, the papers' fixed constants keyword defaults
-of Part I): python l2l.py --method rnn-adv --dataset cifar10; python l2l.py --help; README has the rest.
+Run: python l2l.py --method rnn-adv --dataset cifar10 (each paper's recipe as flags, its constants Part I keywords).
 
 Paper index: algorithm or equation -> the functions on its path -> the official file it was checked against line
 by line (fast_adversarial = locuslab/fast_adversarial, Fast-BAT = OPTML-Group/Fast-BAT, TRADES = yaodongyu/TRADES,
@@ -55,7 +54,6 @@ import sys
 import time
 import uuid
 from collections import namedtuple
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
@@ -70,7 +68,6 @@ import torch.nn.functional as F
 # training step per method. Everything here takes explicit arguments and needs only torch, torch.nn as
 # nn, torch.nn.functional as F and math: a function copies out with the definitions it calls (README,
 # "Copy an algorithm"). Nothing here reads a flag or talks to other processes. Part II, the harness, follows.
-# ================================================================================================
 
 
 # Models. Inputs in [0,1]; per-channel normalisation (or the identity) is the first layer of every network.
@@ -162,24 +159,16 @@ class PreActBlock(nn.Module):
         self.shortcut_input = shortcut
         self.bn1, self.conv1 = nn.BatchNorm2d(c_in), nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
         self.bn2, self.conv2 = nn.BatchNorm2d(c_out), nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.shortcut = None
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, bias=False)
+        self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, bias=False) if stride != 1 or c_in != c_out else None
 
     def forward(self, x):
         out = F.relu(self.bn1(x))
-        if self.shortcut is None:
-            skip = x
-        else:
-            skip = self.shortcut(x if self.shortcut_input == "input" else out)
-        out = self.conv1(out)
-        out = self.conv2(F.relu(self.bn2(out)))
-        return out + skip
+        skip = x if self.shortcut is None else self.shortcut(x if self.shortcut_input == "input" else out)
+        return self.conv2(F.relu(self.bn2(self.conv1(out)))) + skip
 
 
 class PreActResNet18(nn.Module):
-    """PreActResNet-18: 3x3 stem, stages [2,2,2,2] of widths 64-128-256-512, BN-ReLU, global pool; `shortcut` as
-    PreActBlock."""
+    """PreActResNet-18: 3x3 stem, [2,2,2,2] blocks of widths 64-128-256-512, BN-ReLU, pool; shortcut: PreActBlock's."""
 
     def __init__(self, in_ch=3, classes=10, shortcut="input"):
         super().__init__()
@@ -251,21 +240,16 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
 
 
-def random_start(x: torch.Tensor, eps: float, clamp: bool = True) -> torch.Tensor:
-    """x + U(-eps, eps), projected onto C (Madry et al.; Wong et al.); with clamp False left unprojected (outside
-    [0,1] where x is near its edges, as fast_adversarial's MNIST script takes its FGSM gradient)."""
-    x0 = x + torch.empty_like(x).uniform_(-eps, eps)
-    return project(x0, x, eps) if clamp else x0
-
-
-def start_point(x: torch.Tensor, eps: float, kind: str) -> torch.Tensor:
-    """The first iterate of an iterative attack (--attack-start):
-      'uniform': x + U(-eps, eps), projected onto C (Madry et al.'s PGD);
+def start_point(x: torch.Tensor, eps: float, kind: str = "uniform", clamp: bool = True) -> torch.Tensor:
+    """The first iterate of an attack (--attack-start):
+      'uniform': x + U(-eps, eps), projected onto C (Madry et al.; Wong et al.); with clamp False left unprojected
+                 (outside [0,1] near the image's edges, where fast_adversarial's MNIST script takes its FGSM gradient);
       'normal':  x + 0.001 N(0, I), not projected: trades.py and L2L's adv_loss.py take their first gradient
                  there, and every later iterate is projected."""
-    if kind == "uniform":
-        return random_start(x, eps)
-    return x + 0.001 * torch.randn_like(x)
+    if kind == "normal":
+        return x + 0.001 * torch.randn_like(x)
+    x0 = x + torch.empty_like(x).uniform_(-eps, eps)
+    return project(x0, x, eps) if clamp else x0
 
 
 def cw_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -302,9 +286,7 @@ def fgsm(model, x, y, eps, step_size=None, rand_init=False, clamp_start=True):
     """FGSM (Goodfellow et al. 2015): x' = Pi_C(x0 + a sign(grad_x L(x0))), x0 = x or a uniform random
     start (Wong et al. 2020), clamped to [0,1] unless clamp_start is False. a defaults to eps."""
     step_size = eps if step_size is None else step_size
-    x0 = x
-    if rand_init:
-        x0 = random_start(x, eps, clamp_start)
+    x0 = start_point(x, eps, "uniform", clamp_start) if rand_init else x
     return project(x0 + step_size * input_grad(model, x0, y).sign(), x, eps).detach()
 
 
@@ -356,9 +338,8 @@ def dlr_loss(logits: torch.Tensor, y: torch.Tensor, target=None) -> torch.Tensor
     Shift- and scale-invariant in the logits, so logit rescaling cannot hide the attack's progress."""
     z = logits.sort(1, descending=True)[0]
     z_y = logits.gather(1, y[:, None]).squeeze(1)
-    if target is None:
-        other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
-        return -(z_y - other) / (z[:, 0] - z[:, 2] + 1e-12)
+    if target is None:  # cw_margin is -(z_y - max_{i != y} z_i)
+        return cw_margin(logits, y) / (z[:, 0] - z[:, 2] + 1e-12)
     z_t = logits.gather(1, target[:, None]).squeeze(1)
     return -(z_y - z_t) / (z[:, 0] - (z[:, 2] + z[:, 3]) / 2 + 1e-12)
 
@@ -414,8 +395,7 @@ def apgd(model, x, y, eps, n_iter=100, loss="ce", target=None, rho=0.75):
         z = project(x_k + eta.view(view) * g.sign(), x, eps)
         alpha = 1.0 if k == 0 else 0.75  # the momentum weight of the paper's update
         x_new = project(x_k + alpha * (z - x_k) + (1 - alpha) * (x_k - x_prev), x, eps)
-        x_prev = x_k
-        x_k = x_new
+        x_prev, x_k = x_k, x_new
         f_k, g, wrong = f_and_grad(x_k)
         x_fool = torch.where((wrong & ~found).view(view), x_k, x_fool)
         found |= wrong
@@ -582,11 +562,7 @@ def fab_targeted(model, x, y, eps, n_iter=100, n_targets=9, alpha_max=0.1, eta=1
 def square_p(it: int, p_init: float = 0.8) -> float:
     """Square Attack's schedule of p, the fraction of the image a square covers (square.py, p_selection with
     AutoAttack's resc_schedule=False): p_init halved after iterations 10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000."""
-    for bound, div in ((8000, 512), (6000, 256), (4000, 128), (2000, 64), (1000, 32), (500, 16), (200, 8), (50, 4),
-                       (10, 2)):
-        if it > bound:
-            return p_init / div
-    return p_init
+    return p_init / 2 ** sum(it > bound for bound in (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000))
 
 
 def square_linf(model, x, y, eps, n_queries=5000, p_init=0.8, generator=None):
@@ -720,11 +696,8 @@ def pgd_bls(model, x, y, eps, steps, init_step, shrink=0.5, c=1e-4, tries=8, sta
     acceptable size stays at x_t, so no accepted step ever lowers its loss. Start as PGD (--attack-start)."""
     x_adv = project(start_point(x, eps, start), x, eps)
     for _ in range(steps):
-        x_adv = x_adv.detach().requires_grad_(True)
-        with torch.enable_grad():
-            loss = F.cross_entropy(model(x_adv), y, reduction="none")
-            (g,) = torch.autograd.grad(loss.sum(), x_adv)
-        x_adv, loss = x_adv.detach(), loss.detach()
+        g, logits = input_grad_and_logits(model, x_adv, y)
+        loss = F.cross_entropy(logits, y, reduction="none")
         s = torch.full_like(loss, init_step)
         new, done = x_adv.clone(), torch.zeros_like(y, dtype=torch.bool)
         for _ in range(tries):
@@ -748,10 +721,9 @@ class ModelMode:
     def __enter__(self):
         self.was_training = [(m, m.training) for m in self.model.modules()]
         self.model.train(self.mode == "train")
-        if not self.dropout:
-            for m in self.model.modules():
-                if isinstance(m, nn.modules.dropout._DropoutNd):
-                    m.eval()
+        for m in self.model.modules():
+            if not self.dropout and isinstance(m, nn.modules.dropout._DropoutNd):
+                m.eval()
         return self.model
 
     def __exit__(self, *exc):
@@ -789,10 +761,8 @@ def cw_linf(model, x, y, eps, lr=5e-3, max_iterations=50, initial_const=1e-5, la
     tau = torch.ones(n, dtype=torch.float64, device=x.device)
     const = torch.full((n,), initial_const, dtype=torch.float64, device=x.device)
     w_start = torch.atanh(0.9999 * (2 * x - 1))
-    w = torch.zeros_like(x)  # the modifier and its Adam state (torch.optim.Adam's defaults), per example
-    adam_m, adam_v = torch.zeros_like(x), torch.zeros_like(x)
-    adam_t = torch.zeros(n, dtype=torch.long, device=x.device)
-    steps_at_const = torch.zeros(n, dtype=torch.long, device=x.device)
+    w, adam_m, adam_v = (torch.zeros_like(x) for _ in range(3))  # the modifier and its Adam state, per example
+    adam_t, steps_at_const = (torch.zeros(n, dtype=torch.long, device=x.device) for _ in range(2))
     beta1, beta2, adam_eps = 0.9, 0.999, 1e-8
     while active.any():
         i = active.nonzero().squeeze(1)
@@ -831,8 +801,7 @@ def cw_linf(model, x, y, eps, lr=5e-3, max_iterations=50, initial_const=1e-5, la
             const[grow] *= const_factor
             steps_at_const[grow] = 0
             failed = i[aborted & ~restart]
-            active[i[success]] = False
-            active[failed] = False
+            active[i[success]] = active[failed] = False
             active[grow[const[grow] >= largest_const]] = False
     return x_adv
 
@@ -847,7 +816,6 @@ def cw_linf(model, x, y, eps, lr=5e-3, max_iterations=50, initial_const=1e-5, la
 #   grad:   A = [x, grad_x CE(f(x), y) / max|grad|]   (one scalar max over the whole batch; detached)
 #   K-step: the grad attacker applied K times with shared phi, total projected onto the eps-ball.
 # Architectures and details follow the poster and the official code (attacker.py, adv_loss.py).
-# ================================================================================================
 
 
 class GenBlock(nn.Module):
@@ -874,13 +842,11 @@ class SlimAttacker(nn.Module):
     (BN eps 1e-3, ReLU); GenBlocks 128->256->128; BN; deconv 4x4/16 stride 2 (BN, ReLU); conv3x3 on
     [deconv output, attacker input] to the image channels; delta = eps * tanh(s * out), s learnable
     from 5. Stride 2 in the first conv is the only reading under which 32x32 stays 32x32 (the poster gives no
-    strides; a choice, README).
-    `width` (128 in the paper) sets the channels: width, 2 width, width."""
+    strides; a choice, README). `width` (128 in the paper) sets the channels: width, 2 width, width."""
 
     def __init__(self, in_ch, out_ch, eps, width=128):
         super().__init__()
-        self.eps = eps
-        w = width
+        self.eps, w = eps, width
         self.down = nn.Sequential(nn.Conv2d(in_ch, w, 3, 2, 1, bias=False), nn.BatchNorm2d(w, eps=1e-3), nn.ReLU())
         self.blocks = nn.Sequential(GenBlock(w, 2 * w), GenBlock(2 * w, w), nn.BatchNorm2d(w, affine=False))
         self.up = nn.Sequential(nn.ConvTranspose2d(w, 16, 4, 2, 1, bias=False), nn.BatchNorm2d(16, eps=1e-3), nn.ReLU())
@@ -1076,9 +1042,8 @@ def rnn_attack(rnn, model, x, y, eps, steps, alpha, init="uniform", logp_clean=N
     grads.append(inner_grad(model, x_adv, y, logp_clean))  # g_T
     w = {"uniform": [1.0] * steps, "last": [0.0] * (steps - 1) + [1.0],
          "linear": [(t + 1) / steps for t in range(steps)]}[weights]
-    total = 0.0  # step 3: the surrogate of sum_t w_t L_inner(x'_t)
-    for w_t, g_t, x_t in zip(w, grads, iterates):
-        total = total + w_t * ((relative_to_mean(g_t) if per_example else g_t) * x_t).sum() / x.shape[0]
+    total = sum(w_t * ((relative_to_mean(g_t) if per_example else g_t) * x_t).sum() / x.shape[0]
+                for w_t, g_t, x_t in zip(w, grads, iterates))  # step 3: the surrogate of sum_t w_t L_inner(x'_t)
     return x_adv.detach(), total
 
 
@@ -1096,7 +1061,8 @@ def sgd_update(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
 
 
 def plain_step(model, optimizer, x, y):
-    """Standard training: one SGD step on CE(f(x), y)."""
+    """Standard training: one optimiser step on CE(f(x), y); the outer minimisation of PGD-AT, Fast-AT, AdvTrain+BLS,
+    L2L and RNN-Adv, given x_adv. Returns (loss, number correct)."""
     logits = model(x)
     loss = F.cross_entropy(logits, y)
     sgd_update(optimizer, loss)
@@ -1109,10 +1075,7 @@ def pgd_at_step(model, optimizer, x, y, *, eps, step_size, steps, start="uniform
     2. outer min: one SGD step on CE(f(x_adv), y), model in train mode."""
     with attack_mode(model, attack_bn):
         x_adv = pgd(model, x, y, eps, step_size, steps, start=start)  # step 1
-    logits = model(x_adv)  # step 2
-    loss = F.cross_entropy(logits, y)
-    sgd_update(optimizer, loss)
-    return loss.detach(), (logits.argmax(1) == y).sum()
+    return plain_step(model, optimizer, x_adv, y)  # step 2
 
 
 def trades_loss(logits_clean, logits_adv, y, beta):
@@ -1147,10 +1110,7 @@ def fast_at_step(model, optimizer, x, y, *, eps, step_size, attack_bn="train", c
     3. one optimiser step on CE(f(x + delta), y). BN stays in train mode during the attack (official code)."""
     with attack_mode(model, attack_bn):
         x_adv = fgsm(model, x, y, eps, step_size, rand_init=True, clamp_start=clamp_start)  # steps 1-2
-    logits = model(x_adv)  # step 3
-    loss = F.cross_entropy(logits, y)
-    sgd_update(optimizer, loss)
-    return loss.detach(), (logits.argmax(1) == y).sum()
+    return plain_step(model, optimizer, x_adv, y)  # step 3
 
 
 def fast_bat_step_size(eps: float) -> float:
@@ -1194,8 +1154,7 @@ def fast_bat_backward(model, x, y, eps, step_size, lam, ig_ratio=1.0, tol=1e-7, 
     mask = ((delta > p + tol) & (delta < q - tol)).to(x.dtype)  # step 5
     v = mask * input_grad(model, x + delta, y) / lam  # step 6 (input_grad leaves theta's .grad alone)
     n = x.shape[0]
-    for param in model.parameters():
-        param.grad = None
+    model.zero_grad(set_to_none=True)
     ((grad_z * v).sum() * (ig_ratio / n)).backward()  # step 7
     logits = model(x + delta)
     loss = F.cross_entropy(logits, y, reduction="sum") / n  # step 8
@@ -1269,10 +1228,7 @@ def pgd_at_bls_step(model, optimizer, x, y, *, eps, steps, init_step=None, shrin
     init_step = eps if init_step is None else init_step
     with attack_mode(model, attack_bn):
         x_adv = pgd_bls(model, x, y, eps, steps, init_step, shrink, c, tries, start)
-    logits = model(x_adv)
-    loss = F.cross_entropy(logits, y)
-    sgd_update(optimizer, loss)
-    return loss.detach(), (logits.argmax(1) == y).sum()
+    return plain_step(model, optimizer, x_adv, y)
 
 
 def l2l_attacker_step(model, attacker, attacker_optimizer, x, y, *, eps, variant, steps=1, step_size=None,
@@ -1305,12 +1261,10 @@ def l2l_step(model, optimizer, attacker, attacker_optimizer, x, y, *, eps, varia
     attacker.eval()
     with torch.no_grad(), attack_mode(model, "train"):  # phi gets nothing here
         x_adv = l2l_perturb(attacker, model, x, y, eps, variant, steps, step_size, batch_max)
-    logits = model(x_adv)
-    loss = F.cross_entropy(logits, y)
-    sgd_update(optimizer, loss)
+    loss, n_correct = plain_step(model, optimizer, x_adv, y)
     l2l_attacker_step(model, attacker, attacker_optimizer, x, y, eps=eps, variant=variant, steps=steps,
                       step_size=step_size, attacker_steps=attacker_steps, batch_max=batch_max)  # step 2
-    return loss.detach(), (logits.argmax(1) == y).sum()
+    return loss, n_correct
 
 
 def rnn_optimizer_step(model, rnn, rnn_optimizer, x, y, *, eps, steps, alpha, trades=False, start="uniform",
@@ -1344,10 +1298,7 @@ def rnn_adv_step(model, optimizer, rnn, rnn_optimizer, x, y, *, eps, steps, alph
     sign-step design's step (the lstm design bounds its updates by eps)."""
     x_adv = rnn_optimizer_step(model, rnn, rnn_optimizer, x, y, eps=eps, steps=steps, alpha=alpha, start=start,
                                weights=weights, per_example=per_example, attack_bn=attack_bn)  # steps 1-2
-    logits = model(x_adv)  # step 3
-    loss = F.cross_entropy(logits, y)
-    sgd_update(optimizer, loss)
-    return loss.detach(), (logits.argmax(1) == y).sum()
+    return plain_step(model, optimizer, x_adv, y)  # step 3
 
 
 def rnn_trades_step(model, optimizer, rnn, rnn_optimizer, x, y, *, eps, steps, alpha, beta, start="normal",
@@ -1370,11 +1321,7 @@ def rnn_trades_step(model, optimizer, rnn, rnn_optimizer, x, y, *, eps, steps, a
 
 
 class UsageError(Exception):
-    """A problem with the user's flags, paths or files. main() prints it as one line and exits 2."""
-
-
-class TrainingDiverged(Exception):
-    """The training loss turned non-finite: main() prints it as one line and exits 3."""
+    """A problem with the user's flags (a diverging --lr too), paths or files: main() prints one line, exits 2."""
 
 
 # eval_step_frac, eval_steps: the default evaluation PGD, step eps / 4 for 20 steps; MNIST (TRADES, Madry): 0.01 x 40
@@ -1408,7 +1355,7 @@ RICE_CIFAR = dict(model="preactresnet18", epochs=200, lr=0.1, weight_decay=5e-4,
 CYCLIC_CIFAR = dict(model="preactresnet18", lr=0.2, weight_decay=5e-4, lr_schedule="cyclic", steps=1,
                     attack_bn="train", normalize="mean-std")
 METHOD_DEFAULTS = {
-    "plain": dict(cifar=dict(RICE_CIFAR, steps=0, step_size=0.0), mnist=dict(TRADES_MNIST, steps=0, step_size=0.0)),
+    "plain": dict(cifar=dict(RICE_CIFAR, steps=0), mnist=dict(TRADES_MNIST, steps=0)),
     # Madry et al.: PGD-10 step 2/255 from a random start, BN in train mode while attacking as Madry's code
     # (cifar10_challenge#22); MNIST: PGD-40 step 0.01.
     "pgd-at": dict(cifar=dict(RICE_CIFAR, steps=10, step_size=2 / 255, attack_bn="train"),
@@ -1422,23 +1369,23 @@ METHOD_DEFAULTS = {
     # Fast-AT (CIFAR10/train_fgsm.py, utils.py: 15 epochs, step 1.25 eps, std 0.2471; MNIST/train_mnist.py,
     # mnist_net.py: MNISTNet, Adam, lr 0 -> 5e-3 at epoch 10 * 2 // 5 = 4 -> 0, batch 100, step 0.375, the random
     # start not clamped to the image box).
-    "fast-at": dict(cifar=dict(CYCLIC_CIFAR, epochs=15, step_size=1.25 * 8 / 255, cifar10_std=(0.2471, 0.2435, 0.2616)),
+    "fast-at": dict(cifar=dict(CYCLIC_CIFAR, epochs=15, cifar10_std=(0.2471, 0.2435, 0.2616)),
                     mnist=dict(model="mnistnet", optimizer="adam", epochs=10, batch_size=100, lr=5e-3,
-                               weight_decay=0.0, lr_schedule="cyclic", steps=1, step_size=0.375, attack_bn="train",
+                               weight_decay=0.0, lr_schedule="cyclic", steps=1, attack_bn="train",
                                clamp_start=False, lr_peak=lambda epochs: epochs * 2 // 5 or epochs / 2)),
 }
 # Fast-BAT Table 1 (train.py): 20 epochs, the lr peaking at epoch 10 (--cyclic_milestone); Fast-AT-GA: FGSM from x
 # with step 1.25 eps plus GradAlign. MNIST: SmallCNN, cyclic lr 0.05, 10 epochs (this project's choice).
 for _name in ("fast-bat", "fast-at-ga"):
-    METHOD_DEFAULTS[_name] = dict(cifar=dict(CYCLIC_CIFAR, epochs=20, lr_peak_epoch=10.0, step_size=0.0),
+    METHOD_DEFAULTS[_name] = dict(cifar=dict(CYCLIC_CIFAR, epochs=20, lr_peak_epoch=10.0),
                                   mnist=dict(model="smallcnn", epochs=10, lr=0.05, weight_decay=0.0,
-                                             lr_schedule="cyclic", steps=1, step_size=0.0, attack_bn="train"))
+                                             lr_schedule="cyclic", steps=1, attack_bn="train"))
 # L2L (train_l2l_{1,2}_cifar10.py): WRN-34-10, lr 0.1 x0.1 when epoch >= 30, 60, 90, wd 2e-4, 76 epochs, eps 0.031
 # (run.sh passes it). MNIST has no L2L recipe in the sources: TRADES' MNIST optimiser is this project's choice.
 for _name in L2L_VARIANTS:
     METHOD_DEFAULTS[_name] = dict(cifar=dict(model="wrn", epochs=76, lr=0.1, weight_decay=2e-4, lr_schedule="multistep",
-                                             lr_milestones=(30, 60, 90), lr_milestone_base=1, steps=0, step_size=0.0),
-                                  mnist=dict(TRADES_MNIST, steps=0, step_size=0.0))
+                                             lr_milestones=(30, 60, 90), lr_milestone_base=1, steps=0),
+                                  mnist=dict(TRADES_MNIST, steps=0))
 # Xiong & Hsieh: AdvTrain+BLS, RNN-Adv and RNN-TRADES share the baseline they modify (T = --steps), attacking in eval
 # mode. MNIST uses T = 10 for the RNN methods (a choice: the paper stresses few iterations), step 2.5 eps / T.
 METHOD_DEFAULTS["pgd-at-bls"] = {k: dict(v, attack_bn="eval") for k, v in METHOD_DEFAULTS["pgd-at"].items()}
@@ -1455,9 +1402,8 @@ COMMON_DEFAULTS = dict(batch_size=128, optimizer="sgd", momentum=0.9, beta=6.0, 
 # The defaults that follow from other flags (a flag left unset takes its entry's value, in this order, once the
 # recipe's values are in): default(args, recipe, dataset spec).
 DERIVED_DEFAULTS = (
-    # Fast-AT's step is 1.25 eps, so it follows an overridden eps; the other recipes give theirs
-    ("step_size", lambda a, recipe, spec: 1.25 * a.eps if a.method in ("fast-at", "fast-at-ga")
-     else recipe.get("step_size", 0.0)),
+    # Fast-AT's step is 1.25 eps, so it follows an overridden eps; the recipes with a step give theirs
+    ("step_size", lambda a, recipe, spec: 1.25 * a.eps if a.method in ("fast-at", "fast-at-ga") else 0.0),
     ("augment", lambda a, recipe, spec: spec["augment"]),
     ("rnn_eval_steps", lambda a, recipe, spec: max(a.steps, 1)),
     ("eval_steps", lambda a, recipe, spec: spec["eval_steps"]),
@@ -1466,9 +1412,6 @@ DERIVED_DEFAULTS = (
     ("lr_peak_epoch", lambda a, recipe, spec: recipe.get("lr_peak", lambda epochs: epochs / 2)(a.epochs)),
     ("val_step_size", lambda a, recipe, spec: 2.5 * a.eps / max(a.val_steps, 1)),  # Madry et al.'s rule
 )
-RECIPE_KEYS = ("model", "epochs", "batch_size", "lr", "momentum", "weight_decay", "optimizer", "lr_schedule",
-               "lr_milestones", "lr_milestone_base", "lr_peak_epoch", "steps", "beta", "attack_bn", "attack_start",
-               "clamp_start", "normalize", "preact_shortcut", "crop_pad")
 MODELS = ("smallcnn", "mnistnet", "vgg16", "preactresnet18", "wrn")
 
 
@@ -1534,14 +1477,11 @@ class OneLineParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see python l2l.py --help)")
 
 
-# Every flag, once: its group in --help, where it counts ("t": a training setting, checked against last.pt by
-# --resume; "m": what --eval-only takes from the checkpoint, the network and its learned attacker; "e": an
-# evaluation setting), and its add_argument keywords. A default of None means "per method and dataset"
-# (METHOD_DEFAULTS, filled in by resolve_args) unless the help says otherwise.
-FLAG_GROUPS = {"run": "run", "data": "data", "opt": "optimisation (defaults: per method and dataset)",
-               "attack": "training-time attack (defaults: per method and dataset)",
-               "learned": "learned attackers: the RNN optimiser (rnn-adv, rnn-trades) and L2L (l2l-*)",
-               "eval": "evaluation", "speed": "speed and scale (none changes an algorithm)"}
+# Every flag, once: its --help group, where it counts ("t": training, checked against last.pt by --resume; "m": the
+# network and learned attacker, which --eval-only takes from the checkpoint; "e": evaluation), its add_argument
+# keywords. No default means "per method and dataset" (METHOD_DEFAULTS, filled in by resolve_args).
+FLAG_GROUPS = {"run": "run", "data": "data", "opt": "optimisation", "attack": "training-time attack", "learned":
+               "learned attackers (rnn-*, l2l-*)", "eval": "evaluation", "speed": "speed and scale (same algorithms)"}
 FLAGS = (
     ("run", "--method", "tm", dict(default="pgd-at", metavar="METHOD", help="one of: {methods}")),
     ("run", "--dataset", "tm", dict(default="cifar10", metavar="DATASET", help="one of: {datasets}")),
@@ -1577,7 +1517,6 @@ FLAGS = (
     ("opt", "--lr-milestones", "t", dict(type=comma_numbers, help="multistep: x0.1 at, e.g. 100,150")),
     ("opt", "--lr-milestone-base", "t", dict(type=int, choices=(0, 1), help="1: 'if epoch >= m' from 1; 0: after m")),
     ("opt", "--lr-peak-epoch", "t", dict(type=float, help="cyclic: epoch where lr peaks")),
-    ("opt", "--cycle-momentum", "t", dict(action=BOOL, default=True, help="cyclic: momentum to 0.8 at the peak")),
     ("attack", "--eps", "te", dict(type=parse_number, help="l_inf budget (default: 8/255, MNIST 0.3)")),
     ("attack", "--step-size", "tm", dict(type=NONNEGATIVE_NUMBER, help="attack step (rnn-*: alpha)")),
     ("attack", "--steps", "tm", dict(type=NONNEGATIVE_INT, help="attack iterations (rnn-*: T)")),
@@ -1619,24 +1558,16 @@ FLAGS = (
 KEYS = {where: tuple(flag[2:].replace("-", "_") for _, flag, w, _ in FLAGS if where in w) for where in "tme"}
 
 
-class HelpFormatter(argparse.HelpFormatter):
-    """--help shows each default once: appended to the help unless the help already states it, or there is none."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
-            return text
-        return text + " (default: %(default)s)"
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(description="Adversarial training with hand-designed and learned attackers.", allow_abbrev=False,
-                      formatter_class=HelpFormatter)
+    p = OneLineParser(description="Adversarial training with hand-designed and learned attackers. A flag without a "
+                      "default below takes its method's and dataset's (README, Methods).", allow_abbrev=False)
     groups = {key: p.add_argument_group(title) for key, title in FLAG_GROUPS.items()}
     names = dict(methods=", ".join(METHODS), datasets=", ".join(DATASETS), attacks=", ".join(EVAL_ATTACKS))
     choices = {"--method": list(METHODS), "--dataset": list(DATASETS)}
-    for group, flag, _, keywords in FLAGS:
-        groups[group].add_argument(flag, **dict(keywords, help=keywords["help"].format(**names)),
+    for group, flag, _, kw in FLAGS:  # --help shows each default once
+        text = kw["help"].format(**names)
+        shown = "default" in text or kw.get("default") in (None, False)
+        groups[group].add_argument(flag, **dict(kw, help=text if shown else text + " (default: %(default)s)"),
                                    **({"choices": choices[flag]} if flag in choices else {}))
     return p
 
@@ -1647,11 +1578,10 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     recipe = dict(COMMON_DEFAULTS, **METHOD_DEFAULTS[args.method]["mnist" if args.dataset == "mnist" else "cifar"])
     args.eps = spec["eps"] if args.eps is None else args.eps
     if not 1e-4 <= args.eps <= 1:
-        raise UsageError(f"--eps {args.eps:g} is outside [1e-4, 1]: pixels are in [0,1] and an 8-bit grey level is "
-                         f"1/255; use e.g. --eps 8/255")
-    for name in RECIPE_KEYS:
-        if getattr(args, name) is None:
-            setattr(args, name, recipe.get(name))
+        raise UsageError(f"--eps {args.eps:g} is outside [1e-4, 1]: pixels are in [0,1]; write e.g. --eps 8/255")
+    for name, value in recipe.items():  # the flags left unset (recipe keys that are no flag are read below)
+        if getattr(args, name, 0) is None:
+            setattr(args, name, value)
     for name, default in DERIVED_DEFAULTS:
         if getattr(args, name) is None:
             setattr(args, name, default(args, recipe, spec))
@@ -1661,21 +1591,17 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.input_std = list(args.input_std or (recipe.get("cifar10_std") if args.dataset == "cifar10" else None)
                               or spec["std"])
         if len(args.input_std) != spec["shape"][0] or min(args.input_std) <= 0:
-            raise UsageError(f"--input-std needs {spec['shape'][0]} positive numbers for {args.dataset}, one per "
-                             f"channel; got {args.input_std}")
+            raise UsageError(f"--input-std needs {spec['shape'][0]} positive numbers, one a channel: {args.input_std}")
     elif args.input_std is not None:
         raise UsageError("--input-std sets the std of --normalize mean-std; add --normalize mean-std or drop it")
     if args.method in ("rnn-adv", "rnn-trades") and args.steps < 1:
         raise UsageError(f"--steps {args.steps}: {args.method} needs at least one inner step")
     args.lr_milestones = [float(m) for m in args.lr_milestones]
-    if args.optimizer == "adam":
-        args.cycle_momentum = False  # Adam has no SGD momentum to cycle
     if not 0 < args.lr_peak_epoch <= args.epochs:
         raise UsageError(f"--lr-peak-epoch {args.lr_peak_epoch:g} is outside (0, --epochs {args.epochs}]")
     if args.method in ("pgd-at", "trades", "fast-at", "fast-at-ga", "rnn-adv", "rnn-trades") and args.steps > 0 and \
             args.step_size == 0 and not args.eval_only:
-        raise UsageError(f"--step-size 0: {args.method}'s training attack would not move; give a positive step, e.g. "
-                         f"--step-size 2/255 (or --steps 0 for no attack)")
+        raise UsageError(f"--step-size 0: {args.method}'s attack would not move; give e.g. 2/255 (or --steps 0)")
     if args.eval_step_size == 0 and args.eval_steps > 0:
         raise UsageError("--eval-step-size 0: the pgd and cw evaluation attacks would not move; give a positive step")
     names = [a.strip() for a in args.eval_attacks.split(",") if a.strip()]
@@ -1685,8 +1611,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     args.apgd_targets, args.fab_targets = (min(n, spec["classes"] - 1) for n in (args.apgd_targets, args.fab_targets))
     for attack, methods in (("rnn", ("rnn-adv", "rnn-trades")), ("l2l", tuple(L2L_VARIANTS))):
         if attack in names and args.method not in methods:
-            raise UsageError(f"--eval-attacks {attack} needs a learned {attack.upper()} attacker, and --method "
-                             f"{args.method} has none; drop it or evaluate an {attack}-* checkpoint")
+            raise UsageError(f"--eval-attacks {attack}: --method {args.method} learns no {attack.upper()} attacker")
     if ("transfer" in names) != (args.transfer_from is not None):
         raise UsageError("--eval-attacks transfer and --transfer-from CKPT go together; give both or neither")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -1714,8 +1639,7 @@ def load_arrays(name: str, data_dir: str) -> Dict[str, torch.Tensor]:
             with np.load(cache) as f:
                 arrays = {k: torch.from_numpy(f[k]) for k in ("x_train", "y_train", "x_test", "y_test")}
         except Exception as e:  # numpy's errors for a truncated, foreign or incomplete file
-            raise UsageError(f"cannot read the dataset cache {cache} ({str(e).splitlines()[0][:80]}); delete it and "
-                             f"rerun to rebuild it")
+            raise UsageError(f"cannot read the dataset cache {cache} ({type(e).__name__}); delete it and rerun")
     else:
         import torchvision.datasets as tvd
         try:
@@ -1736,13 +1660,8 @@ def load_arrays(name: str, data_dir: str) -> Dict[str, torch.Tensor]:
                 name, f"{cache} (arrays x_train, y_train, x_test, y_test)")
             raise UsageError(f"dataset '{name}' is not in --data-dir {data_dir} and could not be downloaded "
                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); put {hint} there")
-        try:
+        if os.access(data_dir, os.W_OK):  # a read-only --data-dir is read each time, not cached
             np.savez(cache, **{k: v.numpy() for k, v in arrays.items()})
-        except OSError as e:
-            print(f"note: could not write the cache {cache} ({e.strerror}); continuing without it", file=sys.stderr)
-    c, h, w = DATASETS[name]["shape"]
-    if any(x.dtype != torch.uint8 or tuple(x.shape[1:]) != (h, w, c) for x in (arrays["x_train"], arrays["x_test"])):
-        raise UsageError(f"{cache} does not hold N x {h} x {w} x {c} uint8 images; delete it and rerun to rebuild it")
     return {k: v.long() if k.startswith("y") else v for k, v in arrays.items()}
 
 
@@ -1751,16 +1670,14 @@ Data = namedtuple("Data", "x_train y_train x_val y_val x_test y_test")
 
 
 def load_data(args, device: torch.device, test_only: bool = False) -> Data:
-    """Validation = the last --val-size training examples (Fast-BAT's choice of the last 10%), train = the first
-    --train-size of the rest, test = the first --test-size test examples. Checkpoints are chosen on validation; the
-    test set is touched only by the final evaluation, and --eval-only (test_only) uses no training example."""
+    """Validation = the last --val-size training examples (Fast-BAT holds out the last 10%), train = the first
+    --train-size of the rest, test = the first --test-size test examples; --eval-only (test_only): the test set only."""
     arrays = load_arrays(args.dataset, args.data_dir)
     n, n_test = arrays["x_train"].shape[0], min(arrays["x_test"].shape[0], args.test_size or math.inf)
     val_size = 0 if test_only else args.val_size
     n_train = 0 if test_only else n - val_size if args.train_size is None else args.train_size
     if not test_only and (val_size >= n or n_train + val_size > n):
-        raise UsageError(f"--train-size {n_train} plus --val-size {args.val_size} exceed the {n} training "
-                         f"examples of {args.dataset} (or leave none to train on); lower one of them")
+        raise UsageError(f"--train-size {n_train} plus --val-size {args.val_size} exceed (or use all) the {n} examples")
     dev = lambda x: x.permute(0, 3, 1, 2).contiguous().to(device)  # N x H x W x C on the host -> N x C x H x W
     return Data(dev(arrays["x_train"][:n_train]), arrays["y_train"][:n_train].to(device),
                 dev(arrays["x_train"][n - val_size:]), arrays["y_train"][n - val_size:].to(device),
@@ -1773,10 +1690,9 @@ def to_float(x_uint8: torch.Tensor, fmt: torch.memory_format = torch.preserve_fo
 
 
 def augment(x: torch.Tensor, mode: str, gen: torch.Generator, pad: str = "zero") -> torch.Tensor:
-    """Per image, on the device: a random crop with padding 4 (zeros, or the mirrored border as Rice et al.'s
-    utils.pad), then a horizontal flip ('crop-flip', 'crop-flip-rotate'), then a rotation by U(-15, 15) degrees about
-    the centre, nearest pixel, zero fill ('crop-flip-rotate'): torchvision's RandomCrop(32, 4),
-    RandomHorizontalFlip(), RandomRotation(15) in that order, as Fast-BAT's CIFAR-100 loader."""
+    """Per image, on the device, as torchvision's RandomCrop(32, 4), RandomHorizontalFlip(), RandomRotation(15): a crop
+    padded by 4 (zeros, or mirrored as Rice et al.'s utils.pad), a flip ('crop-flip*'), and for 'crop-flip-rotate' (as
+    Fast-BAT's CIFAR-100 loader) a rotation by U(-15, 15) degrees about the centre, nearest pixel, zero fill."""
     if mode == "none":
         return x
     (n, c, h, w), d = x.shape, x.device
@@ -1836,17 +1752,14 @@ def read_checkpoint(path: str, what: str) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch.save archive, a damaged one, or objects beyond tensors and plain values
-        raise UsageError(f"{what} {path} is not a readable checkpoint ({type(e).__name__}); pass a .pt written by "
-                         f"l2l.py")
+        raise UsageError(f"{what} {path} is not a readable checkpoint ({type(e).__name__}); pass one of l2l.py")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(f"{what} {path} is not a checkpoint of this l2l.py (no '{CHECKPOINT_FORMAT}'); pass last.pt "
-                         f"or best.pt of an l2l.py run")
+        raise UsageError(f"{what} {path} is not a checkpoint of this l2l.py (no '{CHECKPOINT_FORMAT}'); pass a run's")
     return ckpt
 
 
 def load_model(ckpt, device="cpu") -> nn.Module:
-    """The classifier of an l2l.py checkpoint (its path, or what read_checkpoint returned), in eval mode, taking [0,1]
-    inputs: ready for AutoAttack, torchattacks or any attack in this file."""
+    """The classifier of an l2l.py checkpoint (a path or a read one), in eval mode, for [0,1] inputs: any attack's."""
     ckpt = read_checkpoint(ckpt, "checkpoint") if isinstance(ckpt, str) else ckpt
     a = ckpt["args"]
     model = build_model(a["model"], a["dataset"], a["depth"], a["width"], preact_shortcut=a["preact_shortcut"])
@@ -1859,23 +1772,17 @@ def load_model(ckpt, device="cpu") -> nn.Module:
 # flag meets an algorithm), the learned networks it takes, and how they are built.
 
 
-@dataclass
-class Run:
-    """What a training step needs: the classifier, its optimiser, the flags, and any learned
-    attacker / optimiser networks with their own optimisers (saved in checkpoints as `extras`)."""
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    args: argparse.Namespace
-    extras: Dict[str, object] = field(default_factory=dict)
+# The classifier, its optimiser, the flags, and the method's learned networks and their optimisers (`extras`).
+Run = namedtuple("Run", "model optimizer args extras")
 
-    def networks(self) -> list:
-        """The classifier and every learned network (attacker, RNN optimiser) of the run."""
-        return [self.model] + [v for v in self.extras.values() if isinstance(v, nn.Module)]
+
+def run_networks(run: Run) -> list:
+    """The classifier and every learned network (attacker, RNN optimiser) of the run."""
+    return [run.model] + [v for v in run.extras.values() if isinstance(v, nn.Module)]
 
 
 def setup_l2l(args) -> dict:
-    """The L2L attacker g(.; phi) and its optimiser. Input channels: the image's for naive L2L, twice that (image and
-    gradient) for the others."""
+    """The L2L attacker g(.; phi) (its input: the image, and but for naive L2L its gradient) and its optimiser."""
     c = DATASETS[args.dataset]["shape"][0]
     in_ch = c if L2L_VARIANTS[args.method] == "naive" else 2 * c
     attacker = {"slim": SlimAttacker, "wide": WideAttacker}[args.l2l_attacker](in_ch, c, args.eps, args.l2l_width)
@@ -1926,13 +1833,9 @@ def l2l_keywords(a) -> dict:
                 attacker_steps=a.attacker_steps, batch_max=max_over_ranks)
 
 
-@dataclass
-class Method:
-    step: Callable  # the training step of Part I
-    paper: str
-    keywords: Callable = lambda a: {}  # flags -> the step's keyword arguments
-    networks: tuple = ()  # the learned networks and optimisers (keys of Run.extras) the step takes before x, y
-    setup: Optional[Callable] = None  # setup(args) -> those extras (build_run moves them to the device)
+# A method: its training step of Part I, the paper, keywords(args) -> the step's keyword arguments, the learned networks
+# and optimisers (keys of Run.extras) the step takes before x, y, and setup(args) -> those (build_run moves them).
+Method = namedtuple("Method", "step paper keywords networks setup", defaults=(lambda a: {}, (), None))
 
 
 METHODS: Dict[str, Method] = {
@@ -1958,46 +1861,35 @@ for _name, _paper in (("l2l-naive", "naive L2L"), ("l2l-grad", "gradient L2L"),
                             setup_l2l)
 
 
-def method_step(run: Run, x, y):
-    """The method's training step on (x, y), its networks and flags taken from the run."""
-    method = METHODS[run.args.method]
-    return method.step(run.model, run.optimizer, *[run.extras[k] for k in method.networks], x, y,
-                       **method.keywords(run.args))
-
-
 # ================================================================================================
 # Speed and scale. None of this changes an algorithm: every trainer runs as written, on its share
 # of the batch, in the precision asked for; gradients are averaged across processes before a step.
-
-# Methods that differentiate through a backward pass (create_graph): torch.compile cannot, so they run eager.
-DOUBLE_BACKWARD = ("fast-bat", "fast-at-ga")
-
 
 def memory_format(args) -> torch.memory_format:
     return torch.channels_last if args.channels_last else torch.contiguous_format
 
 
 def training_step(run: Run, x, y):
-    """One minibatch of the method (under torchrun this rank's shard of the global batch) in the chosen memory format
-    and precision: the trainer's (loss, number correct). Shards of a last partial batch may differ by one example."""
+    """The method's step on (x, y) with the run's networks and flags (under torchrun on this rank's shard of the global
+    batch; shards of a last partial batch may differ by one example), in the chosen memory format and precision."""
     rank, world = dist_world()
     if world > 1:
         x, y = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
-    x = x.contiguous(memory_format=memory_format(run.args))
+    x, method = x.contiguous(memory_format=memory_format(run.args)), METHODS[run.args.method]
     # bf16 autocast: convolutions and matmuls in bf16, losses and softmax in fp32; bf16 has fp32's range, so no loss
     # scaling, and the double backward of Fast-BAT and GradAlign needs nothing special
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=run.args.precision == "bf16"):
-        return method_step(run, x, y)
+        return method.step(run.model, run.optimizer, *[run.extras[k] for k in method.networks], x, y,
+                           **method.keywords(run.args))
 
 
 def compile_networks(run: Run) -> None:
     """--compile: every network under torch.compile, static shapes, in place (state_dict keys unchanged)."""
-    if run.args.method in DOUBLE_BACKWARD:
-        print(f"note: --compile skipped: {run.args.method} backpropagates through a gradient, which torch.compile "
-              f"does not support; running eager", file=sys.stderr)
+    if run.args.method in ("fast-bat", "fast-at-ga"):  # a backward through a backward (create_graph)
+        print(f"note: torch.compile cannot run {run.args.method}'s double backward; running eager", file=sys.stderr)
         run.args.compile = False  # logs and results.json say what ran
         return
-    for net in run.networks():
+    for net in run_networks(run):
         net.compile(dynamic=False)
 
 
@@ -2016,8 +1908,7 @@ def setup_distributed(args) -> torch.device:
     if world == 1:
         return device
     if args.batch_size % world:
-        raise UsageError(f"--batch-size {args.batch_size} does not split over {world} processes; use a multiple "
-                         f"of {world}")
+        raise UsageError(f"--batch-size {args.batch_size} does not split over {world} processes; use a multiple")
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -2027,13 +1918,12 @@ def setup_distributed(args) -> torch.device:
 
 
 def make_data_parallel(run: Run) -> None:
-    """Data parallelism over torchrun's processes. DistributedDataParallel reduces gradients only as backward()
-    accumulates them, while L2L, the RNN optimiser and Fast-BAT use torch.autograd.grad or a double backward; so, to
-    the same effect, rank 0's weights are broadcast once and every optimiser averages its gradients (and its
-    networks' BatchNorm running statistics) over ranks in one all-reduce just before it steps."""
+    """Data parallelism over torchrun's processes. DDP reduces gradients only as backward() accumulates them, while
+    L2L, the RNN optimiser and Fast-BAT use torch.autograd.grad or a double backward; so rank 0's weights are broadcast
+    once and every optimiser averages its gradients and BN running statistics over ranks just before it steps."""
     if dist_world()[1] == 1:
         return
-    nets = run.networks()
+    nets = run_networks(run)
     for net in nets:
         for t in list(net.parameters()) + list(net.buffers()):
             dist.broadcast(t.data, 0)
@@ -2055,9 +1945,8 @@ def make_data_parallel(run: Run) -> None:
 
 
 def shard(n: int, pad: bool, align: int = 1) -> torch.Tensor:
-    """This rank's indices of n examples: a contiguous block of ceil(n / ranks), rounded up to a multiple of
-    `align`. With pad, every rank gets exactly that many (the last repeats example n - 1), so all ranks run the same
-    batches and collectives."""
+    """This rank's indices of n examples: a block of ceil(n / ranks) rounded up to a multiple of `align`; with pad,
+    every rank gets that many (repeating example n - 1), so all ranks run the same batches and collectives."""
     rank, world = dist_world()
     per = -(-(-(-n // world)) // align) * align
     idx = torch.arange(rank * per, (rank + 1) * per)
@@ -2082,8 +1971,8 @@ def all_reduce_sum(values: list, device: torch.device) -> list:
 
 
 class Ticker:
-    """A progress line for a loop of `total` units: at most one every `every` seconds, with the rate and the time
-    left. Counting units reads no device value, so it forces no host-device synchronisation."""
+    """A progress line for a loop of `total` units, at most every `every` seconds, with rate and time left; counting
+    units reads no device value (no host-device synchronisation)."""
 
     def __init__(self, what: str, total: int, enabled: bool = True, every: float = 10.0, clock=time.monotonic):
         self.what, self.total, self.enabled, self.every, self.clock = what, total, enabled, every, clock
@@ -2137,8 +2026,7 @@ EVAL_ATTACKS: Dict[str, EvalAttack] = {
     "cw": eval_pgd("cw", "cw margin (PGD under l_inf, not CW-L2)"),
     # The optimisation-based Carlini-Wagner l_inf attack of the official L2L cw.py (the L2L tables' "CW" column).
     "cw-linf": EvalAttack(lambda m, x, y, a, e: cw_linf(m, x, y, a.eps), lambda a: protocol(
-        "cw-linf (Carlini-Wagner optimisation, L2L cw.py: Adam lr 5e-3, c from 1e-5 x10 to 1e2, tau x0.9)", 50, 5e-3,
-        1, False)),
+        "cw-linf (Carlini-Wagner, as L2L cw.py: Adam 5e-3, c 1e-5 x10 to 1e2, tau x0.9)", 50, 5e-3, 1, False)),
     # AutoAttack's four attacks (Croce & Hein 2020), each also usable alone, one run each as its standard version.
     "apgd-ce": EvalAttack(lambda m, x, y, a, e: apgd_ce(m, x, y, a.eps, a.apgd_steps),
                           lambda a: protocol("ce (APGD)", a.apgd_steps, 2 * a.eps)),
@@ -2164,6 +2052,7 @@ EVAL_ATTACKS: Dict[str, EvalAttack] = {
     "transfer": eval_pgd("ce", "ce on the source model (transfer)", transfer=True),
 }
 
+
 def run_autoattack(model, x, y, args, on_batch=None) -> tuple:
     """autoattack() with the evaluation flags: chunks of --eval-batch-size, seeded with --seed."""
     return autoattack(model, x, y, args.eps, AUTOATTACK_STANDARD, args.eval_batch_size, args.seed, args.apgd_steps,
@@ -2171,10 +2060,9 @@ def run_autoattack(model, x, y, args, on_batch=None) -> tuple:
 
 
 def eval_learned_l2l(model, x, y, args, extras):
-    """The learned attacker in eval mode, on chunks of the training batch size B = --batch-size from x's start: its
-    gradient feature is scaled by one max over the chunk (adv_loss.py), so it sees batches like those it was
-    trained on. evaluate() runs it over the whole test shard, aligned to B, so chunks are cut by global example
-    index and the result depends neither on --eval-batch-size nor on the number of processes."""
+    """The learned attacker in eval mode on chunks of B = --batch-size from x's start: its gradient feature is scaled by
+    one max per chunk (adv_loss.py), as in training. evaluate() runs it on the whole test shard, aligned to B, so the
+    result depends neither on --eval-batch-size nor on the number of processes."""
     attacker = extras["attacker"]
     with ModelMode(attacker, "eval"), torch.no_grad():
         return torch.cat([l2l_perturb(attacker, model, xc, yc, args.eps, l2l_variant(args), args.l2l_steps,
@@ -2183,15 +2071,13 @@ def eval_learned_l2l(model, x, y, args, extras):
 
 
 def evaluate(model, x_uint8, y, args, attacks, extras=None) -> dict:
-    """Clean accuracy, each attack's robust accuracy, the per-example worst case over all of them (robust only if
-    correct clean and under every attack) and the largest l_inf perturbation of each attack (a check of the
-    constraint). Random starts are seeded with --seed, so a checkpoint and its flags always give the same numbers.
-    'aa' runs last over the whole test set, as autoattack.py does, reseeded before every chunk; its entry records
-    how many examples each of its attacks left. Under torchrun each rank attacks its shard (seed + rank)."""
+    """Clean accuracy, each attack's robust accuracy, the per-example worst case over all of them, and each attack's
+    largest l_inf perturbation (a check of the constraint), seeded by --seed (seed + rank on each rank's shard under
+    torchrun). 'aa' runs last over the whole set, as autoattack.py, reseeded before every chunk, and records how many
+    examples each of its attacks left."""
     rank, world = dist_world()
     torch.manual_seed(args.seed + rank)
     model.eval()
-    extras = extras or {}
     n = x_uint8.shape[0]
     idx = shard(n, pad=True, align=args.batch_size if "l2l" in attacks else 1).to(x_uint8.device)
     xs, ys = x_uint8[idx], y[idx]
@@ -2199,9 +2085,8 @@ def evaluate(model, x_uint8, y, args, attacks, extras=None) -> dict:
     correct = {name: [] for name in ["clean"] + per_batch}
     max_pert = {name: torch.zeros((), device=x_uint8.device) for name in attacks}
     batches = -(-xs.shape[0] // args.eval_batch_size)
-    ticker = Ticker("evaluating (attack runs; AutoAttack's time depends on how many examples stay robust)",
-                    batches * (len(per_batch) + ("l2l" in attacks) + 4 * ("aa" in attacks)),
-                    rank == 0 and not args.quiet)
+    ticker = Ticker("evaluating (AutoAttack's time depends on how many stay robust)", batches * (len(per_batch) + (
+        "l2l" in attacks) + 4 * ("aa" in attacks)), rank == 0 and not args.quiet)
     for i in range(0, xs.shape[0], args.eval_batch_size):
         x = to_float(xs[i:i + args.eval_batch_size], memory_format(args))
         yb = ys[i:i + args.eval_batch_size]
@@ -2240,9 +2125,8 @@ def evaluate(model, x_uint8, y, args, attacks, extras=None) -> dict:
         results[name] = dict(accuracy=accuracy(correct[name]), **EVAL_ATTACKS[name].protocol(args),
                              max_perturbation=max_pert[name].item())
     if "aa" in attacks:
-        left = {name: gather_examples(robust[name].to(torch.uint8), n).bool() for name in AUTOATTACK_STANDARD}
-        results["aa"]["robust_after"] = {name: {"accuracy": accuracy(v), "robust": int(v.sum())}
-                                         for name, v in left.items()}
+        left = {k: gather_examples(robust[k].to(torch.uint8), n).bool() for k in AUTOATTACK_STANDARD}
+        results["aa"]["robust_after"] = {k: {"accuracy": accuracy(v), "robust": int(v.sum())} for k, v in left.items()}
     results["worst_case"] = {"accuracy": accuracy(worst), "over": ["clean"] + list(attacks)}
     return results
 
@@ -2260,8 +2144,7 @@ def masking_warnings(res: dict, gap: float = 0.05) -> list:
 
 
 def format_results(res: dict, title: str) -> str:
-    """The results as a table, protocol beside every number; AutoAttack's attacks one by one under its row; a
-    warning when AutoAttack contradicts a weaker attack, and a note when no AutoAttack ran."""
+    """The results as a table, protocol beside each number, AutoAttack's attacks under its row, masking warnings."""
     p = res["protocol"]
     lines = [f"{title}: eps {p['eps_text']}, {p['examples']} {p['split']} examples, model in eval mode, "
              f"{p['precision']}", f"  {'attack':<12}{'accuracy':>9}  {'loss':<9}{'steps':>6}{'step':>9}{'restarts':>9}",
@@ -2312,25 +2195,19 @@ def validate(model, data: Data, args) -> tuple:
 # Training loop: per-iteration lr schedule, per-epoch log line, atomic checkpoints, exact resume.
 
 
-# SGD momentum at the cyclic schedule's lr peak: torch's CyclicLR default base_momentum, which fast_adversarial and
-# Fast-BAT inherit (cycle_momentum=True); the momentum at lr 0 is --momentum (CyclicLR's max_momentum, 0.9).
-CYCLIC_PEAK_MOMENTUM = 0.8
-
-
 def schedule_at(args, it: int, iters_per_epoch: int) -> tuple:
     """(learning rate, SGD momentum) for iteration `it`, set every iteration as fast_adversarial and Fast-BAT do.
     multistep: lr x0.1 at each --lr-milestones epoch m (--lr-milestone-base 1: during epoch m, counted from 1; 0: after
     m full epochs, as MultiStepLR); cyclic: torch's CyclicLR, one triangle 0 -> --lr at --lr-peak-epoch -> 0, momentum
-    --momentum -> 0.8 at the peak, in closed form (CyclicLR's arithmetic differs in the last bits)."""
+    --momentum -> 0.8 at the peak (CyclicLR's default base_momentum, which fast_adversarial and Fast-BAT inherit), in
+    closed form (CyclicLR's arithmetic differs in the last bits)."""
     t = it / iters_per_epoch
     if args.lr_schedule == "multistep":
         return args.lr * 0.1 ** sum(t >= m - args.lr_milestone_base for m in args.lr_milestones), args.momentum
     if args.lr_schedule == "cyclic":
         peak = args.lr_peak_epoch
         scale = t / peak if t <= peak else max(0.0, (args.epochs - t) / (args.epochs - peak))
-        momentum = args.momentum - (args.momentum - CYCLIC_PEAK_MOMENTUM) * scale if args.cycle_momentum \
-            else args.momentum
-        return args.lr * scale, momentum
+        return args.lr * scale, args.momentum - (args.momentum - 0.8) * scale  # (Adam has no momentum to set)
     return args.lr, args.momentum
 
 
@@ -2344,14 +2221,12 @@ def write_results(results: dict, out: str) -> None:
     atomic_write(os.path.join(out, "results.json"), lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
 
 
-RUN_FILES = ("last.pt", "best.pt", "results.json")  # what a run writes into --out (--eval-only: results.json)
 _HELD: Dict[str, int] = {}  # the --out folders this process holds -> their descriptors
 
 
 def prepare_out_dir(out: str, files: tuple, allow: bool) -> list:
-    """Create --out and hold it (an flock, released by the OS however the process ends): a second run into a busy
-    folder is refused, and so are `files` of an earlier run unless allowed (--overwrite). Returns the paths found,
-    which the caller deletes just before it writes, so a command that fails first deletes nothing. Rank 0 does it."""
+    """Rank 0 creates --out and holds it (an flock, which the OS releases however the process ends): a second run into
+    it is refused, and so are `files` of an earlier run unless allowed; returns them, for the caller to delete."""
     rank, world = dist_world()
     if rank == 0:
         try:
@@ -2366,14 +2241,12 @@ def prepare_out_dir(out: str, files: tuple, allow: bool) -> list:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 os.close(fd)
-                raise UsageError(f"--out {out} is in use by another l2l.py run that is still going; wait for it to "
-                                 f"end or choose another --out")
+                raise UsageError(f"--out {out} is in use by another l2l.py run; wait for it or choose another --out")
             _HELD[os.path.abspath(out)] = fd
         found = [f for f in files if os.path.lexists(os.path.join(out, f))]
         if found and not allow:
-            resume = "pass --resume to continue it, " if "last.pt" in found else ""
-            raise UsageError(f"--out {out} already holds {', '.join(found)} of an earlier run; {resume}pass "
-                             f"--overwrite to replace it, or choose another --out")
+            use = "pass --resume, --overwrite" if "last.pt" in found else "pass --overwrite"
+            raise UsageError(f"--out {out} holds {', '.join(found)} of an earlier run: {use} or another --out")
     if world > 1:
         dist.barrier()
     return [os.path.join(out, f) for f in found] if rank == 0 else []
@@ -2384,11 +2257,9 @@ def build_run(args, device) -> Run:
     fmt = memory_format(args)
     model = build_model(args.model, args.dataset, args.depth, args.width, args.input_mean, args.input_std,
                         args.preact_shortcut).to(device, memory_format=fmt)
-    if args.optimizer == "adam":
-        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                    weight_decay=args.weight_decay)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay) if \
+        args.optimizer == "adam" else torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                                      weight_decay=args.weight_decay)
     method = METHODS[args.method]
     extras = method.setup(args) if method.setup else {}
     for net in extras.values():  # in place: Module.to keeps the Parameter objects that setup's optimisers hold
@@ -2413,36 +2284,26 @@ def restore(run: Run, ckpt: dict, what: str, optimizer: bool = True) -> None:
 
 
 def evaluation_extras(args, run: Run, device) -> dict:
-    """What the evaluation attacks need beyond the classifier: the run's learned networks and, for 'transfer', the
-    classifier of --transfer-from."""
+    """What the attacks need beyond the classifier: the learned networks and, for 'transfer', --transfer-from's."""
     extras = dict(run.extras)
     if args.transfer_from:
         source = read_checkpoint(args.transfer_from, "--transfer-from")
         if source["args"]["dataset"] != args.dataset:
-            raise UsageError(f"--transfer-from {args.transfer_from} was trained on {source['args']['dataset']}, "
-                             f"not {args.dataset}; pass a checkpoint of the same dataset")
+            raise UsageError(f"--transfer-from: {args.transfer_from} is a {source['args']['dataset']} model")
         extras["transfer_source"] = load_model(source, device)
     return extras
 
 
 def resume_state(run: Run, out: str, gen: torch.Generator) -> tuple:
     """--resume: last.pt restored (networks, optimisers, random generators) after checking that it was trained with
-    this command's training flags and that best.pt is the same run's best epoch; when a kill between the two saves of
-    an epoch left best.pt missing or one epoch behind and last.pt is that best epoch, best.pt is rewritten from it.
-    Returns (run_id, epoch, best, history)."""
+    this command's training flags. Returns (run_id, epoch, best, history)."""
     last_path, best_path = os.path.join(out, "last.pt"), os.path.join(out, "best.pt")
     ckpt = read_checkpoint(last_path, "--resume: checkpoint")
     for k in KEYS["t"]:
         if ckpt["args"].get(k) != getattr(run.args, k):
             raise UsageError(f"--resume: {last_path} was trained with --{k.replace('_', '-')} {ckpt['args'].get(k)}, "
                              f"this command gives {getattr(run.args, k)}; repeat the original flags")
-    best = read_checkpoint(best_path, "--resume: best checkpoint") if os.path.exists(best_path) else None
-    why = ("missing" if best is None else "it belongs to another run" if best["run_id"] != ckpt["run_id"] else
-           f"it holds epoch {best['epoch']}" if best["epoch"] != ckpt["best"]["epoch"] else None)
-    if why:
-        if why == "it belongs to another run" or ckpt["best"]["epoch"] != ckpt["epoch"]:
-            raise UsageError(f"--resume: {best_path} is not epoch {ckpt['best']['epoch']} of the run in {last_path} "
-                             f"({why}); restore it, or start again with --overwrite")
+    if ckpt["best"]["epoch"] == ckpt["epoch"]:  # a kill between the epoch's two saves may have left best.pt behind
         atomic_write(best_path, lambda tmp: shutil.copyfile(last_path, tmp))
     restore(run, ckpt, f"--resume: {last_path}")
     torch.set_rng_state(ckpt["rng"]["torch"])
@@ -2454,36 +2315,32 @@ def resume_state(run: Run, out: str, gen: torch.Generator) -> tuple:
 
 def describe(args, run: Run, data: Data, device, world: int) -> str:
     """The run's settings, as the first lines of its log (results.json records every flag)."""
-    step = {"fast-bat": f"step a {fmt_eps(fast_bat_step_size(args.eps))}", "pgd-at-bls": "first BLS step eps",
-            "plain": "no attack"}.get(args.method, "learned attacker" if args.method in L2L_VARIANTS
-                                      else f"step {fmt_eps(args.step_size)}")
-    nets = ", ".join(f"{type(m).__name__} {sum(p.numel() for p in m.parameters()):,} parameters"
-                     for m in run.networks())
+    a = fmt_eps(fast_bat_step_size(args.eps))
+    step = {"plain": "no attack", "pgd-at-bls": "first BLS step eps", "fast-bat": f"step a {a}",
+            **dict.fromkeys(L2L_VARIANTS, "learned attacker")}.get(args.method, f"step {fmt_eps(args.step_size)}")
+    nets = ", ".join(f"{type(n).__name__} {sum(map(torch.numel, n.parameters())):,} parameters"
+                     for n in run_networks(run))
     return (f"{args.method} ({METHODS[args.method].paper}) on {args.dataset}: {nets}; {len(data.x_train)} train / "
-            f"{len(data.x_val)} val / {len(data.x_test)} test, {device}{f' x {world} processes' if world > 1 else ''}"
-            f"\n  eps {fmt_eps(args.eps)}, steps {args.steps}, {step}, attack BN {args.attack_bn}, epochs "
-            f"{args.epochs}, batch {args.batch_size}, {args.optimizer} lr {args.lr} {args.lr_schedule}, wd "
-            f"{args.weight_decay}, seed {args.seed}, {args.precision} (evaluation fp32), channels_last "
-            f"{args.channels_last}, compile {args.compile}")
+            f"{len(data.x_val)} val / {len(data.x_test)} test, {device}{f' x {world} processes' if world > 1 else ''}\n"
+            f"  eps {fmt_eps(args.eps)}, steps {args.steps}, {step}, attack BN {args.attack_bn}, epochs {args.epochs}, "
+            f"batch {args.batch_size}, {args.optimizer} lr {args.lr} {args.lr_schedule}, wd {args.weight_decay}, seed "
+            f"{args.seed}, {args.precision} (eval fp32), channels_last {args.channels_last}, compile {args.compile}")
 
 
 def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
-    """Train args.method for args.epochs, choose the best epoch on validation robust accuracy (the last with
-    --val-size 0), then evaluate best.pt and last.pt on the test set; on_epoch_end(epoch) after each saved epoch.
-    Returns the results dict. Under torchrun every rank trains on its shard of each global batch; rank 0 writes."""
+    """Train, choose the best epoch on validation robust accuracy (the last with --val-size 0), evaluate best.pt and
+    last.pt on the test set; on_epoch_end(epoch) after each saved epoch. Under torchrun rank 0 writes."""
     device = setup_distributed(args)
     rank, world = dist_world()
     say = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # autotuned convolutions: shapes are static
-    earlier = prepare_out_dir(args.out, () if args.resume else RUN_FILES, args.overwrite)
+    torch.backends.cudnn.benchmark = True  # autotuned convolutions (CUDA): shapes are static
+    earlier = prepare_out_dir(args.out, () if args.resume else ("last.pt", "best.pt", "results.json"), args.overwrite)
     data = load_data(args, device)
     args.batch_size = min(args.batch_size, data.x_train.shape[0])  # results.json records the batch that ran
     run = build_run(args, device)
     make_data_parallel(run)
-    gen = torch.Generator(device=device)  # the same on every rank: all ranks draw the same global batches
-    gen.manual_seed(args.seed)
+    gen = torch.Generator(device=device).manual_seed(args.seed)  # the same on every rank: the same global batches
     eval_extras = evaluation_extras(args, run, device)  # fails before training if --transfer-from is bad
     run_id, start_epoch, best, history = uuid.uuid4().hex, 0, {"epoch": 0, "val_robust": -1.0}, []
     last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "best.pt")
@@ -2525,9 +2382,8 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
                   "val_clean": val_clean, "val_robust": val_robust, "train_seconds": train_seconds,
                   "seconds": time.time() - t0}
         if not math.isfinite(record["train_loss"]):  # the same on every rank (all-reduced): all stop together
-            raise TrainingDiverged(f"training diverged: the train loss of epoch {epoch + 1} is {record['train_loss']}; "
-                                   f"last.pt keeps epoch {epoch}, nothing of epoch {epoch + 1} was saved; lower --lr "
-                                   f"(now {args.lr:g}) and start again")
+            raise UsageError(f"training diverged: the train loss of epoch {epoch + 1} is {record['train_loss']}; "
+                             f"last.pt keeps epoch {epoch}; lower --lr (now {args.lr:g}) and start again")
         history.append(record)
         is_best = no_val or val_robust > best["val_robust"]
         if is_best:
@@ -2571,8 +2427,7 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
 
 
 def evaluate_checkpoint(args) -> dict:
-    """--eval-only: the checkpoint's classifier (and learned attacker, if any) on the test set (sharded over
-    ranks under torchrun; rank 0 writes)."""
+    """--eval-only: the checkpoint's networks on the test set (sharded over ranks under torchrun; rank 0 writes)."""
     ckpt = read_checkpoint(args.eval_only, "--eval-only")
     device = setup_distributed(args)
     rank = dist_world()[0]
@@ -2606,16 +2461,14 @@ def evaluate_checkpoint(args) -> dict:
 
 
 def benchmark(args) -> dict:
-    """--benchmark: time the method's training step (attack and update, as train() runs it) on synthetic data of the
-    dataset's shape: --bench-warmup steps untimed (compilation, cudnn autotuning), then --bench-steps steps timed.
-    Synthetic pixels do not change the time: every loop of every method runs a fixed number of iterations."""
+    """--benchmark: time the method's training step on synthetic data of the dataset's shape (every method's loops run
+    fixed iterations): --bench-warmup steps untimed (compilation, cudnn autotuning), then --bench-steps timed."""
     device = setup_distributed(args)
     rank, world = dist_world()
     torch.manual_seed(args.seed)
     torch.backends.cudnn.benchmark = True
     spec, steps, warmup, bs = DATASETS[args.dataset], args.bench_steps, args.bench_warmup, args.batch_size
-    gen = torch.Generator(device=device)
-    gen.manual_seed(args.seed)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
     x = torch.randint(0, 256, (bs * (steps + warmup), *spec["shape"]), dtype=torch.uint8, device=device, generator=gen)
     y = torch.randint(0, spec["classes"], (x.shape[0],), device=device, generator=gen)
     run = build_run(args, device)
@@ -2655,29 +2508,21 @@ REPORT_ATTACKS = ("fgsm", "pgd", "cw", "cw-linf", "apgd-ce", "apgd-t", "fab-t", 
 
 
 def report(paths: list) -> str:
-    """--report: one markdown row per run (its best.pt evaluation), accuracies in %, the paper's number in brackets
-    beside each measured one (--paper), and a protocol column: eps, examples, each attack's steps x restarts @ step.
-    A directory without results.json (an unfinished run) is left out with a note."""
-    runs, unfinished = [], []
+    """--report: one markdown row per run (its best.pt evaluation), accuracies in % with the paper's in brackets
+    (--paper), and a protocol column: eps, examples, each attack's steps x restarts @ step."""
+    runs = []
     for path in paths:
         file = path if path.endswith(".json") else os.path.join(path, "results.json")
         if not os.path.exists(file):
-            if not os.path.isdir(path):
-                raise UsageError(f"--report {path}: no results.json there; pass the --out of a finished run")
-            unfinished.append(path)
-            continue
+            raise UsageError(f"--report {path}: no results.json there (an unfinished run?); pass finished runs, e.g. "
+                             f"runs/*/results.json")
         try:
-            with open(file) as f:
-                res = json.load(f)
+            res = json.loads(Path(file).read_text())
             res["clean"]["accuracy"] + sum(res[k]["accuracy"] for k in REPORT_ATTACKS + ("worst_case",) if k in res)
             res["name"] = res["args"].get("recipe") or os.path.basename(os.path.dirname(os.path.abspath(file)))
             runs.append(res)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise UsageError(f"--report {path}: {file} is not an l2l.py results.json ({type(e).__name__} {e})")
-    if not runs:
-        raise UsageError(f"--report: none of {', '.join(paths)} holds a results.json; pass the --out of finished runs")
-    for path in unfinished:
-        print(f"note: {path}: no results.json (an unfinished or interrupted run); left out", file=sys.stderr)
     attacks = [name for name in REPORT_ATTACKS if any(name in res for res in runs)]
     head = ["run", "method", "dataset", "model", "epochs", "clean", *attacks, "worst case", "s/epoch", "device",
             "protocol"]
@@ -2706,18 +2551,18 @@ def report(paths: list) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     """The resolved flags. --eval-only takes from the checkpoint only what its networks need (the flags marked "m"
     in FLAGS, and eps unless given); everything else comes from the command line."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.report:
         return args  # reads results.json files; no other flag applies
     if args.eval_only:
         if args.resume or args.benchmark:
             raise UsageError("--eval-only trains nothing: drop --resume and --benchmark")
-        ckpt, parser = read_checkpoint(args.eval_only, "--eval-only"), build_parser()
+        ckpt = read_checkpoint(args.eval_only, "--eval-only")
         given = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in KEYS["m"]
                  if getattr(args, k) not in (parser.get_default(k), ckpt["args"][k])]
         if given:
-            print(f"note: --eval-only takes the network from the checkpoint; ignored: {', '.join(given)}",
-                  file=sys.stderr)
+            print(f"note: --eval-only takes the checkpoint's network; ignored: {', '.join(given)}", file=sys.stderr)
         for k in KEYS["m"]:
             setattr(args, k, ckpt["args"][k])
         args.eps = ckpt["args"]["eps"] if args.eps is None else args.eps
@@ -2727,34 +2572,26 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    """Usage errors exit 2 and a diverged run 3, each with one line; an interrupt (130) says what was saved."""
+    """Usage errors exit 2 with one line; an interrupt exits 130."""
     rank = int(os.environ.get("RANK", "0"))  # under torchrun, only rank 0 speaks
-    args = None
     try:
         args = parse_args(argv)
         if args.report:
             report(args.report)
-        elif args.benchmark:
-            benchmark(args)
-        elif args.eval_only:
-            evaluate_checkpoint(args)
         else:
-            train(args)
+            (benchmark if args.benchmark else evaluate_checkpoint if args.eval_only else train)(args)
         return 0
-    except (UsageError, TrainingDiverged) as e:
+    except UsageError as e:
         if rank == 0:
             print(f"l2l.py: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, UsageError) else 3
+        return 2
     except KeyboardInterrupt:
-        saved = args is not None and not (args.report or args.benchmark or args.eval_only) and \
-            os.path.exists(os.path.join(args.out, "last.pt"))
-        print("interrupted: " + ("last.pt holds the last finished epoch; rerun with --resume to continue" if saved
-                                 else "nothing of this run was saved"), file=sys.stderr)
+        print("interrupted: a training run's last.pt holds its last finished epoch; --resume continues it",
+              file=sys.stderr)
         return 130
     finally:
-        for fd in _HELD.values():
-            os.close(fd)
-        _HELD.clear()
+        while _HELD:  # release the --out folders this call held
+            os.close(_HELD.popitem()[1])
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 

@@ -2,7 +2,7 @@
 # Paper recipes for l2l.py, one per table row, with the paper's hyperparameters.
 #   bash run.sh list              the recipes and the row each reproduces
 #   bash run.sh NAME [flags...]   run one into runs/NAME; extra flags are passed on (e.g. --data-dir, --device)
-#   bash run.sh report [RUN...]   one markdown table of the runs (default: runs/*) beside the papers' numbers
+#   bash run.sh report [RUN...]   one markdown table of the runs (default: each finished one) beside the papers' numbers
 #   bash run.sh repro-fast [flags...]  the fast-AT family on CIFAR-10 in full, one recipe per row, in order
 #   bash run.sh bench [flags...]  python l2l.py --benchmark for every method: CIFAR-10, PreActResNet-18, batch 128;
 #                                 add e.g. --precision bf16 --channels-last --compile, --batch-size 512
@@ -159,7 +159,7 @@ gpu_check() {  # gpu-check [--data-dir DIR] [--out DIR] [--dry-run]: each phase 
 
 case "${1:-list}" in
   list|-h|--help) echo "$RECIPES" | awk -F'|' '{gsub(/ +$/, "", $1); printf "%-32s %s\n", $1, $2}' ;;
-  report) shift; if [ $# -eq 0 ]; then set -- runs/*; fi; exec $PY l2l.py --report "$@" ;;
+  report) shift; if [ $# -eq 0 ]; then set -- runs/*/results.json; fi; exec $PY l2l.py --report "$@" ;;
   repro-fast) shift; for name in $REPRO_FAST; do bash "$0" "$name" "$@"; done ;;
   bench) shift
     for m in $METHODS; do $PY l2l.py --benchmark --method "$m" --dataset cifar10 --model preactresnet18 \

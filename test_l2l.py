@@ -5,12 +5,10 @@ On a GPU: L2L_TEST_DEVICE=cuda python -m pytest -q test_l2l.py   (models, batche
 device; the few tests that only make sense on a CPU say so and skip)
 """
 import copy
-import dataclasses
 import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -239,14 +237,14 @@ def test_each_trainer_lowers_its_loss(method, monkeypatch):
     if method == "fast-at":
         args.step_size = 0.125
     if method == "fast-at-ga":  # eps 0.1 is 25/255, past GradAlign's table: its end value 2.0 stalls
-        monkeypatch.setitem(l2l.METHODS, method, dataclasses.replace(l2l.METHODS[method], keywords=lambda a: dict(
+        monkeypatch.setitem(l2l.METHODS, method, l2l.METHODS[method]._replace(keywords=lambda a: dict(
             eps=a.eps, step_size=a.step_size, attack_bn=a.attack_bn, gamma=0.2)))
     torch.manual_seed(0)
     run = l2l.build_run(args, DEVICE)
     n, steps = (48, 50) if method == "fast-at-ga" else (32, 40)  # GradAlign's penalty needs the longer run
     x, y = synthetic_batch(n, seed=4)
     run.model.train()
-    losses = torch.tensor([float(l2l.method_step(run, x, y)[0]) for _ in range(steps)])
+    losses = torch.tensor([float(l2l.training_step(run, x, y)[0]) for _ in range(steps)])
     # single-step methods spike now and then on one fixed batch: compare the median of the last ten
     first, last = losses[:5].mean().item(), losses[-10:].median().item()
     assert last < 0.5 * first, f"{method}: loss {first:.3f} -> {last:.3f}"
@@ -380,20 +378,14 @@ def test_eval_only_reproduces_the_training_evaluation(trained_run, mnist_dir, tm
         assert ev[k]["accuracy"] == train_res[k]["accuracy"], k
 
 
-def test_interrupt_says_what_was_saved(mnist_dir, tmp_path, monkeypatch, capsys):
-    out = str(tmp_path / "run")
-    argv = ["--dataset", "mnist", "--data-dir", mnist_dir, "--out", out, "--device", DEV]
-
-    def interrupted(args, save):
-        if save:
-            os.makedirs(args.out, exist_ok=True)
-            torch.save({"epoch": 1}, os.path.join(args.out, "last.pt"))
+def test_interrupt_exits_130_in_one_line(mnist_dir, tmp_path, monkeypatch, capsys):
+    def interrupted(args):
         raise KeyboardInterrupt
 
-    for save, says in ((False, "nothing of this run was saved"), (True, "last.pt holds the last finished epoch")):
-        monkeypatch.setattr(l2l, "train", lambda args: interrupted(args, save))
-        assert l2l.main(argv) == 130
-        assert says in capsys.readouterr().err
+    monkeypatch.setattr(l2l, "train", interrupted)
+    assert l2l.main(["--dataset", "mnist", "--data-dir", mnist_dir, "--out", str(tmp_path / "run")]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--resume" in err[0], err
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(mnist_dir, tmp_path):
@@ -575,8 +567,7 @@ def make_run(method, model=None, extra=()):
     torch.manual_seed(0)
     run = l2l.build_run(args, DEVICE)
     if model is not None:
-        run.model = model
-        run.optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        run = run._replace(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0))
     return run
 
 
@@ -672,7 +663,7 @@ def test_l2l_gradients_reach_phi_in_its_step_and_theta_in_its_own(toy):
     spy("theta", run.optimizer, theta, phi)
     spy("phi", run.extras["attacker_opt"], phi, theta)
     run.model.train()
-    l2l.method_step(run, x[:32], y[:32])
+    l2l.training_step(run, x[:32], y[:32])
     own, other = seen["theta"]
     assert all(g is not None for g in own) and any(g.abs().sum() > 0 for g in own)
     assert all(g is None for g in other), "the classifier step must leave phi without gradient"
@@ -695,7 +686,7 @@ def test_one_attacker_step_raises_the_classifier_loss(toy):
                 return F.cross_entropy(model(l2l_attack(run.args, attacker, model, x, y)), y).item()
 
         before = loss()
-        l2l.method_step(run, x, y)
+        l2l.training_step(run, x, y)
         after = loss()
         assert after > before, f"{variant}: attacker step lowered the loss {before:.4f} -> {after:.4f}"
 
@@ -862,7 +853,7 @@ def test_every_rnn_iterate_obeys_the_constraints(toy, method, train, design, mon
 def test_rnn_gradient_reaches_phi_and_the_classifier_step_leaves_phi_alone(toy):
     model, x, y = toy
     run = rnn_run(model=copy.deepcopy(model))  # a trained classifier: its loss depends on the input
-    run.optimizer = torch.optim.SGD(run.model.parameters(), lr=0.05)
+    run = run._replace(optimizer=torch.optim.SGD(run.model.parameters(), lr=0.05))
     rnn = run.extras["rnn"]
     before = [p.detach().clone() for p in rnn.parameters()]
     theta_grads_at_phi_step = {}
@@ -876,14 +867,14 @@ def test_rnn_gradient_reaches_phi_and_the_classifier_step_leaves_phi_alone(toy):
 
     run.extras["rnn_opt"].step = spy
     run.model.train()
-    l2l.method_step(run, x[:32], y[:32])
+    l2l.training_step(run, x[:32], y[:32])
     assert all(g is None for g in theta_grads_at_phi_step["grads"]), "the RNN step must not touch theta's .grad"
     after_rnn = [p.detach().clone() for p in rnn.parameters()]
     assert any(not torch.equal(a, b) for a, b in zip(before, after_rnn))
     # the classifier's SGD step changes theta, not phi: phi is what the RNN step left
     run.extras["rnn_opt"].step = lambda *a, **k: None
     theta = [p.detach().clone() for p in run.model.parameters()]
-    l2l.method_step(run, x[:32], y[:32])
+    l2l.training_step(run, x[:32], y[:32])
     assert all(torch.equal(a, b) for a, b in zip(after_rnn, rnn.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(theta, run.model.parameters()))
 
@@ -974,8 +965,8 @@ def test_bls_never_accepts_a_step_that_lowers_the_loss(toy, monkeypatch, dropout
     if dropout:
         model = fit(nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
                                   nn.Dropout(0.5), nn.Linear(128, 10)).to(DEVICE), x, y, 60)
-    start = l2l.random_start(x, 0.1)
-    monkeypatch.setattr(l2l, "random_start", lambda x0, e: start)
+    start = l2l.start_point(x, 0.1)
+    monkeypatch.setattr(l2l, "start_point", lambda *a: start)
     with l2l.attack_mode(model, "train" if dropout else "eval"):
         ce = lambda z: F.cross_entropy(model(z), y, reduction="none").detach()
         prev = start
@@ -1256,7 +1247,7 @@ def test_compiled_step_equals_eager(method):
 
 
 def test_compile_leaves_double_backward_methods_eager(capsys):
-    for method in l2l.DOUBLE_BACKWARD:
+    for method in ("fast-bat", "fast-at-ga"):
         one_step(method, ["--compile"])
         assert "running eager" in capsys.readouterr().err
 
@@ -1415,8 +1406,6 @@ def test_cyclic_schedule_is_torch_cyclic_lr_with_its_momentum_cycle(epochs, peak
         assert lr == pytest.approx(group["lr"], abs=1e-12) and momentum == pytest.approx(group["momentum"], abs=1e-12), it
         opt.step()
         sched.step()
-    args = schedule_args(argv + ["--no-cycle-momentum"])
-    assert {l2l.schedule_at(args, it, iters)[1] for it in range(epochs * iters)} == {0.9}
 
 
 def test_training_loop_sets_the_scheduled_momentum(mnist_dir, tmp_path):
@@ -1536,7 +1525,7 @@ def test_recipes_follow_the_official_settings():
         assert a.eval_step_size == pytest.approx(a.eps / 4) and a.val_step_size == pytest.approx(a.eps / 4), name
         assert a.val_size == {"cifar10": 5000, "cifar100": 5000, "svhn": 7326}[a.dataset], name
         assert a.augment == {"cifar10": "crop-flip", "cifar100": "crop-flip-rotate", "svhn": "none"}[a.dataset], name
-        assert a.lr_schedule == "cyclic" and a.lr_peak_epoch == 10 and a.cycle_momentum, name
+        assert a.lr_schedule == "cyclic" and a.lr_peak_epoch == 10, name
     l2l_rows = {k: v for k, v in recipes.items() if k.startswith("l2l-")}
     assert len(l2l_rows) == 10
     for name, a in l2l_rows.items():
@@ -1826,7 +1815,7 @@ def test_a_diverging_run_stops_and_keeps_its_last_finite_checkpoint(mnist_dir, t
     out = str(tmp_path / "a")
     code = l2l.main(["--method", "plain", "--dataset", "mnist", "--data-dir", mnist_dir, "--out", out, *TINY,
                      "--epochs", "2", "--lr", "1e30"])
-    assert code == 3
+    assert code == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln]
     assert len(err) == 1 and "diverged" in err[0] and "epoch 1" in err[0] and "--lr" in err[0], err
     assert sorted(os.listdir(out)) == []
@@ -1841,7 +1830,7 @@ def test_a_diverging_run_stops_and_keeps_its_last_finite_checkpoint(mnist_dir, t
 
     args = l2l.parse_args(["--method", "plain", "--dataset", "mnist", "--data-dir", mnist_dir, "--out", out, *TINY,
                            "--epochs", "3"])
-    with pytest.raises(l2l.TrainingDiverged, match=r"epoch 2 is (nan|inf|-inf).*last.pt keeps epoch 1"):
+    with pytest.raises(l2l.UsageError, match=r"epoch 2 is (nan|inf|-inf).*last.pt keeps epoch 1"):
         l2l.train(args, on_epoch_end=keep_bytes)
     assert snapshot(out) == saved and sorted(saved) == ["best.pt", "last.pt"]
     assert l2l.read_checkpoint(os.path.join(out, "last.pt"), "x")["epoch"] == 1
@@ -1927,16 +1916,16 @@ def test_report_escapes_what_results_json_stores(tmp_path):
     assert cells[0].strip() == "a\\|b \\| x \\|" and cells[10].strip() == "GPU with \\| bars"
 
 
-def test_report_skips_unfinished_runs_and_refuses_what_is_not_a_run_in_one_line(tmp_path, capsys):
+def test_report_refuses_unfinished_runs_and_what_is_not_a_run_in_one_line(tmp_path, capsys):
     good, unfinished = tmp_path / "good", tmp_path / "unfinished"
     good.mkdir()
     unfinished.mkdir()
     (good / "results.json").write_text(json.dumps(fake_results()))
     (unfinished / "last.pt").write_text("an interrupted run")
-    assert l2l.main(["--report", str(good), str(unfinished)]) == 0
-    out, err = capsys.readouterr()
-    assert out.count("| fast-bat |") == 1 and "unfinished: no results.json" in err and "left out" in err
-    check_one_line_error(l2l.main(["--report", str(unfinished)]), capsys.readouterr().err, "none of")
+    assert l2l.main(["--report", str(good / "results.json")]) == 0
+    assert capsys.readouterr().out.count("| fast-bat |") == 1
+    check_one_line_error(l2l.main(["--report", str(good), str(unfinished)]), capsys.readouterr().err,
+                         "unfinished: no results.json there (an unfinished run?)")
     check_one_line_error(l2l.main(["--report", str(tmp_path / "nothing")]), capsys.readouterr().err, "no results.json")
     base = fake_results()
     for name, text in {"not json": "{not json", "clean a number": json.dumps(dict(base, clean=0.5)),
@@ -2057,15 +2046,11 @@ def damage(d, kind):
     good = read_cache(str(d / "mnist.npz"))
     if kind == "truncated":
         (d / "mnist.npz").write_bytes((d / "mnist.npz").read_bytes()[:5000])
-    elif kind == "no test split":
+    else:
         np.savez(d / "mnist.npz", x_train=good["x_train"].numpy(), y_train=good["y_train"].numpy())
-    else:  # CIFAR-shaped images under MNIST's name
-        write_dataset(str(d), "cifar10", n_train=40, n_test=8)
-        os.replace(d / "cifar10.npz", d / "mnist.npz")
 
 
-@pytest.mark.parametrize("kind,says", [("truncated", "cannot read the dataset cache"), ("no test split", "delete it and rerun"),
-                                       ("cifar-shaped", "does not hold N x 28 x 28 x 1 uint8 images")])
+@pytest.mark.parametrize("kind,says", [("truncated", "cannot read the dataset cache"), ("no test split", "delete it and rerun")])
 def test_a_damaged_cache_gets_one_line_and_no_run(kind, says, tmp_path, capsys):
     d = tmp_path / "d"
     write_dataset(str(d))
@@ -2128,36 +2113,37 @@ def test_the_learned_l2l_evaluation_does_not_depend_on_the_evaluation_batch(toy)
 # ---- Copy an algorithm: each list of definitions, taken out of l2l.py's source and run in a namespace
 #      that holds only torch, nn, F and math, performs its step or attack (README's "Copy an algorithm").
 
-ATTACK_HELPERS = ["project", "random_start", "start_point", "cw_margin", "attack_loss", "input_grad_and_logits",
+ATTACK_HELPERS = ["project", "start_point", "cw_margin", "attack_loss", "input_grad_and_logits",
                   "input_grad"]
 STEP_HELPERS = ["ModelMode", "attack_mode", "sgd_update"]
-INNER = ["project", "random_start", "start_point", "inner_loss", "inner_grad"]
-APGD = ["project", "dlr_loss", "apgd_checkpoints", "apgd"]
+OUTER = STEP_HELPERS + ["plain_step"]  # the steps whose outer minimisation is plain training on x_adv
+INNER = ["project", "start_point", "inner_loss", "inner_grad"]
+APGD = ["project", "cw_margin", "dlr_loss", "apgd_checkpoints", "apgd"]
 FAB = ["fab_linf_projection", "fab_targeted_run", "fab_targeted"]
 SQUARE = ["project", "cw_margin", "square_p", "square_linf"]
-L2L_DEFS = ATTACK_HELPERS[3:] + STEP_HELPERS + ["GenBlock", "SlimAttacker", "WideAttacker", "scaled_input_grad",
+L2L_DEFS = ATTACK_HELPERS[2:] + OUTER + ["GenBlock", "SlimAttacker", "WideAttacker", "scaled_input_grad",
                                                 "l2l_perturb", "l2l_attacker_step", "l2l_step"]
 RNN_DEFS = INNER + STEP_HELPERS + ["relative_to_mean", "SignStepRNN", "rnn_attack", "rnn_optimizer_step"]
 COPYABLE = {  # algorithm -> (the definitions to copy, how the test calls them)
-    "PGD-AT": (ATTACK_HELPERS + ["pgd_path", "pgd"] + STEP_HELPERS + ["pgd_at_step"], "step"),
+    "PGD-AT": (ATTACK_HELPERS + ["pgd_path", "pgd"] + OUTER + ["pgd_at_step"], "step"),
     "TRADES": (INNER + ["trades_attack"] + STEP_HELPERS + ["trades_loss", "trades_step"], "step"),
-    "Fast-AT": (ATTACK_HELPERS + ["fgsm"] + STEP_HELPERS + ["fast_at_step"], "step"),
+    "Fast-AT": (ATTACK_HELPERS + ["fgsm"] + OUTER + ["fast_at_step"], "step"),
     "GradAlign (Fast-AT-GA)": (ATTACK_HELPERS + ["fgsm"] + STEP_HELPERS + ["GRADALIGN_GAMMA", "gradalign_gamma",
                                                                           "gradalign_penalty", "fast_at_ga_step"], "step"),
-    "Fast-BAT": (ATTACK_HELPERS[3:] + STEP_HELPERS[:2] + ["fast_bat_step_size", "box_bounds", "fast_bat_backward",
+    "Fast-BAT": (ATTACK_HELPERS[2:] + STEP_HELPERS[:2] + ["fast_bat_step_size", "box_bounds", "fast_bat_backward",
                                                           "fast_bat_step"], "step"),
-    "AdvTrain+BLS": (INNER[:3] + ["pgd_bls"] + STEP_HELPERS + ["pgd_at_bls_step"], "step"),
+    "AdvTrain+BLS": (ATTACK_HELPERS[:5] + ["pgd_bls"] + OUTER + ["pgd_at_bls_step"], "step"),
     "L2L naive": (L2L_DEFS, "l2l naive"),
     "L2L grad": (L2L_DEFS, "l2l grad"),
     "L2L 2-step": (L2L_DEFS, "l2l multi"),
-    "RNN-Adv": (RNN_DEFS + ["rnn_adv_step"], "rnn"),
+    "RNN-Adv": (RNN_DEFS + ["plain_step", "rnn_adv_step"], "rnn"),
     "RNN-TRADES": (RNN_DEFS + ["trades_loss", "rnn_trades_step"], "rnn"),
     "APGD-CE": (APGD + ["apgd_ce"], "attack"),
     "APGD-T": (APGD + ["apgd_targeted"], "attack"),
     "CW-l_inf": (["cw_linf"], "attack"),
     "FAB-T": (FAB, "attack"),
     "Square": (SQUARE, "attack"),
-    "AutoAttack (standard)": (APGD + ["apgd_ce", "apgd_targeted"] + FAB + SQUARE[1:] + ["AUTOATTACK_STANDARD",
+    "AutoAttack (standard)": (APGD + ["apgd_ce", "apgd_targeted"] + FAB + SQUARE[2:] + ["AUTOATTACK_STANDARD",
                                                                                          "autoattack"],
                               "attack"),
 }
@@ -2441,13 +2427,11 @@ def test_every_method_trains_bitwise_as_another_l2l_py(tmp_path):
     assert same_checkpoints(os.environ["L2L_OTHER"], list(l2l.METHODS), tmp_path) == []
 
 
-def test_resume_repairs_a_best_pt_lost_between_saves_and_refuses_another_runs(mnist_dir, tmp_path, capsys):
-    """last.pt is written first; a kill before best.pt leaves a run --resume can finish. A best.pt of another run is
-    refused at the start, before any training."""
+def test_resume_repairs_a_best_pt_lost_between_saves(mnist_dir, tmp_path):
+    """last.pt is written first; a kill before best.pt leaves a run --resume can finish."""
     argv = ["--method", "plain", "--dataset", "mnist", "--data-dir", mnist_dir, *TINY, "--epochs", "2",
             "--eval-attacks", "fgsm"]
-    cut, other = str(tmp_path / "cut"), str(tmp_path / "other")
-    assert l2l.main(argv + ["--out", other]) == 0
+    cut = str(tmp_path / "cut")
 
     def stop(epoch):
         raise KeyboardInterrupt
@@ -2457,15 +2441,6 @@ def test_resume_repairs_a_best_pt_lost_between_saves_and_refuses_another_runs(mn
     os.remove(os.path.join(cut, "best.pt"))  # as a kill between the two saves of epoch 1 leaves it
     assert l2l.main(argv + ["--out", cut, "--resume"]) == 0
     assert l2l.read_checkpoint(os.path.join(cut, "best.pt"), "x")["epoch"] in (1, 2)
-    with pytest.raises(KeyboardInterrupt):
-        l2l.train(l2l.parse_args(argv + ["--out", cut, "--overwrite"]), on_epoch_end=stop)
-    shutil.copy(os.path.join(other, "best.pt"), os.path.join(cut, "best.pt"))
-    before = snapshot(cut)
-    code = l2l.main(argv + ["--out", cut, "--resume"])
-    err = capsys.readouterr().err
-    check_one_line_error(code, err, "is not epoch 1 of the run in")
-    assert "belongs to another run" in err
-    assert snapshot(cut) == before
 
 
 @cpu_only
