@@ -5,6 +5,7 @@ On a GPU: L2L_TEST_DEVICE=cuda python -m pytest -q test_l2l.py   (models, batche
 device; the few tests that only make sense on a CPU say so and skip)
 """
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -2425,6 +2426,32 @@ def test_same_checkpoints_tells_a_pure_move_from_a_change(tmp_path):
                     reason="opt-in: L2L_SLOW_TESTS=1 L2L_OTHER=path/to/another/l2l.py (about 3 minutes)")
 def test_every_method_trains_bitwise_as_another_l2l_py(tmp_path):
     assert same_checkpoints(os.environ["L2L_OTHER"], list(l2l.METHODS), tmp_path) == []
+
+
+@pytest.mark.skipif(not os.environ.get("L2L_OTHER"), reason="opt-in: L2L_OTHER=path/to/another/l2l.py")
+def test_every_attack_is_bitwise_as_another_l2l_py(toy):
+    """Each evaluation attack of this l2l.py and of L2L_OTHER on the same model, images and seed: equal outputs."""
+    spec = importlib.util.spec_from_file_location("other_l2l", os.environ["L2L_OTHER"])
+    other = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(other)
+    model, x, y = toy
+    x, y, eps = x[:64], y[:64], 0.15  # AutoAttack leaves about 40%: each of its attacks fools some
+    attacks = {"fgsm": lambda m: m.fgsm(model, x, y, eps, 0.1, rand_init=True, clamp_start=False),
+               "apgd-t": lambda m: m.apgd(model, x, y, eps, 20, "dlr", (y + 1) % 10),
+               "square": lambda m: m.square_linf(model, x, y, 0.2, 200),
+               "pgd": lambda m: m.pgd(model, x, y, eps, 0.01, 10, restarts=3, loss="cw", keep_fooling=True),
+               "cw-linf": lambda m: m.cw_linf(model, x, y, 0.3, max_iterations=30, initial_const=1e-2),
+               "fab-t": lambda m: m.fab_targeted(model, x, y, eps, 10, 2),
+               "aa": lambda m: m.autoattack(model, x, y, eps, batch_size=32, n_iter=10, n_targets=2, fab_iter=5,
+                                            fab_targets=2, n_queries=100)[0],
+               "trades": lambda m: m.trades_attack(model, x, eps, 0.01, 10),
+               "bls": lambda m: m.pgd_bls(model, x, y, eps, 5, eps)}
+    for name, attack in attacks.items():
+        outputs = []
+        for module in (l2l, other):
+            torch.manual_seed(1)
+            outputs.append(attack(module))
+        assert torch.equal(*outputs), name
 
 
 def test_resume_repairs_a_best_pt_lost_between_saves(mnist_dir, tmp_path):
