@@ -1591,7 +1591,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.input_std = list(args.input_std or (recipe.get("cifar10_std") if args.dataset == "cifar10" else None)
                               or spec["std"])
         if len(args.input_std) != spec["shape"][0] or min(args.input_std) <= 0:
-            raise UsageError(f"--input-std needs {spec['shape'][0]} positive numbers, one a channel: {args.input_std}")
+            raise UsageError(f"--input-std needs {spec['shape'][0]} positive numbers (one a channel): {args.input_std}")
     elif args.input_std is not None:
         raise UsageError("--input-std sets the std of --normalize mean-std; add --normalize mean-std or drop it")
     if args.method in ("rnn-adv", "rnn-trades") and args.steps < 1:
@@ -1677,7 +1677,7 @@ def load_data(args, device: torch.device, test_only: bool = False) -> Data:
     val_size = 0 if test_only else args.val_size
     n_train = 0 if test_only else n - val_size if args.train_size is None else args.train_size
     if not test_only and (val_size >= n or n_train + val_size > n):
-        raise UsageError(f"--train-size {n_train} plus --val-size {args.val_size} exceed (or use all) the {n} examples")
+        raise UsageError(f"--train-size {n_train} plus --val-size {args.val_size} leave none of the {n} to train on")
     dev = lambda x: x.permute(0, 3, 1, 2).contiguous().to(device)  # N x H x W x C on the host -> N x C x H x W
     return Data(dev(arrays["x_train"][:n_train]), arrays["y_train"][:n_train].to(device),
                 dev(arrays["x_train"][n - val_size:]), arrays["y_train"][n - val_size:].to(device),
@@ -1752,7 +1752,7 @@ def read_checkpoint(path: str, what: str) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch.save archive, a damaged one, or objects beyond tensors and plain values
-        raise UsageError(f"{what} {path} is not a readable checkpoint ({type(e).__name__}); pass one of l2l.py")
+        raise UsageError(f"{what} {path} is not a readable checkpoint ({type(e).__name__}); pass an l2l.py run's .pt")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UsageError(f"{what} {path} is not a checkpoint of this l2l.py (no '{CHECKPOINT_FORMAT}'); pass a run's")
     return ckpt
@@ -2085,8 +2085,8 @@ def evaluate(model, x_uint8, y, args, attacks, extras=None) -> dict:
     correct = {name: [] for name in ["clean"] + per_batch}
     max_pert = {name: torch.zeros((), device=x_uint8.device) for name in attacks}
     batches = -(-xs.shape[0] // args.eval_batch_size)
-    ticker = Ticker("evaluating (AutoAttack's time depends on how many stay robust)", batches * (len(per_batch) + (
-        "l2l" in attacks) + 4 * ("aa" in attacks)), rank == 0 and not args.quiet)
+    units = batches * (len(per_batch) + ("l2l" in attacks) + 4 * ("aa" in attacks))
+    ticker = Ticker("evaluating (AutoAttack's time: how many stay robust)", units, rank == 0 and not args.quiet)
     for i in range(0, xs.shape[0], args.eval_batch_size):
         x = to_float(xs[i:i + args.eval_batch_size], memory_format(args))
         yb = ys[i:i + args.eval_batch_size]
@@ -2257,9 +2257,9 @@ def build_run(args, device) -> Run:
     fmt = memory_format(args)
     model = build_model(args.model, args.dataset, args.depth, args.width, args.input_mean, args.input_std,
                         args.preact_shortcut).to(device, memory_format=fmt)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay) if \
-        args.optimizer == "adam" else torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                                      weight_decay=args.weight_decay)
+    params, wd = model.parameters(), args.weight_decay
+    optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=wd) if args.optimizer == "adam" else \
+        torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=wd)
     method = METHODS[args.method]
     extras = method.setup(args) if method.setup else {}
     for net in extras.values():  # in place: Module.to keeps the Parameter objects that setup's optimisers hold
