@@ -1004,10 +1004,10 @@ def rnn_optimizer_adam(rnn: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.Adam(rnn.parameters(), lr=1e-3 if isinstance(rnn, LSTMOptimizer) else 1e-2)
 
 
-def rnn_attack(rnn, model, x, y, eps, steps, alpha, init="uniform", logp_clean=None, weights="uniform",
+def rnn_attack(rnn, model, x, y, eps, steps, alpha, init="uniform", trades=False, weights="uniform",
                learn=True, horizon=None, per_example=False):
     """The learned inner maximisation (Algorithm 1 of Xiong & Hsieh as this project reconstructs it; README, Methods,
-    "RNN-Adv / RNN-TRADES"):
+    "RNN-Adv / RNN-TRADES"), on L_inner = CE, or with `trades` KL(f(x) || f(x')) (inner_loss):
       1. x'_0 = start_point(x, eps, init): Pi_C(x + U(-eps, eps)) ("uniform") or x + 0.001 N(0, I) ("normal", as TRADES)
       2. for t = 0..T-1:  g_t = grad_x' L_inner(x'_t)  (a constant for phi: first-order L2O)
                           (u_t, h) = m_phi(g_t, h);   x'_{t+1} = Pi_C(x'_t + u_t)
@@ -1023,9 +1023,11 @@ def rnn_attack(rnn, model, x, y, eps, steps, alpha, init="uniform", logp_clean=N
     constant) before the sum: every example then pulls on phi equally, where the plain loss lets the examples
     that are already misclassified (large CE gradients) outweigh the confidently correct ones.
     Returns (x'_T, surrogate) with learn=True; (x'_T, None) in evaluation, where nothing is kept. The step
-    feature is t / horizon: horizon = steps (the default, --rnn-progress attack) stretches the learned schedule
-    over a longer evaluation; horizon = the training T (--rnn-progress training) replays it and runs past its end."""
+    feature is t / horizon: horizon = steps (the default) stretches the learned schedule over a longer evaluation;
+    horizon = the training T replays it and runs past its end."""
     horizon = horizon or steps
+    with torch.no_grad():  # TRADES' clean distribution, a constant
+        logp_clean = F.log_softmax(model(x), 1) if trades else None
     x_adv = start_point(x, eps, init)  # step 1
     iterates, grads, state, u_prev = [], [], None, torch.zeros_like(x)
     for t in range(steps):  # step 2
@@ -1274,11 +1276,7 @@ def rnn_optimizer_step(model, rnn, rnn_optimizer, x, y, *, eps, steps, alpha, tr
     mode and dropout off, then one Adam ascent step on phi (the gradient w.r.t. phi only; theta's .grad untouched).
     Returns x'_T, detached."""
     with attack_mode(model, attack_bn):
-        logp_clean = None
-        if trades:
-            with torch.no_grad():
-                logp_clean = F.log_softmax(model(x), 1)
-        x_adv, rnn_objective = rnn_attack(rnn, model, x, y, eps, steps, alpha, start, logp_clean, weights,
+        x_adv, rnn_objective = rnn_attack(rnn, model, x, y, eps, steps, alpha, start, trades, weights,
                                           learn=True, horizon=steps, per_example=per_example)  # step 1
         params = list(rnn.parameters())
         for p, g in zip(params, torch.autograd.grad(-rnn_objective, params)):  # step 2 (ascent)
@@ -1811,11 +1809,7 @@ def l2l_variant(a) -> str:
 def rnn_run_attack(args, rnn, model, x, y, steps, learn):
     """m_phi's attack with the run's flags and the method's inner loss (RNN-Adv: CE; RNN-TRADES: KL to the clean
     output), for `steps` steps (evaluation: --rnn-eval-steps; the step feature t/T counts T = `steps`)."""
-    logp_clean = None
-    if args.method == "rnn-trades":
-        with torch.no_grad():
-            logp_clean = F.log_softmax(model(x), 1)
-    return rnn_attack(rnn, model, x, y, args.eps, steps, args.step_size, args.attack_start, logp_clean,
+    return rnn_attack(rnn, model, x, y, args.eps, steps, args.step_size, args.attack_start, args.method == "rnn-trades",
                       args.rnn_weights, learn, horizon=steps, per_example=args.rnn_objective == "per-example")
 
 
