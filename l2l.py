@@ -168,18 +168,19 @@ class PreActBlock(nn.Module):
 
 
 class PreActResNet18(nn.Module):
-    """PreActResNet-18: 3x3 stem, [2,2,2,2] blocks of widths 64-128-256-512, BN-ReLU, pool; shortcut: PreActBlock's."""
+    """PreActResNet-18: 3x3 stem, [2,2,2,2] blocks of widths w-2w-4w-8w (the papers' w = 64; w = 16 has 1/16 of the
+    FLOPs, for CPU-sized studies), BN-ReLU, pool; shortcut: PreActBlock's."""
 
-    def __init__(self, in_ch=3, classes=10, shortcut="input"):
+    def __init__(self, in_ch=3, classes=10, shortcut="input", width=64):
         super().__init__()
-        self.stem = nn.Conv2d(in_ch, 64, 3, 1, 1, bias=False)
-        blocks, c = [], 64
-        for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            blocks += [PreActBlock(c, width, stride, shortcut), PreActBlock(width, width, 1, shortcut)]
-            c = width
+        self.stem = nn.Conv2d(in_ch, width, 3, 1, 1, bias=False)
+        blocks, c = [], width
+        for stage, stride in ((width, 1), (2 * width, 2), (4 * width, 2), (8 * width, 2)):
+            blocks += [PreActBlock(c, stage, stride, shortcut), PreActBlock(stage, stage, 1, shortcut)]
+            c = stage
         self.blocks = nn.Sequential(*blocks)
-        self.bn = nn.BatchNorm2d(512)
-        self.linear = nn.Linear(512, classes)
+        self.bn = nn.BatchNorm2d(c)
+        self.linear = nn.Linear(c, classes)
 
     def forward(self, x):
         out = F.relu(self.bn(self.blocks(self.stem(x))))
@@ -1402,6 +1403,7 @@ COMMON_DEFAULTS = dict(batch_size=128, optimizer="sgd", momentum=0.9, beta=6.0, 
 DERIVED_DEFAULTS = (
     # Fast-AT's step is 1.25 eps, so it follows an overridden eps; the recipes with a step give theirs
     ("step_size", lambda a, recipe, spec: 1.25 * a.eps if a.method in ("fast-at", "fast-at-ga") else 0.0),
+    ("width", lambda a, recipe, spec: 64 if a.model == "preactresnet18" else 10),
     ("augment", lambda a, recipe, spec: spec["augment"]),
     ("rnn_eval_steps", lambda a, recipe, spec: max(a.steps, 1)),
     ("eval_steps", lambda a, recipe, spec: spec["eval_steps"]),
@@ -1485,7 +1487,7 @@ FLAGS = (
     ("run", "--dataset", "tm", dict(default="cifar10", metavar="DATASET", help="one of: {datasets}")),
     ("run", "--model", "tm", dict(choices=MODELS, help="the network (default: per method)")),
     ("run", "--depth", "tm", dict(type=COUNT, default=34, help="WideResNet depth (6n+4)")),
-    ("run", "--width", "tm", dict(type=COUNT, default=10, help="WideResNet widen factor")),
+    ("run", "--width", "tm", dict(type=COUNT, help="WideResNet widen factor (10), PreActResNet-18 base width (64)")),
     ("run", "--preact-shortcut", "tm", dict(choices=("input", "activation"), help="1x1 shortcut on x or relu(bn1(x))")),
     ("run", "--data-dir", "e", dict(default="./data", help="where <dataset>.npz or torchvision's files live")),
     ("run", "--out", "e", dict(help="output directory (default: runs/<method>_<dataset>)")),
@@ -1537,6 +1539,7 @@ FLAGS = (
     ("eval", "--eval-step-size", "e", dict(type=NONNEGATIVE_NUMBER, help="PGD/CW step (default: eps/4, MNIST 0.01)")),
     ("eval", "--eval-restarts", "e", dict(type=COUNT, default=1, help="random restarts of PGD/CW")),
     ("eval", "--eval-batch-size", "e", dict(type=COUNT, default=500, help="batch of evaluation and validation")),
+    ("eval", "--eval-last", "e", dict(action=BOOL, default=True, help="also evaluate last.pt when best.pt is another")),
     ("eval", "--transfer-from", "e", dict(metavar="CKPT", help="source model of the transfer attack")),
     ("eval", "--apgd-steps", "e", dict(type=COUNT, default=100, help="iterations of apgd-ce and apgd-t")),
     ("eval", "--apgd-targets", "e", dict(type=COUNT, default=9, help="target classes of apgd-t")),
@@ -1730,13 +1733,14 @@ def train_batches(data: Data, batch_size: int, mode: str, gen: torch.Generator, 
         yield augment(to_float(data.x_train[idx]), mode, gen, pad), data.y_train[idx]
 
 
-def build_model(name: str, dataset: str, depth: int = 34, width: int = 10, mean=None, std=None,
+def build_model(name: str, dataset: str, depth: int = 34, width: Optional[int] = None, mean=None, std=None,
                 preact_shortcut: str = "input") -> nn.Module:
-    """Normalize(mean, std) (the identity without them) followed by the named network, sized for the dataset."""
+    """Normalize(mean, std) (the identity without them) followed by the named network, sized for the dataset; width:
+    WideResNet's widen factor (10) or PreActResNet-18's base width (64)."""
     (c, h, _), k = DATASETS[dataset]["shape"], DATASETS[dataset]["classes"]
     net = {"smallcnn": lambda: SmallCNN(c, k, h), "mnistnet": lambda: MNISTNet(c, k, h), "vgg16": lambda: VGG16(c, k),
-           "preactresnet18": lambda: PreActResNet18(c, k, preact_shortcut),
-           "wrn": lambda: WideResNet(c, k, depth, width)}[name]()
+           "preactresnet18": lambda: PreActResNet18(c, k, preact_shortcut, width or 64),
+           "wrn": lambda: WideResNet(c, k, depth, width or 10)}[name]()
     return nn.Sequential(Normalize(mean or (0.0,) * c, std or (1.0,) * c), net)
 
 
@@ -2406,6 +2410,9 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
     for path, epoch in ((best_path, best["epoch"]), (last_path, args.epochs)):
         if path == last_path and epoch == best["epoch"]:
             break  # "last" is the evaluation above
+        if path == last_path and not args.eval_last:
+            results["last"] = f"epoch {epoch} not evaluated (--no-eval-last)"
+            break
         restore(run, read_checkpoint(path, "checkpoint"), path)
         results["last"] = evaluate(run.model, data.x_test, data.y_test, args, attacks, eval_extras)
         if path == best_path:

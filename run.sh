@@ -64,6 +64,14 @@ fastbat-fast-at-svhn-eps16     | Fast-BAT's Fast-AT on svhn, eps 16/255 (ICML ta
 fastbat-fast-at-ga-svhn-eps16  | Fast-BAT's Fast-AT-GA on svhn, eps 16/255 (ICML tables not read: no number) | --method fast-at-ga --dataset svhn --eps 16/255 FASTBAT --augment none --val-size 7326 --lr 0.05 --val-step-size 4/255 | 
 fastbat-fast-bat-svhn-eps16    | Fast-BAT's Fast-BAT on svhn, eps 16/255 (ICML tables not read: no number) | --method fast-bat --dataset svhn --eps 16/255 FASTBAT --augment none --val-size 7326 --lr 0.05 --val-step-size 4/255 | 
 fastbat-pgd2-svhn-eps16        | PGD-2-AT (2 steps of eps/2, random start) baseline of Fast-BAT, svhn, eps 16/255 (no number read) | --method pgd-at --steps 2 --step-size 8/255 --dataset svhn --eps 16/255 FASTBAT --augment none --val-size 7326 --lr 0.05 --val-step-size 4/255 | 
+cpu-fast-at-eps8     | CPU scale, not the paper's (README, CIFAR-10 at CPU scale): Fast-BAT Table 1's fast-at at eps 8/255 on PreActResNet-18 width 8, 10 epochs | --method fast-at --eps 8/255 CPU_FASTBAT --input-std 0.2470,0.2435,0.2616 | 
+cpu-fast-at-ga-eps8  | CPU scale, not the paper's (README, CIFAR-10 at CPU scale): Fast-BAT Table 1's fast-at-ga at eps 8/255 on PreActResNet-18 width 8, 10 epochs | --method fast-at-ga --eps 8/255 CPU_FASTBAT | 
+cpu-fast-bat-eps8    | CPU scale, not the paper's (README, CIFAR-10 at CPU scale): Fast-BAT Table 1's fast-bat at eps 8/255 on PreActResNet-18 width 8, 10 epochs | --method fast-bat --eps 8/255 CPU_FASTBAT | 
+cpu-pgd2-eps8        | CPU scale, not the paper's (README, CIFAR-10 at CPU scale): Fast-BAT Table 1's PGD-2-AT at eps 8/255 on PreActResNet-18 width 8, 10 epochs | --method pgd-at --steps 2 --step-size 4/255 --eps 8/255 CPU_FASTBAT --input-std 0.2470,0.2435,0.2616 | 
+cpu-fast-at-eps16    | CPU scale, not the paper's (README, CIFAR-10 at CPU scale): Fast-BAT Table 1's fast-at at eps 16/255 on PreActResNet-18 width 8, 10 epochs | --method fast-at --eps 16/255 CPU_FASTBAT --input-std 0.2470,0.2435,0.2616 | 
+cpu-fast-at-ga-eps16 | CPU scale, not the paper's (README, CIFAR-10 at CPU scale): Fast-BAT Table 1's fast-at-ga at eps 16/255 on PreActResNet-18 width 8, 10 epochs | --method fast-at-ga --eps 16/255 CPU_FASTBAT | 
+cpu-fast-bat-eps16   | CPU scale, not the paper's (README, CIFAR-10 at CPU scale): Fast-BAT Table 1's fast-bat at eps 16/255 on PreActResNet-18 width 8, 10 epochs | --method fast-bat --eps 16/255 CPU_FASTBAT | 
+cpu-pgd2-eps16       | CPU scale, not the paper's (README, CIFAR-10 at CPU scale): Fast-BAT Table 1's PGD-2-AT at eps 16/255 on PreActResNet-18 width 8, 10 epochs | --method pgd-at --steps 2 --step-size 8/255 --eps 16/255 CPU_FASTBAT --input-std 0.2470,0.2435,0.2616 | 
 rnn-t1-pgd-at-mnist            | Xiong & Hsieh Table 1 'AdvTrain' (87.33 robust, dataset not named; MNIST assumed): PGD-40 | --method pgd-at --dataset mnist RNN_MNIST | 
 rnn-t1-pgd-at-bls-mnist        | Xiong & Hsieh Table 1 'AdvTrain+BLS' (88.71): PGD-40 with backtracking line search | --method pgd-at-bls --dataset mnist RNN_MNIST | 
 rnn-t3-pgd-at-mnist          | Xiong & Hsieh Table 3 (white-box, MNIST, 4-layer CNN), AdvTrain; T = 40 | --method pgd-at --dataset mnist RNN_MNIST --eval-attacks fgsm,pgd,cw,aa | 
@@ -97,6 +105,10 @@ RNN_CIFAR="--attack-bn eval --eps 0.031 --steps 10 --step-size 0.007 --epochs 76
 # CIFAR-100 adds RandomRotation(15) (datasets.py); SVHN has no augmentation.
 # SVHN uses lr 0.05, this project's choice (a peak of 0.2 is known to diverge on SVHN; the Fast-BAT SVHN lr was not read).
 FASTBAT="--normalize mean-std --preact-shortcut input --crop-pad zero --model preactresnet18 --epochs 20 --lr-schedule cyclic --lr 0.2 --lr-peak-epoch 10 --weight-decay 5e-4 --batch-size 128 --val-size 5000 --val-steps 50 --val-restarts 10 --eval-attacks fgsm,pgd,cw,aa --eval-steps 50 --eval-restarts 10"
+# CIFAR-10 at CPU scale (README): Fast-BAT's setting on PreActResNet-18 of base width 8 (1/64 of the FLOPs), 10 epochs
+# (lr peak at 5), bf16 training, 45,000 training images, best epoch by PGD-10 on the last 1,000 of the 5,000 held out;
+# test: PGD-50-10 step eps/4 and AutoAttack on the first 1,000 test images, best.pt only. Seed 1: --seed 1 --out DIR.
+CPU_FASTBAT="--normalize mean-std --preact-shortcut input --crop-pad zero --model preactresnet18 --width 8 --epochs 10 --lr-schedule cyclic --lr 0.2 --lr-peak-epoch 5 --weight-decay 5e-4 --batch-size 128 --train-size 45000 --val-size 1000 --val-steps 10 --precision bf16 --channels-last --test-size 1000 --no-eval-last --eval-attacks pgd,aa --eval-steps 50 --eval-restarts 10"
 # The L2L code's setting (train_l2l_*_cifar10.py): WRN-34-10, eps 0.031, 76 epochs, SGD lr 0.1 x0.1 when epoch >= 30,
 # 60, 90 counting from 1, wd 2e-4, batch 128; evaluation "PGM-20" = PGD-20 step 0.003 (pgd_attack_cifar10.py) and
 # "CW" = the optimisation-based CW-l_inf of cw.py (cw-linf).
@@ -110,7 +122,7 @@ METHODS="plain pgd-at trades fast-at fast-at-ga fast-bat pgd-at-bls rnn-adv rnn-
 recipe_flags() {  # the l2l.py flags of recipe $1, with its name and paper numbers; empty if there is none
   echo "$RECIPES" | awk -F'|' -v n="$1" '{k=$1; gsub(/ /, "", k)} k==n {gsub(/ /, "", $4); p=$4;
     print $3 " --recipe " n (p == "" ? "" : " --paper " p)}' |
-    sed "s|L2L_CIFAR|$L2L_CIFAR|; s|FASTBAT|$FASTBAT|; s|RNN_MNIST_PAIR|$RNN_MNIST_PAIR|; s|RNN_MNIST|$RNN_MNIST|; s|RNN_CIFAR|$RNN_CIFAR|"
+    sed "s|L2L_CIFAR|$L2L_CIFAR|; s|CPU_FASTBAT|$CPU_FASTBAT|; s|FASTBAT|$FASTBAT|; s|RNN_MNIST_PAIR|$RNN_MNIST_PAIR|; s|RNN_MNIST|$RNN_MNIST|; s|RNN_CIFAR|$RNN_CIFAR|"
 }
 
 gpu_check() {  # gpu-check [--data-dir DIR] [--out DIR] [--dry-run]: each phase under `timeout`, appending to gpu.md
