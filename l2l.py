@@ -43,6 +43,7 @@ checkpoint. An attack returns x_adv in C = {||x_adv - x||_inf <= eps} n [0,1]. E
 """
 
 import argparse
+import contextlib
 import datetime
 import fcntl
 import json
@@ -475,25 +476,23 @@ def fab_linf_projection(points: torch.Tensor, w: torch.Tensor, b: torch.Tensor) 
     all_clipped = change_at[:, -1] - clipped_weight[:, -1] * room.gather(1, order[:, 0:1]).squeeze(1)
     below_least_room = need - all_clipped > 0  # reached with every coordinate moving less than its room
     bisect = (need - at_corner > 0) & ~below_least_room  # reachable, with some coordinates at their box face
-    lo = torch.zeros(int(bisect.sum()), device=t.device)
+    # every row is bisected and the rows' cases are chosen by torch.where, not by indexing: no host synchronisation,
+    # and per row the same arithmetic as on the selected rows alone
+    lo = torch.zeros_like(need)
     hi = torch.full_like(lo, w.shape[1] - 1)
-    order_b, change_b, weight_b, room_b, need_b = order[bisect], change_at[bisect], clipped_weight[bisect], \
-        room[bisect], need[bisect]
     for _ in range(math.ceil(math.log2(w.shape[1]))):
         mid = torch.floor((lo + hi) / 2)
         k = mid.long().unsqueeze(1)
-        kth = order_b.gather(1, order_b.size(1) - 1 - k)  # the coordinate with the k-th largest room
-        change = (change_b.gather(1, k) - weight_b.gather(1, k) * room_b.gather(1, kth)).squeeze(1)
-        further = need_b - change > 0
+        kth = order.gather(1, order.size(1) - 1 - k)  # the coordinate with the k-th largest room
+        change = (change_at.gather(1, k) - clipped_weight.gather(1, k) * room.gather(1, kth)).squeeze(1)
+        further = need - change > 0
         lo = torch.where(further, mid, lo)
         hi = torch.where(further, hi, mid)
-    lo = lo.long()
-    if below_least_room.any():
-        r = torch.clamp_min((need[below_least_room] - change_at[below_least_room, -1])
-                            / (-clipped_weight[below_least_room, -1]), min=0).unsqueeze(-1)
-        d[below_least_room] = (2 * up[below_least_room] - 1) * r
-    r = torch.clamp_min((need[bisect] - change_at[bisect, lo]) / (-clipped_weight[bisect, lo]), min=0).unsqueeze(-1)
-    d[bisect] = torch.min(r, d[bisect]) * up[bisect] + torch.max(-r, d[bisect]) * (1 - up[bisect])
+    lo = lo.long().unsqueeze(1)
+    r = torch.clamp_min((need - change_at[:, -1]) / (-clipped_weight[:, -1]), min=0).unsqueeze(-1)
+    d = torch.where(below_least_room.unsqueeze(1), (2 * up - 1) * r, d)
+    r = torch.clamp_min((need.unsqueeze(1) - change_at.gather(1, lo)) / (-clipped_weight.gather(1, lo)), min=0)
+    d = torch.where(bisect.unsqueeze(1), torch.min(r, d) * up + torch.max(-r, d) * (1 - up), d)
     return d * (w != 0).float()
 
 
@@ -577,8 +576,8 @@ def square_linf(model, x, y, eps, n_queries=5000, p_init=0.8, generator=None):
       [0,1]); x_best = x_new where the margin z_y - max_{j != y} z_j falls or turns <= 0;
     until every example is misclassified or the queries are spent. The random numbers come from `generator` (the
     default CPU generator when None), as square.py draws them. Returns x_adv in C: the fooling point, else x."""
-    rand = lambda shape: torch.rand(shape, generator=generator).to(x.device)
-    sign = lambda shape: torch.sign(2 * rand(shape) - 1)
+    rand = lambda shape: torch.rand(shape, generator=generator, device="cpu")  # on the host, as square.py draws
+    sign = lambda shape: torch.sign(2 * rand(shape) - 1).to(x.device)
 
     def margin(z, labels):  # z_y - max_{j != y} z_j: cw_margin's negative (a subtraction, exactly)
         with torch.no_grad():
@@ -612,9 +611,7 @@ def square_linf(model, x, y, eps, n_queries=5000, p_init=0.8, generator=None):
             loss_min[active] = torch.where(lower, m, loss_min[active])
             take = lower | (m <= 0.0)
             margin_min[active] = torch.where(take, m, margin_min[active])
-            x_best[active] = torch.where(take.view(view), x_new, best_c)
-            if (margin_min <= 0.0).all():
-                break
+            x_best[active] = torch.where(take.view(view), x_new, best_c)  # all fooled: the next `active` is empty
     with torch.no_grad():
         fooled = model(x_best).argmax(1) != ys
     x_adv[todo[fooled]] = x_best[fooled]
@@ -1196,11 +1193,10 @@ def gradalign_penalty(g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
     """GradAlign's 1 - mean_i cos(g1_i, g2_i) over the examples whose two gradients are both non-zero (the
     official code drops the others from the mean: their cosine is undefined); 0 when none is left."""
     g1, g2 = g1.flatten(1), g2.flatten(1)
-    keep = (g1.norm(dim=1) != 0) & (g2.norm(dim=1) != 0)
-    if not keep.any():
-        return g2.sum() * 0.0
-    cos = (g1[keep] / g1[keep].norm(dim=1, keepdim=True) * g2[keep] / g2[keep].norm(dim=1, keepdim=True)).sum(1)
-    return 1 - cos.mean()
+    norm1, norm2 = g1.norm(dim=1, keepdim=True), g2.norm(dim=1, keepdim=True)
+    keep = ((norm1 != 0) & (norm2 != 0)).squeeze(1)  # chosen by torch.where, not by indexing: no host sync
+    cos = (g1 / torch.where(norm1 != 0, norm1, 1) * g2 / torch.where(norm2 != 0, norm2, 1)).sum(1)
+    return torch.where(keep.any(), 1 - torch.where(keep, cos, 0).sum() / keep.sum().clamp_min(1), g2.sum() * 0.0)
 
 
 def fast_at_ga_step(model, optimizer, x, y, *, eps, step_size, gamma=None, attack_bn="train"):
@@ -1434,8 +1430,10 @@ def fmt_eps(value: float) -> str:
 def comma_numbers(text: str) -> list:
     """'100,150' -> [100.0, 150.0]: --lr-milestones and --input-std."""
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
+        values = [float(v) for v in text.split(",") if v.strip()]
+        assert all(map(math.isfinite, values))
+        return values
+    except (ValueError, AssertionError):
         raise argparse.ArgumentTypeError(f"'{text}' is not a comma list of numbers, e.g. 100,150")
 
 
@@ -1595,8 +1593,9 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             raise UsageError(f"--input-std needs {spec['shape'][0]} positive numbers (one a channel): {args.input_std}")
     elif args.input_std is not None:
         raise UsageError("--input-std sets the std of --normalize mean-std; add --normalize mean-std or drop it")
-    if args.method in ("rnn-adv", "rnn-trades") and args.steps < 1:
-        raise UsageError(f"--steps {args.steps}: {args.method} needs at least one inner step")
+    if args.method in ("pgd-at", "pgd-at-bls", "trades", "rnn-adv", "rnn-trades") and args.steps < 1:
+        raise UsageError(f"--steps {args.steps}: {args.method} needs at least one inner step (--method plain trains "
+                         f"without an attack)")
     args.lr_milestones = [float(m) for m in args.lr_milestones]
     if not 0 < args.lr_peak_epoch <= args.epochs:
         raise UsageError(f"--lr-peak-epoch {args.lr_peak_epoch:g} is outside (0, --epochs {args.epochs}]")
@@ -1606,8 +1605,10 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.eval_step_size == 0 and args.eval_steps > 0:
         raise UsageError("--eval-step-size 0: the pgd and cw evaluation attacks would not move; give a positive step")
     names = [a.strip() for a in args.eval_attacks.split(",") if a.strip()]
-    if not names or len(set(names)) < len(names) or not set(names) <= set(EVAL_ATTACKS):
-        raise UsageError(f"--eval-attacks '{args.eval_attacks}': list each of {', '.join(EVAL_ATTACKS)} at most once")
+    unknown = ", ".join(sorted(set(names) - set(EVAL_ATTACKS)))
+    if not names or len(set(names)) < len(names) or unknown:
+        raise UsageError(f"--eval-attacks '{args.eval_attacks}': " + (f"no attack named {unknown} (AutoAttack is 'aa'); "
+                         if unknown else "") + f"list each of {', '.join(EVAL_ATTACKS)} at most once")
     args.eval_attacks = ",".join(names)
     args.apgd_targets, args.fab_targets = (min(n, spec["classes"] - 1) for n in (args.apgd_targets, args.fab_targets))
     for attack, methods in (("rnn", ("rnn-adv", "rnn-trades")), ("l2l", tuple(L2L_VARIANTS))):
@@ -1635,6 +1636,8 @@ def load_arrays(name: str, data_dir: str) -> Dict[str, torch.Tensor]:
     """x_train, y_train, x_test, y_test of a dataset: uint8 N x H x W x C and int64. Read from the cache
     <data_dir>/<name>.npz (numpy's format) when present; otherwise through torchvision, then cached."""
     cache = os.path.join(data_dir, f"{name}.npz")
+    if os.path.isfile(data_dir):
+        raise UsageError(f"--data-dir {data_dir} is a file: give the folder that holds {name}.npz or the dataset's files")
     if os.path.exists(cache):
         try:
             with np.load(cache) as f:
@@ -1643,6 +1646,8 @@ def load_arrays(name: str, data_dir: str) -> Dict[str, torch.Tensor]:
             raise UsageError(f"cannot read the dataset cache {cache} ({type(e).__name__}); delete it and rerun")
     else:
         import torchvision.datasets as tvd
+        made = [d for d in (data_dir, os.path.join(data_dir, name.upper()), os.path.join(data_dir, name.upper(), "raw"))
+                if not os.path.exists(d)]  # what torchvision may create; a failed load removes it again if empty
         try:
             arrays = {}
             for split, train in (("train", True), ("test", False)):
@@ -1655,6 +1660,9 @@ def load_arrays(name: str, data_dir: str) -> Dict[str, torch.Tensor]:
                 arrays[f"x_{split}"] = (x[..., None] if x.dim() == 3 else x).contiguous()
                 arrays[f"y_{split}"] = torch.as_tensor(y).long()
         except Exception as e:  # offline download, missing files, wrong checksums ...
+            for d in reversed(made):
+                if os.path.isdir(d) and not os.listdir(d):
+                    os.rmdir(d)
             hint = {"mnist": f"{data_dir}/MNIST/raw/ (the four original .gz files), or {cache}",
                     "cifar100": f"{data_dir}/cifar-100-python.tar.gz, or {cache}",
                     "svhn": f"{data_dir}/train_32x32.mat and test_32x32.mat, or {cache}"}.get(
@@ -1662,7 +1670,10 @@ def load_arrays(name: str, data_dir: str) -> Dict[str, torch.Tensor]:
             raise UsageError(f"dataset '{name}' is not in --data-dir {data_dir} and could not be downloaded "
                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); put {hint} there")
         if os.access(data_dir, os.W_OK):  # a read-only --data-dir is read each time, not cached
-            np.savez(cache, **{k: v.numpy() for k, v in arrays.items()})
+            def write(tmp):
+                with open(tmp, "wb") as f:  # a file object: np.savez would add .npz to a name
+                    np.savez(f, **{k: v.numpy() for k, v in arrays.items()})
+            atomic_write(cache, write)
     return {k: v.long() if k.startswith("y") else v for k, v in arrays.items()}
 
 
@@ -1673,7 +1684,12 @@ Data = namedtuple("Data", "x_train y_train x_val y_val x_test y_test")
 def load_data(args, device: torch.device, test_only: bool = False) -> Data:
     """Validation = the last --val-size training examples (Fast-BAT holds out the last 10%), train = the first
     --train-size of the rest, test = the first --test-size test examples; --eval-only (test_only): the test set only."""
+    rank, world = dist_world()
+    if rank > 0:  # under torchrun rank 0 reads first (and, online, downloads and writes the cache), the others after
+        dist.barrier()
     arrays = load_arrays(args.dataset, args.data_dir)
+    if world > 1 and rank == 0:
+        dist.barrier()
     n, n_test = arrays["x_train"].shape[0], min(arrays["x_test"].shape[0], args.test_size or math.inf)
     val_size = 0 if test_only else args.val_size
     n_train = 0 if test_only else n - val_size if args.train_size is None else args.train_size
@@ -1749,6 +1765,9 @@ CHECKPOINT_FORMAT = "l2l-checkpoint-3"
 
 def read_checkpoint(path: str, what: str) -> dict:
     """torch.load (tensors and plain values only), with a one-line UsageError for a missing or foreign file."""
+    if os.path.isdir(path):
+        raise UsageError(f"{what} {path} is a folder: pass a checkpoint in it, e.g. {os.path.join(path, 'best.pt')} "
+                         f"or last.pt")
     if not os.path.isfile(path):
         raise UsageError(f"{what} {path}: no such file")
     try:
@@ -1911,7 +1930,8 @@ def setup_distributed(args) -> torch.device:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                **({"device_id": device} if device.type == "cuda" else {}))
     return device
 
 
@@ -1947,7 +1967,7 @@ def shard(n: int, pad: bool, align: int = 1) -> torch.Tensor:
     every rank gets that many (repeating example n - 1), so all ranks run the same batches and collectives."""
     rank, world = dist_world()
     per = -(-(-(-n // world)) // align) * align
-    idx = torch.arange(rank * per, (rank + 1) * per)
+    idx = torch.arange(rank * per, (rank + 1) * per, device="cpu")  # on the host; callers move it
     return idx.clamp(max=n - 1) if pad else idx[idx < n]
 
 
@@ -1989,6 +2009,27 @@ class Ticker:
 # ================================================================================================
 # Evaluation: model in eval mode, fixed test subset (the first --test-size examples), every attack's
 # robust accuracy and the per-example worst case, with the protocol beside every number.
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """What evaluation and validation run under on CUDA: float32 without TF32 (cuDNN's convolutions allow it by default)
+    and without cuDNN autotuning (an attack's shrinking subsets change the shapes, and --eval-only, a fresh process,
+    could pick other kernels than the evaluation at the end of training). Restores the settings after."""
+    b = torch.backends
+    saved = b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32, b.cudnn.benchmark
+    b.cudnn.allow_tf32 = b.cuda.matmul.allow_tf32 = b.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32, b.cudnn.benchmark = saved
+
+
+def training_backends() -> None:
+    """Training on CUDA: autotuned cuDNN convolutions (the batch shapes are fixed), and fp32 without TF32 (--precision
+    fp32 is float32; bf16 is the fast path)."""
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
 
 
 # An evaluation attack: run(model, x, y, args, extras) -> x_adv, and protocol(args) -> dict for the results.
@@ -2068,6 +2109,7 @@ def eval_learned_l2l(model, x, y, args, extras):
                           for xc, yc in zip(x.split(args.batch_size), y.split(args.batch_size))])
 
 
+@exact_fp32()
 def evaluate(model, x_uint8, y, args, attacks, extras=None) -> dict:
     """Clean accuracy, each attack's robust accuracy, the per-example worst case over all of them, and each attack's
     largest l_inf perturbation (a check of the constraint), seeded by --seed (seed + rank on each rank's shard under
@@ -2166,6 +2208,7 @@ def format_results(res: dict, title: str) -> str:
     return "\n".join(lines)
 
 
+@exact_fp32()
 def validate(model, data: Data, args) -> tuple:
     """(clean, robust) accuracy on the validation split, eval mode, for choosing best.pt: PGD-K-R (--val-steps K,
     --val-restarts R; Fast-BAT selects on PGD-50-10, step eps/4), keeping any fooling iterate; K = 0: clean."""
@@ -2219,7 +2262,7 @@ def write_results(results: dict, out: str) -> None:
     atomic_write(os.path.join(out, "results.json"), lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
 
 
-_HELD: Dict[str, int] = {}  # the --out folders this process holds -> their descriptors
+_HELD: Dict[str, tuple] = {}  # the --out folders this process holds -> (descriptor, whether this process made it)
 
 
 def prepare_out_dir(out: str, files: tuple, allow: bool) -> list:
@@ -2227,6 +2270,7 @@ def prepare_out_dir(out: str, files: tuple, allow: bool) -> list:
     it is refused, and so are `files` of an earlier run unless allowed; returns them, for the caller to delete."""
     rank, world = dist_world()
     if rank == 0:
+        made = not os.path.isdir(out)
         try:
             os.makedirs(out, exist_ok=True)
             if not os.access(out, os.W_OK):
@@ -2240,7 +2284,7 @@ def prepare_out_dir(out: str, files: tuple, allow: bool) -> list:
             except OSError:
                 os.close(fd)
                 raise UsageError(f"--out {out} is in use by another l2l.py run; wait for it or choose another --out")
-            _HELD[os.path.abspath(out)] = fd
+            _HELD[os.path.abspath(out)] = fd, made
         found = [f for f in files if os.path.lexists(os.path.join(out, f))]
         if found and not allow:
             use = "pass --resume, --overwrite" if "last.pt" in found else "pass --overwrite"
@@ -2301,6 +2345,10 @@ def resume_state(run: Run, out: str, gen: torch.Generator) -> tuple:
         if ckpt["args"].get(k) != getattr(run.args, k):
             raise UsageError(f"--resume: {last_path} was trained with --{k.replace('_', '-')} {ckpt['args'].get(k)}, "
                              f"this command gives {getattr(run.args, k)}; repeat the original flags")
+    trained_on = "cpu" if ckpt["rng"]["cuda"] is None else "cuda"
+    if trained_on != gen.device.type:  # the data generator's state is the device's
+        raise UsageError(f"--resume: {last_path} was trained on {trained_on} and this run is on {gen.device.type}; "
+                         f"resume it with --device {trained_on}")
     if ckpt["best"]["epoch"] == ckpt["epoch"]:  # a kill between the epoch's two saves may have left best.pt behind
         atomic_write(best_path, lambda tmp: shutil.copyfile(last_path, tmp))
     restore(run, ckpt, f"--resume: {last_path}")
@@ -2332,7 +2380,7 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
     rank, world = dist_world()
     say = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
-    torch.backends.cudnn.benchmark = True  # autotuned convolutions (CUDA): shapes are static
+    training_backends()
     earlier = prepare_out_dir(args.out, () if args.resume else ("last.pt", "best.pt", "results.json"), args.overwrite)
     data = load_data(args, device)
     args.batch_size = min(args.batch_size, data.x_train.shape[0])  # results.json records the batch that ran
@@ -2467,7 +2515,7 @@ def benchmark(args) -> dict:
     device = setup_distributed(args)
     rank, world = dist_world()
     torch.manual_seed(args.seed)
-    torch.backends.cudnn.benchmark = True
+    training_backends()
     spec, steps, warmup, bs = DATASETS[args.dataset], args.bench_steps, args.bench_warmup, args.batch_size
     gen = torch.Generator(device=device).manual_seed(args.seed)
     x = torch.randint(0, 256, (bs * (steps + warmup), *spec["shape"]), dtype=torch.uint8, device=device, generator=gen)
@@ -2587,12 +2635,16 @@ def main(argv=None) -> int:
             print(f"l2l.py: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: a training run's last.pt holds its last finished epoch; --resume continues it",
-              file=sys.stderr)
+        saved = any(os.path.exists(os.path.join(out, "last.pt")) for out in _HELD)
+        print("interrupted: " + ("last.pt holds the last finished epoch; --resume continues it" if saved else
+                                 "before anything was saved (no training epoch had finished)"), file=sys.stderr)
         return 130
     finally:
-        while _HELD:  # release the --out folders this call held
-            os.close(_HELD.popitem()[1])
+        while _HELD:  # release the --out folders this call held; one it made and left empty goes (a failed start)
+            out, (fd, made) = _HELD.popitem()
+            os.close(fd)
+            if made and not os.listdir(out):
+                os.rmdir(out)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 

@@ -139,12 +139,11 @@ def test_every_attack_stays_in_eps_ball_and_image_box(toy, name):
     model, x, y = toy
     for p in model.parameters():
         p.grad = None
-    if name.startswith("eval:"):
-        extras = {"eval:l2l": lambda: l2l_run("l2l-2step").extras, "eval:rnn": lambda: rnn_run().extras,
-                  "eval:transfer": lambda: {"transfer_source": tiny_cnn().eval()}}.get(name, dict)()
-        x_adv = l2l.EVAL_ATTACKS[name[5:]].run(model, x, y, eval_args(), extras)
-    else:
-        x_adv = ATTACKS[name](model, x, y)
+    extras = {"eval:l2l": lambda: l2l_run("l2l-2step").extras, "eval:rnn": lambda: rnn_run().extras,
+              "eval:transfer": lambda: {"transfer_source": tiny_cnn().to(DEVICE).eval()}}.get(name, dict)()
+    with torch.device("meta"):  # a tensor made without device= lands on "meta" and fails beside the real ones
+        x_adv = l2l.EVAL_ATTACKS[name[5:]].run(model, x, y, eval_args(), extras) if name.startswith("eval:") else \
+            ATTACKS[name](model, x, y)
     assert x_adv.shape == x.shape and not x_adv.requires_grad
     assert (x_adv - x).abs().max() <= EPS + 1e-6
     assert x_adv.min() >= 0 and x_adv.max() <= 1
@@ -245,7 +244,8 @@ def test_each_trainer_lowers_its_loss(method, monkeypatch):
     n, steps = (48, 50) if method == "fast-at-ga" else (32, 40)  # GradAlign's penalty needs the longer run
     x, y = synthetic_batch(n, seed=4)
     run.model.train()
-    losses = torch.tensor([float(l2l.training_step(run, x, y)[0]) for _ in range(steps)])
+    with torch.device("meta"):  # every tensor the step makes needs its device stated (CUDA-ready on a CPU)
+        losses = torch.tensor([float(l2l.training_step(run, x, y)[0]) for _ in range(steps)], device="cpu")
     # single-step methods spike now and then on one fixed batch: compare the median of the last ten
     first, last = losses[:5].mean().item(), losses[-10:].median().item()
     assert last < 0.5 * first, f"{method}: loss {first:.3f} -> {last:.3f}"
@@ -280,6 +280,27 @@ def test_the_cache_is_numpys_npz_and_torchvision_fills_it(tmp_path, monkeypatch)
     assert all(torch.equal(cached[k], a[k]) for k in a)
     monkeypatch.setattr(tvd, "MNIST", None)  # the cache is read without torchvision
     assert torch.equal(l2l.load_arrays("mnist", str(tmp_path))["x_train"], a["x_train"])
+    # the cache is written under a temporary name and renamed: a write that dies leaves no cache behind
+    monkeypatch.setattr(tvd, "MNIST", FakeMNIST)
+    monkeypatch.setattr(np, "savez", lambda f, **k: f.write(b"PK half a file") and 1 / 0)
+    (tmp_path / "other").mkdir()
+    with pytest.raises(ZeroDivisionError):
+        l2l.load_arrays("mnist", str(tmp_path / "other"))
+    assert not (tmp_path / "other" / "mnist.npz").exists()
+
+
+def test_under_torchrun_rank_0_reads_the_data_before_the_others(tmp_path, monkeypatch):
+    """Rank 0 loads (online: downloads and caches) while the other ranks wait at a barrier, then they read."""
+    calls, data_dir = [], write_dataset(str(tmp_path))
+    real = l2l.load_arrays
+    monkeypatch.setattr(l2l, "load_arrays", lambda *a: calls.append("load") or real(*a))
+    monkeypatch.setattr(l2l.dist, "barrier", lambda: calls.append("barrier"))
+    args = l2l.parse_args(["--dataset", "mnist", "--data-dir", data_dir, "--val-size", "10", "--device", DEV])
+    for rank, order in ((0, ["load", "barrier"]), (1, ["barrier", "load"])):
+        monkeypatch.setattr(l2l, "dist_world", lambda: (rank, 2))
+        calls.clear()
+        l2l.load_data(args, DEVICE)
+        assert calls == order, rank
 
 
 def test_load_data_splits_are_disjoint_and_validation_comes_from_train(tmp_path):
@@ -411,6 +432,17 @@ def test_resume_after_interruption_equals_uninterrupted_run(mnist_dir, tmp_path)
     assert ra["worst_case"] == rb["worst_case"]
 
 
+def test_resuming_on_another_device_is_one_line(trained_run, mnist_dir, tmp_path, capsys):
+    out = tmp_path / "moved"
+    out.mkdir()
+    ckpt = torch.load(os.path.join(trained_run, "last.pt"), weights_only=True)
+    ckpt["rng"]["cuda"] = torch.zeros(16, dtype=torch.uint8) if DEVICE.type == "cpu" else None  # the other device's
+    torch.save(ckpt, out / "last.pt")
+    argv = ["--method", "pgd-at", "--dataset", "mnist", "--data-dir", mnist_dir, "--out", str(out), *TINY, "--epochs",
+            "2", "--resume"]
+    check_one_line_error(l2l.main(argv), capsys.readouterr().err, "resume it with --device")
+
+
 # ---- Bad input: one line on stderr, exit 2, no traceback, nothing of an earlier run damaged.
 
 BAD = {
@@ -439,6 +471,10 @@ BAD = {
     "nan weight decay": (["--weight-decay", "nan"], "--weight-decay: nan must be at least 0"),
     "zero l2l step": (["--l2l-step-size", "0"], "--l2l-step-size: 0 must be above 0"),
     "step size not a number": (["--step-size", "2/0"], "--step-size"),
+    "nan milestone": (["--lr-milestones", "nan"], "--lr-milestones: 'nan' is not a comma list"),
+    "autoattack by its name": (["--eval-attacks", "pgd,autoattack"], "no attack named autoattack (AutoAttack is 'aa')"),
+    "pgd-at without steps": (["--method", "pgd-at", "--steps", "0"], "--method plain trains without an attack"),
+    "data dir is a file": (["--data-dir", __file__], "is a file: give the folder"),
 }
 
 
@@ -1128,6 +1164,57 @@ def test_autoattack_runs_its_attacks_in_order_on_what_is_left(toy, monkeypatch):
                                       fab_targets=3, n_queries=100)[1]["square"], robust["square"])
     torch.manual_seed(0)
     assert robust["square"].float().mean() <= accuracy(model, l2l.apgd_ce(model, x, y, 0.15, 10), y)
+
+
+def test_evaluation_runs_in_true_fp32_without_autotuning(toy, monkeypatch):
+    """On CUDA, PyTorch lets cuDNN convolutions run float32 in TF32 and autotunes them; evaluate() and validate() turn
+    both off while they run (results.json says fp32) and restore them after."""
+    model, x, y = toy
+    seen = []
+    spy = l2l.EvalAttack(lambda m, xb, yb, a, e: seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul
+                                                              .allow_tf32, torch.backends.cudnn.benchmark)) or xb,
+                         lambda a: l2l.protocol("spy", 0, None))
+    monkeypatch.setitem(l2l.EVAL_ATTACKS, "fgsm", spy)
+    monkeypatch.setattr(l2l, "pgd", lambda *a, **k: spy.run(*a[:3], None, None))
+    b, xu = torch.backends, (x * 255).round().to(torch.uint8)
+    saved = b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32, b.cudnn.benchmark
+    b.cudnn.allow_tf32 = b.cuda.matmul.allow_tf32 = b.cudnn.benchmark = True
+    try:
+        with torch.device("meta"):  # and, like the attacks, it states the device of every tensor it makes
+            res = l2l.evaluate(model, xu, y, eval_args(quiet=True), ["fgsm"])
+            l2l.validate(model, l2l.Data(None, None, xu, y, None, None), eval_args(
+                quiet=True, val_steps=1, val_restarts=1, val_step_size=0.05))
+        assert (b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32, b.cudnn.benchmark) == (True, True, True)  # restored
+    finally:
+        b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32, b.cudnn.benchmark = saved
+    assert len(seen) == 8 and set(seen) == {(False, False, False)} and res["protocol"]["precision"] == "fp32"
+
+
+@pytest.mark.parametrize("method", list(l2l.METHODS))
+def test_a_training_step_reads_nothing_back_from_the_device(method, monkeypatch):
+    """Nothing in a training step waits for the device (README, Speed and scale). On CUDA: torch's sync debug mode.
+    On a CPU: every Tensor method that hands a value to the host raises, except in torch.optim (Adam keeps its step
+    count on the host)."""
+    args = l2l.parse_args(["--method", method, "--dataset", "mnist", "--eps", "0.1", "--steps", "2", "--step-size",
+                           "0.04", "--device", DEV, "--l2l-width", "8"])
+    torch.manual_seed(0)
+    run = l2l.build_run(args, DEVICE)
+    x, y = synthetic_batch(16, seed=4)
+    run.model.train()
+    if DEVICE.type == "cuda":
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            l2l.training_step(run, x, y)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return
+    for name in ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__", "__index__"):
+        def read(self, *a, _name=name, _real=getattr(torch.Tensor, name), **k):
+            if not sys._getframe(1).f_globals.get("__name__", "").startswith("torch.optim"):
+                raise AssertionError(f"{method}: Tensor.{_name} in a training step waits for the device")
+            return _real(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, read)
+    l2l.training_step(run, x, y)
 
 
 def test_evaluate_aa_records_each_attack_and_warns_when_pgd_overstates(toy):
