@@ -630,7 +630,7 @@ def autoattack(model, x, y, eps, attacks=AUTOATTACK_STANDARD, batch_size=250, se
     attack's perturb seeds them); an example fooled by one attack is not attacked again and keeps that attack's point.
     Defaults are the standard version's: APGD-CE (100 iterations, 1 run), APGD-T (9 targets x 100), FAB-T
     (9 targets x 100), Square (5000 queries, p_init 0.8). Note that it reseeds torch's global generators.
-    on_batch(name), when given, is called after every chunk (progress).
+    on_batch(name, n), when given, is called before every chunk, n the examples the attack starts on (progress).
     Returns (x_adv, robust): x_adv in C; robust[name] the examples still robust after that attack ('clean' first)."""
     run = {"apgd-ce": lambda xb, yb: apgd_ce(model, xb, yb, eps, n_iter),
            "apgd-t": lambda xb, yb: apgd_targeted(model, xb, yb, eps, n_iter, n_targets),
@@ -644,15 +644,16 @@ def autoattack(model, x, y, eps, attacks=AUTOATTACK_STANDARD, batch_size=250, se
         if not still.any():  # nothing left to attack (autoattack.py stops here)
             robust[name] = still.clone()
             continue
-        for chunk in still.nonzero().squeeze(1).split(batch_size):
+        todo = still.nonzero().squeeze(1)
+        for chunk in todo.split(batch_size):
+            if on_batch is not None:
+                on_batch(name, todo.numel())
             torch.manual_seed(seed)
             cand = run[name](x[chunk], y[chunk])
             with torch.no_grad():
                 fooled = model(cand).argmax(1) != y[chunk]
             x_adv[chunk[fooled]] = cand[fooled]
             still[chunk[fooled]] = False
-            if on_batch is not None:
-                on_batch(name)
         robust[name] = still.clone()
     return x_adv, robust
 
@@ -1511,9 +1512,11 @@ FLAGS = (
     ("opt", "--optimizer", "t", dict(choices=("sgd", "adam"), help="the classifier's optimiser")),
     ("opt", "--momentum", "t", dict(type=MOMENTUM, help="SGD momentum (cyclic: its value at lr 0)")),
     ("opt", "--weight-decay", "t", dict(type=NONNEGATIVE, help="weight decay")),
-    ("opt", "--lr-schedule", "t", dict(choices=("multistep", "cyclic", "constant"), help="schedule_at")),
+    ("opt", "--lr-schedule", "t", dict(choices=("multistep", "cyclic", "constant"),
+                                       help="multistep: x0.1 at each milestone; cyclic: 0 -> --lr -> 0, one triangle")),
     ("opt", "--lr-milestones", "t", dict(type=comma_numbers, help="multistep: x0.1 at, e.g. 100,150")),
-    ("opt", "--lr-milestone-base", "t", dict(type=int, choices=(0, 1), help="1: 'if epoch >= m' from 1; 0: after m")),
+    ("opt", "--lr-milestone-base", "t", dict(type=int, choices=(0, 1), help="how a milestone m counts: 1, from epoch "
+                                             "m counted from 1 (TRADES, L2L); 0, after m epochs (MultiStepLR)")),
     ("opt", "--lr-peak-epoch", "t", dict(type=float, help="cyclic: epoch where lr peaks")),
     ("attack", "--eps", "te", dict(type=parse_number, help="l_inf budget (default: 8/255, MNIST 0.3)")),
     ("attack", "--step-size", "tm", dict(type=NONNEGATIVE_NUMBER, help="attack step (rnn-*: alpha)")),
@@ -1557,14 +1560,19 @@ FLAGS = (
 KEYS = {where: tuple(flag[2:].replace("-", "_") for _, flag, w, _ in FLAGS if where in w) for where in "tme"}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(recipe: Optional[dict] = None) -> argparse.ArgumentParser:
+    """The command line; with a resolved `recipe` (--method M [--dataset D] --help), --help shows its values."""
     p = OneLineParser(description="Adversarial training with hand-designed and learned attackers. A flag without a "
-                      "default below takes its method's and dataset's (README, Methods).", allow_abbrev=False)
+                      "default below takes its method's and dataset's: python l2l.py --method M --dataset D --help "
+                      "shows them.", allow_abbrev=False)
     groups = {key: p.add_argument_group(title) for key, title in FLAG_GROUPS.items()}
     names = dict(methods=", ".join(METHODS), datasets=", ".join(DATASETS), attacks=", ".join(EVAL_ATTACKS))
     choices = {"--method": list(METHODS), "--dataset": list(DATASETS)}
     for group, flag, _, kw in FLAGS:  # --help shows each default once
-        text = kw["help"].format(**names)
+        text, value = kw["help"].format(**names), (recipe or {}).get(flag[2:].replace("-", "_"))
+        if "default" not in kw and value is not None:
+            value = fmt_eps(value) if isinstance(value, float) and "eps" in flag or "step-size" in flag else value
+            text += f" ({recipe['method']} on {recipe['dataset']}: {value})".replace("%", "%%")
         shown = "default" in text or kw.get("default") in (None, False)
         groups[group].add_argument(flag, **dict(kw, help=text if shown else text + " (default: %(default)s)"),
                                    **({"choices": choices[flag]} if flag in choices else {}))
@@ -1988,21 +1996,28 @@ def all_reduce_sum(values: list, device: torch.device) -> list:
     return t.tolist()
 
 
-class Ticker:
-    """A progress line for a loop of `total` units, at most every `every` seconds, with rate and time left; counting
-    units reads no device value (no host-device synchronisation)."""
+def duration(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(seconds)))
 
-    def __init__(self, what: str, total: int, enabled: bool = True, every: float = 10.0, clock=time.monotonic):
+
+class Ticker:
+    """A progress line for a loop of `total` units, at most every `every` seconds: the count, the rate in units per
+    second and the time left, plus `later(rate)` seconds expected after this loop (a run's remaining epochs). Counting
+    reads no device value (no host-device synchronisation)."""
+
+    def __init__(self, what: str, total: int, enabled: bool = True, every: float = 10.0, clock=time.monotonic,
+                 unit: str = "batches", later: Optional[Callable[[float], float]] = None):
         self.what, self.total, self.enabled, self.every, self.clock = what, total, enabled, every, clock
-        self.done, self.start = 0, clock()
+        self.unit, self.later, self.done, self.start = unit, later, 0, clock()
         self.last = self.start
 
     def step(self, n: int = 1, what: Optional[str] = None) -> None:
         self.done, self.what, now = self.done + n, what or self.what, self.clock()
-        if self.enabled and now - self.last >= self.every:
+        if self.enabled and now - self.last >= self.every and self.done:
             rate = self.done / (now - self.start)
-            left = datetime.timedelta(seconds=round((self.total - self.done) / rate))
-            print(f"  {self.what}: {self.done}/{self.total}, {rate:.3g}/s, {left} left", flush=True)
+            left = max(self.total - self.done, 0) / rate
+            print(f"  {self.what}: {self.done:,}/{self.total:,} {self.unit}, {rate:,.3g} {self.unit}/s, {duration(left)} "
+                  f"left" + (f" (whole run: {duration(left + self.later(rate))} left)" if self.later else ""), flush=True)
             self.last = now
 
 
@@ -2109,6 +2124,16 @@ def eval_learned_l2l(model, x, y, args, extras):
                           for xc, yc in zip(x.split(args.batch_size), y.split(args.batch_size))])
 
 
+def eval_passes(a) -> dict:
+    """Images each evaluation attack sends through the network per example, at most (AutoAttack's on the examples each
+    of its attacks starts on; CW-l_inf's a rough guess): the units of evaluate()'s progress line."""
+    pgd = a.eval_restarts * (a.eval_steps + 1) + 1
+    passes = {"clean": 1, "fgsm": 2, "pgd": pgd, "cw": pgd, "cw-linf": 400, "transfer": 1, "l2l": a.l2l_steps + 2,
+              "rnn": a.rnn_eval_steps + 2, "apgd-ce": a.apgd_steps + 2, "apgd-t": a.apgd_targets * (a.apgd_steps + 2),
+              "fab-t": a.fab_targets * (2 * a.fab_steps + 2), "square": a.square_queries + 2}
+    return dict(passes, aa=1 + sum(passes[k] for k in AUTOATTACK_STANDARD))
+
+
 @exact_fp32()
 def evaluate(model, x_uint8, y, args, attacks, extras=None) -> dict:
     """Clean accuracy, each attack's robust accuracy, the per-example worst case over all of them, and each attack's
@@ -2124,33 +2149,41 @@ def evaluate(model, x_uint8, y, args, attacks, extras=None) -> dict:
     per_batch = [name for name in attacks if name not in ("aa", "l2l")]  # the two run over the whole shard
     correct = {name: [] for name in ["clean"] + per_batch}
     max_pert = {name: torch.zeros((), device=x_uint8.device) for name in attacks}
-    batches = -(-xs.shape[0] // args.eval_batch_size)
-    units = batches * (len(per_batch) + ("l2l" in attacks) + 4 * ("aa" in attacks))
-    ticker = Ticker("evaluating (AutoAttack's time: how many stay robust)", units, rank == 0 and not args.quiet)
-    for i in range(0, xs.shape[0], args.eval_batch_size):
-        x = to_float(xs[i:i + args.eval_batch_size], memory_format(args))
-        yb = ys[i:i + args.eval_batch_size]
-        with torch.no_grad():
-            correct["clean"].append(model(x).argmax(1) == yb)
-        for name in per_batch:
-            x_adv = EVAL_ATTACKS[name].run(model, x, yb, args, extras)
-            max_pert[name] = torch.maximum(max_pert[name], (x_adv - x).abs().amax())
+    passes = eval_passes(args)  # the progress line counts the images each attack sends through the network
+    ticker = Ticker("evaluating", xs.shape[0] * sum(passes[k] for k in ["clean", *attacks]),
+                    rank == 0 and not args.quiet, unit="images through the network")
+
+    def autoattack_stage(name, left):  # a new stage of AutoAttack: plan for the examples it starts on
+        if ticker.what != f"AutoAttack: {name}":
+            ticker.what = f"AutoAttack: {name}"
+            ticker.total = ticker.done + left * sum(passes[k] for k in AUTOATTACK_STANDARD[AUTOATTACK_STANDARD.index(
+                name):])
+
+    with model.register_forward_hook(lambda module, inputs, output: ticker.step(inputs[0].shape[0])):
+        for i in range(0, xs.shape[0], args.eval_batch_size):
+            x = to_float(xs[i:i + args.eval_batch_size], memory_format(args))
+            yb = ys[i:i + args.eval_batch_size]
             with torch.no_grad():
-                correct[name].append(model(x_adv).argmax(1) == yb)
-            ticker.step(what=f"evaluating {name}")
-    whole = [a for a in ("l2l", "aa") if a in attacks]  # over the whole shard; l2l's chunks of --batch-size start
-    x = to_float(xs, memory_format(args)) if whole else None  # at its aligned start: by global example index
-    for name in whole:
-        if name == "l2l":
-            x_adv = EVAL_ATTACKS["l2l"].run(model, x, ys, args, extras)
-            with torch.no_grad():
-                correct["l2l"] = [model(xb).argmax(1) == yb for xb, yb in
-                                  zip(x_adv.split(args.eval_batch_size), ys.split(args.eval_batch_size))]
-            ticker.step(batches)
-        else:
-            x_adv, robust = run_autoattack(model, x, ys, args, lambda a: ticker.step(what=f"AutoAttack: {a}"))
-            correct["aa"] = [robust[AUTOATTACK_STANDARD[-1]]]
-        max_pert[name] = (x_adv - x).abs().amax()
+                correct["clean"].append(model(x).argmax(1) == yb)
+            for name in per_batch:
+                ticker.what = f"evaluating {name}"
+                x_adv = EVAL_ATTACKS[name].run(model, x, yb, args, extras)
+                max_pert[name] = torch.maximum(max_pert[name], (x_adv - x).abs().amax())
+                with torch.no_grad():
+                    correct[name].append(model(x_adv).argmax(1) == yb)
+        whole = [a for a in ("l2l", "aa") if a in attacks]  # over the whole shard; l2l's chunks of --batch-size start
+        x = to_float(xs, memory_format(args)) if whole else None  # at its aligned start: by global example index
+        for name in whole:
+            ticker.what = f"evaluating {name}"
+            if name == "l2l":
+                x_adv = EVAL_ATTACKS["l2l"].run(model, x, ys, args, extras)
+                with torch.no_grad():
+                    correct["l2l"] = [model(xb).argmax(1) == yb for xb, yb in
+                                      zip(x_adv.split(args.eval_batch_size), ys.split(args.eval_batch_size))]
+            else:
+                x_adv, robust = run_autoattack(model, x, ys, args, autoattack_stage)
+                correct["aa"] = [robust[AUTOATTACK_STANDARD[-1]]]
+            max_pert[name] = (x_adv - x).abs().amax()
     correct = {k: gather_examples(torch.cat(v).to(torch.uint8), n).bool() for k, v in correct.items()}
     if world > 1:
         for value in max_pert.values():
@@ -2216,7 +2249,7 @@ def validate(model, data: Data, args) -> tuple:
     idx = shard(data.x_val.shape[0], pad=False).to(data.x_val.device)
     xs, ys = data.x_val[idx], data.y_val[idx]
     clean = robust = torch.zeros((), device=xs.device)
-    ticker = Ticker(f"validation (PGD-{args.val_steps}), batches", -(-xs.shape[0] // args.eval_batch_size),
+    ticker = Ticker(f"validation (PGD-{args.val_steps})", -(-xs.shape[0] // args.eval_batch_size),
                     dist_world()[0] == 0 and not args.quiet)
     for i in range(0, xs.shape[0], args.eval_batch_size):
         x = to_float(xs[i:i + args.eval_batch_size], memory_format(args))
@@ -2359,18 +2392,26 @@ def resume_state(run: Run, out: str, gen: torch.Generator) -> tuple:
     return ckpt["run_id"], ckpt["epoch"], ckpt["best"], ckpt["history"]
 
 
+def model_name(a) -> str:
+    """The classifier as logs and reports name it: smallcnn, preactresnet18 (width 16 where not 64), wrn-34-10."""
+    if a.model == "wrn":
+        return f"wrn-{a.depth}-{a.width}"
+    return a.model + (f" (width {a.width})" if a.model == "preactresnet18" and a.width != 64 else "")
+
+
 def describe(args, run: Run, data: Data, device, world: int) -> str:
     """The run's settings, as the first lines of its log (results.json records every flag)."""
     a = fmt_eps(fast_bat_step_size(args.eps))
     step = {"plain": "no attack", "pgd-at-bls": "first BLS step eps", "fast-bat": f"step a {a}",
             **dict.fromkeys(L2L_VARIANTS, "learned attacker")}.get(args.method, f"step {fmt_eps(args.step_size)}")
-    nets = ", ".join(f"{type(n).__name__} {sum(map(torch.numel, n.parameters())):,} parameters"
-                     for n in run_networks(run))
+    nets = ", ".join(f"{model_name(args) if n is run.model else type(n).__name__} "
+                     f"{sum(map(torch.numel, n.parameters())):,} parameters" for n in run_networks(run))
     return (f"{args.method} ({METHODS[args.method].paper}) on {args.dataset}: {nets}; {len(data.x_train)} train / "
             f"{len(data.x_val)} val / {len(data.x_test)} test, {device}{f' x {world} processes' if world > 1 else ''}\n"
             f"  eps {fmt_eps(args.eps)}, steps {args.steps}, {step}, attack BN {args.attack_bn}, epochs {args.epochs}, "
             f"batch {args.batch_size}, {args.optimizer} lr {args.lr} {args.lr_schedule}, wd {args.weight_decay}, seed "
-            f"{args.seed}, {args.precision} (eval fp32), channels_last {args.channels_last}, compile {args.compile}")
+            f"{args.seed}, training {args.precision} (evaluation fp32; no TF32), channels_last {args.channels_last}, "
+            f"compile {args.compile}")
 
 
 def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
@@ -2401,13 +2442,17 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
     min_last = max(2, world)
     iters = max(1, batches_per_epoch(data.x_train.shape[0], args.batch_size, min_last=min_last))
     no_val = data.x_val.shape[0] == 0  # --val-size 0: nothing to choose on, the last epoch is the one evaluated
+    cpu_note = device.type == "cpu"  # say once what a run sized for a GPU will take here
     for epoch in range(start_epoch, args.epochs):
         if world > 1:  # each rank its own attack noise and dropout, reproducible on --resume
             torch.manual_seed(args.seed * 1_000_003 + epoch * 1009 + rank + 1)
         t0 = time.time()
         run.model.train()
         loss_sum = correct = seen = 0
-        ticker = Ticker(f"epoch {epoch + 1}/{args.epochs}, batches", iters, rank == 0 and not args.quiet)
+        measured = [h["seconds"] for h in history]  # a finished epoch's time includes its validation
+        later = lambda rate, left=args.epochs - epoch - 1: left * (sum(measured) / len(measured) if measured else
+                                                                    iters / rate)
+        ticker = Ticker(f"epoch {epoch + 1}/{args.epochs}", iters, rank == 0 and not args.quiet, later=later)
         for i, (x, y) in enumerate(train_batches(data, args.batch_size, args.augment, gen, False, args.crop_pad,
                                                  min_last)):
             lr, momentum = schedule_at(args, epoch * iters + i, iters)
@@ -2419,6 +2464,12 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
             n = y.shape[0] // world  # this rank's share
             loss_sum, correct, seen = loss_sum + loss.float() * n, correct + n_correct, seen + n
             ticker.step()
+            if cpu_note and ticker.last > ticker.start:  # once, at the first progress line
+                cpu_note, rate = False, ticker.done / (ticker.last - ticker.start)
+                if (iters - ticker.done) / rate + ticker.later(rate) > 6 * 3600:
+                    say(f"note: on this CPU the first batches suggest "
+                        f"{duration((iters - ticker.done) / rate + ticker.later(rate))} for the whole run: this recipe "
+                        f"is sized for a GPU (bash run.sh list shows which rows fit a CPU)", flush=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_seconds = time.time() - t0
@@ -2445,8 +2496,8 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
                 atomic_write(best_path, lambda tmp: torch.save(state, tmp))
         if world > 1:
             dist.barrier()  # the checkpoints exist before any rank reads them
-        say(f"epoch {epoch + 1:>3}/{args.epochs}  lr {lr:.4f}  loss {record['train_loss']:.4f}  "
-            f"acc {100 * record['train_acc']:.2f}%  " + ("no validation split  " if no_val else
+        say(f"epoch {epoch + 1:>3}/{args.epochs}  lr {lr:.4f}  loss {record['train_loss']:.4f}  train acc "
+            f"({'clean' if args.method == 'plain' else 'adversarial'}) {100 * record['train_acc']:.2f}%  " + ("no validation split  " if no_val else
             f"val clean {100 * val_clean:.2f}%  val pgd-{args.val_steps} {100 * val_robust:.2f}%  ") +
             f"{train_seconds:.1f}s train  {record['seconds']:.1f}s total{'  *best' if is_best else ''}", flush=True)
         if on_epoch_end is not None:
@@ -2568,7 +2619,9 @@ def report(paths: list) -> str:
         try:
             res = json.loads(Path(file).read_text())
             res["clean"]["accuracy"] + sum(res[k]["accuracy"] for k in REPORT_ATTACKS + ("worst_case",) if k in res)
-            res["name"] = res["args"].get("recipe") or os.path.basename(os.path.dirname(os.path.abspath(file)))
+            ckpt = res.get("checkpoint", "")  # --eval-only's: the evaluated checkpoint's path, named by its run folder
+            res["name"] = res["args"].get("recipe") or (os.path.join(*Path(ckpt).parts[-2:]) if os.path.isabs(ckpt)
+                                                        else os.path.basename(os.path.dirname(os.path.abspath(file))))
             runs.append(res)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise UsageError(f"--report {path}: {file} is not an l2l.py results.json ({type(e).__name__} {e})")
@@ -2600,7 +2653,12 @@ def report(paths: list) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     """The resolved flags. --eval-only takes from the checkpoint only what its networks need (the flags marked "m"
     in FLAGS, and eps unless given); everything else comes from the command line."""
+    argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
+    if "-h" in argv or "--help" in argv:
+        chosen = [a for a in argv if a not in ("-h", "--help")]
+        if any(a in chosen for a in ("--method", "--dataset")):  # --help for this method and dataset
+            build_parser(vars(resolve_args(parser.parse_known_args(chosen)[0]))).parse_args(argv)
     args = parser.parse_args(argv)
     if args.report:
         return args  # reads results.json files; no other flag applies
@@ -2615,6 +2673,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         for k in KEYS["m"]:
             setattr(args, k, ckpt["args"][k])
         args.eps = ckpt["args"]["eps"] if args.eps is None else args.eps
+        args.recipe = args.recipe or ckpt["args"].get("recipe")  # the row it evaluates, for --report
         stem = os.path.splitext(os.path.basename(args.eval_only))[0]  # --out: eval_<stem> beside the checkpoint
         args.out = args.out or os.path.join(os.path.dirname(args.eval_only) or ".", f"eval_{stem}")
     return resolve_args(args)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Paper recipes for l2l.py, one per table row, with the paper's hyperparameters.
-#   bash run.sh list              the recipes and the row each reproduces
+#   bash run.sh list              the recipes, where each fits (CPU or GPU, with the time where measured), what it is
+#   bash run.sh show NAME         one recipe's whole description and its l2l.py command
 #   bash run.sh NAME [flags...]   run one into runs/NAME; extra flags are passed on (e.g. --data-dir, --device)
 #   bash run.sh report [RUN...]   one markdown table of the runs (default: each finished one) beside the papers' numbers
 #   bash run.sh repro-fast [flags...]  the fast-AT family on CIFAR-10 in full, one recipe per row, in order
@@ -17,75 +18,82 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python}
 
-# name | what it reproduces | flags for l2l.py (defaults not repeated: see python l2l.py --help) | paper's numbers
+# name | where it fits, and the time of one run where measured | what it reproduces | flags for l2l.py (defaults not
+# repeated: see python l2l.py --help) | paper's numbers
 RECIPES=$(cat <<'TABLE'
-quick-mnist      | A first robust model in under 5 minutes on 2 CPU cores, at eps 0.2 (not MNIST's usual 0.3: no short recipe holds up under AutoAttack there; README): PGD-3-AT, SmallCNN, 3 epochs on 8000 MNIST images, cyclic lr 0.1; AutoAttack on 50 test images (2026-12-04, 2-core CPU, alone: 97 s, 100% clean, 86% PGD-40, 70% AutoAttack; validation clean 97.0%) | --method pgd-at --dataset mnist --eps 0.2 --steps 3 --step-size 0.1 --lr-schedule cyclic --lr 0.1 --epochs 3 --train-size 8000 --val-size 500 --val-steps 5 --test-size 50 --eval-attacks fgsm,pgd,aa |
-fast-at-mnist    | Fast-AT (Wong et al. 2020) MNIST as fast_adversarial's MNIST/train_mnist.py and evaluate_mnist.py: MNISTNet, Adam, cyclic lr peaking at 5e-3 in epoch 4 of 10, batch 100, FGSM step 0.375 from an unclamped U(-0.3, 0.3) start, all 60,000 training images (no validation split: the last epoch, as the script), PGD-50-10 step 0.01 on the 10,000 test images (no MNIST figure of the paper was read: README compares with the released models/fgsm.pth) | --method fast-at --dataset mnist --val-size 0 --eval-attacks fgsm,pgd,aa --eval-steps 50 --eval-step-size 0.01 --eval-restarts 10 | 
-rnn-mnist-pgd-at | Xiong & Hsieh's MNIST claim at full data, the pair's baseline: PGD-10-AT at eps 0.1 (step 0.025 = 2.5 eps / T), MNISTNet (a 4-layer CNN), Adam lr 1e-3, 3 epochs on all 60,000 images; this project's budget (no code exists; README) | --method pgd-at --dataset mnist RNN_MNIST_PAIR | 
-rnn-mnist-rnn-adv | The same pair's RNN-Adv: T = 10 learned steps (sign-step GRU, alpha 0.025) in place of PGD-10, every other setting equal | --method rnn-adv --dataset mnist RNN_MNIST_PAIR --eval-attacks fgsm,pgd,rnn,aa | 
-pgd-at-mnist     | Madry et al. 2018 MNIST setting (eps 0.3, PGD-40 step 0.01) on TRADES' SmallCNN, 100 epochs | --method pgd-at --dataset mnist | 
-trades-mnist     | TRADES (Zhang et al. 2019) MNIST: SmallCNN, eps 0.3, 40 steps of 0.01, beta 1 = the MNIST script's default (README: 99.48 / 96.07 under a 40-step attack) | --method trades --dataset mnist --beta 1 | clean=99.48,pgd=96.07
-pgd-at-cifar10   | PGD-10-AT (Madry et al.) as Rice et al.'s robust_overfitting trains it: PreActResNet-18 (shortcut on relu(bn1(x))), 200 epochs, reflect-padded crops, inputs normalised (std 0.2471), 1000 training images held out | --method pgd-at --dataset cifar10 --model preactresnet18 --epochs 200 --lr-milestones 100,150 | 
-pgd-at-wrn-cifar10 | Madry et al. CIFAR-10 PGD-AT (87.30 / 45.80 as quoted by Fast-AT), WRN-34-10, PGD-10 step 2/255 | --method pgd-at --dataset cifar10 --model wrn --depth 34 --width 10 --weight-decay 2e-4 | clean=87.30,pgd=45.80
-trades-cifar10   | TRADES CIFAR-10, WRN-34-10, beta 6, 10 steps of 0.007, eps 0.031 (README 84.92 / 56.61 PGD-20) | --method trades --dataset cifar10 --model wrn --eps 0.031 --beta 6 --eval-step-size 0.003 | clean=84.92,pgd=56.61
-fast-at-cifar10  | Fast-AT (Wong et al. 2020), PreActResNet-18, 15 epochs cyclic 0.2, FGSM-RS step 10/255 (README 86.06 / 46.06, PGD-50-10) | --method fast-at --dataset cifar10 --epochs 15 --eval-attacks fgsm,pgd,cw,aa --eval-steps 50 --eval-restarts 10 --eval-step-size 2/255 | clean=86.06,pgd=46.06
-plain-cifar10    | Standard training baseline, PreActResNet-18, 200 epochs (Fast-BAT: PGD-0) | --method plain --dataset cifar10 --eval-steps 20 | 
-l2l-plain-cifar10  | L2L poster, CIFAR-10 "Plain" (95.22 clean / 0.00 PGM / 0.00 CW), WRN-34-10, the L2L schedule | --method plain --dataset cifar10 L2L_CIFAR --eval-attacks fgsm,pgd,cw-linf,aa | clean=95.22,pgd=0.00,cw-linf=0.00
-l2l-pgm-cifar10    | L2L poster, CIFAR-10 "PGM net" (87.30 / 47.04); PGD-10 step 0.003 from x + 0.001 N(0, I), BN eval, as adv_loss_pgd (its mixed clean+adv loss is not reproduced) | --method pgd-at --dataset cifar10 --steps 10 --step-size 0.003 --attack-bn eval --attack-start normal L2L_CIFAR --eval-attacks fgsm,pgd,cw-linf,aa | clean=87.30,pgd=47.04
-l2l-naive-cifar10  | L2L poster, CIFAR-10 "Naive L2L" (94.53 / 0.01 / 0) | --method l2l-naive --dataset cifar10 L2L_CIFAR --l2l-attacker wide --eval-attacks fgsm,pgd,cw-linf,l2l,aa | clean=94.53,pgd=0.01,cw-linf=0.00
-l2l-grad-cifar10   | L2L poster, CIFAR-10 "Grad L2L" (85.84 / 51.17 / 53.5) | --method l2l-grad --dataset cifar10 L2L_CIFAR --l2l-attacker wide --eval-attacks fgsm,pgd,cw-linf,l2l,aa | clean=85.84,pgd=51.17,cw-linf=53.50
-l2l-2step-cifar10  | L2L poster, CIFAR-10 "2-Step L2L" (85.35 / 54.32 / 57.07) | --method l2l-2step --dataset cifar10 L2L_CIFAR --l2l-attacker wide --eval-attacks fgsm,pgd,cw-linf,l2l,aa | clean=85.35,pgd=54.32,cw-linf=57.07
-l2l-plain-cifar100 | L2L poster, CIFAR-100 "Plain" (76.10 / 0.13 / 0.00) | --method plain --dataset cifar100 L2L_CIFAR --eval-attacks fgsm,pgd,cw-linf,aa | clean=76.10,pgd=0.13,cw-linf=0.00
-l2l-pgm-cifar100   | L2L poster, CIFAR-100 "PGM net" (62.68 / 23.75 / 25.95) | --method pgd-at --dataset cifar100 --steps 10 --step-size 0.003 --attack-bn eval --attack-start normal L2L_CIFAR --eval-attacks fgsm,pgd,cw-linf,aa | clean=62.68,pgd=23.75,cw-linf=25.95
-l2l-naive-cifar100 | L2L poster, CIFAR-100 naive L2L (no number in the poster) | --method l2l-naive --dataset cifar100 L2L_CIFAR --l2l-attacker wide --eval-attacks fgsm,pgd,cw-linf,l2l,aa | 
-l2l-grad-cifar100  | L2L poster, CIFAR-100 "Grad L2L" (62.18 / 28.67 / 29.65) | --method l2l-grad --dataset cifar100 L2L_CIFAR --l2l-attacker wide --eval-attacks fgsm,pgd,cw-linf,l2l,aa | clean=62.18,pgd=28.67,cw-linf=29.65
-l2l-2step-cifar100 | L2L poster, CIFAR-100 "2-Step L2L" (60.95 / 31.03 / 32.28) | --method l2l-2step --dataset cifar100 L2L_CIFAR --l2l-attacker wide --eval-attacks fgsm,pgd,cw-linf,l2l,aa | clean=60.95,pgd=31.03,cw-linf=32.28
-fastbat-fast-at-cifar10-eps8   | Fast-BAT Table 1 (arXiv v1), Fast-AT, eps 8/255: 45.47 RA-PGD / 41.97 RA-AA / 81.72 SA | --method fast-at --dataset cifar10 --eps 8/255 FASTBAT --input-std 0.2470,0.2435,0.2616 --val-step-size 2/255 | clean=81.72,pgd=45.47,aa=41.97
-fastbat-fast-at-ga-cifar10-eps8 | Fast-BAT Table 1 (arXiv v1), Fast-AT-GA, eps 8/255: 47.43 / 43.52 / 79.84 | --method fast-at-ga --dataset cifar10 --eps 8/255 FASTBAT --val-step-size 2/255 | clean=79.84,pgd=47.43,aa=43.52
-fastbat-fast-bat-cifar10-eps8  | Fast-BAT Table 1 (arXiv v1), Fast-BAT, eps 8/255: 48.74 / 44.89 / 79.43 | --method fast-bat --dataset cifar10 --eps 8/255 FASTBAT --val-step-size 2/255 | clean=79.43,pgd=48.74,aa=44.89
-fastbat-pgd2-cifar10-eps8      | PGD-2-AT (2 steps of eps/2, random start) baseline of Fast-BAT, cifar10, eps 8/255 (no number read) | --method pgd-at --steps 2 --step-size 4/255 --dataset cifar10 --eps 8/255 FASTBAT --input-std 0.2470,0.2435,0.2616 --val-step-size 2/255 | 
-fastbat-fast-at-cifar10-eps16  | Fast-BAT Table 1 (arXiv v1), Fast-AT, eps 16/255: 21.79 / 12.57 / 46.02 | --method fast-at --dataset cifar10 --eps 16/255 FASTBAT --input-std 0.2470,0.2435,0.2616 --val-step-size 4/255 | clean=46.02,pgd=21.79,aa=12.57
-fastbat-fast-at-ga-cifar10-eps16 | Fast-BAT Table 1 (arXiv v1), Fast-AT-GA, eps 16/255: 26.22 / 18.03 / 58.57 | --method fast-at-ga --dataset cifar10 --eps 16/255 FASTBAT --val-step-size 4/255 | clean=58.57,pgd=26.22,aa=18.03
-fastbat-fast-bat-cifar10-eps16 | Fast-BAT Table 1 (arXiv v1), Fast-BAT, eps 16/255: 26.15 / 18.21 / 67.79 | --method fast-bat --dataset cifar10 --eps 16/255 FASTBAT --val-step-size 4/255 | clean=67.79,pgd=26.15,aa=18.21
-fastbat-pgd2-cifar10-eps16     | PGD-2-AT (2 steps of eps/2, random start) baseline of Fast-BAT, cifar10, eps 16/255 (no number read) | --method pgd-at --steps 2 --step-size 8/255 --dataset cifar10 --eps 16/255 FASTBAT --input-std 0.2470,0.2435,0.2616 --val-step-size 4/255 | 
-fastbat-fast-at-cifar100-eps8  | Fast-BAT's Fast-AT on cifar100, eps 8/255 (ICML tables not read: no number) | --method fast-at --dataset cifar100 --eps 8/255 FASTBAT --augment crop-flip-rotate --val-step-size 2/255 | 
-fastbat-fast-at-ga-cifar100-eps8 | Fast-BAT's Fast-AT-GA on cifar100, eps 8/255 (ICML tables not read: no number) | --method fast-at-ga --dataset cifar100 --eps 8/255 FASTBAT --augment crop-flip-rotate --val-step-size 2/255 | 
-fastbat-fast-bat-cifar100-eps8 | Fast-BAT's Fast-BAT on cifar100, eps 8/255 (ICML tables not read: no number) | --method fast-bat --dataset cifar100 --eps 8/255 FASTBAT --augment crop-flip-rotate --val-step-size 2/255 | 
-fastbat-pgd2-cifar100-eps8     | PGD-2-AT (2 steps of eps/2, random start) baseline of Fast-BAT, cifar100, eps 8/255 (no number read) | --method pgd-at --steps 2 --step-size 4/255 --dataset cifar100 --eps 8/255 FASTBAT --augment crop-flip-rotate --val-step-size 2/255 | 
-fastbat-fast-at-cifar100-eps16 | Fast-BAT's Fast-AT on cifar100, eps 16/255 (ICML tables not read: no number) | --method fast-at --dataset cifar100 --eps 16/255 FASTBAT --augment crop-flip-rotate --val-step-size 4/255 | 
-fastbat-fast-at-ga-cifar100-eps16 | Fast-BAT's Fast-AT-GA on cifar100, eps 16/255 (ICML tables not read: no number) | --method fast-at-ga --dataset cifar100 --eps 16/255 FASTBAT --augment crop-flip-rotate --val-step-size 4/255 | 
-fastbat-fast-bat-cifar100-eps16 | Fast-BAT's Fast-BAT on cifar100, eps 16/255 (ICML tables not read: no number) | --method fast-bat --dataset cifar100 --eps 16/255 FASTBAT --augment crop-flip-rotate --val-step-size 4/255 | 
-fastbat-pgd2-cifar100-eps16    | PGD-2-AT (2 steps of eps/2, random start) baseline of Fast-BAT, cifar100, eps 16/255 (no number read) | --method pgd-at --steps 2 --step-size 8/255 --dataset cifar100 --eps 16/255 FASTBAT --augment crop-flip-rotate --val-step-size 4/255 | 
-fastbat-fast-at-svhn-eps8      | Fast-BAT's Fast-AT on svhn, eps 8/255 (ICML tables not read: no number) | --method fast-at --dataset svhn --eps 8/255 FASTBAT --augment none --val-size 7326 --lr 0.05 --val-step-size 2/255 | 
-fastbat-fast-at-ga-svhn-eps8   | Fast-BAT's Fast-AT-GA on svhn, eps 8/255 (ICML tables not read: no number) | --method fast-at-ga --dataset svhn --eps 8/255 FASTBAT --augment none --val-size 7326 --lr 0.05 --val-step-size 2/255 | 
-fastbat-fast-bat-svhn-eps8     | Fast-BAT's Fast-BAT on svhn, eps 8/255 (ICML tables not read: no number) | --method fast-bat --dataset svhn --eps 8/255 FASTBAT --augment none --val-size 7326 --lr 0.05 --val-step-size 2/255 | 
-fastbat-pgd2-svhn-eps8         | PGD-2-AT (2 steps of eps/2, random start) baseline of Fast-BAT, svhn, eps 8/255 (no number read) | --method pgd-at --steps 2 --step-size 4/255 --dataset svhn --eps 8/255 FASTBAT --augment none --val-size 7326 --lr 0.05 --val-step-size 2/255 | 
-fastbat-fast-at-svhn-eps16     | Fast-BAT's Fast-AT on svhn, eps 16/255 (ICML tables not read: no number) | --method fast-at --dataset svhn --eps 16/255 FASTBAT --augment none --val-size 7326 --lr 0.05 --val-step-size 4/255 | 
-fastbat-fast-at-ga-svhn-eps16  | Fast-BAT's Fast-AT-GA on svhn, eps 16/255 (ICML tables not read: no number) | --method fast-at-ga --dataset svhn --eps 16/255 FASTBAT --augment none --val-size 7326 --lr 0.05 --val-step-size 4/255 | 
-fastbat-fast-bat-svhn-eps16    | Fast-BAT's Fast-BAT on svhn, eps 16/255 (ICML tables not read: no number) | --method fast-bat --dataset svhn --eps 16/255 FASTBAT --augment none --val-size 7326 --lr 0.05 --val-step-size 4/255 | 
-fastbat-pgd2-svhn-eps16        | PGD-2-AT (2 steps of eps/2, random start) baseline of Fast-BAT, svhn, eps 16/255 (no number read) | --method pgd-at --steps 2 --step-size 8/255 --dataset svhn --eps 16/255 FASTBAT --augment none --val-size 7326 --lr 0.05 --val-step-size 4/255 | 
-cpu-fast-at-eps8     | CPU scale, not the paper's (README, CIFAR-10 at CPU scale): Fast-BAT Table 1's fast-at at eps 8/255 on PreActResNet-18 width 8, 10 epochs | --method fast-at --eps 8/255 CPU_FASTBAT --input-std 0.2470,0.2435,0.2616 | 
-cpu-fast-at-ga-eps8  | CPU scale, not the paper's (README, CIFAR-10 at CPU scale): Fast-BAT Table 1's fast-at-ga at eps 8/255 on PreActResNet-18 width 8, 10 epochs | --method fast-at-ga --eps 8/255 CPU_FASTBAT | 
-cpu-fast-bat-eps8    | CPU scale, not the paper's (README, CIFAR-10 at CPU scale): Fast-BAT Table 1's fast-bat at eps 8/255 on PreActResNet-18 width 8, 10 epochs | --method fast-bat --eps 8/255 CPU_FASTBAT | 
-cpu-pgd2-eps8        | CPU scale, not the paper's (README, CIFAR-10 at CPU scale): Fast-BAT Table 1's PGD-2-AT at eps 8/255 on PreActResNet-18 width 8, 10 epochs | --method pgd-at --steps 2 --step-size 4/255 --eps 8/255 CPU_FASTBAT --input-std 0.2470,0.2435,0.2616 | 
-cpu-fast-at-eps16    | CPU scale, not the paper's (README, CIFAR-10 at CPU scale): Fast-BAT Table 1's fast-at at eps 16/255 on PreActResNet-18 width 8, 10 epochs | --method fast-at --eps 16/255 CPU_FASTBAT --input-std 0.2470,0.2435,0.2616 | 
-cpu-fast-at-ga-eps16 | CPU scale, not the paper's (README, CIFAR-10 at CPU scale): Fast-BAT Table 1's fast-at-ga at eps 16/255 on PreActResNet-18 width 8, 10 epochs | --method fast-at-ga --eps 16/255 CPU_FASTBAT | 
-cpu-fast-bat-eps16   | CPU scale, not the paper's (README, CIFAR-10 at CPU scale): Fast-BAT Table 1's fast-bat at eps 16/255 on PreActResNet-18 width 8, 10 epochs | --method fast-bat --eps 16/255 CPU_FASTBAT | 
-cpu-pgd2-eps16       | CPU scale, not the paper's (README, CIFAR-10 at CPU scale): Fast-BAT Table 1's PGD-2-AT at eps 16/255 on PreActResNet-18 width 8, 10 epochs | --method pgd-at --steps 2 --step-size 8/255 --eps 16/255 CPU_FASTBAT --input-std 0.2470,0.2435,0.2616 | 
-rnn-t1-pgd-at-mnist            | Xiong & Hsieh Table 1 'AdvTrain' (87.33 robust, dataset not named; MNIST assumed): PGD-40 | --method pgd-at --dataset mnist RNN_MNIST | 
-rnn-t1-pgd-at-bls-mnist        | Xiong & Hsieh Table 1 'AdvTrain+BLS' (88.71): PGD-40 with backtracking line search | --method pgd-at-bls --dataset mnist RNN_MNIST | 
-rnn-t3-pgd-at-mnist          | Xiong & Hsieh Table 3 (white-box, MNIST, 4-layer CNN), AdvTrain; T = 40 | --method pgd-at --dataset mnist RNN_MNIST --eval-attacks fgsm,pgd,cw,aa | 
-rnn-t3-rnn-adv-mnist         | Xiong & Hsieh Table 3 (white-box, MNIST, 4-layer CNN), RNN-Adv; T = 40 | --method rnn-adv --dataset mnist RNN_MNIST --eval-attacks fgsm,pgd,cw,rnn,aa | 
-rnn-t3-trades-mnist          | Xiong & Hsieh Table 3 (white-box, MNIST, 4-layer CNN), TRADES; T = 40 | --method trades --dataset mnist RNN_MNIST --eval-attacks fgsm,pgd,cw,aa | 
-rnn-t3-rnn-trades-mnist      | Xiong & Hsieh Table 3 (white-box, MNIST, 4-layer CNN), RNN-TRADES; T = 40 | --method rnn-trades --dataset mnist RNN_MNIST --eval-attacks fgsm,pgd,cw,rnn,aa | 
-rnn-t4-pgd-at-cifar10        | Xiong & Hsieh Table 4 (white-box, CIFAR-10, VGG-16), AdvTrain; T = 10 | --method pgd-at --dataset cifar10 --model vgg16 RNN_CIFAR --eval-attacks fgsm,pgd,cw,aa | 
-rnn-t4-rnn-adv-cifar10       | Xiong & Hsieh Table 4 (white-box, CIFAR-10, VGG-16), RNN-Adv; T = 10 | --method rnn-adv --dataset cifar10 --model vgg16 RNN_CIFAR --eval-attacks fgsm,pgd,cw,rnn,aa | 
-rnn-t4-trades-cifar10        | Xiong & Hsieh Table 4 (white-box, CIFAR-10, VGG-16), TRADES; T = 10 | --method trades --dataset cifar10 --model vgg16 RNN_CIFAR --eval-attacks fgsm,pgd,cw,aa | 
-rnn-t4-rnn-trades-cifar10    | Xiong & Hsieh Table 4 (white-box, CIFAR-10, VGG-16), RNN-TRADES; T = 10 | --method rnn-trades --dataset cifar10 --model vgg16 RNN_CIFAR --eval-attacks fgsm,pgd,cw,rnn,aa | 
-rnn-t5-pgd-at-cifar10        | Xiong & Hsieh Table 5 (white-box, CIFAR-10, WideResNet-34-10), AdvTrain; T = 10 | --method pgd-at --dataset cifar10 --model wrn RNN_CIFAR --eval-attacks fgsm,pgd,cw,aa | 
-rnn-t5-rnn-adv-cifar10       | Xiong & Hsieh Table 5 (white-box, CIFAR-10, WideResNet-34-10), RNN-Adv; T = 10 | --method rnn-adv --dataset cifar10 --model wrn RNN_CIFAR --eval-attacks fgsm,pgd,cw,rnn,aa | 
-rnn-t5-trades-cifar10        | Xiong & Hsieh Table 5 (white-box, CIFAR-10, WideResNet-34-10), TRADES; T = 10 | --method trades --dataset cifar10 --model wrn RNN_CIFAR --eval-attacks fgsm,pgd,cw,aa | 
-rnn-t5-rnn-trades-cifar10    | Xiong & Hsieh Table 5 (white-box, CIFAR-10, WideResNet-34-10), RNN-TRADES; T = 10 | --method rnn-trades --dataset cifar10 --model wrn RNN_CIFAR --eval-attacks fgsm,pgd,cw,rnn,aa | 
+quick-mnist      | CPU 2 min  | A first robust model in under 5 minutes on 2 CPU cores, at eps 0.2 (not MNIST's usual 0.3: no short recipe holds up under AutoAttack there; README): PGD-3-AT, SmallCNN, 3 epochs on 8000 MNIST images, cyclic lr 0.1; AutoAttack on 50 test images (2026-12-04, 2-core CPU, alone: 97 s, 100% clean, 86% PGD-40, 70% AutoAttack; validation clean 97.0%) | --method pgd-at --dataset mnist --eps 0.2 --steps 3 --step-size 0.1 --lr-schedule cyclic --lr 0.1 --epochs 3 --train-size 8000 --val-size 500 --val-steps 5 --test-size 50 --eval-attacks fgsm,pgd,aa |
+fast-at-mnist    | CPU 25 min | Fast-AT (Wong et al. 2020) MNIST as fast_adversarial's MNIST/train_mnist.py and evaluate_mnist.py: MNISTNet, Adam, cyclic lr peaking at 5e-3 in epoch 4 of 10, batch 100, FGSM step 0.375 from an unclamped U(-0.3, 0.3) start, all 60,000 training images (no validation split: the last epoch, as the script), PGD-50-10 step 0.01 on the 10,000 test images (no MNIST figure of the paper was read: README compares with the released models/fgsm.pth) | --method fast-at --dataset mnist --val-size 0 --eval-attacks fgsm,pgd,aa --eval-steps 50 --eval-step-size 0.01 --eval-restarts 10 | 
+rnn-mnist-pgd-at | CPU 15 min | Xiong & Hsieh's MNIST claim at full data, the pair's baseline: PGD-10-AT at eps 0.1 (step 0.025 = 2.5 eps / T), MNISTNet (a 4-layer CNN), Adam lr 1e-3, 3 epochs on all 60,000 images; this project's budget (no code exists; README) | --method pgd-at --dataset mnist RNN_MNIST_PAIR | 
+rnn-mnist-rnn-adv | CPU 30 min | The same pair's RNN-Adv: T = 10 learned steps (sign-step GRU, alpha 0.025) in place of PGD-10, every other setting equal | --method rnn-adv --dataset mnist RNN_MNIST_PAIR --eval-attacks fgsm,pgd,rnn,aa | 
+pgd-at-mnist     | GPU        | Madry et al. 2018 MNIST setting (eps 0.3, PGD-40 step 0.01) on TRADES' SmallCNN, 100 epochs | --method pgd-at --dataset mnist | 
+trades-mnist     | GPU        | TRADES (Zhang et al. 2019) MNIST: SmallCNN, eps 0.3, 40 steps of 0.01, beta 1 = the MNIST script's default (README: 99.48 / 96.07 under a 40-step attack) | --method trades --dataset mnist --beta 1 | clean=99.48,pgd=96.07
+pgd-at-cifar10   | GPU        | PGD-10-AT (Madry et al.) as Rice et al.'s robust_overfitting trains it: PreActResNet-18 (shortcut on relu(bn1(x))), 200 epochs, reflect-padded crops, inputs normalised (std 0.2471), 1000 training images held out | --method pgd-at --dataset cifar10 --model preactresnet18 --epochs 200 --lr-milestones 100,150 | 
+pgd-at-wrn-cifar10 | GPU        | Madry et al. CIFAR-10 PGD-AT (87.30 / 45.80 as quoted by Fast-AT), WRN-34-10, PGD-10 step 2/255 | --method pgd-at --dataset cifar10 --model wrn --depth 34 --width 10 --weight-decay 2e-4 | clean=87.30,pgd=45.80
+trades-cifar10   | GPU        | TRADES CIFAR-10, WRN-34-10, beta 6, 10 steps of 0.007, eps 0.031 (README 84.92 / 56.61 PGD-20) | --method trades --dataset cifar10 --model wrn --eps 0.031 --beta 6 --eval-step-size 0.003 | clean=84.92,pgd=56.61
+fast-at-cifar10  | GPU        | Fast-AT (Wong et al. 2020), PreActResNet-18, 15 epochs cyclic 0.2, FGSM-RS step 10/255 (README 86.06 / 46.06, PGD-50-10) | --method fast-at --dataset cifar10 --epochs 15 --eval-attacks fgsm,pgd,cw,aa --eval-steps 50 --eval-restarts 10 --eval-step-size 2/255 | clean=86.06,pgd=46.06
+plain-cifar10    | GPU        | Standard training baseline, PreActResNet-18, 200 epochs (Fast-BAT: PGD-0) | --method plain --dataset cifar10 --eval-steps 20 | 
+l2l-plain-cifar10  | GPU        | L2L poster, CIFAR-10 "Plain" (95.22 clean / 0.00 PGM / 0.00 CW), WRN-34-10, the L2L schedule | --method plain --dataset cifar10 L2L_CIFAR --eval-attacks fgsm,pgd,cw-linf,aa | clean=95.22,pgd=0.00,cw-linf=0.00
+l2l-pgm-cifar10    | GPU        | L2L poster, CIFAR-10 "PGM net" (87.30 / 47.04); PGD-10 step 0.003 from x + 0.001 N(0, I), BN eval, as adv_loss_pgd (its mixed clean+adv loss is not reproduced) | --method pgd-at --dataset cifar10 --steps 10 --step-size 0.003 --attack-bn eval --attack-start normal L2L_CIFAR --eval-attacks fgsm,pgd,cw-linf,aa | clean=87.30,pgd=47.04
+l2l-naive-cifar10  | GPU        | L2L poster, CIFAR-10 "Naive L2L" (94.53 / 0.01 / 0) | --method l2l-naive --dataset cifar10 L2L_CIFAR --l2l-attacker wide --eval-attacks fgsm,pgd,cw-linf,l2l,aa | clean=94.53,pgd=0.01,cw-linf=0.00
+l2l-grad-cifar10   | GPU        | L2L poster, CIFAR-10 "Grad L2L" (85.84 / 51.17 / 53.5) | --method l2l-grad --dataset cifar10 L2L_CIFAR --l2l-attacker wide --eval-attacks fgsm,pgd,cw-linf,l2l,aa | clean=85.84,pgd=51.17,cw-linf=53.50
+l2l-2step-cifar10  | GPU        | L2L poster, CIFAR-10 "2-Step L2L" (85.35 / 54.32 / 57.07) | --method l2l-2step --dataset cifar10 L2L_CIFAR --l2l-attacker wide --eval-attacks fgsm,pgd,cw-linf,l2l,aa | clean=85.35,pgd=54.32,cw-linf=57.07
+l2l-plain-cifar100 | GPU        | L2L poster, CIFAR-100 "Plain" (76.10 / 0.13 / 0.00) | --method plain --dataset cifar100 L2L_CIFAR --eval-attacks fgsm,pgd,cw-linf,aa | clean=76.10,pgd=0.13,cw-linf=0.00
+l2l-pgm-cifar100   | GPU        | L2L poster, CIFAR-100 "PGM net" (62.68 / 23.75 / 25.95) | --method pgd-at --dataset cifar100 --steps 10 --step-size 0.003 --attack-bn eval --attack-start normal L2L_CIFAR --eval-attacks fgsm,pgd,cw-linf,aa | clean=62.68,pgd=23.75,cw-linf=25.95
+l2l-naive-cifar100 | GPU        | L2L poster, CIFAR-100 naive L2L (no number in the poster) | --method l2l-naive --dataset cifar100 L2L_CIFAR --l2l-attacker wide --eval-attacks fgsm,pgd,cw-linf,l2l,aa | 
+l2l-grad-cifar100  | GPU        | L2L poster, CIFAR-100 "Grad L2L" (62.18 / 28.67 / 29.65) | --method l2l-grad --dataset cifar100 L2L_CIFAR --l2l-attacker wide --eval-attacks fgsm,pgd,cw-linf,l2l,aa | clean=62.18,pgd=28.67,cw-linf=29.65
+l2l-2step-cifar100 | GPU        | L2L poster, CIFAR-100 "2-Step L2L" (60.95 / 31.03 / 32.28) | --method l2l-2step --dataset cifar100 L2L_CIFAR --l2l-attacker wide --eval-attacks fgsm,pgd,cw-linf,l2l,aa | clean=60.95,pgd=31.03,cw-linf=32.28
+fastbat-fast-at-cifar10-eps8   | GPU        | Fast-BAT Table 1 (arXiv v1), Fast-AT, eps 8/255: 45.47 RA-PGD / 41.97 RA-AA / 81.72 SA | --method fast-at --dataset cifar10 --eps 8/255 FASTBAT --input-std 0.2470,0.2435,0.2616 --val-step-size 2/255 | clean=81.72,pgd=45.47,aa=41.97
+fastbat-fast-at-ga-cifar10-eps8 | GPU        | Fast-BAT Table 1 (arXiv v1), Fast-AT-GA, eps 8/255: 47.43 / 43.52 / 79.84 | --method fast-at-ga --dataset cifar10 --eps 8/255 FASTBAT --val-step-size 2/255 | clean=79.84,pgd=47.43,aa=43.52
+fastbat-fast-bat-cifar10-eps8  | GPU        | Fast-BAT Table 1 (arXiv v1), Fast-BAT, eps 8/255: 48.74 / 44.89 / 79.43 | --method fast-bat --dataset cifar10 --eps 8/255 FASTBAT --val-step-size 2/255 | clean=79.43,pgd=48.74,aa=44.89
+fastbat-pgd2-cifar10-eps8      | GPU        | PGD-2-AT (2 steps of eps/2, random start) baseline of Fast-BAT, cifar10, eps 8/255 (no number read) | --method pgd-at --steps 2 --step-size 4/255 --dataset cifar10 --eps 8/255 FASTBAT --input-std 0.2470,0.2435,0.2616 --val-step-size 2/255 | 
+fastbat-fast-at-cifar10-eps16  | GPU        | Fast-BAT Table 1 (arXiv v1), Fast-AT, eps 16/255: 21.79 / 12.57 / 46.02 | --method fast-at --dataset cifar10 --eps 16/255 FASTBAT --input-std 0.2470,0.2435,0.2616 --val-step-size 4/255 | clean=46.02,pgd=21.79,aa=12.57
+fastbat-fast-at-ga-cifar10-eps16 | GPU        | Fast-BAT Table 1 (arXiv v1), Fast-AT-GA, eps 16/255: 26.22 / 18.03 / 58.57 | --method fast-at-ga --dataset cifar10 --eps 16/255 FASTBAT --val-step-size 4/255 | clean=58.57,pgd=26.22,aa=18.03
+fastbat-fast-bat-cifar10-eps16 | GPU        | Fast-BAT Table 1 (arXiv v1), Fast-BAT, eps 16/255: 26.15 / 18.21 / 67.79 | --method fast-bat --dataset cifar10 --eps 16/255 FASTBAT --val-step-size 4/255 | clean=67.79,pgd=26.15,aa=18.21
+fastbat-pgd2-cifar10-eps16     | GPU        | PGD-2-AT (2 steps of eps/2, random start) baseline of Fast-BAT, cifar10, eps 16/255 (no number read) | --method pgd-at --steps 2 --step-size 8/255 --dataset cifar10 --eps 16/255 FASTBAT --input-std 0.2470,0.2435,0.2616 --val-step-size 4/255 | 
+fastbat-fast-at-cifar100-eps8  | GPU        | Fast-BAT's Fast-AT on cifar100, eps 8/255 (ICML tables not read: no number) | --method fast-at --dataset cifar100 --eps 8/255 FASTBAT --augment crop-flip-rotate --val-step-size 2/255 | 
+fastbat-fast-at-ga-cifar100-eps8 | GPU        | Fast-BAT's Fast-AT-GA on cifar100, eps 8/255 (ICML tables not read: no number) | --method fast-at-ga --dataset cifar100 --eps 8/255 FASTBAT --augment crop-flip-rotate --val-step-size 2/255 | 
+fastbat-fast-bat-cifar100-eps8 | GPU        | Fast-BAT's Fast-BAT on cifar100, eps 8/255 (ICML tables not read: no number) | --method fast-bat --dataset cifar100 --eps 8/255 FASTBAT --augment crop-flip-rotate --val-step-size 2/255 | 
+fastbat-pgd2-cifar100-eps8     | GPU        | PGD-2-AT (2 steps of eps/2, random start) baseline of Fast-BAT, cifar100, eps 8/255 (no number read) | --method pgd-at --steps 2 --step-size 4/255 --dataset cifar100 --eps 8/255 FASTBAT --augment crop-flip-rotate --val-step-size 2/255 | 
+fastbat-fast-at-cifar100-eps16 | GPU        | Fast-BAT's Fast-AT on cifar100, eps 16/255 (ICML tables not read: no number) | --method fast-at --dataset cifar100 --eps 16/255 FASTBAT --augment crop-flip-rotate --val-step-size 4/255 | 
+fastbat-fast-at-ga-cifar100-eps16 | GPU        | Fast-BAT's Fast-AT-GA on cifar100, eps 16/255 (ICML tables not read: no number) | --method fast-at-ga --dataset cifar100 --eps 16/255 FASTBAT --augment crop-flip-rotate --val-step-size 4/255 | 
+fastbat-fast-bat-cifar100-eps16 | GPU        | Fast-BAT's Fast-BAT on cifar100, eps 16/255 (ICML tables not read: no number) | --method fast-bat --dataset cifar100 --eps 16/255 FASTBAT --augment crop-flip-rotate --val-step-size 4/255 | 
+fastbat-pgd2-cifar100-eps16    | GPU        | PGD-2-AT (2 steps of eps/2, random start) baseline of Fast-BAT, cifar100, eps 16/255 (no number read) | --method pgd-at --steps 2 --step-size 8/255 --dataset cifar100 --eps 16/255 FASTBAT --augment crop-flip-rotate --val-step-size 4/255 | 
+fastbat-fast-at-svhn-eps8      | GPU        | Fast-BAT's Fast-AT on svhn, eps 8/255 (ICML tables not read: no number) | --method fast-at --dataset svhn --eps 8/255 FASTBAT --augment none --val-size 7326 --lr 0.05 --val-step-size 2/255 | 
+fastbat-fast-at-ga-svhn-eps8   | GPU        | Fast-BAT's Fast-AT-GA on svhn, eps 8/255 (ICML tables not read: no number) | --method fast-at-ga --dataset svhn --eps 8/255 FASTBAT --augment none --val-size 7326 --lr 0.05 --val-step-size 2/255 | 
+fastbat-fast-bat-svhn-eps8     | GPU        | Fast-BAT's Fast-BAT on svhn, eps 8/255 (ICML tables not read: no number) | --method fast-bat --dataset svhn --eps 8/255 FASTBAT --augment none --val-size 7326 --lr 0.05 --val-step-size 2/255 | 
+fastbat-pgd2-svhn-eps8         | GPU        | PGD-2-AT (2 steps of eps/2, random start) baseline of Fast-BAT, svhn, eps 8/255 (no number read) | --method pgd-at --steps 2 --step-size 4/255 --dataset svhn --eps 8/255 FASTBAT --augment none --val-size 7326 --lr 0.05 --val-step-size 2/255 | 
+fastbat-fast-at-svhn-eps16     | GPU        | Fast-BAT's Fast-AT on svhn, eps 16/255 (ICML tables not read: no number) | --method fast-at --dataset svhn --eps 16/255 FASTBAT --augment none --val-size 7326 --lr 0.05 --val-step-size 4/255 | 
+fastbat-fast-at-ga-svhn-eps16  | GPU        | Fast-BAT's Fast-AT-GA on svhn, eps 16/255 (ICML tables not read: no number) | --method fast-at-ga --dataset svhn --eps 16/255 FASTBAT --augment none --val-size 7326 --lr 0.05 --val-step-size 4/255 | 
+fastbat-fast-bat-svhn-eps16    | GPU        | Fast-BAT's Fast-BAT on svhn, eps 16/255 (ICML tables not read: no number) | --method fast-bat --dataset svhn --eps 16/255 FASTBAT --augment none --val-size 7326 --lr 0.05 --val-step-size 4/255 | 
+fastbat-pgd2-svhn-eps16        | GPU        | PGD-2-AT (2 steps of eps/2, random start) baseline of Fast-BAT, svhn, eps 16/255 (no number read) | --method pgd-at --steps 2 --step-size 8/255 --dataset svhn --eps 16/255 FASTBAT --augment none --val-size 7326 --lr 0.05 --val-step-size 4/255 | 
+cpu-fast-at-eps8     | CPU ~1 h   | Fast-BAT Table 1's fast-at, eps 8/255, at CPU scale (PreActResNet-18 width 8, 10 epochs, bf16; not the paper's scale: README, CIFAR-10 at CPU scale) | --method fast-at --eps 8/255 CPU_FASTBAT | 
+cpu-fast-at-ga-eps8  | CPU ~1 h   | Fast-BAT Table 1's fast-at-ga, eps 8/255, at CPU scale (PreActResNet-18 width 8, 10 epochs, bf16; not the paper's scale: README, CIFAR-10 at CPU scale) | --method fast-at-ga --eps 8/255 CPU_FASTBAT | 
+cpu-fast-bat-eps8    | CPU ~1 h   | Fast-BAT Table 1's fast-bat, eps 8/255, at CPU scale (PreActResNet-18 width 8, 10 epochs, bf16; not the paper's scale: README, CIFAR-10 at CPU scale) | --method fast-bat --eps 8/255 CPU_FASTBAT | 
+cpu-pgd2-eps8        | CPU ~1 h   | Fast-BAT Table 1's PGD-2-AT, eps 8/255, at CPU scale (PreActResNet-18 width 8, 10 epochs, bf16; not the paper's scale: README, CIFAR-10 at CPU scale) | --method pgd-at --steps 2 --step-size 4/255 --eps 8/255 CPU_FASTBAT | 
+cpu-fast-at-eps16    | CPU ~1 h   | Fast-BAT Table 1's fast-at, eps 16/255, at CPU scale (PreActResNet-18 width 8, 10 epochs, bf16; not the paper's scale: README, CIFAR-10 at CPU scale) | --method fast-at --eps 16/255 CPU_FASTBAT | 
+cpu-fast-at-ga-eps16 | CPU ~1 h   | Fast-BAT Table 1's fast-at-ga, eps 16/255, at CPU scale (PreActResNet-18 width 8, 10 epochs, bf16; not the paper's scale: README, CIFAR-10 at CPU scale) | --method fast-at-ga --eps 16/255 CPU_FASTBAT | 
+cpu-fast-bat-eps16   | CPU ~1 h   | Fast-BAT Table 1's fast-bat, eps 16/255, at CPU scale (PreActResNet-18 width 8, 10 epochs, bf16; not the paper's scale: README, CIFAR-10 at CPU scale) | --method fast-bat --eps 16/255 CPU_FASTBAT | 
+cpu-pgd2-eps16       | CPU ~1 h   | Fast-BAT Table 1's PGD-2-AT, eps 16/255, at CPU scale (PreActResNet-18 width 8, 10 epochs, bf16; not the paper's scale: README, CIFAR-10 at CPU scale) | --method pgd-at --steps 2 --step-size 8/255 --eps 16/255 CPU_FASTBAT | 
+cpu-pgd3-at                     | CPU ~1 h    | PGD-3-AT (T = 3, step 2.5 eps / 3, attack BN eval), the baseline of RNN-Adv, eps 8/255, at CPU scale (PreActResNet-18 width 8, 10 epochs, bf16; not the papers' scale: README) | --method pgd-at --steps 3 --step-size 20/765 --attack-bn eval CPU_LEARNED |
+cpu-rnn-adv                     | CPU ~1 h    | RNN-Adv with T = 3 (sign-step GRU, alpha 2.5 eps / 3) against cpu-pgd3-at, eps 8/255, at CPU scale (PreActResNet-18 width 8, 10 epochs, bf16; not the papers' scale: README) | --method rnn-adv --steps 3 --step-size 20/765 CPU_LEARNED --eval-attacks pgd,cw-linf,rnn,aa |
+cpu-l2l-pgm                     | CPU ~1 h    | L2L's PGM-net baseline (PGD-10 step 0.003 from x + 0.001 N(0, I), BN eval), eps 8/255, at CPU scale (PreActResNet-18 width 8, 10 epochs, bf16; not the papers' scale: README) | --method pgd-at --steps 10 --step-size 0.003 --attack-bn eval --attack-start normal CPU_LEARNED |
+cpu-l2l-naive                   | CPU ~1.5 h  | Naive L2L, slim attacker of width 32, eps 8/255, at CPU scale (PreActResNet-18 width 8, 10 epochs, bf16; not the papers' scale: README) | --method l2l-naive CPU_LEARNED --l2l-width 32 --eval-attacks pgd,cw-linf,l2l,aa |
+cpu-l2l-grad                    | CPU ~1.5 h  | Grad L2L, slim attacker of width 32, eps 8/255, at CPU scale (PreActResNet-18 width 8, 10 epochs, bf16; not the papers' scale: README) | --method l2l-grad CPU_LEARNED --l2l-width 32 --eval-attacks pgd,cw-linf,l2l,aa |
+cpu-l2l-2step                   | CPU ~1.5 h  | 2-step L2L, slim attacker of width 32, eps 8/255, at CPU scale (PreActResNet-18 width 8, 10 epochs, bf16; not the papers' scale: README) | --method l2l-2step CPU_LEARNED --l2l-width 32 --eval-attacks pgd,cw-linf,l2l,aa |
+rnn-t1-pgd-at-mnist            | GPU        | Xiong & Hsieh Table 1 'AdvTrain' (87.33 robust, dataset not named; MNIST assumed): PGD-40 | --method pgd-at --dataset mnist RNN_MNIST | 
+rnn-t1-pgd-at-bls-mnist        | GPU        | Xiong & Hsieh Table 1 'AdvTrain+BLS' (88.71): PGD-40 with backtracking line search | --method pgd-at-bls --dataset mnist RNN_MNIST | 
+rnn-t3-pgd-at-mnist          | GPU        | Xiong & Hsieh Table 3 (white-box, MNIST, 4-layer CNN), AdvTrain; T = 40 | --method pgd-at --dataset mnist RNN_MNIST --eval-attacks fgsm,pgd,cw,aa | 
+rnn-t3-rnn-adv-mnist         | GPU        | Xiong & Hsieh Table 3 (white-box, MNIST, 4-layer CNN), RNN-Adv; T = 40 | --method rnn-adv --dataset mnist RNN_MNIST --eval-attacks fgsm,pgd,cw,rnn,aa | 
+rnn-t3-trades-mnist          | GPU        | Xiong & Hsieh Table 3 (white-box, MNIST, 4-layer CNN), TRADES; T = 40 | --method trades --dataset mnist RNN_MNIST --eval-attacks fgsm,pgd,cw,aa | 
+rnn-t3-rnn-trades-mnist      | GPU        | Xiong & Hsieh Table 3 (white-box, MNIST, 4-layer CNN), RNN-TRADES; T = 40 | --method rnn-trades --dataset mnist RNN_MNIST --eval-attacks fgsm,pgd,cw,rnn,aa | 
+rnn-t4-pgd-at-cifar10        | GPU        | Xiong & Hsieh Table 4 (white-box, CIFAR-10, VGG-16), AdvTrain; T = 10 | --method pgd-at --dataset cifar10 --model vgg16 RNN_CIFAR --eval-attacks fgsm,pgd,cw,aa | 
+rnn-t4-rnn-adv-cifar10       | GPU        | Xiong & Hsieh Table 4 (white-box, CIFAR-10, VGG-16), RNN-Adv; T = 10 | --method rnn-adv --dataset cifar10 --model vgg16 RNN_CIFAR --eval-attacks fgsm,pgd,cw,rnn,aa | 
+rnn-t4-trades-cifar10        | GPU        | Xiong & Hsieh Table 4 (white-box, CIFAR-10, VGG-16), TRADES; T = 10 | --method trades --dataset cifar10 --model vgg16 RNN_CIFAR --eval-attacks fgsm,pgd,cw,aa | 
+rnn-t4-rnn-trades-cifar10    | GPU        | Xiong & Hsieh Table 4 (white-box, CIFAR-10, VGG-16), RNN-TRADES; T = 10 | --method rnn-trades --dataset cifar10 --model vgg16 RNN_CIFAR --eval-attacks fgsm,pgd,cw,rnn,aa | 
+rnn-t5-pgd-at-cifar10        | GPU        | Xiong & Hsieh Table 5 (white-box, CIFAR-10, WideResNet-34-10), AdvTrain; T = 10 | --method pgd-at --dataset cifar10 --model wrn RNN_CIFAR --eval-attacks fgsm,pgd,cw,aa | 
+rnn-t5-rnn-adv-cifar10       | GPU        | Xiong & Hsieh Table 5 (white-box, CIFAR-10, WideResNet-34-10), RNN-Adv; T = 10 | --method rnn-adv --dataset cifar10 --model wrn RNN_CIFAR --eval-attacks fgsm,pgd,cw,rnn,aa | 
+rnn-t5-trades-cifar10        | GPU        | Xiong & Hsieh Table 5 (white-box, CIFAR-10, WideResNet-34-10), TRADES; T = 10 | --method trades --dataset cifar10 --model wrn RNN_CIFAR --eval-attacks fgsm,pgd,cw,aa | 
+rnn-t5-rnn-trades-cifar10    | GPU        | Xiong & Hsieh Table 5 (white-box, CIFAR-10, WideResNet-34-10), RNN-TRADES; T = 10 | --method rnn-trades --dataset cifar10 --model wrn RNN_CIFAR --eval-attacks fgsm,pgd,cw,rnn,aa | 
 TABLE
 )
 # Xiong & Hsieh: no code and no readable full text; the baselines' official settings are used for every row
@@ -105,10 +113,15 @@ RNN_CIFAR="--attack-bn eval --eps 0.031 --steps 10 --step-size 0.007 --epochs 76
 # CIFAR-100 adds RandomRotation(15) (datasets.py); SVHN has no augmentation.
 # SVHN uses lr 0.05, this project's choice (a peak of 0.2 is known to diverge on SVHN; the Fast-BAT SVHN lr was not read).
 FASTBAT="--normalize mean-std --preact-shortcut input --crop-pad zero --model preactresnet18 --epochs 20 --lr-schedule cyclic --lr 0.2 --lr-peak-epoch 10 --weight-decay 5e-4 --batch-size 128 --val-size 5000 --val-steps 50 --val-restarts 10 --eval-attacks fgsm,pgd,cw,aa --eval-steps 50 --eval-restarts 10"
-# CIFAR-10 at CPU scale (README): Fast-BAT's setting on PreActResNet-18 of base width 8 (1/64 of the FLOPs), 10 epochs
-# (lr peak at 5), bf16 training, 45,000 training images, best epoch by PGD-10 on the last 1,000 of the 5,000 held out;
-# test: PGD-50-10 step eps/4 and AutoAttack on the first 1,000 test images, best.pt only. Seed 1: --seed 1 --out DIR.
-CPU_FASTBAT="--normalize mean-std --preact-shortcut input --crop-pad zero --model preactresnet18 --width 8 --epochs 10 --lr-schedule cyclic --lr 0.2 --lr-peak-epoch 5 --weight-decay 5e-4 --batch-size 128 --train-size 45000 --val-size 1000 --val-steps 10 --precision bf16 --channels-last --test-size 1000 --no-eval-last --eval-attacks pgd,aa --eval-steps 50 --eval-restarts 10"
+# CIFAR-10 at CPU scale (README), every cpu-* row: PreActResNet-18 of base width 8 (1/64 of the FLOPs), Fast-BAT's
+# input normalisation and cyclic lr 0 -> 0.2 -> 0 over 10 epochs (peak at 5), bf16 training, the best epoch by PGD-10 on
+# the last 1,000 training images, tested on the first 1,000 test images (best.pt only). Seed 1: --seed 1 --out DIR.
+CPU_COMMON="--normalize mean-std --input-std 0.2470,0.2435,0.2616 --preact-shortcut input --crop-pad zero --model preactresnet18 --width 8 --epochs 10 --lr-schedule cyclic --lr 0.2 --lr-peak-epoch 5 --weight-decay 5e-4 --batch-size 128 --val-size 1000 --val-steps 10 --precision bf16 --channels-last --test-size 1000 --no-eval-last"
+# Fast-BAT Table 1 at CPU scale: 45,000 training images (the held-out 5,000's last 1,000 validate); PGD-50-10, AutoAttack.
+CPU_FASTBAT="CPU_COMMON --train-size 45000 --eval-attacks pgd,aa --eval-steps 50 --eval-restarts 10"
+# The learned attackers at CPU scale: all 49,000 training images; PGD-20 (eps/4), L2L's CW-l_inf, the checkpoint's own
+# learned attack, AutoAttack. RNN rows and their PGD-3 baseline attack in eval mode with T = 3 steps of 2.5 eps / 3.
+CPU_LEARNED="CPU_COMMON --eval-attacks pgd,cw-linf,aa"
 # The L2L code's setting (train_l2l_*_cifar10.py): WRN-34-10, eps 0.031, 76 epochs, SGD lr 0.1 x0.1 when epoch >= 30,
 # 60, 90 counting from 1, wd 2e-4, batch 128; evaluation "PGM-20" = PGD-20 step 0.003 (pgd_attack_cifar10.py) and
 # "CW" = the optimisation-based CW-l_inf of cw.py (cw-linf).
@@ -120,9 +133,9 @@ fastbat-fast-bat-cifar10-eps16 fastbat-fast-at-cifar10-eps16 fastbat-fast-at-ga-
 METHODS="plain pgd-at trades fast-at fast-at-ga fast-bat pgd-at-bls rnn-adv rnn-trades l2l-naive l2l-grad l2l-2step"
 
 recipe_flags() {  # the l2l.py flags of recipe $1, with its name and paper numbers; empty if there is none
-  echo "$RECIPES" | awk -F'|' -v n="$1" '{k=$1; gsub(/ /, "", k)} k==n {gsub(/ /, "", $4); p=$4;
-    print $3 " --recipe " n (p == "" ? "" : " --paper " p)}' |
-    sed "s|L2L_CIFAR|$L2L_CIFAR|; s|CPU_FASTBAT|$CPU_FASTBAT|; s|FASTBAT|$FASTBAT|; s|RNN_MNIST_PAIR|$RNN_MNIST_PAIR|; s|RNN_MNIST|$RNN_MNIST|; s|RNN_CIFAR|$RNN_CIFAR|"
+  echo "$RECIPES" | awk -F'|' -v n="$1" '{k=$1; gsub(/ /, "", k)} k==n {gsub(/ /, "", $5); p=$5;
+    print $4 " --recipe " n (p == "" ? "" : " --paper " p)}' |
+    sed "s|L2L_CIFAR|$L2L_CIFAR|; s|CPU_FASTBAT|$CPU_FASTBAT|; s|CPU_LEARNED|$CPU_LEARNED|; s|CPU_COMMON|$CPU_COMMON|; s|FASTBAT|$FASTBAT|; s|RNN_MNIST_PAIR|$RNN_MNIST_PAIR|; s|RNN_MNIST|$RNN_MNIST|; s|RNN_CIFAR|$RNN_CIFAR|"
 }
 
 gpu_check() {  # gpu-check [--data-dir DIR] [--out DIR] [--dry-run]: each phase under `timeout`, appending to gpu.md
@@ -140,7 +153,7 @@ gpu_check() {  # gpu-check [--data-dir DIR] [--out DIR] [--dry-run]: each phase 
   fi
   [ -d "$data/MNIST" ] || [ -f "$data/mnist.npz" ] || { echo "run.sh gpu-check: no MNIST in --data-dir $data" >&2; exit 2; }
   mkdir -p "$out"
-  local md=$out/gpu.md tests="stays_in_eps_ball or bf16 or lowers_its_loss or round_trip or autoattack or resume"
+  local md=$out/gpu.md tests="stays_in_eps_ball or bf16 or lowers_its_loss or round_trip or autoattack or resume or reads_nothing or true_fp32"
   local bench=(--bench-steps 20) size=() limit=(timeout 240)
   if [ $dry = 1 ]; then
     tests="project_is_the_exact_projection"; bench=(--bench-steps 1 --bench-warmup 0 --dataset mnist --model smallcnn
@@ -170,7 +183,13 @@ gpu_check() {  # gpu-check [--data-dir DIR] [--out DIR] [--dry-run]: each phase 
 }
 
 case "${1:-list}" in
-  list|-h|--help) echo "$RECIPES" | awk -F'|' '{gsub(/ +$/, "", $1); printf "%-32s %s\n", $1, $2}' ;;
+  list|-h|--help) echo "$RECIPES" | awk -F'|' '{gsub(/ +$/, "", $1); gsub(/^ +| +$/, "", $3); line = sprintf("%-32s%s %s",
+    $1, $2, $3); print (length(line) > 120 ? substr(line, 1, 117) "..." : line)}'
+    echo "(bash run.sh show NAME: the whole description and the command)" ;;
+  show) shift; echo "$RECIPES" | awk -F'|' -v n="${1:-}" '{k=$1; gsub(/ /, "", k); gsub(/^ +| +$/, "", $2)} k==n {
+    print n " (" $2 "):" $3}'
+    flags=$(recipe_flags "${1:-}"); [ -n "$flags" ] || { echo "run.sh: unknown recipe '${1:-}'" >&2; exit 2; }
+    echo "  $PY l2l.py $flags --out runs/$1" ;;
   report) shift; if [ $# -eq 0 ]; then set -- runs/*/results.json; fi; exec $PY l2l.py --report "$@" ;;
   repro-fast) shift; for name in $REPRO_FAST; do bash "$0" "$name" "$@"; done ;;
   bench) shift

@@ -400,14 +400,34 @@ def test_eval_only_reproduces_the_training_evaluation(trained_run, mnist_dir, tm
         assert ev[k]["accuracy"] == train_res[k]["accuracy"], k
 
 
-def test_interrupt_exits_130_in_one_line(mnist_dir, tmp_path, monkeypatch, capsys):
-    def interrupted(args):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(l2l, "train", interrupted)
-    assert l2l.main(["--dataset", "mnist", "--data-dir", mnist_dir, "--out", str(tmp_path / "run")]) == 130
+@pytest.mark.parametrize("after_batches,says", [(2, "before anything was saved"), (4, "--resume continues it")])
+def test_interrupt_exits_130_in_one_line_that_says_what_was_saved(after_batches, says, mnist_dir, tmp_path,
+                                                                  monkeypatch, capsys):
+    """Ctrl-C in the first epoch (3 batches) leaves nothing, not even the folder; after it, last.pt and --resume."""
+    calls, real = [], l2l.training_step
+    monkeypatch.setattr(l2l, "training_step", lambda *a: calls.append(1) if len(calls) >= after_batches and
+                        (_ for _ in ()).throw(KeyboardInterrupt) else (calls.append(1), real(*a))[1])
+    out = tmp_path / "run"
+    assert l2l.main(["--dataset", "mnist", "--data-dir", mnist_dir, "--out", str(out), *TINY, "--epochs", "2"]) == 130
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--resume" in err[0], err
+    assert len(err) == 1 and says in err[0], err
+    assert out.exists() == (after_batches > 3)
+
+
+def test_evaluation_progress_counts_images_through_the_network_inside_every_attack(toy, monkeypatch, capsys):
+    """One fake second per forward pass: a line at least every 10 of them inside AutoAttack's FAB and Square too, each
+    counting images within its plan (the plan of each AutoAttack stage is made for the examples it starts on)."""
+    model, x, y = toy
+    now = [0.0]
+    monkeypatch.setattr(l2l.Ticker.__init__, "__defaults__", (True, 10.0, lambda: now[0], "batches", None))
+    xu = (x[:64] * 255).round().to(torch.uint8)
+    with model.register_forward_pre_hook(lambda m, i: now.__setitem__(0, now[0] + 1)):
+        l2l.evaluate(model, xu, y[:64], eval_args(square_queries=50), ["pgd", "aa"])
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "images through the network" in ln]
+    stages = [ln.strip().rsplit(": ", 1)[0] for ln in lines]
+    assert {"evaluating pgd", "AutoAttack: apgd-ce", "AutoAttack: fab-t", "AutoAttack: square"} <= set(stages), stages
+    counts = [tuple(int(v.replace(",", "")) for v in ln.rsplit(": ", 1)[1].split()[0].split("/")) for ln in lines]
+    assert all(done <= total for done, total in counts) and [d for d, _ in counts] == sorted(d for d, _ in counts)
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(mnist_dir, tmp_path):
@@ -426,10 +446,13 @@ def test_resume_after_interruption_equals_uninterrupted_run(mnist_dir, tmp_path)
     a = torch.load(os.path.join(full, "last.pt"), weights_only=True)
     b = torch.load(os.path.join(cut, "last.pt"), weights_only=True)
     assert a["epoch"] == b["epoch"] == 3
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    # bitwise on a CPU; on CUDA cuDNN's autotuned, non-deterministic kernels differ in the last bits (README)
+    same = torch.equal if DEVICE.type == "cpu" else lambda u, v: torch.allclose(u.float(), v.float(), 1e-2, 1e-3)
+    assert all(same(a["model"][k], b["model"][k]) for k in a["model"])
     ra, rb = (json.load(open(os.path.join(d, "results.json"))) for d in (full, cut))
-    assert [h["train_loss"] for h in ra["history"]] == [h["train_loss"] for h in rb["history"]]
-    assert ra["worst_case"] == rb["worst_case"]
+    losses = [[h["train_loss"] for h in r["history"]] for r in (ra, rb)]
+    assert losses[0] == losses[1] if DEVICE.type == "cpu" else losses[0] == pytest.approx(losses[1], rel=1e-2)
+    assert ra["worst_case"] == rb["worst_case"] or DEVICE.type != "cpu"
 
 
 def test_resuming_on_another_device_is_one_line(trained_run, mnist_dir, tmp_path, capsys):
@@ -768,6 +791,11 @@ def test_every_run_sh_recipe_parses():
     assert all(args.out == f"runs/{name}" and args.recipe == name for name, args in recipes.items())
     r = run_sh("no-such-recipe")
     assert r.returncode == 2 and "unknown recipe" in r.stderr
+    listed = run_sh("list").stdout.splitlines()  # one line a recipe, within 120 columns, saying where it fits
+    assert len(listed) == len(recipes) + 1 and all(len(ln) <= 120 for ln in listed)
+    assert all(ln.split()[1] in ("CPU", "GPU") for ln in listed[:-1]) and "CPU 2 min" in listed[0]
+    shown = run_sh("show", "cpu-fast-bat-eps16").stdout
+    assert "(CPU" in shown and "not the paper's scale" in shown and "--method fast-bat" in shown
     runs = [line.split()[1:] for line in run_sh("bench", "--precision", "bf16").stdout.splitlines()]
     assert sorted(argv[argv.index("--method") + 1] for argv in runs) == sorted(l2l.METHODS)
     for argv in runs:
@@ -1598,7 +1626,7 @@ def test_rnn_attack_stays_in_the_ball_under_bf16(toy, method):
 def recipe_args():
     """Every run.sh recipe's resolved flags (the command line run.sh prints with PYTHON=echo, "l2l.py" dropped)."""
     return {name: l2l.parse_args(run_sh(name).stdout.split()[1:])
-            for name in (ln.split()[0] for ln in run_sh("list").stdout.splitlines())}
+            for name in (ln.split()[0] for ln in run_sh("list").stdout.splitlines() if not ln.startswith("("))}
 
 
 def test_recipes_follow_the_official_settings():
@@ -1930,17 +1958,39 @@ def test_a_diverging_run_stops_and_keeps_its_last_finite_checkpoint(mnist_dir, t
 def test_ticker_prints_at_most_every_10_seconds_with_rate_and_time_left(capsys):
     now = [0.0]
     clock = lambda: now[0]
-    ticker = l2l.Ticker("epoch 1/1, batches", 100, clock=clock)
+    ticker = l2l.Ticker("epoch 1/1", 100, clock=clock)
     for _ in range(100):
         now[0] += 0.5
         ticker.step()
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 5 and lines[0] == "  epoch 1/1, batches: 20/100, 2/s, 0:00:40 left", lines
+    assert len(lines) == 5 and lines[0] == "  epoch 1/1: 20/100 batches, 2 batches/s, 0:00:40 left", lines
+    # the whole run: this epoch's batches left at the measured rate, plus later(rate) for the epochs after it
+    run = l2l.Ticker("epoch 2/5", 100, clock=clock, later=lambda rate: 3 * 100 / rate)
+    for _ in range(20):
+        now[0] += 0.5
+        run.step()
+    assert capsys.readouterr().out == "  epoch 2/5: 20/100 batches, 2 batches/s, 0:00:40 left (whole run: 0:03:10 left)\n"
     quiet = l2l.Ticker("x", 10, enabled=False, clock=clock)
     for _ in range(10):
         now[0] += 20
         quiet.step()
     assert capsys.readouterr().out == ""
+
+
+def test_training_estimates_the_whole_run_and_says_when_a_cpu_is_too_slow(mnist_dir, tmp_path, monkeypatch, capsys):
+    """A fake clock that moves 4000 s a batch, 3 batches an epoch, 3 epochs: the first line says 2 batches (8000 s)
+    left in this epoch and 8 in the run (32000 s); a run of more than 6 hours on a CPU gets a note, once."""
+    now = [0.0]
+    monkeypatch.setattr(l2l.time, "monotonic", lambda: now[0])
+    real = l2l.training_step
+    monkeypatch.setattr(l2l, "training_step", lambda *a: (now.__setitem__(0, now[0] + 4000) or real(*a)))
+    argv = ["--method", "plain", "--dataset", "mnist", "--data-dir", mnist_dir, "--out", str(tmp_path / "o"), *TINY,
+            "--epochs", "3", "--eval-attacks", "fgsm", "--device", "cpu"]
+    monkeypatch.setattr(l2l.Ticker.__init__, "__defaults__", (True, 10.0, lambda: now[0], "batches", None))
+    assert l2l.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "epoch 1/3: 1/3 batches, 0.00025 batches/s, 2:13:20 left (whole run: 8:53:20 left)" in out, out
+    assert out.count("note: on this CPU the first batches suggest 8:53:20 for the whole run") == 1
 
 
 def test_quiet_turns_every_progress_line_off(mnist_dir, tmp_path, monkeypatch):
@@ -2032,6 +2082,8 @@ def test_report_of_real_runs_and_run_sh(trained_run, mnist_dir, tmp_path, capsys
     assert l2l.main(["--report", trained_run, ev]) == 0
     out, err = capsys.readouterr()
     assert out.count("| pgd-at | mnist | smallcnn |") == 2 and "eval of epoch" in out
+    # the evaluation's row is named after the run it evaluated, not after its own folder (eval_best)
+    assert f"| {os.path.basename(trained_run)}/best.pt | pgd-at" in out and "| ev |" not in out
     assert run_sh("report", "a", "b").stdout.split() == ["l2l.py", "--report", "a", "b"]
 
 
@@ -2369,6 +2421,37 @@ def test_help_describes_every_flag_and_shows_each_default_once():
     assert set(l2l.KEYS["t"]) | set(l2l.KEYS["m"]) | set(l2l.KEYS["e"]) <= {a.dest for a in parser._actions}
     assert "seed" in l2l.KEYS["t"] and "seed" in l2l.KEYS["e"] and "eval_attacks" not in l2l.KEYS["t"]
     assert {"method", "model", "rnn_design", "l2l_attacker"} <= set(l2l.KEYS["m"]) and "benchmark" not in l2l.KEYS["m"]
+
+
+def test_help_for_a_method_shows_its_recipe(capsys):
+    with pytest.raises(SystemExit) as e:
+        l2l.main(["--method", "fast-at", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0 and "--epochs EPOCHS training epochs (fast-at on cifar10: 15)" in text
+    assert "(fast-at on cifar10: cyclic)" in text and "(fast-at on cifar10: 10/255)" in text
+    with pytest.raises(SystemExit):
+        l2l.main(["--help"])
+    assert "fast-at on" not in capsys.readouterr().out and "schedule_at" not in text
+
+
+def test_the_start_up_line_names_the_network(mnist_dir, tmp_path, capsys):
+    assert l2l.model_name(l2l.parse_args(["--method", "trades"])) == "wrn-34-10"
+    assert l2l.model_name(l2l.parse_args(["--method", "fast-at", "--width", "8"])) == "preactresnet18 (width 8)"
+    assert l2l.main(["--method", "plain", "--dataset", "mnist", "--data-dir", mnist_dir, "--out", str(tmp_path / "o"),
+                     *TINY, "--eval-attacks", "fgsm", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "on mnist: smallcnn 312,202 parameters" in out and "Sequential" not in out and "train acc (clean)" in out
+
+
+def test_preactresnet18_width_scales_every_stage_and_64_is_the_papers_network():
+    count = lambda w: sum(p.numel() for p in l2l.build_model("preactresnet18", "cifar10", width=w).parameters())
+    assert count(None) == count(64) == 11_172_170 and count(8) < count(64) / 50
+    torch.manual_seed(0)
+    a = l2l.PreActResNet18(3, 10, "input").state_dict()
+    torch.manual_seed(0)
+    b = l2l.PreActResNet18(3, 10, "input", 64).state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert l2l.PreActResNet18(3, 10, "input", 8).linear.in_features == 64
 
 
 def test_each_recipe_feeds_its_network_as_the_official_code_does():
