@@ -1571,7 +1571,7 @@ def build_parser(recipe: Optional[dict] = None) -> argparse.ArgumentParser:
     for group, flag, _, kw in FLAGS:  # --help shows each default once
         text, value = kw["help"].format(**names), (recipe or {}).get(flag[2:].replace("-", "_"))
         if "default" not in kw and value is not None:
-            value = fmt_eps(value) if isinstance(value, float) and "eps" in flag or "step-size" in flag else value
+            value = fmt_eps(value) if isinstance(value, float) and ("eps" in flag or "step-size" in flag) else value
             text += f" ({recipe['method']} on {recipe['dataset']}: {value})".replace("%", "%%")
         shown = "default" in text or kw.get("default") in (None, False)
         groups[group].add_argument(flag, **dict(kw, help=text if shown else text + " (default: %(default)s)"),
@@ -1615,8 +1615,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     names = [a.strip() for a in args.eval_attacks.split(",") if a.strip()]
     unknown = ", ".join(sorted(set(names) - set(EVAL_ATTACKS)))
     if not names or len(set(names)) < len(names) or unknown:
-        raise UsageError(f"--eval-attacks '{args.eval_attacks}': " + (f"no attack named {unknown} (AutoAttack is 'aa'); "
-                         if unknown else "") + f"list each of {', '.join(EVAL_ATTACKS)} at most once")
+        raise UsageError(f"--eval-attacks '{args.eval_attacks}': " + (f"no attack named {unknown} (AutoAttack is "
+                         f"'aa'); " if unknown else "") + f"list each of {', '.join(EVAL_ATTACKS)} at most once")
     args.eval_attacks = ",".join(names)
     args.apgd_targets, args.fab_targets = (min(n, spec["classes"] - 1) for n in (args.apgd_targets, args.fab_targets))
     for attack, methods in (("rnn", ("rnn-adv", "rnn-trades")), ("l2l", tuple(L2L_VARIANTS))):
@@ -1645,7 +1645,7 @@ def load_arrays(name: str, data_dir: str) -> Dict[str, torch.Tensor]:
     <data_dir>/<name>.npz (numpy's format) when present; otherwise through torchvision, then cached."""
     cache = os.path.join(data_dir, f"{name}.npz")
     if os.path.isfile(data_dir):
-        raise UsageError(f"--data-dir {data_dir} is a file: give the folder that holds {name}.npz or the dataset's files")
+        raise UsageError(f"--data-dir {data_dir} is a file: give the folder that holds {name}.npz or its files")
     if os.path.exists(cache):
         try:
             with np.load(cache) as f:
@@ -1678,10 +1678,8 @@ def load_arrays(name: str, data_dir: str) -> Dict[str, torch.Tensor]:
             raise UsageError(f"dataset '{name}' is not in --data-dir {data_dir} and could not be downloaded "
                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); put {hint} there")
         if os.access(data_dir, os.W_OK):  # a read-only --data-dir is read each time, not cached
-            def write(tmp):
-                with open(tmp, "wb") as f:  # a file object: np.savez would add .npz to a name
-                    np.savez(f, **{k: v.numpy() for k, v in arrays.items()})
-            atomic_write(cache, write)
+            np.savez(cache + ".tmp.npz", **{k: v.numpy() for k, v in arrays.items()})  # then renamed: never half a file
+            os.replace(cache + ".tmp.npz", cache)
     return {k: v.long() if k.startswith("y") else v for k, v in arrays.items()}
 
 
@@ -1996,8 +1994,7 @@ def all_reduce_sum(values: list, device: torch.device) -> list:
     return t.tolist()
 
 
-def duration(seconds: float) -> str:
-    return str(datetime.timedelta(seconds=round(seconds)))
+duration = lambda seconds: str(datetime.timedelta(seconds=round(seconds)))  # 1 day, 2:03:04
 
 
 class Ticker:
@@ -2016,8 +2013,9 @@ class Ticker:
         if self.enabled and now - self.last >= self.every and self.done:
             rate = self.done / (now - self.start)
             left = max(self.total - self.done, 0) / rate
-            print(f"  {self.what}: {self.done:,}/{self.total:,} {self.unit}, {rate:,.3g} {self.unit}/s, {duration(left)} "
-                  f"left" + (f" (whole run: {duration(left + self.later(rate))} left)" if self.later else ""), flush=True)
+            print(f"  {self.what}: {self.done:,}/{self.total:,} {self.unit}, {rate:,.3g} {self.unit}/s, "
+                  f"{duration(left)} left" + (f" (whole run: {duration(left + self.later(rate))} left)"
+                                              if self.later else ""), flush=True)
             self.last = now
 
 
@@ -2028,9 +2026,8 @@ class Ticker:
 
 @contextlib.contextmanager
 def exact_fp32():
-    """What evaluation and validation run under on CUDA: float32 without TF32 (cuDNN's convolutions allow it by default)
-    and without cuDNN autotuning (an attack's shrinking subsets change the shapes, and --eval-only, a fresh process,
-    could pick other kernels than the evaluation at the end of training). Restores the settings after."""
+    """Evaluation and validation on CUDA: float32 without TF32 (cuDNN allows it by default) and without autotuning (the
+    shapes change with every subset, and a fresh --eval-only could pick other kernels); the settings restored after."""
     b = torch.backends
     saved = b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32, b.cudnn.benchmark
     b.cudnn.allow_tf32 = b.cuda.matmul.allow_tf32 = b.cudnn.benchmark = False
@@ -2038,13 +2035,6 @@ def exact_fp32():
         yield
     finally:
         b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32, b.cudnn.benchmark = saved
-
-
-def training_backends() -> None:
-    """Training on CUDA: autotuned cuDNN convolutions (the batch shapes are fixed), and fp32 without TF32 (--precision
-    fp32 is float32; bf16 is the fast path)."""
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
 
 
 # An evaluation attack: run(model, x, y, args, extras) -> x_adv, and protocol(args) -> dict for the results.
@@ -2125,8 +2115,7 @@ def eval_learned_l2l(model, x, y, args, extras):
 
 
 def eval_passes(a) -> dict:
-    """Images each evaluation attack sends through the network per example, at most (AutoAttack's on the examples each
-    of its attacks starts on; CW-l_inf's a rough guess): the units of evaluate()'s progress line."""
+    """Images per example that each evaluation attack sends through the network, at most (cw-linf: a guess)."""
     pgd = a.eval_restarts * (a.eval_steps + 1) + 1
     passes = {"clean": 1, "fgsm": 2, "pgd": pgd, "cw": pgd, "cw-linf": 400, "transfer": 1, "l2l": a.l2l_steps + 2,
               "rnn": a.rnn_eval_steps + 2, "apgd-ce": a.apgd_steps + 2, "apgd-t": a.apgd_targets * (a.apgd_steps + 2),
@@ -2378,10 +2367,9 @@ def resume_state(run: Run, out: str, gen: torch.Generator) -> tuple:
         if ckpt["args"].get(k) != getattr(run.args, k):
             raise UsageError(f"--resume: {last_path} was trained with --{k.replace('_', '-')} {ckpt['args'].get(k)}, "
                              f"this command gives {getattr(run.args, k)}; repeat the original flags")
-    trained_on = "cpu" if ckpt["rng"]["cuda"] is None else "cuda"
-    if trained_on != gen.device.type:  # the data generator's state is the device's
-        raise UsageError(f"--resume: {last_path} was trained on {trained_on} and this run is on {gen.device.type}; "
-                         f"resume it with --device {trained_on}")
+    if (ckpt["rng"]["cuda"] is None) != (gen.device.type == "cpu"):  # its generator state is its device's
+        raise UsageError(f"--resume: {last_path} was trained on another device; resume it with --device "
+                         f"{'cpu' if ckpt['rng']['cuda'] is None else 'cuda'}")
     if ckpt["best"]["epoch"] == ckpt["epoch"]:  # a kill between the epoch's two saves may have left best.pt behind
         atomic_write(best_path, lambda tmp: shutil.copyfile(last_path, tmp))
     restore(run, ckpt, f"--resume: {last_path}")
@@ -2421,7 +2409,8 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
     rank, world = dist_world()
     say = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
-    training_backends()
+    cudnn = torch.backends.cudnn  # CUDA: autotuned convolutions (fixed shapes); fp32 without TF32 (bf16 is fast)
+    cudnn.benchmark, cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False, False
     earlier = prepare_out_dir(args.out, () if args.resume else ("last.pt", "best.pt", "results.json"), args.overwrite)
     data = load_data(args, device)
     args.batch_size = min(args.batch_size, data.x_train.shape[0])  # results.json records the batch that ran
@@ -2465,10 +2454,10 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
             loss_sum, correct, seen = loss_sum + loss.float() * n, correct + n_correct, seen + n
             ticker.step()
             if cpu_note and ticker.last > ticker.start:  # once, at the first progress line
-                cpu_note, rate = False, ticker.done / (ticker.last - ticker.start)
-                if (iters - ticker.done) / rate + ticker.later(rate) > 6 * 3600:
-                    say(f"note: on this CPU the first batches suggest "
-                        f"{duration((iters - ticker.done) / rate + ticker.later(rate))} for the whole run: this recipe "
+                rate = ticker.done / (ticker.last - ticker.start)
+                cpu_note, whole = False, (iters - ticker.done) / rate + ticker.later(rate)
+                if whole > 6 * 3600:
+                    say(f"note: on this CPU the first batches suggest {duration(whole)} for the whole run: this recipe "
                         f"is sized for a GPU (bash run.sh list shows which rows fit a CPU)", flush=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -2497,8 +2486,9 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
         if world > 1:
             dist.barrier()  # the checkpoints exist before any rank reads them
         say(f"epoch {epoch + 1:>3}/{args.epochs}  lr {lr:.4f}  loss {record['train_loss']:.4f}  train acc "
-            f"({'clean' if args.method == 'plain' else 'adversarial'}) {100 * record['train_acc']:.2f}%  " + ("no validation split  " if no_val else
-            f"val clean {100 * val_clean:.2f}%  val pgd-{args.val_steps} {100 * val_robust:.2f}%  ") +
+            f"({'clean' if args.method == 'plain' else 'adversarial'}) {100 * record['train_acc']:.2f}%  " +
+            ("no validation split  " if no_val else
+             f"val clean {100 * val_clean:.2f}%  val pgd-{args.val_steps} {100 * val_robust:.2f}%  ") +
             f"{train_seconds:.1f}s train  {record['seconds']:.1f}s total{'  *best' if is_best else ''}", flush=True)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1)
@@ -2566,7 +2556,8 @@ def benchmark(args) -> dict:
     device = setup_distributed(args)
     rank, world = dist_world()
     torch.manual_seed(args.seed)
-    training_backends()
+    cudnn = torch.backends.cudnn  # as train()
+    cudnn.benchmark, cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False, False
     spec, steps, warmup, bs = DATASETS[args.dataset], args.bench_steps, args.bench_warmup, args.batch_size
     gen = torch.Generator(device=device).manual_seed(args.seed)
     x = torch.randint(0, 256, (bs * (steps + warmup), *spec["shape"]), dtype=torch.uint8, device=device, generator=gen)
