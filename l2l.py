@@ -2148,7 +2148,8 @@ def evaluate(model, x_uint8, y, args, attacks, extras=None) -> dict:
             ticker.total = ticker.done + left * sum(passes[k] for k in AUTOATTACK_STANDARD[AUTOATTACK_STANDARD.index(
                 name):])
 
-    with model.register_forward_hook(lambda module, inputs, output: ticker.step(inputs[0].shape[0])):
+    count = torch.compiler.disable(lambda module, inputs, output: ticker.step(inputs[0].shape[0]))  # outside compile
+    with model.register_forward_hook(count):
         for i in range(0, xs.shape[0], args.eval_batch_size):
             x = to_float(xs[i:i + args.eval_batch_size], memory_format(args))
             yb = ys[i:i + args.eval_batch_size]
