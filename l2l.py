@@ -1999,13 +1999,13 @@ duration = lambda seconds: str(datetime.timedelta(seconds=round(seconds)))  # 1 
 
 class Ticker:
     """A progress line for a loop of `total` units, at most every `every` seconds: the count, the rate in units per
-    second and the time left, plus `later(rate)` seconds expected after this loop (a run's remaining epochs). Counting
-    reads no device value (no host-device synchronisation)."""
+    second and the time left (`at_most`: total is an upper bound), plus `later(rate)` seconds expected after this loop
+    (a run's remaining epochs). Counting reads no device value (no host-device synchronisation)."""
 
     def __init__(self, what: str, total: int, enabled: bool = True, every: float = 10.0, clock=time.monotonic,
-                 unit: str = "batches", later: Optional[Callable[[float], float]] = None):
+                 unit: str = "batches", later: Optional[Callable[[float], float]] = None, at_most: bool = False):
         self.what, self.total, self.enabled, self.every, self.clock = what, total, enabled, every, clock
-        self.unit, self.later, self.done, self.start = unit, later, 0, clock()
+        self.unit, self.later, self.at_most, self.done, self.start = unit, later, at_most, 0, clock()
         self.last = self.start
 
     def step(self, n: int = 1, what: Optional[str] = None) -> None:
@@ -2013,9 +2013,10 @@ class Ticker:
         if self.enabled and now - self.last >= self.every and self.done:
             rate = self.done / (now - self.start)
             left = max(self.total - self.done, 0) / rate
-            print(f"  {self.what}: {self.done:,}/{self.total:,} {self.unit}, {rate:,.3g} {self.unit}/s, "
-                  f"{duration(left)} left" + (f" (whole run: {duration(left + self.later(rate))} left)"
-                                              if self.later else ""), flush=True)
+            print(f"  {self.what}: {self.done:,}/{self.total:,} {self.unit}, "
+                  f"{f'{rate:.3g}' if rate < 100 else f'{rate:,.0f}'} {self.unit}/s, "
+                  f"{'at most ' * self.at_most}{duration(left)} left" +
+                  (f" (whole run: {duration(left + self.later(rate))} left)" if self.later else ""), flush=True)
             self.last = now
 
 
@@ -2140,7 +2141,7 @@ def evaluate(model, x_uint8, y, args, attacks, extras=None) -> dict:
     max_pert = {name: torch.zeros((), device=x_uint8.device) for name in attacks}
     passes = eval_passes(args)  # the progress line counts the images each attack sends through the network
     ticker = Ticker("evaluating", xs.shape[0] * sum(passes[k] for k in ["clean", *attacks]),
-                    rank == 0 and not args.quiet, unit="images through the network")
+                    rank == 0 and not args.quiet, unit="image passes", at_most=True)
 
     def autoattack_stage(name, left):  # a new stage of AutoAttack: plan for the examples it starts on
         if ticker.what != f"AutoAttack: {name}":

@@ -420,15 +420,16 @@ def test_evaluation_progress_counts_images_through_the_network_inside_every_atta
     counting images within its plan (the plan of each AutoAttack stage is made for the examples it starts on)."""
     model, x, y = toy
     now = [0.0]
-    monkeypatch.setattr(l2l.Ticker.__init__, "__defaults__", (True, 10.0, lambda: now[0], "batches", None))
+    monkeypatch.setattr(l2l.Ticker.__init__, "__defaults__", (True, 10.0, lambda: now[0], "batches", None, False))
     xu = (x[:64] * 255).round().to(torch.uint8)
     with model.register_forward_pre_hook(lambda m, i: now.__setitem__(0, now[0] + 1)):
         l2l.evaluate(model, xu, y[:64], eval_args(square_queries=50), ["pgd", "aa"])
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if "images through the network" in ln]
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "image passes" in ln]
     stages = [ln.strip().rsplit(": ", 1)[0] for ln in lines]
     assert {"evaluating pgd", "AutoAttack: apgd-ce", "AutoAttack: fab-t", "AutoAttack: square"} <= set(stages), stages
     counts = [tuple(int(v.replace(",", "")) for v in ln.rsplit(": ", 1)[1].split()[0].split("/")) for ln in lines]
     assert all(done <= total for done, total in counts) and [d for d, _ in counts] == sorted(d for d, _ in counts)
+    assert all("image passes/s, at most " in ln for ln in lines)  # the plan is an upper bound, and says so
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(mnist_dir, tmp_path):
@@ -1987,7 +1988,7 @@ def test_training_estimates_the_whole_run_and_says_when_a_cpu_is_too_slow(mnist_
     monkeypatch.setattr(l2l, "training_step", lambda *a: (now.__setitem__(0, now[0] + 4000) or real(*a)))
     argv = ["--method", "plain", "--dataset", "mnist", "--data-dir", mnist_dir, "--out", str(tmp_path / "o"), *TINY,
             "--epochs", "3", "--eval-attacks", "fgsm", "--device", "cpu"]
-    monkeypatch.setattr(l2l.Ticker.__init__, "__defaults__", (True, 10.0, lambda: now[0], "batches", None))
+    monkeypatch.setattr(l2l.Ticker.__init__, "__defaults__", (True, 10.0, lambda: now[0], "batches", None, False))
     assert l2l.main(argv) == 0
     out = capsys.readouterr().out
     assert "epoch 1/3: 1/3 batches, 0.00025 batches/s, 2:13:20 left (whole run: 8:53:20 left)" in out, out
