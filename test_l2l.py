@@ -555,7 +555,8 @@ def test_bad_input_from_a_real_process_has_no_traceback(tmp_path):
 
 
 def test_missing_dataset_offline_names_the_files(tmp_path, monkeypatch, capsys):
-    def offline(*a, **k):
+    def offline(root, *a, **k):  # as torchvision does: the folders first, then the download that fails
+        os.makedirs(os.path.join(root, "MNIST", "raw"), exist_ok=True)
         raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: <urlopen error [Errno -3]>")
 
     import torchvision.datasets as tvd
@@ -564,6 +565,7 @@ def test_missing_dataset_offline_names_the_files(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     check_one_line_error(code, err, "MNIST/raw")
     assert "mnist.npz" in err
+    assert not (tmp_path / "empty").exists() and not (tmp_path / "o").exists()  # a failed start leaves nothing
     monkeypatch.setattr(tvd, "CIFAR10", offline)
     with pytest.raises(l2l.UsageError) as e:
         l2l.load_arrays("cifar10", str(tmp_path))
