@@ -2586,7 +2586,7 @@ def benchmark(args) -> dict:
     figures = {"images_per_second": bs * steps / seconds, "seconds_per_step": seconds / steps,
                "seconds_per_epoch": epoch_steps * seconds / steps, "memory": memory}
     if rank == 0:
-        print(f"benchmark {args.method} on {args.dataset} (synthetic data), {args.model}, batch {bs}, steps "
+        print(f"benchmark {args.method} on {args.dataset} (synthetic data), {model_name(args)}, batch {bs}, steps "
               f"{args.steps}, {args.precision}, channels_last {'on' if args.channels_last else 'off'}, compile "
               f"{'on' if args.compile else 'off'}, {device_name(device)}" + (f" x {world}" if world > 1 else ""))
         print(f"  {figures['images_per_second']:,.0f} img/s  {1000 * seconds / steps:.1f} ms/step  "
