@@ -1923,9 +1923,13 @@ def dist_world() -> tuple:
     return 0, 1
 
 
-def setup_distributed(args) -> torch.device:
-    """The device of this process. Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPUs, one
+def setup_process(args) -> torch.device:
+    """The device of this process, torch seeded with --seed, CUDA's convolutions autotuned (fixed shapes) and fp32
+    without TF32 (bf16 is the fast path). Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPUs, one
     GPU per rank by LOCAL_RANK; gloo on CPU). --batch-size stays the global batch and is split over ranks."""
+    torch.manual_seed(args.seed)
+    cudnn = torch.backends.cudnn
+    cudnn.benchmark, cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False, False
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     if world == 1:
@@ -2384,9 +2388,8 @@ def resume_state(run: Run, out: str, gen: torch.Generator) -> tuple:
 
 def model_name(a) -> str:
     """The classifier as logs and reports name it: smallcnn, preactresnet18 (width 16 where not 64), wrn-34-10."""
-    if a.model == "wrn":
-        return f"wrn-{a.depth}-{a.width}"
-    return a.model + (f" (width {a.width})" if a.model == "preactresnet18" and a.width != 64 else "")
+    return f"wrn-{a.depth}-{a.width}" if a.model == "wrn" else a.model + (
+        f" (width {a.width})" if a.model == "preactresnet18" and a.width != 64 else "")
 
 
 def describe(args, run: Run, data: Data, device, world: int) -> str:
@@ -2407,12 +2410,9 @@ def describe(args, run: Run, data: Data, device, world: int) -> str:
 def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
     """Train, choose the best epoch on validation robust accuracy (the last with --val-size 0), evaluate best.pt and
     last.pt on the test set; on_epoch_end(epoch) after each saved epoch. Under torchrun rank 0 writes."""
-    device = setup_distributed(args)
+    device = setup_process(args)
     rank, world = dist_world()
     say = print if rank == 0 else (lambda *a, **k: None)
-    torch.manual_seed(args.seed)
-    cudnn = torch.backends.cudnn  # CUDA: autotuned convolutions (fixed shapes); fp32 without TF32 (bf16 is fast)
-    cudnn.benchmark, cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False, False
     earlier = prepare_out_dir(args.out, () if args.resume else ("last.pt", "best.pt", "results.json"), args.overwrite)
     data = load_data(args, device)
     args.batch_size = min(args.batch_size, data.x_train.shape[0])  # results.json records the batch that ran
@@ -2521,9 +2521,8 @@ def train(args, on_epoch_end: Optional[Callable] = None) -> dict:
 def evaluate_checkpoint(args) -> dict:
     """--eval-only: the checkpoint's networks on the test set (sharded over ranks under torchrun; rank 0 writes)."""
     ckpt = read_checkpoint(args.eval_only, "--eval-only")
-    device = setup_distributed(args)
+    device = setup_process(args)
     rank = dist_world()[0]
-    torch.manual_seed(args.seed)
     earlier = prepare_out_dir(args.out, ("results.json",), args.overwrite)
     data = load_data(args, device, test_only=True)
     run = build_run(args, device)
@@ -2555,11 +2554,8 @@ def evaluate_checkpoint(args) -> dict:
 def benchmark(args) -> dict:
     """--benchmark: time the method's training step on synthetic data of the dataset's shape (every method's loops run
     fixed iterations): --bench-warmup steps untimed (compilation, cudnn autotuning), then --bench-steps timed."""
-    device = setup_distributed(args)
+    device = setup_process(args)
     rank, world = dist_world()
-    torch.manual_seed(args.seed)
-    cudnn = torch.backends.cudnn  # as train()
-    cudnn.benchmark, cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False, False
     spec, steps, warmup, bs = DATASETS[args.dataset], args.bench_steps, args.bench_warmup, args.batch_size
     gen = torch.Generator(device=device).manual_seed(args.seed)
     x = torch.randint(0, 256, (bs * (steps + warmup), *spec["shape"]), dtype=torch.uint8, device=device, generator=gen)

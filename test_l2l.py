@@ -1408,7 +1408,7 @@ def data_parallel_steps(directory):
         args = l2l.parse_args(["--method", method, "--dataset", "mnist", "--eps", "0.1", "--steps", "2",
                                "--step-size", "0.05", "--lr", "0.05", "--batch-size", "16", "--device", "cpu",
                                "--l2l-width", "8", "--attack-bn", "eval"])
-        device = l2l.setup_distributed(args)
+        device = l2l.setup_process(args)
         torch.manual_seed(0)
         run = l2l.build_run(args, device)
         no_dropout(run.model)  # dropout masks are per-process random numbers
