@@ -2277,9 +2277,7 @@ COPYABLE = {  # algorithm -> (the definitions to copy, how the test calls them)
     "Fast-BAT": (ATTACK_HELPERS[2:] + STEP_HELPERS[:2] + ["fast_bat_step_size", "box_bounds", "fast_bat_backward",
                                                           "fast_bat_step"], "step"),
     "AdvTrain+BLS": (ATTACK_HELPERS[:5] + ["pgd_bls"] + OUTER + ["pgd_at_bls_step"], "step"),
-    "L2L naive": (L2L_DEFS, "l2l naive"),
-    "L2L grad": (L2L_DEFS, "l2l grad"),
-    "L2L 2-step": (L2L_DEFS, "l2l multi"),
+    "L2L (naive, grad, 2-step)": (L2L_DEFS, "l2l"),
     "RNN-Adv": (RNN_DEFS + ["plain_step", "rnn_adv_step"], "rnn"),
     "RNN-TRADES": (RNN_DEFS + ["trades_loss", "rnn_trades_step"], "rnn"),
     "APGD-CE": (APGD + ["apgd_ce"], "attack"),
@@ -2345,18 +2343,18 @@ def test_each_algorithm_copies_out_with_its_definitions(algorithm):
                     "AdvTrain+BLS": lambda: dict(eps=eps, steps=2, init_step=eps, tries=3)}[algorithm]()
         model.train()
         loss, correct = entry(model, optimizer, x, y, **keywords)
-    elif kind.startswith("l2l"):
-        variant = kind.split()[1]
-        attacker = ns["SlimAttacker"](1 if variant == "naive" else 2, 1, eps, width=8).to(DEVICE)
-        attacker_before = [p.detach().clone() for p in attacker.parameters()]
-        attacker_optimizer = torch.optim.Adam(attacker.parameters(), lr=1e-3)
-        model.train()
-        loss, correct = ns["l2l_step"](model, optimizer, attacker, attacker_optimizer, x, y, eps=eps, variant=variant,
-                                       steps=2)
-        assert any(not torch.equal(a, b) for a, b in zip(attacker_before, attacker.parameters())), "phi learned"
-        with torch.no_grad():
-            x_adv = ns["l2l_perturb"](attacker.eval(), model.eval(), x, y, eps, variant, 2)
-        assert (x_adv - x).abs().max() <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    elif kind == "l2l":
+        for variant in ("naive", "grad", "multi"):  # each variant its own attacker, on the same classifier
+            attacker = ns["SlimAttacker"](1 if variant == "naive" else 2, 1, eps, width=8).to(DEVICE)
+            attacker_before = [p.detach().clone() for p in attacker.parameters()]
+            attacker_optimizer = torch.optim.Adam(attacker.parameters(), lr=1e-3)
+            model.train()
+            loss, correct = ns["l2l_step"](model, optimizer, attacker, attacker_optimizer, x, y, eps=eps,
+                                           variant=variant, steps=2)
+            assert any(not torch.equal(a, b) for a, b in zip(attacker_before, attacker.parameters())), variant
+            with torch.no_grad():
+                x_adv = ns["l2l_perturb"](attacker.eval(), model.eval(), x, y, eps, variant, 2)
+            assert (x_adv - x).abs().max() <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
     elif kind == "rnn":
         rnn = ns["SignStepRNN"](8).to(DEVICE)
         rnn_before = [p.detach().clone() for p in rnn.parameters()]
