@@ -978,23 +978,43 @@ class SignStepRNN(nn.Module):
     alpha = --step-size: a step size between alpha/4 and 4 alpha per coordinate and step, and a direction
     correction of up to alpha, both learned. W and b start at zero, so an untrained m_phi takes exactly PGD's
     steps (alpha sign g) and training can only move it away from PGD where that raises the inner loss. 8 hidden
-    units: 378 parameters. This design is this project's (no official code exists; README, Methods)."""
+    units: 378 parameters. This design is this project's (no official code exists; README, Methods).
+    The GRU runs on every coordinate of the batch (B*C*H*W rows of 8 units), so its cost is memory traffic: it is
+    nn.GRUCell's function written gate by gate (r, z, n in GRUCell's order, one product per gate, no slices of
+    wide outputs), in fp32 outside autocast, one column per coordinate (units x coordinates: short, wide
+    products), the coordinates in the tensors' memory order (no layout copies), t/T folded into the input bias. The same outputs as nn.GRUCell on the five features (tested)."""
 
     FEATURES = 5
 
     def __init__(self, hidden=8):
         super().__init__()
-        self.cell = nn.GRUCell(self.FEATURES, hidden)
+        self.cell = nn.GRUCell(self.FEATURES, hidden)  # holds the GRU's parameters; forward applies them
         self.out = nn.Linear(hidden, 2)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
     def forward(self, g, state, eps, alpha, x_adv, x, u_prev, progress):
-        feats = torch.stack([g.sign(), relative_to_mean(g).clamp(-5, 5) / 5, (x_adv - x) / eps, u_prev / alpha,
-                             torch.full_like(g, progress)], -1).reshape(-1, self.FEATURES).detach()
-        h = self.cell(feats, state)
-        o = self.out(h).float().reshape(*g.shape, 2)
-        return alpha * (4.0 ** torch.tanh(o[..., 0]) * g.sign() + torch.tanh(o[..., 1])), h
+        order = sorted(range(g.dim()), key=lambda d: -g.stride(d))  # g's dimensions in memory order (NHWC too)
+        rows = lambda t: t.permute(order).reshape(-1)  # one row per coordinate, the same order for every tensor
+        with torch.autocast(g.device.type, enabled=False):
+            sign = rows(g.sign())
+            f = torch.stack([sign, rows(relative_to_mean(g)).clamp(-5, 5) / 5, rows(x_adv - x) / eps,
+                             rows(u_prev) / alpha]).detach()  # the first four features, (4, coordinates)
+            c = self.cell
+            w_i, w_h, b_h = c.weight_ih[:, :4].chunk(3), c.weight_hh.chunk(3), c.bias_hh[:, None].chunk(3)
+            b_i = (c.bias_ih + progress * c.weight_ih[:, 4])[:, None].chunk(3)  # the fifth, t / T, is one number
+
+            def pre(k):  # gate k's W_ik f + b_ik + W_hk h + b_hk (r: k = 0, z: 1); h_0 = 0 needs no product
+                p = torch.addmm(b_i[k] + b_h[k], w_i[k], f)
+                return p if state is None else torch.addmm(p, w_h[k], state)
+
+            r, z = torch.sigmoid(pre(0)), torch.sigmoid(pre(1))
+            h_n = b_h[2] if state is None else torch.addmm(b_h[2], w_h[2], state)
+            n = torch.tanh(torch.addmm(b_i[2], w_i[2], f) + r * h_n)
+            h = n - z * n if state is None else n + z * (state - n)  # (1 - z) n + z h
+            o1, o2 = torch.addmm(self.out.bias[:, None], self.out.weight, h)
+            u = alpha * (4.0 ** torch.tanh(o1) * sign + torch.tanh(o2))
+        return u.view([g.shape[d] for d in order]).permute([order.index(d) for d in range(g.dim())]), h
 
 
 def rnn_optimizer_adam(rnn: nn.Module) -> torch.optim.Optimizer:

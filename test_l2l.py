@@ -1024,6 +1024,44 @@ def test_surrogate_objective_has_the_gradient_of_the_unrolled_inner_loss():
             assert max(b.abs().max().item() for b in ref) > 1e-6
 
 
+@pytest.mark.parametrize("shape,channels_last", [((3, 3, 5, 5), True), ((3, 3, 5, 5), False), ((3, 1, 4, 4), True)])
+def test_sign_step_rnn_is_the_gru_cell_of_its_five_features(shape, channels_last):
+    """SignStepRNN.forward (GRU gate by gate, one column per coordinate in memory order, t/T in the bias) gives the
+    docstring's expression computed plainly with nn.GRUCell on the stacked features: the same steps, state and
+    gradients over three steps (float64), in the input's memory format; under bf16 autocast the same to fp32."""
+    torch.manual_seed(0)
+    rnn = l2l.SignStepRNN(8).double()
+    nn.init.normal_(rnn.out.weight, std=0.5)  # off PGD: every parameter matters
+    nn.init.normal_(rnn.out.bias, std=0.5)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    g, x, x_adv, u_prev = [torch.randn(shape, dtype=torch.float64).contiguous(memory_format=fmt) for _ in range(4)]
+
+    def plain(g, state, eps, alpha, x_adv, x, u_prev, progress):  # the expression, row-major, nn.GRUCell
+        feats = torch.stack([g.sign(), l2l.relative_to_mean(g).clamp(-5, 5) / 5, (x_adv - x) / eps, u_prev / alpha,
+                             torch.full_like(g, progress)], -1).reshape(-1, 5)
+        h = rnn.cell(feats, state)
+        o = rnn.out(h).reshape(*g.shape, 2)
+        return alpha * (4.0 ** torch.tanh(o[..., 0]) * g.sign() + torch.tanh(o[..., 1])), h
+
+    outs = {}
+    for name, step in (("ours", rnn), ("plain", plain)):
+        state, us = None, []
+        for t in range(3):
+            u, state = step(g, state, 0.1, alpha=0.03, x_adv=x_adv, x=x, u_prev=u_prev, progress=t / 3)
+            us.append(u)
+        weights = torch.rand(3, *shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        grads = torch.autograd.grad(sum((w * u).sum() for w, u in zip(weights, us)), list(rnn.parameters()))
+        outs[name] = us, grads
+    for a, b in zip(outs["ours"][0], outs["plain"][0]):
+        assert a.is_contiguous(memory_format=fmt) and (a - b).abs().max() < 1e-12
+    assert all((a - b).abs().max() < 1e-10 for a, b in zip(outs["ours"][1], outs["plain"][1]))
+    assert min(b.abs().max() for b in outs["plain"][1]) > 1e-3  # every parameter's gradient is there to compare
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the GRU stays in fp32 under autocast
+        u, _ = rnn.float()(g.float(), None, 0.1, alpha=0.03, x_adv=x_adv.float(), x=x.float(), u_prev=u_prev.float(),
+                           progress=0.0)
+    assert u.dtype == torch.float32 and (u - outs["ours"][0][0]).abs().max() < 1e-6
+
+
 @pytest.mark.parametrize("dropout", [False, True])
 def test_bls_never_accepts_a_step_that_lowers_the_loss(toy, monkeypatch, dropout):
     """BLS with k = 1..4 steps from one fixed start: each extra step may only raise every example's loss; also on a
