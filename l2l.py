@@ -1517,6 +1517,8 @@ FLAGS = (
     ("run", "--seed", "te", dict(type=SEED, default=0, help="seeds weights, batches, random starts, AutoAttack")),
     ("run", "--quiet", "e", dict(action="store_true", help="no progress lines (they come at most every 10 s)")),
     ("run", "--report", "", dict(metavar="RUN", nargs="+", help="a markdown table of these runs")),
+    ("run", "--paired", "", dict(metavar="RESULTS:ATTACK", nargs=2, help="two evaluations on the same test images: "
+                                 "the difference and its exact McNemar p-value")),
     ("run", "--recipe", "", dict(help="the run.sh recipe this run reproduces (run.sh sets it)")),
     ("run", "--paper", "", dict(type=paper_numbers, metavar="NUMBERS", help="for --report: clean=86,pgd=46")),
     ("data", "--train-size", "t", dict(type=COUNT, help="use the first N training examples")),
@@ -1549,7 +1551,10 @@ FLAGS = (
     ("learned", "--rnn-weights", "t", dict(default="uniform", choices=("uniform", "last", "linear"),
                                            help="w_t of the iterates in phi's objective")),
     ("learned", "--rnn-objective", "t", dict(default="loss", choices=("loss", "per-example"), help="phi's objective")),
+    ("learned", "--rnn-hidden", "tm", dict(type=COUNT, help="m_phi's hidden units (default: sign-step 8, lstm 20)")),
     ("learned", "--rnn-eval-steps", "e", dict(type=COUNT, help="steps of the rnn attack (default: T)")),
+    ("learned", "--rnn-fit", "e", dict(type=COUNT, metavar="N", help="--eval-only: the rnn attack's m_phi is a fresh "
+                                       "one fitted to the frozen classifier on N training batches (T = --steps)")),
     ("learned", "--l2l-attacker", "tm", dict(default="slim", choices=("slim", "wide"), help="the attacker network")),
     ("learned", "--l2l-width", "tm", dict(type=COUNT, default=128, help="attacker channels W")),
     ("learned", "--l2l-steps", "tm", dict(type=COUNT, default=2, help="l2l-2step: attacker applications K")),
@@ -1639,8 +1644,11 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
                          f"'aa'); " if unknown else "") + f"list each of {', '.join(EVAL_ATTACKS)} at most once")
     args.eval_attacks = ",".join(names)
     args.apgd_targets, args.fab_targets = (min(n, spec["classes"] - 1) for n in (args.apgd_targets, args.fab_targets))
+    if args.rnn_fit and not (args.eval_only and "rnn" in names):
+        raise UsageError("--rnn-fit fits the m_phi of the rnn attack to a checkpoint: give --eval-only CKPT and "
+                         "--eval-attacks ...,rnn")
     for attack, methods in (("rnn", ("rnn-adv", "rnn-trades")), ("l2l", tuple(L2L_VARIANTS))):
-        if attack in names and args.method not in methods:
+        if attack in names and args.method not in methods and not (attack == "rnn" and args.rnn_fit):
             raise UsageError(f"--eval-attacks {attack}: --method {args.method} learns no {attack.upper()} attacker")
     if ("transfer" in names) != (args.transfer_from is not None):
         raise UsageError("--eval-attacks transfer and --transfer-from CKPT go together; give both or neither")
@@ -1839,7 +1847,7 @@ def setup_l2l(args) -> dict:
 def setup_rnn(args) -> dict:
     """m_phi (--rnn-design) and its Adam. Which of Algorithm 1's alpha1/alpha2 belongs to phi is not stated in what
     could be read: here alpha1 = --lr is theta's, alpha2 phi's (rnn_optimizer_adam)."""
-    rnn = LSTMOptimizer() if args.rnn_design == "lstm" else SignStepRNN()
+    rnn = LSTMOptimizer(args.rnn_hidden or 20) if args.rnn_design == "lstm" else SignStepRNN(args.rnn_hidden or 8)
     return {"rnn": rnn, "rnn_opt": rnn_optimizer_adam(rnn)}
 
 
@@ -2116,7 +2124,9 @@ EVAL_ATTACKS: Dict[str, EvalAttack] = {
         "ce (learned L2L attacker)", a.l2l_steps if L2L_VARIANTS.get(a.method) == "multi" else 1, a.eps, 1, False)),
     "rnn": EvalAttack(lambda m, x, y, a, e: rnn_run_attack(a, e["rnn"], m, x, y, a.rnn_eval_steps, learn=False)[0],
                       lambda a: protocol(f"{'kl' if a.method == 'rnn-trades' else 'ce'} (learned RNN optimiser)",
-                                         a.rnn_eval_steps, a.step_size)),
+                                         a.rnn_eval_steps, a.step_size, fitted_batches=a.rnn_fit, trained_steps=a.steps,
+                                         design=a.rnn_design, hidden=a.rnn_hidden, weights=a.rnn_weights,
+                                         objective=a.rnn_objective)),
     # Black-box transfer (Xiong & Hsieh Table 7): PGD with the evaluation settings on --transfer-from's classifier.
     "transfer": eval_pgd("ce", "ce on the source model (transfer)", transfer=True),
 }
@@ -2161,8 +2171,8 @@ def evaluate(model, x_uint8, y, args, attacks, extras=None) -> dict:
     idx = shard(n, pad=True, align=args.batch_size if "l2l" in attacks else 1).to(x_uint8.device)
     xs, ys = x_uint8[idx], y[idx]
     per_batch = [name for name in attacks if name not in ("aa", "l2l")]  # the two run over the whole shard
-    correct = {name: [] for name in ["clean"] + per_batch}
-    max_pert = {name: torch.zeros((), device=x_uint8.device) for name in attacks}
+    correct, losses = {name: [] for name in ["clean"] + per_batch}, {name: [] for name in ["clean"] + per_batch}
+    max_pert = {name: torch.zeros((), device=x_uint8.device) for name in ["clean", *attacks]}
     passes = eval_passes(args)  # the progress line counts the images each attack sends through the network
     ticker = Ticker("evaluating", xs.shape[0] * sum(passes[k] for k in ["clean", *attacks]),
                     rank == 0 and not args.quiet, unit="image passes", at_most=True)
@@ -2178,14 +2188,14 @@ def evaluate(model, x_uint8, y, args, attacks, extras=None) -> dict:
         for i in range(0, xs.shape[0], args.eval_batch_size):
             x = to_float(xs[i:i + args.eval_batch_size], memory_format(args))
             yb = ys[i:i + args.eval_batch_size]
-            with torch.no_grad():
-                correct["clean"].append(model(x).argmax(1) == yb)
-            for name in per_batch:
+            for name in ["clean"] + per_batch:
                 ticker.what = f"evaluating {name}"
-                x_adv = EVAL_ATTACKS[name].run(model, x, yb, args, extras)
+                x_adv = x if name == "clean" else EVAL_ATTACKS[name].run(model, x, yb, args, extras)
                 max_pert[name] = torch.maximum(max_pert[name], (x_adv - x).abs().amax())
                 with torch.no_grad():
-                    correct[name].append(model(x_adv).argmax(1) == yb)
+                    logits = model(x_adv)
+                correct[name].append(logits.argmax(1) == yb)
+                losses[name].append(F.cross_entropy(logits.float(), yb, reduction="sum"))
         whole = [a for a in ("l2l", "aa") if a in attacks]  # over the whole shard; l2l's chunks of --batch-size start
         x = to_float(xs, memory_format(args)) if whole else None  # at its aligned start: by global example index
         for name in whole:
@@ -2200,6 +2210,8 @@ def evaluate(model, x_uint8, y, args, attacks, extras=None) -> dict:
                 correct["aa"] = [robust[AUTOATTACK_STANDARD[-1]]]
             max_pert[name] = (x_adv - x).abs().amax()
     correct = {k: gather_examples(torch.cat(v).to(torch.uint8), n).bool() for k, v in correct.items()}
+    # the inner loss each attack reached: mean CE over the shard's examples (the padding of uneven shards included)
+    mean_loss = dict(zip(losses, all_reduce_sum([sum(v) for v in losses.values()], x_uint8.device)))
     if world > 1:
         for value in max_pert.values():
             dist.all_reduce(value, op=dist.ReduceOp.MAX)
@@ -2212,10 +2224,14 @@ def evaluate(model, x_uint8, y, args, attacks, extras=None) -> dict:
     for name in attacks:
         results[name] = dict(accuracy=accuracy(correct[name]), **EVAL_ATTACKS[name].protocol(args),
                              max_perturbation=max_pert[name].item())
+    for name, value in mean_loss.items():
+        results[name]["mean_loss"] = round(float(value) / xs.shape[0] / world, 6)
+    for name, flags in dict(correct, worst_case=worst).items():  # per test image, for paired comparisons
+        results.setdefault(name, {})["correct"] = "".join("01"[int(c)] for c in flags.tolist())
     if "aa" in attacks:
         left = {k: gather_examples(robust[k].to(torch.uint8), n).bool() for k in AUTOATTACK_STANDARD}
         results["aa"]["robust_after"] = {k: {"accuracy": accuracy(v), "robust": int(v.sum())} for k, v in left.items()}
-    results["worst_case"] = {"accuracy": accuracy(worst), "over": ["clean"] + list(attacks)}
+    results["worst_case"].update(accuracy=accuracy(worst), over=["clean"] + list(attacks))
     return results
 
 
@@ -2384,6 +2400,25 @@ def evaluation_extras(args, run: Run, device) -> dict:
     return extras
 
 
+def fit_rnn(args, model: nn.Module, data: Data) -> nn.Module:
+    """--rnn-fit N: a fresh m_phi (--rnn-design, --rnn-hidden) trained alone against the frozen classifier, as steps
+    1-2 of Algorithm 1 without step 3: N batches of --batch-size from the training split (augmented, seeded by
+    --seed), T = --steps, alpha = --step-size, phi's objective by --rnn-weights and --rnn-objective, the classifier
+    in eval mode (theta and its BN statistics never change)."""
+    rnn, rnn_opt = setup_rnn(args).values()
+    rnn.to(data.x_train.device, memory_format=memory_format(args))
+    gen, fitted = torch.Generator(device=data.x_train.device).manual_seed(args.seed), 0
+    model.eval()
+    while fitted < args.rnn_fit:
+        for x, y in train_batches(data, args.batch_size, args.augment, gen, True, args.crop_pad):
+            rnn_optimizer_step(model, rnn, rnn_opt, x.contiguous(memory_format=memory_format(args)), y,
+                               **dict(rnn_keywords(args), attack_bn="eval"), trades=args.method == "rnn-trades")
+            fitted += 1
+            if fitted == args.rnn_fit:
+                break
+    return rnn.eval()
+
+
 def resume_state(run: Run, out: str, gen: torch.Generator) -> tuple:
     """--resume: last.pt restored (networks, optimisers, random generators) after checking that it was trained with
     this command's training flags. Returns (run_id, epoch, best, history)."""
@@ -2544,9 +2579,13 @@ def evaluate_checkpoint(args) -> dict:
     device = setup_process(args)
     rank = dist_world()[0]
     earlier = prepare_out_dir(args.out, ("results.json",), args.overwrite)
-    data = load_data(args, device, test_only=True)
+    data = load_data(args, device, test_only=not args.rnn_fit)
     run = build_run(args, device)
+    if args.rnn_fit:  # the checkpoint's own m_phi, if any, gives way to the fitted one
+        run.extras.pop("rnn", None)
     restore(run, ckpt, f"--eval-only {args.eval_only}", optimizer=False)
+    if args.rnn_fit:
+        run.extras["rnn"] = fit_rnn(args, run.model, data)
     for path in earlier:
         os.remove(path)
     if rank == 0 and not args.quiet:
@@ -2611,6 +2650,34 @@ def benchmark(args) -> dict:
     return figures
 
 
+def mcnemar_p(only_first: int, only_second: int) -> float:
+    """The exact McNemar test: a two-sided sign test on the discordant images (right under one evaluation only)."""
+    n, k = only_first + only_second, min(only_first, only_second)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def paired(first: str, second: str) -> str:
+    """--paired A/results.json:ATTACK B/results.json:ATTACK: two evaluations of the same test images compared image
+    by image (an attack, clean or worst_case; the per-example outcomes results.json keeps)."""
+    outcomes = []
+    for spec in (first, second):
+        path, _, name = spec.rpartition(":")
+        try:
+            res = json.loads(Path(path).read_text())
+            outcomes.append((name, res[name]["correct"], res["protocol"]["examples"]))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"--paired {spec}: not a results.json with per-example outcomes of '{name}' "
+                             f"({type(e).__name__} {e})")
+    (a, fa, n), (b, fb, m) = outcomes
+    if n != m or len(fa) != len(fb):
+        raise UsageError(f"--paired: {n} and {m} test images; compare evaluations of the same images (--test-size)")
+    only_a = sum(x > y for x, y in zip(fa, fb))
+    only_b = sum(y > x for x, y in zip(fa, fb))
+    return (f"{a} {100 * fa.count('1') / n:.2f}%, {b} {100 * fb.count('1') / n:.2f}% on the same {n} test images: "
+            f"difference {100 * (only_b - only_a) / n:+.2f} points; right under {a} only {only_a}, {b} only {only_b}; "
+            f"exact McNemar p = {mcnemar_p(only_a, only_b):.3g}")
+
+
 # Report columns in the papers' order; a column appears when some run has it.
 REPORT_ATTACKS = ("fgsm", "pgd", "cw", "cw-linf", "apgd-ce", "apgd-t", "fab-t", "square", "l2l", "rnn", "transfer",
                   "aa")
@@ -2659,6 +2726,9 @@ def report(paths: list) -> str:
     return "\n".join(rows)
 
 
+RNN_FIT_KEYS = ("steps", "step_size", "attack_start", "batch_size", "rnn_design", "rnn_hidden")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """The resolved flags. --eval-only takes from the checkpoint only what its networks need (the flags marked "m"
     in FLAGS, and eps unless given); everything else comes from the command line."""
@@ -2669,17 +2739,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         if any(a in chosen for a in ("--method", "--dataset")):  # --help for this method and dataset
             build_parser(vars(resolve_args(parser.parse_known_args(chosen)[0]))).parse_args(argv)
     args = parser.parse_args(argv)
-    if args.report:
+    if args.report or args.paired:
         return args  # reads results.json files; no other flag applies
     if args.eval_only:
         if args.resume or args.benchmark:
             raise UsageError("--eval-only trains nothing: drop --resume and --benchmark")
         ckpt = read_checkpoint(args.eval_only, "--eval-only")
-        given = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in KEYS["m"]
+        # --rnn-fit: the fresh m_phi's flags (and its T, alpha, start, batch) come from the command line
+        keys = [k for k in KEYS["m"] if not (args.rnn_fit and k in RNN_FIT_KEYS)]
+        given = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in keys
                  if getattr(args, k) not in (parser.get_default(k), ckpt["args"][k])]
         if given:
             print(f"note: --eval-only takes the checkpoint's network; ignored: {', '.join(given)}", file=sys.stderr)
-        for k in KEYS["m"]:
+        for k in keys:
             setattr(args, k, ckpt["args"][k])
         args.eps = ckpt["args"]["eps"] if args.eps is None else args.eps
         args.recipe = args.recipe or ckpt["args"].get("recipe")  # the row it evaluates, for --report
@@ -2695,6 +2767,8 @@ def main(argv=None) -> int:
         args = parse_args(argv)
         if args.report:
             report(args.report)
+        elif args.paired:
+            print(paired(*args.paired))
         else:
             (benchmark if args.benchmark else evaluate_checkpoint if args.eval_only else train)(args)
         return 0

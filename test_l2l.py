@@ -786,6 +786,43 @@ def test_a_learned_attacker_round_trips_through_its_checkpoint(method, learned, 
         assert json.load(open(os.path.join(ev, "results.json")))["rnn"]["steps"] == 6
 
 
+def test_rnn_fit_learns_an_attack_on_a_frozen_checkpoint_and_outcomes_pair_per_image(mnist_dir, tmp_path, capsys):
+    """--eval-only CKPT --rnn-fit N on a PGD-AT checkpoint (no m_phi of its own): a fresh m_phi fitted to the frozen
+    classifier (weights and BN statistics unchanged) reaches a higher mean inner loss than the PGD it starts as (same
+    T and alpha); each evaluation keeps one outcome per test image, agreeing with its accuracy; --paired compares two
+    evaluations image by image with the exact McNemar p-value; --rnn-fit without --eval-only is refused."""
+    run, out = str(tmp_path / "plain"), str(tmp_path / "fit")
+    assert l2l.main(["--method", "plain", "--dataset", "mnist", "--data-dir", mnist_dir, "--model", "mnistnet",
+                     "--train-size", "128", "--test-size", "32", "--batch-size", "32", "--epochs",
+                     "5", "--lr-schedule", "constant", "--lr", "0.05", "--eval-attacks", "pgd", "--eval-steps", "1",
+                     "--device", DEV, "--quiet", "--no-eval-last", "--val-size", "0", "--out", run]) == 0
+    ckpt = os.path.join(run, "best.pt")  # --val-size 0: the last epoch (72% clean)
+    common = ["--eval-only", ckpt, "--data-dir", mnist_dir, "--test-size", "32", "--device", DEV, "--eps", "0.1",
+              "--steps", "3", "--step-size", "0.02", "--eval-steps", "3", "--eval-step-size", "0.02", "--val-size",
+              "32", "--eval-attacks", "pgd,rnn", "--quiet"]
+    args = l2l.parse_args(common + ["--rnn-fit", "2", "--out", out])
+    model = l2l.load_model(ckpt, DEVICE)
+    before = copy.deepcopy(model.state_dict())
+    l2l.fit_rnn(args, model, l2l.load_data(args, DEVICE))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert l2l.main(common + ["--rnn-fit", "40", "--out", out]) == 0
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert res["rnn"]["fitted_batches"] == 40 and res["rnn"]["steps"] == res["pgd"]["steps"] == 3
+    assert res["rnn"]["mean_loss"] > res["pgd"]["mean_loss"] + 0.05 > res["clean"]["mean_loss"] + 0.05
+    for k in ("clean", "pgd", "rnn", "worst_case"):
+        assert len(res[k]["correct"]) == 32 and res[k]["correct"].count("1") / 32 == res[k]["accuracy"]
+    capsys.readouterr()
+    assert l2l.main(["--paired", f"{out}/results.json:clean", f"{out}/results.json:rnn"]) == 0
+    clean, rnn = res["clean"]["correct"], res["rnn"]["correct"]
+    only_clean = sum(a == "1" and b == "0" for a, b in zip(clean, rnn))
+    printed = capsys.readouterr().out
+    assert f"right under clean only {only_clean}, rnn only {sum(a < b for a, b in zip(clean, rnn))}" in printed
+    assert f"p = {l2l.mcnemar_p(only_clean, 0):.3g}" in printed and only_clean > 0
+    assert (l2l.mcnemar_p(0, 6), l2l.mcnemar_p(5, 5), l2l.mcnemar_p(9, 1)) == (2 / 64, 1.0, 22 / 1024)
+    assert l2l.main(["--paired", f"{out}/results.json:fgsm", f"{out}/results.json:rnn"]) == 2
+    assert l2l.main(["--method", "pgd-at", "--dataset", "mnist", "--rnn-fit", "5", "--eval-attacks", "pgd"]) == 2
+
+
 # ---- run.sh: every recipe is a valid command line for l2l.py
 
 
