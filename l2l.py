@@ -1297,8 +1297,8 @@ def rnn_optimizer_step(model, rnn, rnn_optimizer, x, y, *, eps, steps, alpha, tr
         x_adv, rnn_objective = rnn_attack(rnn, model, x, y, eps, steps, alpha, start, trades, weights,
                                           learn=True, horizon=steps, per_example=per_example)  # step 1
         params = list(rnn.parameters())
-        for p, g in zip(params, torch.autograd.grad(-rnn_objective, params)):  # step 2 (ascent)
-            p.grad = g
+        for p, g in zip(params, torch.autograd.grad(-rnn_objective, params, allow_unused=True)):  # step 2 (ascent)
+            p.grad = torch.zeros_like(p) if g is None else g  # T = 1: h_0 = 0 leaves the hidden weights unused
         rnn_optimizer.step()
     return x_adv
 
