@@ -242,7 +242,8 @@ def test_each_trainer_lowers_its_loss(method, monkeypatch):
             eps=a.eps, step_size=a.step_size, attack_bn=a.attack_bn, gamma=0.2)))
     torch.manual_seed(0)
     run = l2l.build_run(args, DEVICE)
-    n, steps = (48, 50) if method == "fast-at-ga" else (32, 40)  # GradAlign's penalty needs the longer run
+    # GradAlign's penalty needs the longer run; RNN-TRADES (lr 0.05 on one batch) spikes once near step 34 and recovers
+    n, steps = {"fast-at-ga": (48, 50), "rnn-trades": (32, 60)}.get(method, (32, 40))
     x, y = synthetic_batch(n, seed=4)
     run.model.train()
     with torch.device("meta"):  # every tensor the step makes needs its device stated (CUDA-ready on a CPU)
