@@ -979,10 +979,10 @@ class SignStepRNN(nn.Module):
     correction of up to alpha, both learned. W and b start at zero, so an untrained m_phi takes exactly PGD's
     steps (alpha sign g) and training can only move it away from PGD where that raises the inner loss. 8 hidden
     units: 378 parameters. This design is this project's (no official code exists; README, Methods).
-    The GRU runs on every coordinate of the batch (B*C*H*W rows of 8 units), so its cost is memory traffic: it is
-    nn.GRUCell's function written gate by gate (r, z, n in GRUCell's order, one product per gate, no slices of
-    wide outputs), in fp32 outside autocast, one column per coordinate (units x coordinates: short, wide
-    products), the coordinates in the tensors' memory order (no layout copies), t/T folded into the input bias. The same outputs as nn.GRUCell on the five features (tested)."""
+    The GRU runs on every coordinate of the batch, so its cost is memory traffic: it is nn.GRUCell's function (the
+    same outputs on the five features, tested) written gate by gate (r, z, n; one product per gate, no slices of
+    wide outputs) in fp32 outside autocast, one column per coordinate in the tensors' memory order (short, wide
+    products; no layout copies), t/T folded into the input bias."""
 
     FEATURES = 5
 
@@ -2172,7 +2172,7 @@ def evaluate(model, x_uint8, y, args, attacks, extras=None) -> dict:
     xs, ys = x_uint8[idx], y[idx]
     per_batch = [name for name in attacks if name not in ("aa", "l2l")]  # the two run over the whole shard
     correct, losses = {name: [] for name in ["clean"] + per_batch}, {name: [] for name in ["clean"] + per_batch}
-    max_pert = {name: torch.zeros((), device=x_uint8.device) for name in ["clean", *attacks]}
+    max_pert = {name: torch.zeros((), device=x_uint8.device) for name in attacks}
     passes = eval_passes(args)  # the progress line counts the images each attack sends through the network
     ticker = Ticker("evaluating", xs.shape[0] * sum(passes[k] for k in ["clean", *attacks]),
                     rank == 0 and not args.quiet, unit="image passes", at_most=True)
@@ -2191,7 +2191,8 @@ def evaluate(model, x_uint8, y, args, attacks, extras=None) -> dict:
             for name in ["clean"] + per_batch:
                 ticker.what = f"evaluating {name}"
                 x_adv = x if name == "clean" else EVAL_ATTACKS[name].run(model, x, yb, args, extras)
-                max_pert[name] = torch.maximum(max_pert[name], (x_adv - x).abs().amax())
+                if name != "clean":
+                    max_pert[name] = torch.maximum(max_pert[name], (x_adv - x).abs().amax())
                 with torch.no_grad():
                     logits = model(x_adv)
                 correct[name].append(logits.argmax(1) == yb)

@@ -7,9 +7,7 @@
 #   bash run.sh repro-fast [flags...]  the fast-AT family on CIFAR-10 in full, one recipe per row, in order
 #   bash run.sh bench [flags...]  python l2l.py --benchmark for every method: CIFAR-10, PreActResNet-18, batch 128;
 #                                 add e.g. --precision bf16 --channels-last --compile, --batch-size 512
-#   bash run.sh attack-study pgd|learned|ceiling|summary CKPT OUT [flags...]
-#                                 the fixed-model study (README): PGD-T at six steps, a fitted m_phi and its variants,
-#                                 APGD-CE, the CE ceiling, then the paired differences; env STUDY_T, FIT, TEST_SIZE, EPS
+#   bash run.sh attack-study pgd|learned CKPT OUT [flags...]  the fixed-model attack study (README)
 #   bash run.sh gpu-check [--data-dir DIR] [--out DIR] [--dry-run]
 #                                 on a GPU: the CUDA test subset, the benchmark (fp32; bf16 + channels-last +
 #                                 compile) and the Fast-AT MNIST recipe, each under a time limit, each appending
@@ -185,47 +183,16 @@ gpu_check() {  # gpu-check [--data-dir DIR] [--out DIR] [--dry-run]: each phase 
   echo "gpu-check: wrote $md"
 }
 
-attack_study() {  # attack-study pgd|learned|ceiling|summary CKPT OUT [l2l.py flags]: README's fixed-model attack study
-  local part=${1:-} ckpt=${2:-} out=${3:-} T s name best
-  [ -f "$ckpt" ] && [ -n "$out" ] || { echo "run.sh attack-study: give pgd|learned|ceiling|summary CKPT OUT" >&2; exit 2; }
-  shift 3
-  local eps=${EPS:-8/255} e; e=$(awk "BEGIN{split(\"$eps\", f, \"/\"); printf \"%.10g\", f[1] / (f[2] ? f[2] : 1)}")
-  one() {  # one evaluation into $out/NAME, skipped when its results.json exists (a study can be resumed)
-    local name=$1; shift
-    [ -f "$out/$name/results.json" ] || $PY l2l.py --eval-only "$ckpt" --eps "$eps" --test-size "${TEST_SIZE:-10000}" \
-      --quiet --overwrite "$@" --out "$out/$name"
-  }
+attack_study() {  # pgd|learned CKPT OUT [flags]: README's fixed-model study at eps 8/255 (env STUDY_T, FIT, VARIANT)
+  local part=${1:-} ckpt=${2:-} out=${3:-} T s; x() { awk "BEGIN{printf \"%.10g\", $1 * 8 / 255}"; }  # s * eps
+  [[ $part =~ ^(pgd|learned)$ && -f $ckpt && -n $out ]] || { echo "attack-study: pgd|learned CKPT OUT" >&2; exit 2; }
+  shift 3; local ev=(--eval-only "$ckpt" --eps 8/255 --test-size 10000 --quiet --overwrite)
   for T in ${STUDY_T:-1 2 3}; do
-    local alpha; alpha=$(awk "BEGIN{printf \"%.10g\", 2.5 * $e / $T}")  # the RNN rows' alpha, 2.5 eps / T
-    case $part in
-      pgd) for s in 0.25 0.5 $(awk "BEGIN{print 2.5 / $T}") 1 1.25 2; do  # PGD-T at s * eps
-          one "pgd$T-$s" --eval-attacks pgd --eval-steps "$T" \
-            --eval-step-size "$(awk "BEGIN{printf \"%.10g\", $s * $e}")" "$@"
-        done ;;
-      learned) one "rnn$T" --eval-attacks rnn --rnn-fit "${FIT:-100}" --steps "$T" --step-size "$alpha" "$@"
-        [ "$T" -ge 3 ] && one "apgd$T" --eval-attacks apgd-ce --apgd-steps "$T" "$@"
-        if [ "$T" = 3 ]; then  # m_phi variants within the paper's words, at T = 3
-          for v in "last --rnn-weights last" "linear --rnn-weights linear" "per-example --rnn-objective per-example" \
-                   "h20 --rnn-hidden 20" "lstm --rnn-design lstm" "run6 --rnn-eval-steps 6"; do
-            # shellcheck disable=SC2086
-            one "rnn3-${v%% *}" --eval-attacks rnn --rnn-fit "${FIT:-100}" --steps 3 --step-size "$alpha" ${v#* } "$@"
-          done
-        fi ;;
-      ceiling) one ceiling --eval-attacks apgd-ce --apgd-steps 100 "$@"; break ;;
-      summary) best=$(for f in "$out"/pgd$T-*/results.json; do
-          $PY -c "import json, sys; print(json.load(open(sys.argv[1]))['pgd']['accuracy'], sys.argv[1])" "$f"; done |
-          sort -n | head -n 1 | cut -d' ' -f2)
-        echo "T = $T: PGD-T at its best step is ${best%/results.json}"
-        for name in rnn$T apgd$T $( [ "$T" = 3 ] && echo rnn3-last rnn3-linear rnn3-per-example rnn3-h20 rnn3-lstm); do
-          local a; a=$( [ "${name#apgd}" != "$name" ] && echo apgd-ce || echo rnn)
-          [ -f "$out/$name/results.json" ] && echo "  $name: $($PY l2l.py --paired "$best:pgd" "$out/$name/results.json:$a")"
-        done
-        [ -f "$out/ceiling/results.json" ] && echo "  ceiling: $($PY l2l.py --paired "$best:pgd" \
-          "$out/ceiling/results.json:apgd-ce")" ;;
-      *) echo "run.sh attack-study: the part is pgd, learned, ceiling or summary, not '$part'" >&2; exit 2 ;;
-    esac
-  done
-}
+    if [ "$part" = pgd ]; then for s in 0.25 0.5 $(awk "BEGIN{print 2.5 / $T}") 1 1.25 2; do  # PGD-T at s * eps
+      $PY l2l.py "${ev[@]}" --eval-attacks pgd --eval-steps "$T" --eval-step-size "$(x "$s")" "$@" --out "$out/pgd$T-$s"
+    done; else $PY l2l.py "${ev[@]}" --eval-attacks rnn --rnn-fit "${FIT:-100}" --steps "$T" --step-size \
+      "$(x "2.5 / $T")" "$@" --out "$out/rnn$T${VARIANT:+-$VARIANT}"; fi  # m_phi fitted, alpha 2.5 eps / T
+  done; }
 
 case "${1:-list}" in
   list|-h|--help) echo "$RECIPES" | awk -F'|' '{gsub(/ +$/, "", $1); gsub(/^ +| +$/, "", $3); line = sprintf("%-32s%s %s",

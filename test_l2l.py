@@ -824,9 +824,9 @@ def test_rnn_fit_learns_an_attack_on_a_frozen_checkpoint_and_outcomes_pair_per_i
     assert l2l.main(["--method", "pgd-at", "--dataset", "mnist", "--rnn-fit", "5", "--eval-attacks", "pgd"]) == 2
 
 
-def test_run_sh_attack_study_runs_pgd_at_six_steps_and_the_fitted_variants(tmp_path):
-    """bash run.sh attack-study: PGD-T at s * eps for the six s of README's study (2.5 / T among them), the fitted m_phi
-    at alpha = 2.5 eps / T and, at T = 3, APGD-CE 3 and the six variants; a wrong part or checkpoint exits 2."""
+def test_run_sh_attack_study_runs_pgd_at_six_steps_and_the_fitted_m_phi(tmp_path):
+    """bash run.sh attack-study: PGD-T at s * eps for the six s of README's study (2.5 / T among them) and the fitted
+    m_phi at alpha = 2.5 eps / T (VARIANT names a variant's folder); a wrong part or checkpoint exits 2."""
     ckpt = tmp_path / "best.pt"
     ckpt.write_text("")
     out = str(tmp_path / "study")
@@ -835,10 +835,12 @@ def test_run_sh_attack_study_runs_pgd_at_six_steps_and_the_fitted_variants(tmp_p
     assert len(pgd) == 18 and all("--test-size 10000" in ln and "--eps 8/255" in ln for ln in pgd)
     assert steps[:6] == pytest.approx([s * 8 / 255 for s in (0.25, 0.5, 2.5, 1, 1.25, 2)], rel=1e-5)
     assert steps[12:] == pytest.approx([s * 8 / 255 for s in (0.25, 0.5, 2.5 / 3, 1, 1.25, 2)], rel=1e-5)
-    learned = run_sh("attack-study", "learned", str(ckpt), out).stdout.splitlines()
-    assert len(learned) == 1 + 1 + 2 + 6 and all("--rnn-fit 100" in ln for ln in learned if "apgd" not in ln)
+    learned = subprocess.run(["bash", os.path.join(HERE, "run.sh"), "attack-study", "learned", str(ckpt), out,
+                              "--rnn-design", "lstm"], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "PYTHON": "echo", "VARIANT": "lstm"}).stdout.splitlines()
+    assert len(learned) == 3 and all("--rnn-fit 100" in ln and "--rnn-design lstm" in ln for ln in learned)
     assert float(learned[-1].split("--steps 3 --step-size ")[1].split()[0]) == pytest.approx(2.5 * 8 / 255 / 3)
-    assert learned[-1].endswith(f"--rnn-eval-steps 6 --out {out}/rnn3-run6")
+    assert learned[-1].endswith(f"--out {out}/rnn3-lstm")
     assert run_sh("attack-study", "other", str(ckpt), out).returncode == 2
     assert run_sh("attack-study", "pgd", str(tmp_path / "none.pt"), out).returncode == 2
 
